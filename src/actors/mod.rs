@@ -1,0 +1,7 @@
+//! The daemon's actors, one file each. All run on the one actix System thread.
+
+pub mod poller;
+pub mod scope;
+pub mod sender;
+pub mod supervisor;
+pub mod worker;

@@ -1,0 +1,207 @@
+//! Poller: long-polls `getUpdates` and hands each batch to the Supervisor.
+//!
+//! 1. Exactly one getUpdates is in flight; the next starts when it answered.
+//! 2. The offset is one past the highest update_id seen, so the next call
+//!    confirms the batch before it.
+//! 3. An element that is not an update (no object, no integer update_id) is
+//!    logged and skipped; the ids around it still move the offset.
+//! 4. On 429 the next call waits exactly `retry_after`; on other failures it
+//!    waits a capped exponential backoff with jitter, reset by a success.
+//! 5. 401 is fatal: the token was rejected and retrying cannot help.
+//! 6. 409 means another poller or a webhook holds the token: logged as such,
+//!    then backoff.
+//!
+//! Stops on [`StopPolling`], answering with the offset to confirm.
+
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde_json::{json, Value};
+
+use crate::actors::supervisor::{Dispatch, Supervisor};
+use crate::backoff::Backoff;
+use crate::telegram::{Bot, TelegramError, Update};
+
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+
+/// Stop polling; answers with the offset that confirms everything dispatched.
+#[derive(Message)]
+#[rtype(result = "Option<i64>")]
+pub struct StopPolling;
+
+/// How the Poller ends the daemon when polling cannot go on.
+pub type FatalHook = Box<dyn FnOnce(TelegramError)>;
+
+pub struct Poller {
+    bot: Bot,
+    supervisor: Addr<Supervisor>,
+    poll_timeout: Duration,
+    limit: u8,
+    allowed_updates: Vec<String>,
+    offset: Option<i64>,
+    failures: u32,
+    fatal: Option<FatalHook>,
+    in_flight: Option<SpawnHandle>,
+}
+
+impl Poller {
+    pub fn new(
+        bot: Bot,
+        supervisor: Addr<Supervisor>,
+        poll_timeout: Duration,
+        limit: u8,
+        allowed_updates: Vec<String>,
+        fatal: FatalHook,
+    ) -> Poller {
+        Poller {
+            bot,
+            supervisor,
+            poll_timeout,
+            limit,
+            allowed_updates,
+            offset: None,
+            failures: 0,
+            fatal: Some(fatal),
+            in_flight: None,
+        }
+    }
+
+    fn params(&self) -> Value {
+        let mut params = json!({
+            "timeout": self.poll_timeout.as_secs(),
+            "limit": self.limit,
+        });
+        if let Some(offset) = self.offset {
+            params["offset"] = json!(offset);
+        }
+        if !self.allowed_updates.is_empty() {
+            params["allowed_updates"] = json!(self.allowed_updates);
+        }
+        params
+    }
+
+    fn poll(&mut self, ctx: &mut Context<Self>) {
+        let bot = self.bot.clone();
+        let params = self.params();
+        let timeout = self.poll_timeout + bot.http_timeout();
+        let fut = async move { bot.call("getUpdates", &params, timeout).await };
+        self.in_flight = Some(ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
+            act.in_flight = None;
+            act.answered(result, ctx);
+        })));
+    }
+
+    fn answered(&mut self, result: Result<Value, TelegramError>, ctx: &mut Context<Self>) {
+        match result {
+            Ok(Value::Array(items)) => {
+                self.failures = 0;
+                let updates = take_batch(&mut self.offset, items);
+                if !updates.is_empty() {
+                    self.supervisor.do_send(Dispatch(updates));
+                }
+                self.poll(ctx);
+            }
+            Ok(other) => {
+                log::warn!("getUpdates answered a non-array result ({}); retrying", kind_of(&other));
+                self.retry(BACKOFF.delay(self.failures), ctx);
+            }
+            Err(TelegramError::RetryAfter { retry_after, .. }) => {
+                log::warn!("getUpdates: 429 from Telegram; polling again in {retry_after}s");
+                self.retry(Duration::from_secs(retry_after), ctx);
+            }
+            Err(TelegramError::Unauthorized) => {
+                log::error!("getUpdates: the token was rejected (401 Unauthorized); stopping");
+                if let Some(fatal) = self.fatal.take() {
+                    fatal(TelegramError::Unauthorized);
+                }
+                ctx.stop();
+            }
+            Err(e) => {
+                let delay = BACKOFF.delay(self.failures);
+                match &e {
+                    TelegramError::Conflict { description } => log::error!(
+                        "getUpdates: 409 Conflict: another poller or a webhook holds this token ({description}); retrying in {:.1}s",
+                        delay.as_secs_f64()
+                    ),
+                    other => log::warn!("getUpdates failed: {other}; retrying in {:.1}s", delay.as_secs_f64()),
+                }
+                self.retry(delay, ctx);
+            }
+        }
+    }
+
+    fn retry(&mut self, delay: Duration, ctx: &mut Context<Self>) {
+        self.failures = self.failures.saturating_add(1);
+        self.in_flight = Some(ctx.run_later(delay, |act, ctx| act.poll(ctx)));
+    }
+
+}
+
+/// Turns getUpdates' result into updates and moves the offset past them.
+fn take_batch(offset: &mut Option<i64>, items: Vec<Value>) -> Vec<Update> {
+    let mut updates = Vec::with_capacity(items.len());
+    for item in items {
+        // Even a malformed element usually has an id; confirm past it.
+        if let Some(id) = item.get("update_id").and_then(Value::as_i64) {
+            *offset = Some(offset.map_or(id + 1, |o| o.max(id + 1)));
+        }
+        match Update::from_value(item) {
+            Ok(u) => updates.push(u),
+            Err(e) => log::warn!("malformed update skipped: {e}"),
+        }
+    }
+    updates
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl Actor for Poller {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.poll(ctx);
+    }
+}
+
+impl Handler<StopPolling> for Poller {
+    type Result = Option<i64>;
+    fn handle(&mut self, _: StopPolling, ctx: &mut Context<Self>) -> Option<i64> {
+        if let Some(h) = self.in_flight.take() {
+            ctx.cancel_future(h);
+        }
+        ctx.stop();
+        self.offset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offset_moves_past_every_id_including_malformed_ones() {
+        let mut offset = None;
+        let items = vec![
+            json!({"update_id": 10, "message": {}}),
+            json!({"update_id": 11}),
+            json!({"update_id": "bad"}),
+            json!([1, 2]),
+            json!({"update_id": 12, "weird": 1}),
+        ];
+        let got = take_batch(&mut offset, items);
+        assert_eq!(got.iter().map(|u| u.id.0).collect::<Vec<_>>(), vec![10, 11, 12]);
+        assert_eq!(offset, Some(13));
+        // An older id never moves the offset back.
+        take_batch(&mut offset, vec![json!({"update_id": 5, "message": {}})]);
+        assert_eq!(offset, Some(13));
+    }
+}

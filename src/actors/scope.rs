@@ -1,0 +1,395 @@
+//! ScopeActor: one per live scope (a chat, a user, a business chat).
+//!
+//! Owns the scope's ordered queue of events the application has not received
+//! yet, and the application instance that runs in a worker. Takes events from
+//! the Supervisor, gives them to the instance in order, drops each once the
+//! instance's `receive()` returned it, and turns what the instance `send()`s
+//! into Bot API calls for the Sender.
+//!
+//! An instance that ends (returns, raises, or dies with its worker) loses
+//! nothing: events it had not received stay queued for the next instance. It is
+//! restarted at once when it had made progress, otherwise on the next event, so
+//! an app that raises before receiving anything cannot spin.
+//!
+//! Stops when the Supervisor closes it (idle, evicted, shutdown) and the
+//! instance has ended, or at once when its worker is gone; either way it hands
+//! back what is still queued in [`ScopeStopped`].
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde_json::{json, Map, Value};
+
+use crate::actors::sender::{Call, CallDone, ReplyTo, Sender};
+use crate::actors::worker::{Attach, InstanceMsg, Worker, Write};
+use crate::bridge::{Sid, ToWorker};
+use crate::methods;
+use crate::routing::{Lane, ScopeKey};
+
+/// Unique per process, so a frame for an ended instance never reaches its
+/// successor.
+static NEXT_SID: AtomicU64 = AtomicU64::new(1);
+
+/// New events for this scope, in update order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Enqueue(pub Vec<Value>);
+
+/// The server ends the scope: `telegram.disconnect` with `reason`, then the
+/// grace period, then cancellation.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Close {
+    pub reason: &'static str,
+}
+
+/// Reports to the Supervisor.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub enum ScopeReport {
+    /// Every event given so far has been received (`acked` counts them all).
+    Drained {
+        scope_id: u64,
+        key: ScopeKey,
+        acked: u64,
+    },
+    /// The instance returned by itself and nothing is queued.
+    InstanceEnded { scope_id: u64, key: ScopeKey },
+    /// The actor stopped; `leftover` holds events no instance received.
+    Stopped {
+        scope_id: u64,
+        key: ScopeKey,
+        leftover: Vec<Value>,
+    },
+}
+
+pub use ScopeReport::Stopped as ScopeStopped;
+
+enum Instance {
+    /// No instance: none started yet, or the last one ended.
+    None,
+    Running { sid: Sid },
+    Closing { sid: Sid },
+}
+
+pub struct ScopeActor {
+    scope_id: u64,
+    key: ScopeKey,
+    /// The scope dict given to every instance of this scope.
+    scope: Value,
+    worker: Addr<Worker>,
+    supervisor: Recipient<ScopeReport>,
+    sender: Addr<Sender>,
+    grace: Duration,
+    /// Events not yet received, oldest first, each with its sequence number.
+    queue: VecDeque<(u64, Value)>,
+    next_seq: u64,
+    /// Sequence number of the first queued event the current instance has
+    /// not been given yet.
+    unsent_from: u64,
+    acked: u64,
+    instance: Instance,
+    /// The current instance has received at least one event.
+    progressed: bool,
+}
+
+impl ScopeActor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        scope_id: u64,
+        key: ScopeKey,
+        scope: Value,
+        worker: Addr<Worker>,
+        supervisor: Recipient<ScopeReport>,
+        sender: Addr<Sender>,
+        grace: Duration,
+    ) -> ScopeActor {
+        ScopeActor {
+            scope_id,
+            key,
+            scope,
+            worker,
+            supervisor,
+            sender,
+            grace,
+            queue: VecDeque::new(),
+            next_seq: 0,
+            unsent_from: 0,
+            acked: 0,
+            instance: Instance::None,
+            progressed: false,
+        }
+    }
+
+    fn push(&mut self, event: Value) {
+        self.queue.push_back((self.next_seq, event));
+        self.next_seq += 1;
+    }
+
+    fn start_instance(&mut self, ctx: &mut Context<Self>) {
+        let sid = NEXT_SID.fetch_add(1, Ordering::Relaxed);
+        self.instance = Instance::Running { sid };
+        self.progressed = false;
+        self.unsent_from = self.queue.front().map_or(self.next_seq, |(seq, _)| *seq);
+        log::debug!("scope={} instance sid={sid} starting", self.key);
+        self.worker.do_send(Attach {
+            sid,
+            scope: self.scope.clone(),
+            to: ctx.address().recipient(),
+        });
+        self.flush(sid);
+    }
+
+    /// Gives the instance every queued event it has not been given yet.
+    fn flush(&mut self, sid: Sid) {
+        for (seq, event) in self.queue.iter().skip_while(|(seq, _)| *seq < self.unsent_from) {
+            self.worker.do_send(Write(
+                ToWorker::Event {
+                    sid,
+                    seq: *seq,
+                    event,
+                }
+                .encode(),
+            ));
+        }
+        self.unsent_from = self.next_seq;
+    }
+
+    fn current_sid(&self) -> Option<Sid> {
+        match self.instance {
+            Instance::Running { sid } | Instance::Closing { sid } => Some(sid),
+            Instance::None => None,
+        }
+    }
+
+    fn stop_with_leftovers(&mut self, ctx: &mut Context<Self>) {
+        let leftover = self
+            .queue
+            .drain(..)
+            .map(|(_, e)| e)
+            .filter(|e| !is_local_event(e))
+            .collect();
+        self.supervisor.do_send(ScopeStopped {
+            scope_id: self.scope_id,
+            key: self.key.clone(),
+            leftover,
+        });
+        ctx.stop();
+    }
+
+    /// Turns an outgoing application event into a Bot API call.
+    fn outgoing(&mut self, event: Value, ctx: &mut Context<Self>) {
+        let Value::Object(mut event) = event else {
+            log::warn!("scope={} app sent a non-object event; skipped", self.key);
+            return;
+        };
+        let kind = event.remove("type");
+        let request_id = event.remove("request_id");
+        let (method, mut params) = match kind.as_ref().and_then(Value::as_str) {
+            Some("telegram.send_message") => ("sendMessage".to_string(), event),
+            Some("telegram.api") => {
+                let method = match event.remove("method") {
+                    Some(Value::String(m)) if !m.is_empty() => m,
+                    _ => {
+                        log::warn!("scope={} telegram.api event without a method; skipped", self.key);
+                        return;
+                    }
+                };
+                let params = match event.remove("params") {
+                    Some(Value::Object(p)) => p,
+                    None | Some(Value::Null) => Map::new(),
+                    Some(_) => {
+                        log::warn!("scope={} telegram.api params is not an object; skipped", self.key);
+                        return;
+                    }
+                };
+                (method, params)
+            }
+            other => {
+                log::warn!("scope={} app sent an event of unknown type {other:?}; skipped", self.key);
+                return;
+            }
+        };
+        self.fill_defaults(&method, &mut params);
+        let reply = request_id.map(|request_id| ReplyTo {
+            to: ctx.address().recipient(),
+            request_id,
+        });
+        self.sender.do_send(Call::new(method, params, reply));
+    }
+
+    /// `chat_id` (and a business lane's `business_connection_id`) default to
+    /// the scope's own, for methods that take them.
+    fn fill_defaults(&self, method: &str, params: &mut Map<String, Value>) {
+        let ScopeKey::Chat { id, lane } = &self.key else {
+            return;
+        };
+        if !params.contains_key("chat_id") && takes(methods::CHAT_ID_METHODS, method) {
+            params.insert("chat_id".into(), json!(id));
+        }
+        if let Lane::Business(conn) = lane {
+            if !params.contains_key("business_connection_id") && takes(methods::BUSINESS_METHODS, method) {
+                params.insert("business_connection_id".into(), json!(conn));
+            }
+        }
+    }
+}
+
+fn takes(table: &[&str], method: &str) -> bool {
+    table.binary_search(&method).is_ok()
+}
+
+/// Events the daemon makes itself (disconnect, API responses) are meaningful
+/// only to this scope's instance and are not handed on.
+fn is_local_event(event: &Value) -> bool {
+    matches!(
+        event.get("type").and_then(Value::as_str),
+        Some("telegram.disconnect") | Some("telegram.api.response")
+    )
+}
+
+impl Actor for ScopeActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Enqueue> for ScopeActor {
+    type Result = ();
+    fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) {
+        for event in msg.0 {
+            self.push(event);
+        }
+        match self.instance {
+            Instance::Running { sid } => self.flush(sid),
+            Instance::None => self.start_instance(ctx),
+            // Events for a closing scope: the Supervisor sends new events to a
+            // new scope, so these can only be API responses; the closing
+            // instance may still read them.
+            Instance::Closing { sid } => self.flush(sid),
+        }
+    }
+}
+
+impl Handler<Close> for ScopeActor {
+    type Result = ();
+    fn handle(&mut self, msg: Close, ctx: &mut Context<Self>) {
+        match self.instance {
+            Instance::Running { sid } => {
+                log::debug!("scope={} closing ({})", self.key, msg.reason);
+                self.push(json!({"type": "telegram.disconnect", "reason": msg.reason}));
+                self.flush(sid);
+                self.worker.do_send(Write(
+                    ToWorker::Close {
+                        sid,
+                        grace: self.grace.as_secs_f64(),
+                    }
+                    .encode(),
+                ));
+                self.instance = Instance::Closing { sid };
+            }
+            Instance::Closing { .. } => {}
+            Instance::None => self.stop_with_leftovers(ctx),
+        }
+    }
+}
+
+impl Handler<InstanceMsg> for ScopeActor {
+    type Result = ();
+    fn handle(&mut self, msg: InstanceMsg, ctx: &mut Context<Self>) {
+        let sid = match &msg {
+            InstanceMsg::Received { sid, .. }
+            | InstanceMsg::Send { sid, .. }
+            | InstanceMsg::Ended { sid, .. }
+            | InstanceMsg::WorkerLost { sid } => *sid,
+        };
+        if self.current_sid() != Some(sid) {
+            return;
+        }
+        match msg {
+            InstanceMsg::Received { seq, .. } => {
+                let mut acked = 0;
+                while self.queue.front().is_some_and(|(s, _)| *s <= seq) {
+                    if let Some((_, e)) = self.queue.pop_front() {
+                        if !is_local_event(&e) {
+                            acked += 1;
+                        }
+                    }
+                }
+                self.progressed = true;
+                self.acked += acked;
+                if acked > 0 && self.queue.iter().all(|(_, e)| is_local_event(e)) {
+                    self.supervisor.do_send(ScopeReport::Drained {
+                        scope_id: self.scope_id,
+                        key: self.key.clone(),
+                        acked: self.acked,
+                    });
+                }
+            }
+            InstanceMsg::Send { event, .. } => self.outgoing(event, ctx),
+            InstanceMsg::Ended {
+                error, cancelled, ..
+            } => {
+                if let Some(tb) = error {
+                    log::error!(
+                        "scope={} application instance raised; the next update starts a fresh one\n{}",
+                        self.key,
+                        tb.trim_end()
+                    );
+                } else if cancelled {
+                    log::info!("scope={} application instance cancelled after the grace period", self.key);
+                }
+                let closing = matches!(self.instance, Instance::Closing { .. });
+                self.instance = Instance::None;
+                // Daemon-made events die with the instance they were for.
+                self.queue.retain(|(_, e)| !is_local_event(e));
+                if closing {
+                    self.stop_with_leftovers(ctx);
+                } else if self.queue.is_empty() {
+                    self.supervisor.do_send(ScopeReport::InstanceEnded {
+                        scope_id: self.scope_id,
+                        key: self.key.clone(),
+                    });
+                } else if self.progressed {
+                    self.start_instance(ctx);
+                } else {
+                    log::warn!(
+                        "scope={} instance ended without receiving anything; {} event(s) wait for the next update",
+                        self.key,
+                        self.queue.len()
+                    );
+                }
+            }
+            InstanceMsg::WorkerLost { .. } => {
+                log::warn!(
+                    "scope={} worker lost; {} unreceived event(s) go to a new instance",
+                    self.key,
+                    self.queue.len()
+                );
+                self.instance = Instance::None;
+                self.stop_with_leftovers(ctx);
+            }
+        }
+    }
+}
+
+impl Handler<CallDone> for ScopeActor {
+    type Result = ();
+    fn handle(&mut self, msg: CallDone, _: &mut Context<Self>) {
+        let mut event = match msg.outcome {
+            Ok(result) => json!({"type": "telegram.api.response", "ok": true, "result": result}),
+            Err(envelope) => {
+                let mut e = envelope;
+                e["type"] = json!("telegram.api.response");
+                e
+            }
+        };
+        event["request_id"] = msg.request_id;
+        let Some(sid) = self.current_sid() else {
+            log::debug!("scope={} API response for an ended instance dropped", self.key);
+            return;
+        };
+        self.push(event);
+        self.flush(sid);
+    }
+}

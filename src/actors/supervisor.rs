@@ -1,0 +1,555 @@
+//! Supervisor: owns the scopes and the workers.
+//!
+//! Takes batches of updates from the Poller ([`Dispatch`]), routes each to its
+//! scope (creating the ScopeActor on the first update), and keeps the scope
+//! table within `max_scopes` by closing the longest-idle scope that has nothing
+//! left to receive. Closes scopes idle for `idle_timeout`, and scopes whose
+//! instance ended by itself. Starts the Worker actors, reports when all are
+//! ready, restarts a worker that dies (a worker that keeps failing before it is
+//! ready stops the daemon), and gives each new scope the least-loaded worker.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
+
+use crate::actors::scope::{Close, Enqueue, ScopeActor, ScopeReport};
+use crate::actors::sender::Sender;
+use crate::actors::worker::{describe, ShutdownWorker, Worker, WorkerEvent};
+use crate::backoff::Backoff;
+use crate::routing::{self, Lane, Route, ScopeKey, Unroutable};
+use crate::settings::Settings;
+use crate::telegram::Update;
+
+/// Consecutive start failures of one worker after which the daemon gives up.
+const CRASH_LOOP_LIMIT: u32 = 5;
+
+/// New updates from the Poller, in update order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Dispatch(pub Vec<Update>);
+
+/// The bot's own User (from getMe), for every scope's `bot` key.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetBot(pub Value);
+
+/// Resolves when every worker is ready, or with the first worker's error.
+#[derive(Message)]
+#[rtype(result = "oneshot::Receiver<Result<(), String>>")]
+pub struct WaitReady;
+
+/// Shutdown phase: close every scope; resolves when all have stopped, with
+/// the lowest update_id that no instance received (None: all were received).
+#[derive(Message)]
+#[rtype(result = "oneshot::Receiver<Option<i64>>")]
+pub struct CloseAll;
+
+/// Shutdown phase: end the workers; resolves when every process has exited.
+#[derive(Message)]
+#[rtype(result = "oneshot::Receiver<()>")]
+pub struct StopWorkers {
+    pub grace: Duration,
+}
+
+/// Counters for the log and (later) metrics.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub updates: u64,
+    pub skipped: HashMap<String, u64>,
+    pub scopes_started: u64,
+    pub worker_restarts: u64,
+}
+
+struct ScopeEntry {
+    scope_id: u64,
+    addr: Addr<ScopeActor>,
+    worker: usize,
+    /// Events given to the scope, and how many it reported received.
+    dispatched: u64,
+    acked: u64,
+    last_active: Instant,
+}
+
+impl ScopeEntry {
+    fn busy(&self) -> bool {
+        self.dispatched > self.acked
+    }
+}
+
+struct WorkerSlot {
+    addr: Option<Addr<Worker>>,
+    ready: bool,
+    scopes: usize,
+    /// Consecutive failures before reaching ready.
+    failures: u32,
+    pid: u32,
+}
+
+pub struct Supervisor {
+    settings: Settings,
+    sender: Addr<Sender>,
+    bot: Value,
+    scopes: HashMap<ScopeKey, ScopeEntry>,
+    /// Scopes told to close that have not stopped yet: scope_id -> worker index.
+    closing: HashMap<u64, usize>,
+    next_scope_id: u64,
+    workers: Vec<WorkerSlot>,
+    /// Updates waiting for a worker (none is up right now).
+    parked: VecDeque<(Route, Value)>,
+    ready_waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    startup_error: Option<String>,
+    close_waiters: Vec<oneshot::Sender<Option<i64>>>,
+    /// Lowest update_id handed back unreceived during shutdown.
+    unreceived: Option<i64>,
+    exit_waiters: Vec<oneshot::Sender<()>>,
+    stopping_workers: bool,
+    shutting_down: bool,
+    /// Every worker has been ready once: later failures are restarts.
+    started_up: bool,
+    pub counters: Counters,
+}
+
+impl Supervisor {
+    pub fn new(settings: Settings, sender: Addr<Sender>) -> Supervisor {
+        Supervisor {
+            settings,
+            sender,
+            bot: Value::Null,
+            scopes: HashMap::new(),
+            closing: HashMap::new(),
+            next_scope_id: 1,
+            workers: Vec::new(),
+            parked: VecDeque::new(),
+            ready_waiters: Vec::new(),
+            startup_error: None,
+            close_waiters: Vec::new(),
+            unreceived: None,
+            exit_waiters: Vec::new(),
+            stopping_workers: false,
+            shutting_down: false,
+            started_up: false,
+            counters: Counters::default(),
+        }
+    }
+
+    fn start_worker(&mut self, index: usize, ctx: &mut Context<Self>) {
+        let worker = Worker::new(index, self.settings.app.clone(), ctx.address().recipient());
+        let slot = &mut self.workers[index];
+        slot.addr = Some(worker.start());
+        slot.ready = false;
+    }
+
+    /// The live worker with the fewest scopes.
+    fn pick_worker(&self) -> Option<usize> {
+        self.workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.addr.is_some())
+            .min_by_key(|(_, w)| (!w.ready, w.scopes))
+            .map(|(i, _)| i)
+    }
+
+    /// `{"type": "telegram.<kind>", ...fields, "update_id": id}`
+    fn event_for(update: Update) -> Option<Value> {
+        let id = update.id.0;
+        let (kind, value) = update.raw.into_iter().find(|(k, _)| k != "update_id")?;
+        let Value::Object(mut fields) = value else {
+            return None;
+        };
+        fields.insert("type".into(), Value::String(format!("telegram.{kind}")));
+        fields.insert("update_id".into(), json!(id));
+        Some(Value::Object(fields))
+    }
+
+    fn scope_dict(&self, route: &Route) -> Value {
+        let mut scope = Map::new();
+        scope.insert("type".into(), json!("telegram"));
+        match &route.key {
+            ScopeKey::Chat { lane, .. } => {
+                scope.insert("chat".into(), route.subject.clone());
+                if let Lane::Business(conn) = lane {
+                    scope.insert("business_connection_id".into(), json!(conn));
+                }
+            }
+            ScopeKey::User { .. } => {
+                scope.insert("user".into(), route.subject.clone());
+            }
+        }
+        scope.insert("bot".into(), self.bot.clone());
+        scope.insert("extensions".into(), json!({}));
+        Value::Object(scope)
+    }
+
+    fn dispatch(&mut self, updates: Vec<Update>, ctx: &mut Context<Self>) {
+        // Group by scope, keeping update order within each scope.
+        let mut batches: Vec<(Route, Vec<Value>)> = Vec::new();
+        let mut index: HashMap<ScopeKey, usize> = HashMap::new();
+        for update in updates {
+            self.counters.updates += 1;
+            let routed = routing::route(&update);
+            let id = update.id.0;
+            match routed {
+                Ok(route) => {
+                    let Some(event) = Self::event_for(update) else { continue };
+                    match index.get(&route.key) {
+                        Some(&i) => batches[i].1.push(event),
+                        None => {
+                            index.insert(route.key.clone(), batches.len());
+                            batches.push((route, vec![event]));
+                        }
+                    }
+                }
+                Err(why) => self.skip(id, why),
+            }
+        }
+        for (route, events) in batches {
+            self.deliver(route, events, ctx);
+        }
+    }
+
+    fn skip(&mut self, update_id: i64, why: Unroutable) {
+        let kind = match &why {
+            Unroutable::Empty => "(empty)".to_string(),
+            Unroutable::NotAnObject(k) | Unroutable::NoChatOrUser(k) => k.clone(),
+        };
+        let known = routing::KNOWN_KINDS.contains(&kind.as_str());
+        match why {
+            Unroutable::NoChatOrUser(_) if known => {
+                log::debug!("update={update_id} kind={kind} has no chat or user; skipped")
+            }
+            Unroutable::NoChatOrUser(_) => log::debug!(
+                "update={update_id} kind={kind} is unknown to this version and has no chat or user; skipped"
+            ),
+            Unroutable::NotAnObject(_) => {
+                log::warn!("update={update_id} kind={kind} is not an object; skipped")
+            }
+            Unroutable::Empty => log::warn!("update={update_id} carries no update kind; skipped"),
+        }
+        *self.counters.skipped.entry(kind).or_default() += 1;
+    }
+
+    fn deliver(&mut self, route: Route, events: Vec<Value>, ctx: &mut Context<Self>) {
+        if let Some(entry) = self.scopes.get_mut(&route.key) {
+            entry.dispatched += events.len() as u64;
+            entry.last_active = Instant::now();
+            entry.addr.do_send(Enqueue(events));
+            return;
+        }
+        let Some(worker) = self.pick_worker() else {
+            self.parked.extend(events.into_iter().map(|e| (route.clone(), e)));
+            return;
+        };
+        if self.scopes.len() >= self.settings.scopes.max_scopes {
+            self.evict_one();
+        }
+        let scope_id = self.next_scope_id;
+        self.next_scope_id += 1;
+        let Some(worker_addr) = self.workers[worker].addr.clone() else {
+            unreachable!("pick_worker only returns workers with an address")
+        };
+        let actor = ScopeActor::new(
+            scope_id,
+            route.key.clone(),
+            self.scope_dict(&route),
+            worker_addr,
+            ctx.address().recipient(),
+            self.sender.clone(),
+            self.settings.scopes.disconnect_grace,
+        );
+        let addr = actor.start();
+        self.workers[worker].scopes += 1;
+        self.counters.scopes_started += 1;
+        let dispatched = events.len() as u64;
+        addr.do_send(Enqueue(events));
+        log::debug!("scope={} started on worker={worker}", route.key);
+        self.scopes.insert(
+            route.key,
+            ScopeEntry {
+                scope_id,
+                addr,
+                worker,
+                dispatched,
+                acked: 0,
+                last_active: Instant::now(),
+            },
+        );
+    }
+
+    /// Closes the longest-idle scope with nothing left to receive.
+    fn evict_one(&mut self) {
+        let victim = self
+            .scopes
+            .iter()
+            .filter(|(_, e)| !e.busy())
+            .min_by_key(|(_, e)| e.last_active)
+            .map(|(k, _)| k.clone());
+        match victim {
+            Some(key) => {
+                log::debug!("scope={key} evicted: max_scopes={} reached", self.settings.scopes.max_scopes);
+                self.close(&key, "evicted");
+            }
+            None => log::warn!(
+                "max_scopes={} reached and every scope is busy; going over the limit",
+                self.settings.scopes.max_scopes
+            ),
+        }
+    }
+
+    fn close(&mut self, key: &ScopeKey, reason: &'static str) {
+        if let Some(entry) = self.scopes.remove(key) {
+            self.closing.insert(entry.scope_id, entry.worker);
+            entry.addr.do_send(Close { reason });
+        }
+    }
+
+    fn reap_idle(&mut self) {
+        let idle = self.settings.scopes.idle_timeout;
+        let now = Instant::now();
+        let expired: Vec<ScopeKey> = self
+            .scopes
+            .iter()
+            .filter(|(_, e)| !e.busy() && now.duration_since(e.last_active) >= idle)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in expired {
+            log::debug!("scope={key} idle for {}s; closing", idle.as_secs());
+            self.close(&key, "idle");
+        }
+    }
+
+    fn scope_stopped(&mut self, scope_id: u64, key: ScopeKey, leftover: Vec<Value>, ctx: &mut Context<Self>) {
+        let worker = match self.closing.remove(&scope_id) {
+            Some(w) => Some(w),
+            // Stopped without being closed (its worker died): drop its entry.
+            None => match self.scopes.get(&key) {
+                Some(e) if e.scope_id == scope_id => self.scopes.remove(&key).map(|e| e.worker),
+                _ => None,
+            },
+        };
+        if let Some(w) = worker.and_then(|w| self.workers.get_mut(w)) {
+            w.scopes = w.scopes.saturating_sub(1);
+        }
+        if self.shutting_down {
+            let lowest = leftover.iter().filter_map(|e| e.get("update_id")?.as_i64()).min();
+            self.unreceived = self.unreceived.into_iter().chain(lowest).min();
+        } else if !leftover.is_empty() {
+            // Fresh scope for what the old instance never received; the chat
+            // object comes from the events themselves.
+            if let Some(route) = leftover.iter().find_map(route_of_event) {
+                self.deliver(route, leftover, ctx);
+            }
+        }
+        self.check_closed();
+    }
+
+    fn check_closed(&mut self) {
+        if self.shutting_down && self.scopes.is_empty() && self.closing.is_empty() {
+            for w in self.close_waiters.drain(..) {
+                let _ = w.send(self.unreceived);
+            }
+        }
+    }
+
+    fn unpark(&mut self, ctx: &mut Context<Self>) {
+        let parked: Vec<(Route, Value)> = self.parked.drain(..).collect();
+        for (route, event) in parked {
+            self.deliver(route, vec![event], ctx);
+        }
+    }
+
+    fn all_ready(&self) -> bool {
+        self.workers.iter().all(|w| w.ready)
+    }
+
+    fn resolve_ready(&mut self, result: Result<(), String>) {
+        for w in self.ready_waiters.drain(..) {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
+/// Recovers a route from an event already built from an update.
+fn route_of_event(event: &Value) -> Option<Route> {
+    let kind = event.get("type")?.as_str()?.strip_prefix("telegram.")?;
+    let mut fields = event.as_object()?.clone();
+    fields.remove("type");
+    let id = fields.remove("update_id").unwrap_or(json!(0));
+    let update = Update::from_value(json!({"update_id": id, kind: fields})).ok()?;
+    routing::route(&update).ok()
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        for index in 0..self.settings.app.workers {
+            self.workers.push(WorkerSlot {
+                addr: None,
+                ready: false,
+                scopes: 0,
+                failures: 0,
+                pid: 0,
+            });
+            self.start_worker(index, ctx);
+        }
+        let tick = (self.settings.scopes.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        ctx.run_interval(tick, |act, _| act.reap_idle());
+    }
+}
+
+impl Handler<Dispatch> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: Dispatch, ctx: &mut Context<Self>) {
+        self.dispatch(msg.0, ctx);
+    }
+}
+
+impl Handler<SetBot> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: SetBot, _: &mut Context<Self>) {
+        self.bot = msg.0;
+    }
+}
+
+impl Handler<WaitReady> for Supervisor {
+    type Result = MessageResult<WaitReady>;
+    fn handle(&mut self, _: WaitReady, _: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        if let Some(e) = &self.startup_error {
+            let _ = tx.send(Err(e.clone()));
+        } else if self.all_ready() {
+            let _ = tx.send(Ok(()));
+        } else {
+            self.ready_waiters.push(tx);
+        }
+        MessageResult(rx)
+    }
+}
+
+impl Handler<CloseAll> for Supervisor {
+    type Result = MessageResult<CloseAll>;
+    fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) -> Self::Result {
+        self.shutting_down = true;
+        let (tx, rx) = oneshot::channel();
+        self.close_waiters.push(tx);
+        let keys: Vec<ScopeKey> = self.scopes.keys().cloned().collect();
+        log::info!("closing {} scope(s)", keys.len());
+        for key in keys {
+            self.close(&key, "shutdown");
+        }
+        self.check_closed();
+        MessageResult(rx)
+    }
+}
+
+impl Handler<StopWorkers> for Supervisor {
+    type Result = MessageResult<StopWorkers>;
+    fn handle(&mut self, msg: StopWorkers, _: &mut Context<Self>) -> Self::Result {
+        self.stopping_workers = true;
+        let (tx, rx) = oneshot::channel();
+        if self.workers.iter().all(|w| w.addr.is_none()) {
+            let _ = tx.send(());
+        } else {
+            self.exit_waiters.push(tx);
+        }
+        for w in &self.workers {
+            if let Some(addr) = &w.addr {
+                addr.do_send(ShutdownWorker {
+                    grace: msg.grace.as_secs_f64(),
+                });
+            }
+        }
+        MessageResult(rx)
+    }
+}
+
+impl Handler<ScopeReport> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: ScopeReport, ctx: &mut Context<Self>) {
+        match msg {
+            ScopeReport::Drained {
+                scope_id,
+                key,
+                acked,
+            } => {
+                if let Some(e) = self.scopes.get_mut(&key).filter(|e| e.scope_id == scope_id) {
+                    e.acked = acked;
+                    e.last_active = Instant::now();
+                }
+            }
+            ScopeReport::InstanceEnded { scope_id, key } => {
+                // Events may be on their way to it; then it restarts instead.
+                if self.scopes.get(&key).is_some_and(|e| e.scope_id == scope_id && !e.busy()) {
+                    self.close(&key, "ended");
+                }
+            }
+            ScopeReport::Stopped {
+                scope_id,
+                key,
+                leftover,
+            } => self.scope_stopped(scope_id, key, leftover, ctx),
+        }
+    }
+}
+
+impl Handler<WorkerEvent> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: WorkerEvent, ctx: &mut Context<Self>) {
+        match msg {
+            WorkerEvent::Ready { index, pid, .. } => {
+                let slot = &mut self.workers[index];
+                slot.ready = true;
+                slot.failures = 0;
+                slot.pid = pid;
+                if self.all_ready() {
+                    self.started_up = true;
+                    self.resolve_ready(Ok(()));
+                }
+                self.unpark(ctx);
+            }
+            WorkerEvent::Failed { index, error } => {
+                let slot = &mut self.workers[index];
+                slot.failures += 1;
+                if !self.started_up || slot.failures >= CRASH_LOOP_LIMIT {
+                    let error = if slot.failures >= CRASH_LOOP_LIMIT {
+                        format!("worker {index} failed {CRASH_LOOP_LIMIT} times in a row before it was ready: {error}")
+                    } else {
+                        error
+                    };
+                    self.startup_error.get_or_insert(error.clone());
+                    self.resolve_ready(Err(error));
+                }
+            }
+            WorkerEvent::Exited { index, pid, status } => {
+                let slot = &mut self.workers[index];
+                slot.addr = None;
+                slot.ready = false;
+                slot.scopes = 0;
+                if self.stopping_workers {
+                    log::info!("worker={index} pid={pid} exited ({})", describe(status));
+                    if self.workers.iter().all(|w| w.addr.is_none()) {
+                        for w in self.exit_waiters.drain(..) {
+                            let _ = w.send(());
+                        }
+                    }
+                    return;
+                }
+                if self.startup_error.is_some() {
+                    return;
+                }
+                log::error!("worker={index} pid={pid} died ({}); restarting it", describe(status));
+                self.counters.worker_restarts += 1;
+                let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
+                    .delay(self.workers[index].failures);
+                ctx.run_later(delay, move |act, ctx| {
+                    if !act.stopping_workers {
+                        act.start_worker(index, ctx);
+                    }
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,811 @@
+"""asgigram worker bridge: runs one Python ASGI application for asgigramd.
+
+The daemon starts every worker process as
+
+    python3 -u -c "<this file's source>" --fd 3 --app module.path:attr \
+        --app-dir DIR [--lifespan auto|on|off]
+
+and speaks the protocol described in docs/worker-protocol.md over fd 3 (one
+end of a Unix socketpair): 4-byte big-endian length + UTF-8 JSON object per
+frame. The bridge imports the app, runs the ASGI lifespan protocol, then
+creates one asyncio task per scope instance the daemon `start`s, feeding it
+`event`s through receive() and turning its send() calls into `send` frames.
+
+Constraints that shape this file:
+- stdlib only, Python >= 3.8, no reliance on __file__ (it runs via -c, and
+  argv limits keep the source well under 128 KiB);
+- stdout/stderr belong to the app; protocol data only ever goes to the channel;
+- throughput matters (>10k events/s per worker), so frames are batched into one
+  socket write per event-loop iteration and `received` acks are preformatted.
+"""
+
+import argparse
+import asyncio
+import base64
+import importlib
+import inspect
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+
+SPEC_VERSION = "1.0"
+MAX_FRAME = 64 * 1024 * 1024
+READ_LIMIT = 4 * 1024 * 1024
+# Bytes queued for the batched flush after which send() flushes right away so
+# backpressure (drain) sees them.
+FLUSH_THRESHOLD = 256 * 1024
+WRITE_HIGH_WATER = 1024 * 1024
+MAX_NESTING = 100
+CANCEL_WAIT = 5.0  # how long cancelled instances get to unwind at shutdown
+LIFESPAN_SHUTDOWN_TIMEOUT = 10.0
+EXIT_WATCHDOG = 5.0  # hard exit if interpreter teardown hangs on app threads
+
+EVENT_TYPES = ("telegram.send_message", "telegram.api")
+
+_HEADER = struct.Struct(">I")
+_MISSING = object()
+
+
+class Fatal(Exception):
+    """The worker cannot run; str(exc) becomes the `fatal` frame's error."""
+
+
+def format_exc(exc):
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+# ---------------------------------------------------------------------------
+# JSON codec
+
+def _json_default(obj):
+    if isinstance(obj, bytes):
+        return {"$bytes": base64.b64encode(obj).decode("ascii")}
+    raise TypeError("object of type %s is not JSON serializable" % type(obj).__name__)
+
+
+# One shared encoder: building a JSONEncoder per frame is measurable overhead.
+# allow_nan=False because the daemon's JSON parser rejects NaN/Infinity.
+_encode = json.JSONEncoder(
+    default=_json_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+).encode
+
+
+def _bytes_hook(obj):
+    if len(obj) == 1 and "$bytes" in obj:
+        value = obj["$bytes"]
+        if isinstance(value, str):
+            return base64.b64decode(value.encode("ascii"), validate=True)
+    return obj
+
+
+def encode_frame(obj):
+    body = _encode(obj).encode("utf-8")
+    return _HEADER.pack(len(body)) + body
+
+
+def decode_body(body):
+    # The object_hook runs for every dict; skip it for the (common) frames that
+    # cannot contain a $bytes marker.
+    if b'"$bytes"' in body:
+        return json.loads(body, object_hook=_bytes_hook)
+    return json.loads(body)
+
+
+def received_frame(sid, seq):
+    # Acks are the most frequent frame; format them without the JSON encoder.
+    body = b'{"op":"received","sid":%d,"seq":%d}' % (sid, seq)
+    return _HEADER.pack(len(body)) + body
+
+
+# ---------------------------------------------------------------------------
+# Outgoing event validation (docs/worker-protocol.md, "Outgoing event validation")
+
+def _tname(value):
+    return type(value).__name__
+
+
+class _BadValue(Exception):
+    """Raised deep inside _check_value; each level prepends its key on the way out
+    so the happy path never builds path strings."""
+
+    def __init__(self, value, problem):
+        Exception.__init__(self)
+        self.value = value
+        self.problem = problem
+        self.path = []
+
+
+def _check_value(value, depth):
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None or kind is bytes:
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _BadValue(value, "nonfinite")
+        return
+    if isinstance(value, (str, int, bytes)):
+        return
+    if isinstance(value, dict):
+        if depth >= MAX_NESTING:
+            raise _BadValue(value, "deep")
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _BadValue(key, "key")
+            try:
+                _check_value(item, depth + 1)
+            except _BadValue as bad:
+                bad.path.append(key)
+                raise
+        return
+    if isinstance(value, (list, tuple)):
+        if depth >= MAX_NESTING:
+            raise _BadValue(value, "deep")
+        for index, item in enumerate(value):
+            try:
+                _check_value(item, depth + 1)
+            except _BadValue as bad:
+                bad.path.append(index)
+                raise
+        return
+    raise _BadValue(value, "type")
+
+
+def _format_path(parts):
+    out = ""
+    for part in reversed(parts):
+        if isinstance(part, int):
+            out += "[%d]" % part
+        elif part.isidentifier():
+            out += ("." if out else "") + part
+        else:
+            out += "[%r]" % part
+    return out
+
+
+def _bad_value_error(bad):
+    where = _format_path(bad.path)
+    if bad.problem == "key":
+        return TypeError(
+            "key %r %s is of type %s; dict keys must be str"
+            % (bad.value, "at " + where if where else "in the event", _tname(bad.value))
+        )
+    if bad.problem == "nonfinite":
+        return ValueError("value at %s is %r; NaN and infinities cannot be sent" % (where, bad.value))
+    if bad.problem == "deep":
+        return ValueError(
+            "value at %s is nested more than %d levels deep (does it contain itself?)"
+            % (where, MAX_NESTING)
+        )
+    return TypeError("value at %s is of type %s, which is not an ASGI type" % (where, _tname(bad.value)))
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_event(event, scope):
+    """Raise TypeError/ValueError naming the problem if `event` may not be sent."""
+    if not isinstance(event, dict):
+        raise TypeError("send() takes a dict event, got %s" % _tname(event))
+    etype = event.get("type", _MISSING)
+    if etype is _MISSING:
+        raise ValueError("event has no 'type'; expected one of %s" % ", ".join(map(repr, EVENT_TYPES)))
+    if etype == "telegram.send_message":
+        text = event.get("text", _MISSING)
+        if text is _MISSING:
+            raise ValueError("telegram.send_message requires 'text' (a str), but it is missing")
+        if not isinstance(text, str):
+            raise TypeError("telegram.send_message requires 'text' to be a str, got %s" % _tname(text))
+        chat_id = event.get("chat_id", _MISSING)
+        if chat_id is _MISSING:
+            if scope.get("chat") is None:
+                raise ValueError(
+                    "telegram.send_message requires 'chat_id' in a user scope "
+                    "(this scope has no 'chat' to default to)"
+                )
+        elif not (_is_int(chat_id) or isinstance(chat_id, str)):
+            raise TypeError("telegram.send_message 'chat_id' must be an int or str, got %s" % _tname(chat_id))
+    elif etype == "telegram.api":
+        method = event.get("method", _MISSING)
+        if method is _MISSING:
+            raise ValueError("telegram.api requires 'method' (a non-empty str), but it is missing")
+        if not isinstance(method, str) or not method:
+            raise TypeError(
+                "telegram.api requires 'method' to be a non-empty str, got %s"
+                % (repr(method) if isinstance(method, str) else _tname(method))
+            )
+        params = event.get("params", _MISSING)
+        if params is not _MISSING and not isinstance(params, dict):
+            raise TypeError("telegram.api 'params' must be a dict, got %s" % _tname(params))
+    else:
+        raise ValueError(
+            "unknown event type %r; expected one of %s" % (etype, ", ".join(map(repr, EVENT_TYPES)))
+        )
+    request_id = event.get("request_id", _MISSING)
+    if request_id is not _MISSING and not (_is_int(request_id) or isinstance(request_id, str)):
+        raise TypeError("'request_id' must be a str or int, got %s" % _tname(request_id))
+    try:
+        _check_value(event, 0)
+    except _BadValue as bad:
+        raise _bad_value_error(bad) from None
+
+
+def encode_send_frame(sid, event, scope):
+    """Validate and encode a `send` frame; tuples become lists, bytes become $bytes."""
+    validate_event(event, scope)
+    try:
+        frame = encode_frame({"op": "send", "sid": sid, "event": event})
+    except UnicodeEncodeError as exc:
+        raise ValueError("event contains a str that is not valid Unicode: %s" % exc) from None
+    if len(frame) - 4 > MAX_FRAME:
+        raise ValueError("event is too large to send (%d bytes encoded, limit %d)" % (len(frame) - 4, MAX_FRAME))
+    return frame
+
+
+# ---------------------------------------------------------------------------
+# Loading the application
+
+def _is_coroutine_function(func):
+    if inspect.iscoroutinefunction(func):
+        return True
+    # Before Python 3.12, asgiref marks sync_to_async wrappers with this attribute.
+    marker = getattr(asyncio.coroutines, "_is_coroutine", _MISSING)
+    return marker is not _MISSING and getattr(func, "_is_coroutine", None) is marker
+
+
+def is_double_callable(app):
+    """Same decision as asgiref.compatibility.is_double_callable."""
+    if getattr(app, "_asgi_single_callable", False):
+        return False
+    if getattr(app, "_asgi_double_callable", False):
+        return True
+    if inspect.isclass(app):
+        return True
+    if hasattr(app, "__call__") and _is_coroutine_function(app.__call__):
+        return False
+    return not _is_coroutine_function(app)
+
+
+def load_app(spec, app_dir):
+    """Import `module.path:attr` (attr may be dotted) from app_dir; raise Fatal."""
+    # `-c` puts '' (the cwd) first on sys.path; the app dir replaces it.
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
+    app_dir = os.path.abspath(app_dir)
+    sys.path.insert(0, app_dir)
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr or any(not p for p in attr.split(".")):
+        raise Fatal("--app must look like 'module.path:attr', got %r" % (spec,))
+    try:
+        module = importlib.import_module(module_name)
+    except BaseException as exc:  # SyntaxError, SystemExit at import, ... all fatal
+        raise Fatal(
+            "could not import module %r (app dir %s):\n%s" % (module_name, app_dir, format_exc(exc))
+        ) from None
+    app = module
+    try:
+        for part in attr.split("."):
+            app = getattr(app, part)
+    except Exception as exc:
+        raise Fatal(
+            "module %r has no attribute %r:\n%s" % (module_name, attr, format_exc(exc))
+        ) from None
+    if not callable(app):
+        raise Fatal("%s is not callable (got %s)" % (spec, _tname(app)))
+    return app
+
+
+# ---------------------------------------------------------------------------
+# The channel
+
+class Channel:
+    """Framed JSON over the daemon's socket.
+
+    Writes are appended to a pending list and flushed once per event-loop
+    iteration (call_soon), so a burst of acks and sends costs one syscall."""
+
+    def __init__(self, reader, writer):
+        self._reader = reader
+        self._writer = writer
+        self._transport = writer.transport
+        self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._pending = []
+        self._pending_size = 0
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
+        self.closed = False
+
+    @classmethod
+    async def open(cls, fd):
+        sock = socket.socket(fileno=fd)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_LIMIT)
+        return cls(reader, writer)
+
+    # -- writing
+
+    def write_raw(self, frame):
+        if self.closed:
+            return
+        self._pending.append(frame)
+        self._pending_size += len(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def write(self, obj):
+        self.write_raw(encode_frame(obj))
+
+    def log(self, level, message):
+        self.write({"op": "log", "level": level, "message": message})
+
+    def flush(self):
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending = []
+        self._pending_size = 0
+        # Writing to a transport that lost its peer makes asyncio log warnings
+        # to stderr, which belongs to the app.
+        if not self.closed and not self._transport.is_closing():
+            self._transport.write(data)
+
+    async def drain(self):
+        if self._pending_size >= FLUSH_THRESHOLD:
+            self.flush()
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError):
+            pass  # daemon gone; the reader sees EOF and shuts the worker down
+
+    async def close(self):
+        self.flush()
+        self.closed = True
+        self._writer.close()
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), 5.0)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            pass
+
+    # -- reading
+
+    async def read_frame(self):
+        """Next frame as a dict, None for a dropped malformed one; EOFError at EOF."""
+        try:
+            header = await self._reader.readexactly(4)
+            (size,) = _HEADER.unpack(header)
+            if size > MAX_FRAME:
+                await self._skip(size)
+                self.log("warning", "dropped a %d-byte frame (limit is %d bytes)" % (size, MAX_FRAME))
+                return None
+            body = await self._reader.readexactly(size)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise EOFError from None
+        try:
+            msg = decode_body(body)
+        except (ValueError, RecursionError) as exc:
+            self.log("warning", "dropped a malformed frame (%s): %r" % (exc, body[:200]))
+            return None
+        if not isinstance(msg, dict):
+            self.log("warning", "dropped a frame that is not a JSON object: %r" % (body[:200],))
+            return None
+        return msg
+
+    async def _skip(self, size):
+        while size:
+            chunk = await self._reader.read(min(size, READ_LIMIT))
+            if not chunk:
+                raise asyncio.IncompleteReadError(b"", size)
+            size -= len(chunk)
+
+
+# ---------------------------------------------------------------------------
+# Application instances
+
+class Instance:
+    """One scope: its task, its event queue, and the receive/send it hands the app."""
+
+    __slots__ = ("worker", "channel", "sid", "scope", "queue", "disconnect", "ended", "task", "_cancel_at")
+
+    def __init__(self, worker, sid, scope):
+        self.worker = worker
+        self.channel = worker.channel
+        self.sid = sid
+        self.scope = scope
+        self.queue = asyncio.Queue()
+        self.disconnect = None
+        self.ended = False
+        self.task = None
+        self._cancel_at = None  # TimerHandle of a pending `close`
+
+    async def receive(self):
+        # Once the app saw the disconnect, the scope is over: keep telling it so
+        # instead of blocking on a queue nothing will feed again.
+        if self.disconnect is not None:
+            return self.disconnect
+        seq, event = await self.queue.get()
+        self.channel.write_raw(received_frame(self.sid, seq))
+        if event.get("type") == "telegram.disconnect":
+            self.disconnect = event
+        return event
+
+    async def send(self, event):
+        if self.ended:
+            raise RuntimeError("send() called after the application instance for this scope ended")
+        self.channel.write_raw(encode_send_frame(self.sid, event, self.scope))
+        await self.channel.drain()
+
+    def close(self, grace):
+        if self.ended:
+            return
+        loop = self.worker.loop
+        when = loop.time() + grace
+        if self._cancel_at is not None:
+            if self._cancel_at.when() <= when:
+                return  # an earlier close already set a sooner deadline
+            self._cancel_at.cancel()
+        self._cancel_at = loop.call_at(when, self.task.cancel)
+
+    async def run(self):
+        error = None
+        cancelled = False
+        try:
+            await self.worker.call_app(self.scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            cancelled = True
+        except BaseException as exc:
+            error = format_exc(exc)
+            if not isinstance(exc, Exception):
+                raise  # SystemExit / KeyboardInterrupt end the worker
+        finally:
+            self.ended = True
+            if self._cancel_at is not None:
+                self._cancel_at.cancel()
+            self.worker.instance_ended(self, error, cancelled)
+
+
+class Lifespan:
+    """Runs the app with a lifespan scope for the worker's whole life."""
+
+    _ALLOWED = {
+        "startup": ("lifespan.startup.complete", "lifespan.startup.failed"),
+        "running": (),
+        "shutdown": ("lifespan.shutdown.complete", "lifespan.shutdown.failed"),
+        "done": (),
+    }
+
+    def __init__(self, worker, required):
+        self.worker = worker
+        self.required = required  # --lifespan on
+        self.state = {}
+        self.phase = "startup"
+        self.task = None
+        self._to_app = asyncio.Queue()
+        # What happened on the app's side: ("sent", event), ("raised", tb), ("returned", None)
+        self._from_app = asyncio.Queue()
+
+    async def _receive(self):
+        return await self._to_app.get()
+
+    async def _send(self, event):
+        if not isinstance(event, dict):
+            raise TypeError("lifespan send() takes a dict event, got %s" % _tname(event))
+        etype = event.get("type")
+        if etype not in self._ALLOWED[self.phase]:
+            raise ValueError("unexpected lifespan event %r during %s" % (etype, self.phase))
+        self.phase = "running" if self.phase == "startup" else "done"
+        self._from_app.put_nowait(("sent", event))
+
+    async def _main(self):
+        scope = {"type": "lifespan", "asgi": self.worker.asgi_info(), "state": self.state}
+        try:
+            await self.worker.call_app(scope, self._receive, self._send)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._from_app.put_nowait(("raised", format_exc(exc)))
+        else:
+            self._from_app.put_nowait(("returned", None))
+
+    async def startup(self):
+        """True if the app completed startup, False if it does not do lifespan.
+        Raises Fatal for startup.failed, or for no support with --lifespan on."""
+        self.task = asyncio.ensure_future(self._main())
+        self._to_app.put_nowait({"type": "lifespan.startup"})
+        kind, value = await self._from_app.get()
+        if kind == "sent":
+            if value["type"] == "lifespan.startup.complete":
+                return True
+            raise Fatal("lifespan startup failed: %s" % (value.get("message") or "(no message)",))
+        if kind == "raised":
+            if self.required:
+                raise Fatal("lifespan startup raised an exception (--lifespan on):\n" + value)
+            self.worker.channel.log(
+                "debug",
+                "ASGI lifespan appears unsupported by the app (it raised on the lifespan scope); "
+                "continuing without lifespan:\n" + value,
+            )
+            return False
+        if self.required:
+            raise Fatal("the app returned from the lifespan scope without completing startup (--lifespan on)")
+        self.worker.channel.log(
+            "debug", "ASGI lifespan appears unsupported by the app (it returned without a reply); "
+            "continuing without lifespan",
+        )
+        return False
+
+    async def shutdown(self, timeout):
+        log = self.worker.channel.log
+        if self.task.done():
+            # The lifespan coroutine ended while the worker ran; report how.
+            while not self._from_app.empty():
+                kind, value = self._from_app.get_nowait()
+                if kind == "raised":
+                    log("error", "the app's lifespan task raised after startup:\n" + value)
+            return
+        self.phase = "shutdown"
+        self._to_app.put_nowait({"type": "lifespan.shutdown"})
+        try:
+            kind, value = await asyncio.wait_for(self._from_app.get(), timeout)
+        except asyncio.TimeoutError:
+            log("warning", "lifespan shutdown did not complete within %g s" % timeout)
+        else:
+            if kind == "sent" and value["type"] == "lifespan.shutdown.failed":
+                log("error", "lifespan shutdown failed: %s" % (value.get("message") or "(no message)",))
+            elif kind == "raised":
+                log("error", "lifespan shutdown raised an exception:\n" + value)
+        if not self.task.done():
+            self.task.cancel()
+            await asyncio.wait({self.task}, timeout=1.0)
+
+    def abort(self):
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+# ---------------------------------------------------------------------------
+# The worker
+
+class Worker:
+    def __init__(self, args):
+        self.args = args
+        self.loop = None
+        self.channel = None
+        self.app = None
+        self.double = False
+        self.asgi_version = "3.0"
+        self.lifespan = None
+        self.state = None  # lifespan state; None means scopes get no "state"
+        self.instances = {}
+        self.stopping = False
+        self._stop = None  # future: grace seconds for shutdown
+        self._eof = None
+        self._handlers = {
+            "event": self._on_event,
+            "start": self._on_start,
+            "close": self._on_close,
+            "ping": self._on_ping,
+            "shutdown": self._on_shutdown,
+        }
+
+    def asgi_info(self):
+        return {"version": self.asgi_version, "spec_version": SPEC_VERSION}
+
+    def call_app(self, scope, receive, send):
+        if self.double:
+            return self.app(scope)(receive, send)
+        return self.app(scope, receive, send)
+
+    async def run(self):
+        self.loop = asyncio.get_running_loop()
+        try:
+            self.channel = await Channel.open(self.args.fd)
+        except OSError as exc:
+            # No channel to report on; stderr is the only place the daemon reads.
+            sys.stderr.write("asgigram bridge: cannot use fd %d as the channel: %s\n" % (self.args.fd, exc))
+            return 1
+        self._stop = self.loop.create_future()
+        self._eof = self.loop.create_future()
+        try:
+            self.app = load_app(self.args.app, self.args.app_dir)
+        except Fatal as exc:
+            return await self._fail(str(exc))
+        self.double = is_double_callable(self.app)
+        self.asgi_version = "2.0" if self.double else "3.0"
+
+        # Read from the start so pings are answered and EOF noticed during startup.
+        reader = asyncio.ensure_future(self._read_loop())
+        if self.args.lifespan != "off":
+            lifespan = Lifespan(self, required=self.args.lifespan == "on")
+            startup = asyncio.ensure_future(lifespan.startup())
+            await asyncio.wait({startup, self._stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not startup.done():  # shutdown or EOF before the app was ready
+                startup.cancel()
+                lifespan.abort()
+                reader.cancel()
+                await self.channel.close()
+                return 0
+            try:
+                supported = startup.result()
+            except Fatal as exc:
+                lifespan.abort()
+                reader.cancel()
+                return await self._fail(str(exc))
+            if supported:
+                self.lifespan = lifespan
+                self.state = lifespan.state
+
+        self.channel.write({
+            "op": "ready",
+            "pid": os.getpid(),
+            "asgi_version": self.asgi_version,
+            "lifespan": self.lifespan is not None,
+            "python": platform.python_version(),
+        })
+        grace = await self._stop
+        await self._shutdown(grace)
+        reader.cancel()
+        await self.channel.close()
+        return 0
+
+    async def _fail(self, error):
+        self.channel.write({"op": "fatal", "error": error})
+        await self.channel.close()
+        return 1
+
+    def _request_stop(self, grace):
+        # Refuse `start`s from here on, not only once _shutdown gets to run.
+        self.stopping = True
+        if not self._stop.done():
+            self._stop.set_result(grace)
+
+    async def _shutdown(self, grace):
+        self.stopping = True
+        running = [inst.task for inst in self.instances.values()]
+        if running and grace > 0:
+            all_done = asyncio.ensure_future(asyncio.wait(running))
+            # EOF cuts the grace short: nobody is left to receive the replies.
+            await asyncio.wait({all_done, self._eof}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            all_done.cancel()
+        for inst in list(self.instances.values()):
+            inst.task.cancel()
+        running = [inst.task for inst in self.instances.values()]
+        if running:
+            await asyncio.wait(running, timeout=CANCEL_WAIT)
+        if self.lifespan is not None:
+            await self.lifespan.shutdown(LIFESPAN_SHUTDOWN_TIMEOUT)
+
+    def instance_ended(self, inst, error, cancelled):
+        if self.instances.get(inst.sid) is inst:
+            del self.instances[inst.sid]
+        self.channel.write({"op": "ended", "sid": inst.sid, "error": error, "cancelled": cancelled})
+
+    # -- reading and dispatch
+
+    async def _read_loop(self):
+        read = self.channel.read_frame
+        handlers = self._handlers
+        while True:
+            try:
+                msg = await read()
+            except EOFError:
+                break
+            if msg is None:
+                continue
+            op = msg.get("op")
+            handler = handlers.get(op) if isinstance(op, str) else None
+            if handler is None:
+                self.channel.log("warning", "ignored a frame with unknown op %r" % (op,))
+                continue
+            try:
+                handler(msg)
+            except Exception as exc:
+                self.channel.log("warning", "ignored a malformed %r frame (%s: %s)" % (op, _tname(exc), exc))
+        if not self._eof.done():
+            self._eof.set_result(None)
+        self._request_stop(0.0)
+
+    def _on_event(self, msg):
+        inst = self.instances.get(msg["sid"])
+        if inst is None:
+            return  # unknown or already ended: the daemon may race with `ended`
+        seq = msg["seq"]
+        event = msg["event"]
+        if type(seq) is not int or not isinstance(event, dict):
+            raise ValueError("'seq' must be an int and 'event' an object")
+        inst.queue.put_nowait((seq, event))
+
+    def _on_start(self, msg):
+        sid = msg["sid"]
+        scope = msg["scope"]
+        if type(sid) is not int:
+            raise ValueError("'sid' must be an int")
+        if sid in self.instances:
+            raise ValueError("sid %d is already running" % sid)
+        if self.stopping or not isinstance(scope, dict):
+            # Still answer with `ended`: the daemon expects one per started sid.
+            reason = "the worker is shutting down" if self.stopping else "'scope' is not an object"
+            self.channel.write({"op": "ended", "sid": sid, "error": "instance not started: " + reason,
+                                "cancelled": False})
+            return
+        scope["asgi"] = self.asgi_info()
+        if self.state is not None:
+            scope["state"] = dict(self.state)
+        inst = Instance(self, sid, scope)
+        self.instances[sid] = inst
+        inst.task = self.loop.create_task(inst.run())
+
+    def _on_close(self, msg):
+        inst = self.instances.get(msg["sid"])
+        if inst is not None:
+            inst.close(_grace(msg))
+
+    def _on_ping(self, msg):
+        self.channel.write({"op": "pong", "n": msg.get("n")})
+
+    def _on_shutdown(self, msg):
+        self._request_stop(_grace(msg))
+
+
+def _grace(msg):
+    grace = msg.get("grace", 0)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
+        raise ValueError("'grace' must be a non-negative number, got %r" % (grace,))
+    return float(grace)
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="asgigram_bridge", description="asgigramd worker bridge")
+    parser.add_argument("--fd", type=int, required=True, help="file descriptor of the channel socket")
+    parser.add_argument("--app", required=True, help="module.path:attr of the ASGI application")
+    parser.add_argument("--app-dir", required=True, help="directory put first on sys.path")
+    parser.add_argument("--lifespan", choices=("auto", "on", "off"), default="auto")
+    return parser.parse_args(argv)
+
+
+def _cancel_leftovers(loop):
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.wait(tasks, timeout=1.0))
+    try:
+        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), 1.0))
+    except Exception:
+        pass
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Ctrl-C in the daemon's terminal reaches the whole process group; the
+    # daemon drives shutdown itself (the `shutdown` op, or EOF if it dies).
+    # A no-op handler rather than SIG_IGN, which the app's subprocesses would inherit.
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        code = loop.run_until_complete(Worker(args).run())
+    finally:
+        _cancel_leftovers(loop)
+        loop.close()
+    # Interpreter teardown joins non-daemon threads (e.g. executor threads stuck
+    # in app code); never let that keep a dead worker around.
+    watchdog = threading.Timer(EXIT_WATCHDOG, os._exit, args=(code,))
+    watchdog.daemon = True
+    watchdog.start()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+//! The daemon's side of the worker channel (docs/worker-protocol.md): frame
+//! types for both directions, their encoding, and starting a worker process
+//! with the channel on fd 3.
+//!
+//! The Python side is `asgigram_bridge.py` beside this file, compiled into the
+//! binary and run with `python -c`, so the daemon needs nothing installed next
+//! to it but a Python interpreter.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::process::Stdio;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::settings::{AppSettings, ENV_PREFIX};
+
+/// Source of the Python bridge, run in every worker process.
+pub const BRIDGE_SOURCE: &str = include_str!("asgigram_bridge.py");
+
+/// Largest frame either side accepts (uploads travel as base64 inside frames).
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// The fd number the bridge reads its channel from.
+pub const CHANNEL_FD: i32 = 3;
+
+/// Identifies one application instance (a scope's current run) in a worker.
+pub type Sid = u64;
+
+/// Daemon -> worker frames. Built from borrowed parts so an event is
+/// serialized once, straight from the scope's queue.
+#[derive(Debug, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ToWorker<'a> {
+    Start { sid: Sid, scope: &'a Value },
+    Event { sid: Sid, seq: u64, event: &'a Value },
+    Close { sid: Sid, grace: f64 },
+    Ping { n: u64 },
+    Shutdown { grace: f64 },
+}
+
+impl ToWorker<'_> {
+    pub fn encode(&self) -> Bytes {
+        // Serializing a tree of JSON values and numbers cannot fail.
+        Bytes::from(serde_json::to_vec(self).expect("frames are plain JSON"))
+    }
+}
+
+/// Worker -> daemon frames.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum FromWorker {
+    Ready {
+        pid: u32,
+        asgi_version: String,
+        #[serde(default)]
+        lifespan: bool,
+        #[serde(default)]
+        python: String,
+    },
+    Fatal {
+        error: String,
+    },
+    Received {
+        sid: Sid,
+        seq: u64,
+    },
+    Send {
+        sid: Sid,
+        event: Value,
+    },
+    Ended {
+        sid: Sid,
+        #[serde(default)]
+        error: Option<String>,
+        #[serde(default)]
+        cancelled: bool,
+    },
+    Pong {
+        n: u64,
+    },
+    Log {
+        level: String,
+        message: String,
+    },
+}
+
+/// A frame from a worker that the daemon cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("malformed frame from worker: {0}")]
+    Malformed(String),
+}
+
+impl FromWorker {
+    pub fn decode(frame: &[u8]) -> Result<FromWorker, ChannelError> {
+        serde_json::from_slice(frame).map_err(|e| {
+            let shown = String::from_utf8_lossy(&frame[..frame.len().min(120)]).into_owned();
+            ChannelError::Malformed(format!("{e} in {shown:?}"))
+        })
+    }
+}
+
+/// A freshly started worker process and the daemon's end of its channel.
+pub struct Spawned {
+    pub child: tokio::process::Child,
+    pub channel: tokio::net::UnixStream,
+}
+
+/// Starts `python -u -c BRIDGE --fd 3 --app ... --app-dir ...` with the channel
+/// on fd 3 and stdout/stderr piped. Must be called inside a Tokio runtime.
+pub fn spawn_worker(app: &AppSettings) -> io::Result<Spawned> {
+    let (ours, theirs) = StdUnixStream::pair()?;
+    let theirs: OwnedFd = theirs.into();
+    let theirs_raw = theirs.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(&app.python);
+    cmd.arg("-u")
+        .arg("-c")
+        .arg(BRIDGE_SOURCE)
+        .arg("--fd")
+        .arg(CHANNEL_FD.to_string())
+        .arg("--app")
+        .arg(&app.application)
+        .arg("--app-dir")
+        .arg(&app.app_dir)
+        .arg("--lifespan")
+        .arg(app.lifespan.as_str())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // The app never needs the token; keep it out of the worker's environment.
+    for (key, _) in std::env::vars_os() {
+        if key
+            .to_str()
+            .is_some_and(|k| k.starts_with(&format!("{ENV_PREFIX}_TELEGRAM__TOKEN")))
+        {
+            cmd.env_remove(key);
+        }
+    }
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl)
+    // are made, on fds owned by this function.
+    unsafe {
+        cmd.pre_exec(move || {
+            if theirs_raw == CHANNEL_FD {
+                // dup2 onto itself keeps CLOEXEC; clear it so fd 3 survives exec.
+                let flags = libc::fcntl(CHANNEL_FD, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(CHANNEL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(theirs_raw, CHANNEL_FD) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot start Python interpreter {:?}: {e}", app.python),
+        )
+    })?;
+    drop(theirs);
+    ours.set_nonblocking(true)?;
+    let channel = tokio::net::UnixStream::from_std(ours)?;
+    Ok(Spawned { child, channel })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn frames_encode_with_their_op() {
+        let scope = json!({"type": "telegram", "chat": {"id": 1}});
+        let f = ToWorker::Start { sid: 4, scope: &scope }.encode();
+        let v: Value = serde_json::from_slice(&f).unwrap();
+        assert_eq!(v, json!({"op": "start", "sid": 4, "scope": scope}));
+        let ev = json!({"type": "telegram.message"});
+        let f = ToWorker::Event { sid: 4, seq: 9, event: &ev }.encode();
+        let v: Value = serde_json::from_slice(&f).unwrap();
+        assert_eq!(v["seq"], 9);
+    }
+
+    #[test]
+    fn worker_frames_decode_and_garbage_is_an_error() {
+        assert_eq!(
+            FromWorker::decode(br#"{"op":"received","sid":1,"seq":2}"#).unwrap(),
+            FromWorker::Received { sid: 1, seq: 2 }
+        );
+        assert_eq!(
+            FromWorker::decode(br#"{"op":"ended","sid":1,"error":null,"cancelled":false}"#).unwrap(),
+            FromWorker::Ended { sid: 1, error: None, cancelled: false }
+        );
+        for bad in [&b"not json"[..], b"[]", br#"{"op":"nope"}"#, br#"{"op":"received","sid":"x"}"#, b""] {
+            assert!(FromWorker::decode(bad).is_err());
+        }
+    }
+}

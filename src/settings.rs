@@ -1,0 +1,593 @@
+//! Typed settings, read in layers and validated before anything starts.
+//!
+//! Layers, later ones winning: the built-in defaults (`config/default.toml`,
+//! compiled in), the TOML file given with `--config`, then environment variables
+//! `ASGIGRAM_<SECTION>__<KEY>`. Every key is known: an unknown one, a malformed
+//! value or a missing token is a [`SettingsError`] that names the key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use serde::Deserialize;
+
+/// The built-in defaults; also the reference for every key.
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Telegram refuses long-poll timeouts above this many seconds.
+pub const MAX_POLL_TIMEOUT: u64 = 50;
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "ASGIGRAM";
+
+/// The bot token. A secret: `Debug` and `Display` print it redacted, and the
+/// only way to the real value is [`BotToken::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct BotToken(String);
+
+impl BotToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        BotToken(token.into())
+    }
+
+    /// The token itself, for building request URLs. Never log the result.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for BotToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BotToken(<redacted>)")
+    }
+}
+
+impl fmt::Display for BotToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Whether the ASGI lifespan protocol is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LifespanMode {
+    Auto,
+    On,
+    Off,
+}
+
+impl LifespanMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifespanMode::Auto => "auto",
+            LifespanMode::On => "on",
+            LifespanMode::Off => "off",
+        }
+    }
+}
+
+/// Everything the daemon is configured with, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub telegram: TelegramSettings,
+    pub app: AppSettings,
+    pub scopes: ScopeSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelegramSettings {
+    pub token: BotToken,
+    pub api_url: String,
+    pub poll_timeout: Duration,
+    pub http_timeout: Duration,
+    pub poll_limit: u8,
+    pub allowed_updates: Vec<String>,
+    pub delete_webhook: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppSettings {
+    /// `module.path:attribute`
+    pub application: String,
+    pub python: String,
+    pub app_dir: PathBuf,
+    pub workers: usize,
+    pub lifespan: LifespanMode,
+    pub startup_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScopeSettings {
+    pub idle_timeout: Duration,
+    pub max_scopes: usize,
+    pub disconnect_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub level: log::LevelFilter,
+}
+
+/// Why settings could not be loaded. Each message names the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    /// Parse and type errors from the layers, as the `config` crate words them
+    /// (they name the key, e.g. "invalid type ... for key `app.workers`").
+    #[error("invalid configuration: {0}")]
+    Layers(String),
+    #[error("invalid configuration: key `{key}`: {reason}")]
+    Key { key: &'static str, reason: String },
+}
+
+impl SettingsError {
+    fn key(key: &'static str, reason: impl Into<String>) -> Self {
+        SettingsError::Key {
+            key,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Where settings come from besides the built-in defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// The `--config` file.
+    pub file: Option<PathBuf>,
+    /// Values given on the command line, applied after the environment
+    /// (`(key, value)` with dotted keys such as `telegram.api_url`).
+    pub overrides: Vec<(&'static str, String)>,
+    /// Accept a missing token (the sandbox supplies its own).
+    pub token_optional: bool,
+}
+
+// Raw layer shapes: exactly the keys of config/default.toml, so serde rejects
+// anything else with the offending name.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSettings {
+    telegram: RawTelegram,
+    app: RawApp,
+    scopes: RawScopes,
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelegram {
+    token: String,
+    token_file: String,
+    api_url: String,
+    poll_timeout: u64,
+    http_timeout: u64,
+    poll_limit: u64,
+    allowed_updates: Vec<String>,
+    delete_webhook: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    application: String,
+    python: String,
+    app_dir: String,
+    workers: u64,
+    lifespan: LifespanMode,
+    startup_timeout: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScopes {
+    idle_timeout: u64,
+    max_scopes: u64,
+    disconnect_grace: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: String,
+}
+
+impl Settings {
+    /// Reads the layers from the process environment.
+    pub fn load(sources: &Sources) -> Result<Settings, SettingsError> {
+        Self::load_with_env(sources, std::env::vars())
+    }
+
+    /// Reads the layers with an explicit environment (tests pass their own).
+    pub fn load_with_env(
+        sources: &Sources,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, SettingsError> {
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
+            .collect();
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = &sources.file {
+            let text = std::fs::read_to_string(path).map_err(|e| SettingsError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("telegram.allowed_updates")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        for (key, value) in &sources.overrides {
+            builder = builder
+                .set_override(*key, value.as_str())
+                .map_err(|e| SettingsError::Layers(e.to_string()))?;
+        }
+        let raw: RawSettings = builder
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|e| SettingsError::Layers(e.to_string()))?;
+        let base_dir = sources
+            .file
+            .as_deref()
+            .map(config_dir)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::validate(raw, &base_dir, sources.token_optional)
+    }
+
+    fn validate(
+        raw: RawSettings,
+        base_dir: &Path,
+        token_optional: bool,
+    ) -> Result<Settings, SettingsError> {
+        let token = resolve_token(&raw.telegram, base_dir, token_optional)?;
+
+        let api_url = raw.telegram.api_url.trim_end_matches('/').to_string();
+        if !(api_url.starts_with("http://") || api_url.starts_with("https://")) {
+            return Err(SettingsError::key(
+                "telegram.api_url",
+                format!("must start with http:// or https://, got {api_url:?}"),
+            ));
+        }
+        if raw.telegram.poll_timeout > MAX_POLL_TIMEOUT {
+            return Err(SettingsError::key(
+                "telegram.poll_timeout",
+                format!(
+                    "Telegram allows at most {MAX_POLL_TIMEOUT} seconds, got {}",
+                    raw.telegram.poll_timeout
+                ),
+            ));
+        }
+        if raw.telegram.http_timeout == 0 {
+            return Err(SettingsError::key("telegram.http_timeout", "must be at least 1 second"));
+        }
+        let poll_limit = match raw.telegram.poll_limit {
+            n @ 1..=100 => n as u8,
+            n => return Err(SettingsError::key("telegram.poll_limit", format!("must be 1-100, got {n}"))),
+        };
+
+        let application = raw.app.application.trim().to_string();
+        if application.is_empty() {
+            return Err(SettingsError::key(
+                "app.application",
+                "is required: the ASGI application as \"module.path:attribute\"",
+            ));
+        }
+        validate_app_spec(&application).map_err(|r| SettingsError::key("app.application", r))?;
+        if raw.app.python.trim().is_empty() {
+            return Err(SettingsError::key("app.python", "must name a Python interpreter"));
+        }
+        if raw.app.workers == 0 || raw.app.workers > 256 {
+            return Err(SettingsError::key(
+                "app.workers",
+                format!("must be 1-256, got {}", raw.app.workers),
+            ));
+        }
+        let app_dir = if raw.app.app_dir.is_empty() {
+            base_dir.to_path_buf()
+        } else {
+            base_dir.join(&raw.app.app_dir)
+        };
+        if !app_dir.is_dir() {
+            return Err(SettingsError::key(
+                "app.app_dir",
+                format!("{} is not a directory", app_dir.display()),
+            ));
+        }
+        if raw.app.startup_timeout == 0 {
+            return Err(SettingsError::key("app.startup_timeout", "must be at least 1 second"));
+        }
+
+        if raw.scopes.idle_timeout == 0 {
+            return Err(SettingsError::key("scopes.idle_timeout", "must be at least 1 second"));
+        }
+        if raw.scopes.max_scopes == 0 {
+            return Err(SettingsError::key("scopes.max_scopes", "must be at least 1"));
+        }
+        if !(raw.scopes.disconnect_grace.is_finite() && raw.scopes.disconnect_grace >= 0.0) {
+            return Err(SettingsError::key(
+                "scopes.disconnect_grace",
+                "must be a non-negative number of seconds",
+            ));
+        }
+        let level = raw.log.level.parse::<log::LevelFilter>().map_err(|_| {
+            SettingsError::key(
+                "log.level",
+                format!("must be one of off, error, warn, info, debug, trace; got {:?}", raw.log.level),
+            )
+        })?;
+
+        Ok(Settings {
+            telegram: TelegramSettings {
+                token,
+                api_url,
+                poll_timeout: Duration::from_secs(raw.telegram.poll_timeout),
+                http_timeout: Duration::from_secs(raw.telegram.http_timeout),
+                poll_limit,
+                allowed_updates: raw.telegram.allowed_updates,
+                delete_webhook: raw.telegram.delete_webhook,
+            },
+            app: AppSettings {
+                application,
+                python: raw.app.python,
+                app_dir,
+                workers: raw.app.workers as usize,
+                lifespan: raw.app.lifespan,
+                startup_timeout: Duration::from_secs(raw.app.startup_timeout),
+            },
+            scopes: ScopeSettings {
+                idle_timeout: Duration::from_secs(raw.scopes.idle_timeout),
+                max_scopes: raw.scopes.max_scopes as usize,
+                disconnect_grace: Duration::from_secs_f64(raw.scopes.disconnect_grace),
+            },
+            log: LogSettings { level },
+        })
+    }
+}
+
+/// The directory a relative `app_dir` / `token_file` is resolved against.
+fn config_dir(file: &Path) -> PathBuf {
+    match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+fn resolve_token(
+    raw: &RawTelegram,
+    base_dir: &Path,
+    token_optional: bool,
+) -> Result<BotToken, SettingsError> {
+    let token = if !raw.token.trim().is_empty() {
+        raw.token.trim().to_string()
+    } else if !raw.token_file.is_empty() {
+        let path = base_dir.join(&raw.token_file);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            SettingsError::key(
+                "telegram.token_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(SettingsError::key(
+                "telegram.token_file",
+                format!("{} is empty", path.display()),
+            ));
+        }
+        token
+    } else if token_optional {
+        String::new()
+    } else {
+        return Err(SettingsError::key(
+            "telegram.token",
+            "no bot token: set telegram.token, telegram.token_file or ASGIGRAM_TELEGRAM__TOKEN",
+        ));
+    };
+    // A token goes into the URL path; anything outside this set would break the
+    // URL or hint at a pasting mistake. The message never repeats the token.
+    if !token
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == ':' || c == '_' || c == '-')
+    {
+        return Err(SettingsError::key(
+            "telegram.token",
+            "contains characters a bot token never has (expected digits, ':', letters, '_' and '-')",
+        ));
+    }
+    Ok(BotToken(token))
+}
+
+/// Checks the shape of `module.path:attribute`.
+pub fn validate_app_spec(spec: &str) -> Result<(), String> {
+    let Some((module, attr)) = spec.split_once(':') else {
+        return Err(format!("expected \"module.path:attribute\", got {spec:?}"));
+    };
+    let ident = |s: &str| {
+        !s.is_empty()
+            && s.split('.').all(|part| {
+                let mut chars = part.chars();
+                matches!(chars.next(), Some(c) if c.is_alphabetic() || c == '_')
+                    && chars.all(|c| c.is_alphanumeric() || c == '_')
+            })
+    };
+    if ident(module) && ident(attr) {
+        Ok(())
+    } else {
+        Err(format!("expected \"module.path:attribute\", got {spec:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("temp dir is writable");
+        path
+    }
+
+    fn load(file: Option<PathBuf>, env: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let sources = Sources {
+            file,
+            ..Sources::default()
+        };
+        Settings::load_with_env(
+            &sources,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    const MINIMAL: &str = "[telegram]\ntoken = \"123:abc\"\n[app]\napplication = \"echo:app\"\n";
+
+    #[test]
+    fn defaults_fill_every_key_the_file_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(Some(write(dir.path(), "a.toml", MINIMAL)), &[]).unwrap();
+        assert_eq!(s.telegram.api_url, "https://api.telegram.org");
+        assert_eq!(s.telegram.poll_timeout, Duration::from_secs(30));
+        assert_eq!(s.app.python, "python3");
+        assert_eq!(s.app.workers, 1);
+        assert_eq!(s.app.app_dir, dir.path());
+        assert_eq!(s.scopes.max_scopes, 10000);
+        assert_eq!(s.telegram.token.expose(), "123:abc");
+    }
+
+    #[test]
+    fn environment_overrides_file_for_every_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = load(
+            Some(write(dir.path(), "a.toml", MINIMAL)),
+            &[
+                ("ASGIGRAM_TELEGRAM__TOKEN", "999:zzz"),
+                ("ASGIGRAM_TELEGRAM__ALLOWED_UPDATES", "message,callback_query"),
+                ("ASGIGRAM_APP__WORKERS", "3"),
+                ("ASGIGRAM_SCOPES__IDLE_TIMEOUT", "7"),
+                ("ASGIGRAM_LOG__LEVEL", "debug"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.telegram.token.expose(), "999:zzz");
+        assert_eq!(s.telegram.allowed_updates, vec!["message", "callback_query"]);
+        assert_eq!(s.app.workers, 3);
+        assert_eq!(s.scopes.idle_timeout, Duration::from_secs(7));
+        assert_eq!(s.log.level, log::LevelFilter::Debug);
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{MINIMAL}[scopes]\nidle_timeot = 5\n");
+        let err = load(Some(write(dir.path(), "a.toml", &text)), &[]).unwrap_err();
+        assert!(err.to_string().contains("idle_timeot"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_and_unknown_env_key_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{MINIMAL}[telegarm]\ntoken = \"1:a\"\n");
+        let err = load(Some(write(dir.path(), "a.toml", &text)), &[]).unwrap_err();
+        assert!(err.to_string().contains("telegarm"), "{err}");
+        let file = write(dir.path(), "b.toml", MINIMAL);
+        let err = load(Some(file), &[("ASGIGRAM_APP__WORKRS", "2")]).unwrap_err();
+        assert!(err.to_string().contains("workrs"), "{err}");
+    }
+
+    #[test]
+    fn malformed_value_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{MINIMAL}workers = \"many\"\n");
+        let err = load(Some(write(dir.path(), "a.toml", &text)), &[]).unwrap_err();
+        assert!(err.to_string().contains("workers"), "{err}");
+        let file = write(dir.path(), "b.toml", MINIMAL);
+        let err = load(Some(file), &[("ASGIGRAM_TELEGRAM__POLL_TIMEOUT", "soon")]).unwrap_err();
+        assert!(err.to_string().contains("poll_timeout"), "{err}");
+    }
+
+    #[test]
+    fn poll_timeout_is_capped_at_telegrams_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        let err = load(Some(file), &[("ASGIGRAM_TELEGRAM__POLL_TIMEOUT", "51")]).unwrap_err();
+        assert!(err.to_string().contains("telegram.poll_timeout"), "{err}");
+    }
+
+    #[test]
+    fn missing_token_is_an_error_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", "[app]\napplication = \"echo:app\"\n");
+        let err = load(Some(file), &[]).unwrap_err();
+        assert!(err.to_string().contains("telegram.token"), "{err}");
+    }
+
+    #[test]
+    fn token_file_is_read_and_trimmed_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "secret", "  42:from_file\n");
+        let file = write(
+            dir.path(),
+            "a.toml",
+            "[telegram]\ntoken_file = \"secret\"\n[app]\napplication = \"m:a\"\n",
+        );
+        let s = load(Some(file), &[]).unwrap();
+        assert_eq!(s.telegram.token.expose(), "42:from_file");
+    }
+
+    #[test]
+    fn missing_application_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", "[telegram]\ntoken = \"1:a\"\n");
+        let err = load(Some(file), &[]).unwrap_err();
+        assert!(err.to_string().contains("app.application"), "{err}");
+        let file = write(dir.path(), "b.toml", "[telegram]\ntoken = \"1:a\"\n[app]\napplication = \"no-colon\"\n");
+        let err = load(Some(file), &[]).unwrap_err();
+        assert!(err.to_string().contains("app.application"), "{err}");
+    }
+
+    #[test]
+    fn token_never_appears_in_debug_or_errors() {
+        let token = "5550001:SECRETSECRETsecret";
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            dir.path(),
+            "a.toml",
+            &format!("[telegram]\ntoken = \"{token}\"\n[app]\napplication = \"m:a\"\n"),
+        );
+        let s = load(Some(file.clone()), &[]).unwrap();
+        assert!(!format!("{s:?}").contains("SECRET"));
+        assert!(!format!("{}", s.telegram.token).contains("SECRET"));
+        let bad = write(
+            dir.path(),
+            "b.toml",
+            &format!("[telegram]\ntoken = \"{token} x\"\n[app]\napplication = \"m:a\"\n"),
+        );
+        let err = load(Some(bad), &[]).unwrap_err();
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn every_default_key_is_documented_by_a_comment() {
+        // Each key line in default.toml is preceded by a comment line.
+        let lines: Vec<&str> = DEFAULTS.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') || t.starts_with('[') {
+                continue;
+            }
+            assert!(
+                i > 0 && lines[i - 1].trim().starts_with('#'),
+                "key line without a comment above it: {t}"
+            );
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! The Bot API boundary: updates as they arrive, method calls over awc, and the
+//! `{ok, result | error_code, description, parameters}` envelope.
+//!
+//! Updates are kept as raw JSON: the daemon reads only `update_id`, the kind and
+//! the routing fields, and hands everything else to the application untouched,
+//! so an update kind newer than this code still flows through.
+
+use std::fmt;
+use std::rc::Rc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::settings::BotToken;
+
+/// Telegram's update identifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UpdateId(pub i64);
+
+/// One update from getUpdates, validated only as far as the daemon needs.
+#[derive(Debug, Clone)]
+pub struct Update {
+    pub id: UpdateId,
+    /// The update object, `update_id` included.
+    pub raw: Map<String, Value>,
+}
+
+/// Why an element of getUpdates' result is not an update.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum UpdateError {
+    #[error("update is not a JSON object")]
+    NotAnObject,
+    #[error("update has no integer update_id")]
+    NoUpdateId,
+}
+
+impl Update {
+    pub fn from_value(value: Value) -> Result<Update, UpdateError> {
+        let Value::Object(raw) = value else {
+            return Err(UpdateError::NotAnObject);
+        };
+        let id = raw
+            .get("update_id")
+            .and_then(Value::as_i64)
+            .ok_or(UpdateError::NoUpdateId)?;
+        Ok(Update {
+            id: UpdateId(id),
+            raw,
+        })
+    }
+
+    /// The update's kind (`message`, `callback_query`, ...) and its object:
+    /// the one field besides `update_id`.
+    pub fn kind(&self) -> Option<(&str, &Value)> {
+        self.raw
+            .iter()
+            .find(|(k, _)| k.as_str() != "update_id")
+            .map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+/// What went wrong with a Bot API call, split by what the caller does next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TelegramError {
+    /// 429: wait exactly this long, then retry.
+    #[error("flood control: retry after {retry_after}s ({description})")]
+    RetryAfter { retry_after: u64, description: String },
+    /// 400 with `migrate_to_chat_id`: the group became a supergroup.
+    #[error("chat migrated to {migrate_to_chat_id} ({description})")]
+    Migrated { migrate_to_chat_id: i64, description: String },
+    /// 401: the token was rejected; retrying cannot help.
+    #[error("the token was rejected by the Bot API (401 Unauthorized)")]
+    Unauthorized,
+    /// 409: another getUpdates poller or a webhook holds the token.
+    #[error("conflict: {description}")]
+    Conflict { description: String },
+    /// Telegram's own 5xx: the call did not execute; retry later.
+    #[error("server error {code}: {description}")]
+    Server { code: u16, description: String },
+    /// Any other error envelope (400, 403, 404, ...): final.
+    #[error("error {code}: {description}")]
+    Api {
+        code: u16,
+        description: String,
+        parameters: Option<Value>,
+    },
+    /// The request never reached Telegram (connect failed, DNS, TLS).
+    #[error("network error: {0}")]
+    Network(String),
+    /// The request was (or may have been) sent but no answer came: ambiguous.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// An answer came that is not a Bot API envelope.
+    #[error("invalid answer from the Bot API: {0}")]
+    InvalidResponse(String),
+}
+
+impl TelegramError {
+    /// The error as an envelope-shaped JSON object, for the application.
+    pub fn to_envelope(&self) -> Value {
+        let (code, description, parameters) = match self {
+            TelegramError::RetryAfter {
+                retry_after,
+                description,
+            } => (
+                429,
+                description.clone(),
+                Some(serde_json::json!({ "retry_after": retry_after })),
+            ),
+            TelegramError::Migrated {
+                migrate_to_chat_id,
+                description,
+            } => (
+                400,
+                description.clone(),
+                Some(serde_json::json!({ "migrate_to_chat_id": migrate_to_chat_id })),
+            ),
+            TelegramError::Unauthorized => (401, "Unauthorized".to_string(), None),
+            TelegramError::Conflict { description } => (409, description.clone(), None),
+            TelegramError::Server { code, description } => (*code, description.clone(), None),
+            TelegramError::Api {
+                code,
+                description,
+                parameters,
+            } => (*code, description.clone(), parameters.clone()),
+            other => (0, other.to_string(), None),
+        };
+        let mut env = serde_json::json!({
+            "ok": false,
+            "error_code": code,
+            "description": description,
+        });
+        if let Some(p) = parameters {
+            env["parameters"] = p;
+        }
+        env
+    }
+}
+
+/// Interprets a Bot API answer: status and body.
+pub fn parse_envelope(status: u16, body: &[u8]) -> Result<Value, TelegramError> {
+    let Ok(Value::Object(mut env)) = serde_json::from_slice::<Value>(body) else {
+        return Err(if status >= 500 {
+            TelegramError::Server {
+                code: status,
+                description: "non-JSON answer".to_string(),
+            }
+        } else {
+            TelegramError::InvalidResponse(format!("HTTP {status} with a body that is not a JSON object"))
+        });
+    };
+    if env.get("ok").and_then(Value::as_bool) == Some(true) {
+        return Ok(env.remove("result").unwrap_or(Value::Bool(true)));
+    }
+    let code = env
+        .get("error_code")
+        .and_then(Value::as_u64)
+        .map(|c| c as u16)
+        .unwrap_or(status);
+    let description = env
+        .get("description")
+        .and_then(Value::as_str)
+        .unwrap_or("no description")
+        .to_string();
+    let parameters = env.remove("parameters");
+    let param = |name: &str| parameters.as_ref().and_then(|p| p.get(name)).and_then(Value::as_i64);
+    Err(match code {
+        429 => TelegramError::RetryAfter {
+            retry_after: param("retry_after").unwrap_or(1).max(0) as u64,
+            description,
+        },
+        401 => TelegramError::Unauthorized,
+        409 => TelegramError::Conflict { description },
+        _ if param("migrate_to_chat_id").is_some() => TelegramError::Migrated {
+            // Checked just above.
+            migrate_to_chat_id: param("migrate_to_chat_id").unwrap_or_default(),
+            description,
+        },
+        500..=599 => TelegramError::Server { code, description },
+        _ => TelegramError::Api {
+            code,
+            description,
+            parameters,
+        },
+    })
+}
+
+/// A Bot API client bound to one token. Cheap to clone (shared connection pool).
+///
+/// The token lives only inside `base`, which is never logged or put in an error.
+#[derive(Clone)]
+pub struct Bot {
+    client: awc::Client,
+    base: Rc<str>,
+    http_timeout: Duration,
+}
+
+impl fmt::Debug for Bot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bot")
+            .field("token", &"<redacted>")
+            .field("http_timeout", &self.http_timeout)
+            .finish()
+    }
+}
+
+impl Bot {
+    /// `api_url` is the server root, e.g. `https://api.telegram.org`.
+    pub fn new(api_url: &str, token: &BotToken, http_timeout: Duration) -> Bot {
+        let client = awc::Client::builder()
+            // Per-request timeouts are set on each call; this is only the
+            // connect phase.
+            .connector(awc::Connector::new().timeout(Duration::from_secs(10)).limit(256))
+            .disable_timeout()
+            .finish();
+        Bot {
+            client,
+            base: format!("{}/bot{}/", api_url.trim_end_matches('/'), token.expose()).into(),
+            http_timeout,
+        }
+    }
+
+    /// Calls `method` with JSON parameters; `timeout` bounds the whole call.
+    pub async fn call(
+        &self,
+        method: &str,
+        params: &Value,
+        timeout: Duration,
+    ) -> Result<Value, TelegramError> {
+        let url = format!("{}{}", self.base, method);
+        let response = self
+            .client
+            .post(url)
+            .timeout(timeout)
+            .send_json(params)
+            .await;
+        let mut response = response.map_err(classify_send_error)?;
+        let status = response.status().as_u16();
+        let body = response
+            .body()
+            .limit(64 * 1024 * 1024)
+            .await
+            .map_err(|e| TelegramError::InvalidResponse(format!("reading the body: {e}")))?;
+        parse_envelope(status, &body)
+    }
+
+    /// Calls a non-polling method with the configured HTTP timeout.
+    pub async fn request(&self, method: &str, params: &Value) -> Result<Value, TelegramError> {
+        self.call(method, params, self.http_timeout).await
+    }
+
+    pub fn http_timeout(&self) -> Duration {
+        self.http_timeout
+    }
+}
+
+/// awc's errors never carry the URL (and so never the token), but they are
+/// reworded here so the caller can tell "surely not sent" from "ambiguous".
+fn classify_send_error(err: awc::error::SendRequestError) -> TelegramError {
+    use awc::error::SendRequestError as E;
+    match err {
+        E::Connect(e) => TelegramError::Network(format!("connect: {e}")),
+        E::Url(e) => TelegramError::Network(format!("invalid URL: {e}")),
+        E::Timeout => TelegramError::Timeout(Duration::ZERO),
+        E::Send(e) => TelegramError::Network(format!("sending: {e}")),
+        other => TelegramError::InvalidResponse(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn ok_envelope_yields_result() {
+        let v = parse_envelope(200, br#"{"ok":true,"result":[1,2]}"#).unwrap();
+        assert_eq!(v, json!([1, 2]));
+    }
+
+    #[test]
+    fn error_envelopes_are_classified() {
+        let e = parse_envelope(
+            429,
+            br#"{"ok":false,"error_code":429,"description":"Too Many Requests: retry after 7","parameters":{"retry_after":7}}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, TelegramError::RetryAfter { retry_after: 7, .. }));
+        let e = parse_envelope(401, br#"{"ok":false,"error_code":401,"description":"Unauthorized"}"#)
+            .unwrap_err();
+        assert!(matches!(e, TelegramError::Unauthorized));
+        let e = parse_envelope(
+            400,
+            br#"{"ok":false,"error_code":400,"description":"Bad Request: group chat was upgraded to a supergroup chat","parameters":{"migrate_to_chat_id":-1001}}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(e, TelegramError::Migrated { migrate_to_chat_id: -1001, .. }));
+        let e = parse_envelope(502, b"<html>Bad Gateway</html>").unwrap_err();
+        assert!(matches!(e, TelegramError::Server { code: 502, .. }));
+        let e = parse_envelope(403, br#"{"ok":false,"error_code":403,"description":"Forbidden: bot was blocked by the user"}"#)
+            .unwrap_err();
+        assert!(matches!(e, TelegramError::Api { code: 403, .. }));
+        assert_eq!(e.to_envelope()["description"], "Forbidden: bot was blocked by the user");
+    }
+
+    #[test]
+    fn update_needs_an_integer_id() {
+        assert_eq!(Update::from_value(json!([1])).unwrap_err(), UpdateError::NotAnObject);
+        assert_eq!(
+            Update::from_value(json!({"update_id": "x", "message": {}})).unwrap_err(),
+            UpdateError::NoUpdateId
+        );
+        let u = Update::from_value(json!({"update_id": 5, "message": {"text": "hi"}})).unwrap();
+        assert_eq!(u.id, UpdateId(5));
+        assert_eq!(u.kind().unwrap().0, "message");
+    }
+
+    #[test]
+    fn bot_debug_hides_the_token() {
+        let bot = Bot::new("http://127.0.0.1:1", &BotToken::new("77:SECRET"), Duration::from_secs(1));
+        assert!(!format!("{bot:?}").contains("SECRET"));
+    }
+}
