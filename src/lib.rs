@@ -41,6 +41,7 @@ pub mod routing;
 pub mod sandbox;
 pub mod settings;
 pub mod telegram;
+pub mod upload;
 
 use std::cell::RefCell;
 use std::rc::Rc;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::settings::BotToken;
+use crate::upload;
 
 /// Telegram's update identifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -228,12 +229,22 @@ impl Bot {
         timeout: Duration,
     ) -> Result<Value, TelegramError> {
         let url = format!("{}{}", self.base, method);
-        let response = self
-            .client
-            .post(url)
-            .timeout(timeout)
-            .send_json(params)
-            .await;
+        let request = self.client.post(url).timeout(timeout);
+        let response = match params.as_object().filter(|_| upload::has_files(params)) {
+            Some(map) => {
+                let (fields, files) = upload::split(map).map_err(|e| TelegramError::Api {
+                    code: 400,
+                    description: format!("Bad Request: {e}"),
+                    parameters: None,
+                })?;
+                let (content_type, body) = upload::encode(&fields, &files);
+                request
+                    .insert_header(("content-type", content_type))
+                    .send_body(body)
+                    .await
+            }
+            None => request.send_json(params).await,
+        };
         let mut response = response.map_err(classify_send_error)?;
         let status = response.status().as_u16();
         let body = response

@@ -1,0 +1,56 @@
+"""Exercises outgoing events: telegram.api, request_id responses, uploads,
+passthrough parameters and send() validation. Each text command runs one case
+and reports the outcome as a message."""
+
+
+async def report(send, text):
+    await send({"type": "telegram.send_message", "text": text})
+
+
+async def app(scope, receive, send):
+    while True:
+        event = await receive()
+        if event["type"] == "telegram.disconnect":
+            return
+        if event["type"] != "telegram.message":
+            continue
+        cmd = event.get("text", "")
+        if cmd == "api":
+            await send({"type": "telegram.api", "method": "sendMessage",
+                        "params": {"text": "via api"}, "request_id": "r1"})
+            reply = await receive()
+            await report(send, "response %s ok=%s id=%s" % (
+                reply["type"], reply["ok"], reply["result"]["message_id"] > 0))
+        elif cmd == "fail":
+            await send({"type": "telegram.api", "method": "sendMessage",
+                        "params": {"chat_id": 987654321, "text": "nowhere"}, "request_id": 7})
+            reply = await receive()
+            await report(send, "error %s %s %s" % (reply["request_id"], reply["error_code"], reply["description"]))
+        elif cmd == "photo":
+            await send({"type": "telegram.api", "method": "sendPhoto",
+                        "params": {"photo": {"filename": "cat.png", "content": b"\x89PNG fake"},
+                                   "caption": "a cat"}, "request_id": "p"})
+            reply = await receive()
+            await report(send, "photo ok=%s" % reply["ok"])
+        elif cmd == "album":
+            await send({"type": "telegram.api", "method": "sendMediaGroup",
+                        "params": {"media": [{"type": "photo", "media": b"one"},
+                                             {"type": "photo", "media": b"two"}]},
+                        "request_id": "m"})
+            reply = await receive()
+            await report(send, "album ok=%s n=%d" % (reply["ok"], len(reply["result"])))
+        elif cmd == "keyboard":
+            await send({"type": "telegram.send_message", "text": "pick",
+                        "reply_markup": {"inline_keyboard": [[{"text": "A", "callback_data": "a"}]]},
+                        "reply_to_message_id": event["message_id"]})
+        elif cmd == "bad":
+            problems = []
+            for bad in ["not a dict", {"type": "telegram.nope"}, {"type": "telegram.send_message"},
+                        {"type": "telegram.send_message", "text": 5},
+                        {"type": "telegram.api", "method": "sendMessage", "params": {"x": {1, 2}}}]:
+                try:
+                    await send(bad)
+                    problems.append("accepted")
+                except (TypeError, ValueError) as exc:
+                    problems.append(type(exc).__name__)
+            await report(send, "bad " + ",".join(problems))

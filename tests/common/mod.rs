@@ -1,0 +1,159 @@
+//! Test harness: the real `asgigramd` binary against an in-process sandbox on
+//! loopback, with real Python workers running the apps in tests/apps.
+//!
+//! Every wait polls with a deadline; nothing sleeps a fixed time to "let
+//! things settle".
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use asgigramd::sandbox::{Sandbox, SandboxOptions};
+
+/// Generous: CI machines are slow and Python start-up is not instant.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A token that looks real enough to be routed, and is easy to grep for.
+pub const TOKEN: &str = "4242:SECRET-token_for-tests";
+
+pub fn sandbox() -> Sandbox {
+    Sandbox::start(SandboxOptions {
+        token: TOKEN.to_string(),
+        ..SandboxOptions::default()
+    })
+    .expect("sandbox starts on loopback")
+}
+
+pub fn apps_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/apps")
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_asgigramd")
+}
+
+/// A running daemon whose log (stderr) goes to a file.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    log_path: PathBuf,
+}
+
+/// Config text pointing at `sandbox` with the given app and extra TOML lines
+/// (`[section]` blocks; they are merged by appending, so use sections not
+/// already present: `[scopes]`, `[log]`).
+pub fn config_for(sandbox: &Sandbox, app: &str, extra: &str) -> String {
+    format!(
+        "[telegram]\ntoken = \"{}\"\napi_url = \"{}\"\npoll_timeout = 5\n\n[app]\napplication = \"{app}\"\napp_dir = \"{}\"\n\n{extra}\n",
+        sandbox.token(),
+        sandbox.api_url(),
+        apps_dir().display()
+    )
+}
+
+impl Daemon {
+    /// Starts `asgigramd --config <tmp>/asgigram.toml` with `config` as the file.
+    pub fn start(config: &str, env: &[(&str, &str)]) -> Daemon {
+        Self::start_args(config, &[], env)
+    }
+
+    pub fn start_args(config: &str, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("asgigram.toml");
+        fs::write(&config_path, config).expect("config written");
+        let log_path = dir.path().join("daemon.log");
+        let log = fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(binary());
+        cmd.arg("--config").arg(&config_path).args(args);
+        cmd.env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("asgigramd binary starts");
+        Daemon {
+            child,
+            dir,
+            log_path,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> bool {
+        wait_for(DEADLINE, || self.log().contains(needle))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGTERM, then waits for the exit; returns the status and the whole log.
+    pub fn stop(mut self) -> (ExitStatus, String) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid(), libc::SIGTERM);
+        }
+        let status = self.wait_exit();
+        let log = self.log();
+        (status, log)
+    }
+
+    /// Waits for the process to exit on its own (killing it after the deadline).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("asgigramd did not exit within {DEADLINE:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `deadline` passes.
+pub fn wait_for(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `chat` has received at least `n` texts; returns them.
+pub fn wait_texts(sandbox: &Sandbox, chat: i64, n: usize, daemon: &Daemon) -> Vec<String> {
+    let ok = sandbox.wait_until(DEADLINE, |v| v.sent_texts(chat).len() >= n);
+    let texts = sandbox.sent_texts(chat);
+    assert!(
+        ok,
+        "chat {chat}: expected {n} replies, got {texts:?}; daemon log:\n{}",
+        daemon.log()
+    );
+    texts
+}
