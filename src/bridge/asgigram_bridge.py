@@ -491,8 +491,17 @@ class Lifespan:
         self._to_app = asyncio.Queue()
         # What happened on the app's side: ("sent", event), ("raised", tb), ("returned", None)
         self._from_app = asyncio.Queue()
+        self._receives = 0
 
     async def _receive(self):
+        self._receives += 1
+        if self.phase == "startup" and self._receives > 1:
+            # The app took lifespan.startup and asked for more without
+            # answering: it ignores event types it does not know (apps written
+            # for the original asgigram do). Treat lifespan as unsupported
+            # rather than waiting for an answer that never comes.
+            self._from_app.put_nowait(("ignored", None))
+            await asyncio.Future()  # cancelled by startup()
         return await self._to_app.get()
 
     async def _send(self, event):
@@ -532,6 +541,15 @@ class Lifespan:
                 "debug",
                 "ASGI lifespan appears unsupported by the app (it raised on the lifespan scope); "
                 "continuing without lifespan:\n" + value,
+            )
+            return False
+        if kind == "ignored":
+            self.abort()
+            if self.required:
+                raise Fatal("the app ignored lifespan.startup (--lifespan on)")
+            self.worker.channel.log(
+                "debug", "ASGI lifespan appears unsupported by the app (it ignored lifespan.startup); "
+                "continuing without lifespan",
             )
             return False
         if self.required:

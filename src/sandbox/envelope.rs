@@ -15,7 +15,11 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     fn new(code: u16, description: String) -> Self {
-        ApiError { code, description, parameters: None }
+        ApiError {
+            code,
+            description,
+            parameters: None,
+        }
     }
 
     /// 400 with Telegram's "Bad Request: " prefix.
@@ -96,7 +100,10 @@ impl Success {
 
 impl From<Value> for Success {
     fn from(result: Value) -> Self {
-        Success { result, description: None }
+        Success {
+            result,
+            description: None,
+        }
     }
 }
 
@@ -112,8 +119,16 @@ pub(crate) struct Reply {
 impl From<&Outcome> for Reply {
     fn from(outcome: &Outcome) -> Self {
         match outcome {
-            Ok(success) => Reply { status: 200, body: success.envelope(), retry_after: None },
-            Err(error) => Reply { status: error.code, body: error.envelope(), retry_after: error.retry_after() },
+            Ok(success) => Reply {
+                status: 200,
+                body: success.envelope(),
+                retry_after: None,
+            },
+            Err(error) => Reply {
+                status: error.code,
+                body: error.envelope(),
+                retry_after: error.retry_after(),
+            },
         }
     }
 }

@@ -25,11 +25,6 @@ impl Fabricator<'_> {
         self.value_at(ty, field, 0)
     }
 
-    /// An object of type `name` with all its required fields.
-    pub fn object(&mut self, name: &str) -> Value {
-        self.object_at(name, 0)
-    }
-
     fn value_at(&mut self, ty: &str, field: &str, depth: usize) -> Value {
         // "Message or True": the first alternative is the informative one.
         if let Some((first, _)) = ty.split_once(" or ") {
@@ -45,7 +40,10 @@ impl Fabricator<'_> {
             "Float" => json!(0.0),
             "String" => self.string(field),
             "User" => self.bot.clone(),
-            "Chat" => self.chat.cloned().unwrap_or_else(|| json!({"id": self.bot["id"], "type": "private"})),
+            "Chat" => self
+                .chat
+                .cloned()
+                .unwrap_or_else(|| json!({"id": self.bot["id"], "type": "private"})),
             _ => self.object_at(ty, depth + 1),
         }
     }
@@ -98,7 +96,9 @@ impl Fabricator<'_> {
             "file_id" => format!("SBX{n:08}file"),
             "file_unique_id" => format!("SBX{n:08}"),
             "currency" => "XTR".to_string(),
-            _ if field.ends_with("link") || field.ends_with("url") => format!("https://t.me/+sandbox{n}"),
+            _ if field.ends_with("link") || field.ends_with("url") => {
+                format!("https://t.me/+sandbox{n}")
+            }
             _ if is_identifier(field) => n.to_string(),
             _ => "sandbox".to_string(),
         };
@@ -119,7 +119,10 @@ fn fits(ty: &str, value: &Value) -> bool {
         Value::Number(n) => ty == "Float" || (ty == "Integer" && n.is_i64()),
         Value::Bool(_) => ty == "Boolean" || ty == "True",
         Value::Array(_) => ty.starts_with("Array of "),
-        Value::Object(_) => !matches!(ty, "String" | "Integer" | "Float" | "Boolean" | "True") && !ty.starts_with("Array of "),
+        Value::Object(_) => {
+            !matches!(ty, "String" | "Integer" | "Float" | "Boolean" | "True")
+                && !ty.starts_with("Array of ")
+        }
         Value::Null => false,
     }
 }
@@ -128,7 +131,8 @@ fn fits(ty: &str, value: &Value) -> bool {
 /// its fields, so results reflect what was asked (a created invite link has
 /// the requested name, a sent location the requested coordinates).
 pub(crate) fn overlay(object: &mut Value, ty: &str, params: &Map<String, Value>) {
-    let (Some(TypeDef::Object(fields)), Value::Object(target)) = (schema().type_def(ty), object) else {
+    let (Some(TypeDef::Object(fields)), Value::Object(target)) = (schema().type_def(ty), object)
+    else {
         return;
     };
     for field in fields {
@@ -148,7 +152,13 @@ mod tests {
     fn fabricate(ty: &str) -> Value {
         let bot = json!({"id": 1, "is_bot": true, "first_name": "B"});
         let mut serial = 0;
-        Fabricator { bot: &bot, chat: None, now: 1_700_000_000, serial: &mut serial }.value(ty, "result")
+        Fabricator {
+            bot: &bot,
+            chat: None,
+            now: 1_700_000_000,
+            serial: &mut serial,
+        }
+        .value(ty, "result")
     }
 
     #[test]
@@ -157,7 +167,10 @@ mod tests {
         assert_eq!(member["status"], "creator");
         assert_eq!(member["user"]["id"], 1);
         let link = fabricate("ChatInviteLink");
-        assert!(link["invite_link"].as_str().unwrap().starts_with("https://t.me/+"));
+        assert!(link["invite_link"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://t.me/+"));
         assert_eq!(link["is_revoked"], false);
         assert_eq!(fabricate("Array of Sticker"), json!([]));
         assert_eq!(fabricate("Message or True")["date"], 1_700_000_000);
@@ -166,10 +179,14 @@ mod tests {
     #[test]
     fn overlay_copies_matching_params_only() {
         let mut link = fabricate("ChatInviteLink");
-        let params = json!({"name": "vip", "member_limit": 5, "chat_id": 3, "creates_join_request": "yes"});
+        let params =
+            json!({"name": "vip", "member_limit": 5, "chat_id": 3, "creates_join_request": "yes"});
         overlay(&mut link, "ChatInviteLink", params.as_object().unwrap());
         assert_eq!(link["name"], "vip");
         assert_eq!(link["member_limit"], 5);
-        assert_eq!(link["creates_join_request"], false, "a string does not fit a Boolean");
+        assert_eq!(
+            link["creates_join_request"], false,
+            "a string does not fit a Boolean"
+        );
     }
 }

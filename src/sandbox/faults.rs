@@ -54,17 +54,24 @@ impl FaultPlan {
     /// A plan that fails a fraction `rate` of all calls with faults picked
     /// from `faults`.
     pub fn random(rate: f64, faults: Vec<Fault>) -> Self {
-        FaultPlan { rate, faults, ..FaultPlan::default() }
+        FaultPlan {
+            rate,
+            faults,
+            ..FaultPlan::default()
+        }
     }
 
     /// A plan that applies `script` to the next calls, one fault each.
     pub fn scripted(script: Vec<Fault>) -> Self {
-        FaultPlan { script, ..FaultPlan::default() }
+        FaultPlan {
+            script,
+            ..FaultPlan::default()
+        }
     }
 
     /// Restricts the plan to the given methods.
     pub fn only(mut self, methods: &[&str]) -> Self {
-        self.methods = methods.iter().map(|m| m.to_string()).collect();
+        self.methods = methods.iter().map(ToString::to_string).collect();
         self
     }
 }
@@ -79,7 +86,12 @@ pub(crate) struct FaultInjector {
 
 impl FaultInjector {
     pub fn new(seed: u64) -> Self {
-        FaultInjector { plan: FaultPlan::default(), script: VecDeque::new(), rng: fastrand::Rng::with_seed(seed), seed }
+        FaultInjector {
+            plan: FaultPlan::default(),
+            script: VecDeque::new(),
+            rng: fastrand::Rng::with_seed(seed),
+            seed,
+        }
     }
 
     pub fn set_plan(&mut self, plan: FaultPlan) {
@@ -90,7 +102,12 @@ impl FaultInjector {
 
     /// The fault for a call of `method` (canonical name, not getUpdates).
     pub fn for_call(&mut self, method: &str) -> Option<Fault> {
-        let eligible = self.plan.methods.is_empty() || self.plan.methods.iter().any(|m| m.eq_ignore_ascii_case(method));
+        let eligible = self.plan.methods.is_empty()
+            || self
+                .plan
+                .methods
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(method));
         if !eligible {
             return None;
         }
@@ -110,7 +127,8 @@ impl FaultInjector {
 
     /// Whether this getUpdates request gets a 502.
     pub fn for_get_updates(&mut self) -> bool {
-        self.plan.get_updates_bad_gateway > 0.0 && self.rng.f64() < self.plan.get_updates_bad_gateway
+        self.plan.get_updates_bad_gateway > 0.0
+            && self.rng.f64() < self.plan.get_updates_bad_gateway
     }
 }
 
@@ -139,16 +157,26 @@ impl FloodControl {
     /// wait (without counting anything).
     pub fn admit(&mut self, chat_id: i64, now: Instant) -> Result<(), u64> {
         let bucket = self.chats.entry(chat_id).or_insert((CHAT_BURST, now));
-        bucket.0 = (bucket.0 + now.duration_since(bucket.1).as_secs_f64() * CHAT_RATE_PER_SEC).min(CHAT_BURST);
+        bucket.0 = (bucket.0 + now.duration_since(bucket.1).as_secs_f64() * CHAT_RATE_PER_SEC)
+            .min(CHAT_BURST);
         bucket.1 = now;
-        let mut wait = if bucket.0 >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - bucket.0) / CHAT_RATE_PER_SEC) };
+        let mut wait = if bucket.0 >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - bucket.0) / CHAT_RATE_PER_SEC)
+        };
 
         // Negative ids are groups, supergroups and channels.
         let group = (chat_id < 0).then(|| self.groups.entry(chat_id).or_default());
         if let Some(group) = group {
             wait = wait.max(window_wait(group, GROUP_LIMIT, GROUP_WINDOW, now));
         }
-        wait = wait.max(window_wait(&mut self.global, GLOBAL_LIMIT, GLOBAL_WINDOW, now));
+        wait = wait.max(window_wait(
+            &mut self.global,
+            GLOBAL_LIMIT,
+            GLOBAL_WINDOW,
+            now,
+        ));
 
         if !wait.is_zero() {
             // Telegram rounds up and never says "retry after 0".
@@ -167,8 +195,16 @@ impl FloodControl {
 
 /// Forgets sends older than `window` and returns how long until another one
 /// fits under `limit`.
-fn window_wait(sends: &mut VecDeque<Instant>, limit: usize, window: Duration, now: Instant) -> Duration {
-    while sends.front().is_some_and(|&t| now.duration_since(t) >= window) {
+fn window_wait(
+    sends: &mut VecDeque<Instant>,
+    limit: usize,
+    window: Duration,
+    now: Instant,
+) -> Duration {
+    while sends
+        .front()
+        .is_some_and(|&t| now.duration_since(t) >= window)
+    {
         sends.pop_front();
     }
     match sends.front() {
@@ -198,7 +234,11 @@ mod tests {
         let mut flood = FloodControl::default();
         let t0 = Instant::now();
         for i in 0..20 {
-            assert_eq!(flood.admit(-5, t0 + Duration::from_secs(i * 2)), Ok(()), "message {i}");
+            assert_eq!(
+                flood.admit(-5, t0 + Duration::from_secs(i * 2)),
+                Ok(()),
+                "message {i}"
+            );
         }
         // The first send leaves the window at t0+60s; now is t0+40s.
         assert_eq!(flood.admit(-5, t0 + Duration::from_secs(40)), Err(20));
@@ -218,8 +258,13 @@ mod tests {
     fn injector_is_deterministic() {
         let decide = || {
             let mut injector = FaultInjector::new(42);
-            injector.set_plan(FaultPlan::random(0.5, vec![Fault::BadGatewayJson, Fault::DropAfterExecute]));
-            (0..32).map(|_| injector.for_call("sendMessage")).collect::<Vec<_>>()
+            injector.set_plan(FaultPlan::random(
+                0.5,
+                vec![Fault::BadGatewayJson, Fault::DropAfterExecute],
+            ));
+            (0..32)
+                .map(|_| injector.for_call("sendMessage"))
+                .collect::<Vec<_>>()
         };
         let first = decide();
         assert_eq!(first, decide());
@@ -229,9 +274,13 @@ mod tests {
     #[test]
     fn script_comes_first_and_methods_filter() {
         let mut injector = FaultInjector::new(1);
-        injector.set_plan(FaultPlan::scripted(vec![Fault::DropBeforeExecute]).only(&["sendmessage"]));
+        injector
+            .set_plan(FaultPlan::scripted(vec![Fault::DropBeforeExecute]).only(&["sendmessage"]));
         assert_eq!(injector.for_call("getMe"), None);
-        assert_eq!(injector.for_call("sendMessage"), Some(Fault::DropBeforeExecute));
+        assert_eq!(
+            injector.for_call("sendMessage"),
+            Some(Fault::DropBeforeExecute)
+        );
         assert_eq!(injector.for_call("sendMessage"), None);
     }
 }

@@ -12,7 +12,8 @@ Usage (stdlib only):
 
     python3 src/sandbox/gen_schema.py path/to/botapi-schema.json > src/sandbox/schema.json
 
-Output layout (all keys sorted, so regeneration diffs are minimal):
+Output layout (keys sorted, one method or type per line, so that diffs of
+regenerations are readable):
 
     {
       "version": "10.2",
@@ -114,8 +115,23 @@ def main():
         "types": types,
         "update_types": update_types,
     }
-    json.dump(out, sys.stdout, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    sys.stdout.write("\n")
+    write_by_line(out, sys.stdout)
+
+
+def write_by_line(out, stream):
+    """Compact JSON with one method or type per line, so that a change of the
+    API shows in a diff as the lines of what changed."""
+
+    def compact(value):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+    stream.write('{"version":%s,\n' % compact(out["version"]))
+    for section in ("methods", "types"):
+        entries = sorted(out[section].items())
+        stream.write('"%s":{\n' % section)
+        stream.write(",\n".join("%s:%s" % (compact(name), compact(value)) for name, value in entries))
+        stream.write("\n},\n")
+    stream.write('"update_types":%s}\n' % compact(out["update_types"]))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@
 mod envelope;
 mod fabricate;
 mod faults;
+mod messages;
 mod methods;
 mod params;
 mod polling;
@@ -141,6 +142,15 @@ impl Shared {
         self.poll_wakeup.notify_waiters();
         result
     }
+
+    /// Changes the state and wakes `wait_until` callers, but not parked
+    /// polls: for the polls' own bookkeeping, which must not wake the poll
+    /// that made it.
+    pub(crate) fn update_quietly<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let result = f(&mut self.lock());
+        self.changed.notify_all();
+        result
+    }
 }
 
 /// A running Bot API emulator. Dropping it stops the server.
@@ -153,12 +163,18 @@ pub struct Sandbox {
 
 impl fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sandbox").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("Sandbox")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
 impl Sandbox {
     /// Starts the HTTP server on its own thread and returns once it listens.
+    ///
+    /// # Errors
+    ///
+    /// When the address cannot be bound or the thread cannot be started.
     pub fn start(opts: SandboxOptions) -> std::io::Result<Sandbox> {
         let token = opts.token.clone();
         let bind = opts.bind;
@@ -168,8 +184,16 @@ impl Sandbox {
             poll_wakeup: tokio::sync::Notify::new(),
         });
         let (addr, server) = server::spawn(shared.clone(), bind)?;
-        log::info!("Bot API sandbox listening on http://{addr}");
-        Ok(Sandbox { shared, addr, token, server })
+        log::info!(
+            "Bot API {} sandbox listening on http://{addr}",
+            schema::schema().version
+        );
+        Ok(Sandbox {
+            shared,
+            addr,
+            token,
+            server,
+        })
     }
 
     /// Base URL of the API, such as `http://127.0.0.1:40123`; clients call
@@ -219,14 +243,14 @@ impl Sandbox {
     /// Makes a chat known without an update, e.g. a group or channel the bot
     /// was added to. `chat` is a Chat object with at least `id` and `type`.
     pub fn register_chat(&self, chat: Value) {
-        self.shared.update(|s| s.register_chat(chat));
+        self.shared.update(|s| s.register_chat(&chat));
     }
 
     /// Stores a downloadable file and returns its `file_id`, so that injected
     /// updates can refer to media the bot fetches with `getFile`.
     pub fn add_file(&self, bytes: impl Into<bytes::Bytes>, file_name: &str) -> String {
         let bytes = bytes.into();
-        self.shared.update(|s| s.add_file(bytes, Some(file_name.to_string())))
+        self.shared.update(|s| s.add_file(bytes, file_name))
     }
 
     /// Every call the bot made except `getUpdates`, in arrival order.
@@ -237,12 +261,19 @@ impl Sandbox {
     /// Texts of the `sendMessage` calls that delivered a message to `chat_id`,
     /// in order (including those whose answer a fault then lost).
     pub fn sent_texts(&self, chat_id: i64) -> Vec<String> {
-        self.shared.read(|s| SandboxView::new(s).sent_texts(chat_id))
+        self.shared
+            .read(|s| SandboxView::new(s).sent_texts(chat_id))
     }
 
     /// Blocks until `pred` holds or `timeout` passes; returns whether it held.
-    /// `pred` is checked now and after every change of the sandbox's state.
-    pub fn wait_until(&self, timeout: Duration, mut pred: impl FnMut(&SandboxView<'_>) -> bool) -> bool {
+    /// `pred` is checked now and after every change of the sandbox's state,
+    /// with the state locked: it must use the view it is given, not call
+    /// back into the `Sandbox`.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&SandboxView<'_>) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + timeout;
         let mut guard = self.shared.lock();
         loop {
@@ -261,7 +292,8 @@ impl Sandbox {
         }
     }
 
-    /// Runs `f` on a consistent view of the current state.
+    /// Runs `f` on a consistent view of the current state (locked meanwhile,
+    /// so `f` must not call back into the `Sandbox`).
     pub fn inspect<R>(&self, f: impl FnOnce(&SandboxView<'_>) -> R) -> R {
         self.shared.read(|s| f(&SandboxView::new(s)))
     }
@@ -279,7 +311,7 @@ impl Sandbox {
 
     /// Receives every successful call from now on, as it happens.
     pub fn subscribe(&self) -> mpsc::Receiver<RecordedCall> {
-        self.shared.update(|s| s.subscribe())
+        self.shared.update(State::subscribe)
     }
 
     /// Switches Telegram's flood limits on or off (off by default). Turning

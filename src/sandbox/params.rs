@@ -36,7 +36,8 @@ pub(crate) async fn read(req: &HttpRequest, payload: web::Payload) -> Result<Inp
         }
         "application/x-www-form-urlencoded" => {
             let body = read_body(payload).await?;
-            let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("can't parse request body"))?;
+            let text = std::str::from_utf8(&body)
+                .map_err(|_| ApiError::bad_request("can't parse request body"))?;
             add_form(&mut input.params, text)?;
         }
         "multipart/form-data" => read_multipart(req, payload, &mut input).await?,
@@ -83,14 +84,21 @@ fn add_json(params: &mut Map<String, Value>, body: &[u8]) -> Result<(), ApiError
     }
 }
 
-async fn read_multipart(req: &HttpRequest, payload: web::Payload, input: &mut Input) -> Result<(), ApiError> {
+async fn read_multipart(
+    req: &HttpRequest,
+    payload: web::Payload,
+    input: &mut Input,
+) -> Result<(), ApiError> {
     let malformed = |_| ApiError::bad_request("can't parse multipart/form-data request");
     let mut multipart = actix_multipart::Multipart::new(req.headers(), payload);
     let mut total = 0usize;
     while let Some(mut field) = multipart.try_next().await.map_err(malformed)? {
         let name = field.name().unwrap_or_default().to_string();
-        let file_name = field.content_disposition().and_then(|cd| cd.get_filename()).map(str::to_string);
-        let content_type = field.content_type().map(|mime| mime.to_string());
+        let file_name = field
+            .content_disposition()
+            .and_then(|cd| cd.get_filename())
+            .map(str::to_string);
+        let content_type = field.content_type().map(ToString::to_string);
         let mut bytes = Vec::new();
         while let Some(chunk) = field.try_next().await.map_err(malformed)? {
             total += chunk.len();
@@ -102,9 +110,18 @@ async fn read_multipart(req: &HttpRequest, payload: web::Payload, input: &mut In
         // A part with a file name is an upload; any other part is a plain
         // value, exactly like a url-encoded one.
         if file_name.is_some() {
-            input.files.push(UploadedFile { name, size: bytes.len(), file_name, content_type, bytes: bytes.into() });
+            input.files.push(UploadedFile {
+                name,
+                size: bytes.len(),
+                file_name,
+                content_type,
+                bytes: bytes.into(),
+            });
         } else {
-            input.params.insert(name, Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+            input.params.insert(
+                name,
+                Value::String(String::from_utf8_lossy(&bytes).into_owned()),
+            );
         }
     }
     Ok(())
@@ -123,7 +140,9 @@ pub(crate) fn normalize(method: &Method, params: &mut Map<String, Value>) {
 fn convert(kind: ParamKind, value: &mut Value) {
     let Value::String(text) = value else { return };
     let converted = match kind {
-        ParamKind::Integer | ParamKind::IntegerOrString => text.trim().parse::<i64>().ok().map(Value::from),
+        ParamKind::Integer | ParamKind::IntegerOrString => {
+            text.trim().parse::<i64>().ok().map(Value::from)
+        }
         ParamKind::Float => text.trim().parse::<f64>().ok().map(Value::from),
         ParamKind::Boolean => parse_bool(text).map(Value::Bool),
         ParamKind::Json => parse_json_container(text),

@@ -11,6 +11,10 @@ use super::Shared;
 /// Longest long poll Telegram honours, in seconds.
 const MAX_TIMEOUT_SECS: i64 = 50;
 
+/// How often a parked request checks whether its caller hung up: actix
+/// does not notice while the request is pending.
+const HANGUP_CHECK: Duration = Duration::from_millis(100);
+
 /// Once updates arrive, a parked request waits this long for more before
 /// answering, as Telegram does, so that a burst comes in one answer.
 const BATCH_DELAY: Duration = Duration::from_millis(2);
@@ -32,7 +36,9 @@ struct PollRequest {
 impl PollRequest {
     fn parse(params: &Map<String, Value>) -> Self {
         let limit = integer(params, "limit").unwrap_or(100).clamp(1, 100);
-        let timeout = integer(params, "timeout").unwrap_or(0).clamp(0, MAX_TIMEOUT_SECS);
+        let timeout = integer(params, "timeout")
+            .unwrap_or(0)
+            .clamp(0, MAX_TIMEOUT_SECS);
         PollRequest {
             offset: integer(params, "offset").unwrap_or(0),
             // Both clamped to small positive ranges above.
@@ -47,7 +53,10 @@ impl PollRequest {
 /// unreadable value counts as 0, an absent or empty one as the default.
 fn integer(params: &Map<String, Value>, name: &str) -> Option<i64> {
     match params.get(name)? {
-        Value::Number(n) => Some(n.as_i64().unwrap_or_else(|| n.as_f64().unwrap_or(0.0) as i64)),
+        Value::Number(n) => Some(
+            n.as_i64()
+                .unwrap_or_else(|| n.as_f64().unwrap_or(0.0) as i64),
+        ),
         Value::String(s) if s.trim().is_empty() => None,
         Value::String(s) => Some(s.trim().parse().unwrap_or(0)),
         Value::Null => None,
@@ -59,7 +68,9 @@ fn integer(params: &Map<String, Value>, name: &str) -> Option<i64> {
 fn allowed_updates(value: Option<&Value>) -> Option<Value> {
     match value? {
         list @ Value::Array(_) => Some(list.clone()),
-        Value::String(text) => serde_json::from_str::<Value>(text).ok().filter(Value::is_array),
+        Value::String(text) => serde_json::from_str::<Value>(text)
+            .ok()
+            .filter(Value::is_array),
         _ => None,
     }
 }
@@ -69,6 +80,9 @@ pub(crate) enum PollAnswer {
     Outcome(Outcome),
     /// An injected 502 from the front proxy.
     BadGateway,
+    /// The caller closed the connection while parked; nobody will read an
+    /// answer.
+    HungUp,
 }
 
 /// What a new request does first.
@@ -88,8 +102,13 @@ enum Parked {
 }
 
 /// Serves one getUpdates request, parking it until updates arrive, the
-/// timeout passes, or another request supersedes it.
-pub(crate) async fn get_updates(shared: &Shared, params: &Map<String, Value>) -> PollAnswer {
+/// timeout passes, another request supersedes it, or the caller hangs up
+/// (`hung_up` says whether it did).
+pub(crate) async fn get_updates(
+    shared: &Shared,
+    params: &Map<String, Value>,
+    hung_up: impl Fn() -> bool,
+) -> PollAnswer {
     let request = PollRequest::parse(params);
     // `update` wakes the request parked before, which then sees it lost.
     let generation = match shared.update(|s| start(s, &request)) {
@@ -100,6 +119,11 @@ pub(crate) async fn get_updates(shared: &Shared, params: &Map<String, Value>) ->
     let deadline = tokio::time::Instant::now() + request.timeout;
     let mut batching = false;
     loop {
+        // A hung-up caller must not count as a live poller, nor its
+        // termination as a conflict the bot saw.
+        if hung_up() {
+            return PollAnswer::HungUp;
+        }
         // Registered before looking at the state, so that a change made
         // between the look and the wait still wakes us.
         let notified = shared.poll_wakeup.notified();
@@ -116,6 +140,7 @@ pub(crate) async fn get_updates(shared: &Shared, params: &Map<String, Value>) ->
         }
         tokio::select! {
             _ = &mut notified => {}
+            _ = tokio::time::sleep(HANGUP_CHECK) => {}
             _ = tokio::time::sleep_until(deadline) => return PollAnswer::Outcome(Ok(Value::Array(Vec::new()).into())),
         }
     }
@@ -123,10 +148,16 @@ pub(crate) async fn get_updates(shared: &Shared, params: &Map<String, Value>) ->
 
 fn start(state: &mut State, request: &PollRequest) -> Start {
     state.stats.get_updates += 1;
-    *state.stats.calls_by_method.entry("getUpdates".into()).or_default() += 1;
+    *state
+        .stats
+        .calls_by_method
+        .entry("getUpdates".into())
+        .or_default() += 1;
     if state.webhook.is_some() {
         state.count_status(409);
-        return Start::Answer(PollAnswer::Outcome(Err(ApiError::conflict(CONFLICT_WEBHOOK_ACTIVE))));
+        return Start::Answer(PollAnswer::Outcome(Err(ApiError::conflict(
+            CONFLICT_WEBHOOK_ACTIVE,
+        ))));
     }
     if state.faults.for_get_updates() {
         state.stats.faults_injected += 1;
@@ -152,7 +183,11 @@ fn check_parked(state: &mut State, generation: u64, limit: usize, batching: bool
     }
     if state.poll_generation != generation {
         state.count_status(409);
-        let description = if state.webhook.is_some() { CONFLICT_SET_WEBHOOK } else { CONFLICT_OTHER_POLL };
+        let description = if state.webhook.is_some() {
+            CONFLICT_SET_WEBHOOK
+        } else {
+            CONFLICT_OTHER_POLL
+        };
         return Parked::Done(Err(ApiError::conflict(description)));
     }
     let batch = state.batch(limit);
@@ -169,7 +204,8 @@ struct ParkedGuard<'a>(&'a Shared);
 
 impl Drop for ParkedGuard<'_> {
     fn drop(&mut self) {
-        self.0.update_quietly(|s| s.parked_polls = s.parked_polls.saturating_sub(1));
+        self.0
+            .update_quietly(|s| s.parked_polls = s.parked_polls.saturating_sub(1));
     }
 }
 
@@ -188,7 +224,10 @@ mod tests {
         assert_eq!(request.allowed_updates, Some(json!(["message"])));
 
         let defaults = PollRequest::parse(&Map::new());
-        assert_eq!((defaults.offset, defaults.limit, defaults.timeout), (0, 100, Duration::ZERO));
+        assert_eq!(
+            (defaults.offset, defaults.limit, defaults.timeout),
+            (0, 100, Duration::ZERO)
+        );
         let garbage = PollRequest::parse(json!({"limit": "many"}).as_object().unwrap());
         assert_eq!(garbage.limit, 1);
     }

@@ -147,7 +147,14 @@ fn parse(text: &str) -> serde_json::Result<Schema> {
                 .into_iter()
                 .map(|(name, ty, required)| Param { name, ty, required })
                 .collect();
-            (name.to_ascii_lowercase(), Method { name, returns: m.returns, params })
+            (
+                name.to_ascii_lowercase(),
+                Method {
+                    name,
+                    returns: m.returns,
+                    params,
+                },
+            )
         })
         .collect();
     let types = raw
@@ -158,7 +165,12 @@ fn parse(text: &str) -> serde_json::Result<Schema> {
                 let fields = t
                     .fields
                     .into_iter()
-                    .map(|(name, ty, required, constant)| Field { name, ty, required, constant })
+                    .map(|(name, ty, required, constant)| Field {
+                        name,
+                        ty,
+                        required,
+                        constant,
+                    })
                     .collect();
                 TypeDef::Object(fields)
             } else {
@@ -167,7 +179,12 @@ fn parse(text: &str) -> serde_json::Result<Schema> {
             (name, def)
         })
         .collect();
-    Ok(Schema { version: raw.version, methods, types, update_types: raw.update_types })
+    Ok(Schema {
+        version: raw.version,
+        methods,
+        types,
+        update_types: raw.update_types,
+    })
 }
 
 /// The embedded schema, parsed on first use.
@@ -193,14 +210,23 @@ mod tests {
         assert_eq!(send.returns, "Message");
         assert!(send.param("chat_id").unwrap().required);
         assert!(schema.is_update_type("callback_query"));
-        assert!(matches!(schema.type_def("ChatMember"), Some(TypeDef::Union(_))));
+        assert!(matches!(
+            schema.type_def("ChatMember"),
+            Some(TypeDef::Union(_))
+        ));
     }
 
     #[test]
     fn param_kinds() {
-        assert_eq!(ParamKind::of("Integer or String"), ParamKind::IntegerOrString);
+        assert_eq!(
+            ParamKind::of("Integer or String"),
+            ParamKind::IntegerOrString
+        );
         assert_eq!(ParamKind::of("InputFile or String"), ParamKind::File);
         assert_eq!(ParamKind::of("Array of MessageEntity"), ParamKind::Json);
-        assert_eq!(ParamKind::of("InlineKeyboardMarkup or ReplyKeyboardMarkup"), ParamKind::Json);
+        assert_eq!(
+            ParamKind::of("InlineKeyboardMarkup or ReplyKeyboardMarkup"),
+            ParamKind::Json
+        );
     }
 }

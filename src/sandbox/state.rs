@@ -72,7 +72,10 @@ impl RecordedCall {
 
     /// The `description` of a failed call.
     pub fn error(&self) -> Option<&str> {
-        self.response.get("description")?.as_str().filter(|_| !self.ok())
+        self.response
+            .get("description")?
+            .as_str()
+            .filter(|_| !self.ok())
     }
 }
 
@@ -109,7 +112,11 @@ impl<'a> SandboxView<'a> {
 
     /// The calls of one method (case-insensitive), in arrival order.
     pub fn calls_to(&self, method: &str) -> Vec<&'a RecordedCall> {
-        self.state.calls.iter().filter(|c| c.method.eq_ignore_ascii_case(method)).collect()
+        self.state
+            .calls
+            .iter()
+            .filter(|c| c.method.eq_ignore_ascii_case(method))
+            .collect()
     }
 
     /// Texts of the sendMessage calls that delivered a message to `chat_id`.
@@ -184,11 +191,17 @@ pub(crate) struct Webhook {
 }
 
 /// Update types Telegram leaves out unless asked for by `allowed_updates`.
-const OPT_IN_UPDATE_TYPES: [&str; 3] = ["chat_member", "message_reaction", "message_reaction_count"];
+const OPT_IN_UPDATE_TYPES: [&str; 3] =
+    ["chat_member", "message_reaction", "message_reaction_count"];
 
 /// Update keys whose value is a message of the chat it names.
-const MESSAGE_UPDATE_TYPES: [&str; 5] =
-    ["message", "edited_message", "channel_post", "edited_channel_post", "business_message"];
+const MESSAGE_UPDATE_TYPES: [&str; 5] = [
+    "message",
+    "edited_message",
+    "channel_post",
+    "edited_channel_post",
+    "business_message",
+];
 
 /// The user injected group messages come from.
 const DEFAULT_GROUP_SENDER: i64 = 1000;
@@ -313,12 +326,28 @@ impl State {
 
     pub fn inject_text(&mut self, chat_id: i64, text: &str) -> i64 {
         let (chat, from) = if chat_id > 0 {
-            let user = self.users.get(&chat_id).cloned().unwrap_or_else(|| synthetic_user(chat_id));
-            let chat = self.chats.get(&chat_id).cloned().unwrap_or_else(|| private_chat_of(&user));
+            let user = self
+                .users
+                .get(&chat_id)
+                .cloned()
+                .unwrap_or_else(|| synthetic_user(chat_id));
+            let chat = self
+                .chats
+                .get(&chat_id)
+                .cloned()
+                .unwrap_or_else(|| private_chat_of(&user));
             (chat, user)
         } else {
-            let chat = self.chats.get(&chat_id).cloned().unwrap_or_else(|| synthetic_group(chat_id));
-            let user = self.users.get(&DEFAULT_GROUP_SENDER).cloned().unwrap_or_else(|| synthetic_user(DEFAULT_GROUP_SENDER));
+            let chat = self
+                .chats
+                .get(&chat_id)
+                .cloned()
+                .unwrap_or_else(|| synthetic_group(chat_id));
+            let user = self
+                .users
+                .get(&DEFAULT_GROUP_SENDER)
+                .cloned()
+                .unwrap_or_else(|| synthetic_user(DEFAULT_GROUP_SENDER));
             (chat, user)
         };
         let mut message = json!({
@@ -371,7 +400,11 @@ impl State {
 
     /// The first `limit` unconfirmed updates; they stay queued until confirmed.
     pub fn batch(&self, limit: usize) -> Vec<Value> {
-        self.updates.iter().take(limit).map(|u| u.body.clone()).collect()
+        self.updates
+            .iter()
+            .take(limit)
+            .map(|u| u.body.clone())
+            .collect()
     }
 
     /// Applies getUpdates' `allowed_updates`: a list of update types, where
@@ -384,13 +417,17 @@ impl State {
             .map(str::to_ascii_lowercase)
             .filter(|kind| schema().is_update_type(kind))
             .collect();
-        self.allowed_updates = if known.is_empty() { default_allowed_updates() } else { known };
+        self.allowed_updates = if known.is_empty() {
+            default_allowed_updates()
+        } else {
+            known
+        };
     }
 
     // ----- chats, users, messages ---------------------------------------
 
-    pub fn register_chat(&mut self, chat: Value) {
-        self.learn(&chat);
+    pub fn register_chat(&mut self, chat: &Value) {
+        self.learn(chat);
     }
 
     /// Learns every chat and user object found anywhere in `value`.
@@ -419,7 +456,10 @@ impl State {
 
     /// Remembers a message so it can be replied to, edited, forwarded…
     pub fn store_message(&mut self, message: Value) {
-        let (Some(chat_id), Some(message_id)) = (message["chat"]["id"].as_i64(), message["message_id"].as_i64()) else {
+        let (Some(chat_id), Some(message_id)) = (
+            message["chat"]["id"].as_i64(),
+            message["message_id"].as_i64(),
+        ) else {
             return;
         };
         let last = self.last_message_id.entry(chat_id).or_default();
@@ -436,25 +476,41 @@ impl State {
 
     /// A known chat whose username is `username` (without the `@`).
     pub fn chat_by_username(&self, username: &str) -> Option<&Value> {
-        self.chats
-            .values()
-            .find(|chat| chat["username"].as_str().is_some_and(|u| u.eq_ignore_ascii_case(username)))
+        self.chats.values().find(|chat| {
+            chat["username"]
+                .as_str()
+                .is_some_and(|u| u.eq_ignore_ascii_case(username))
+        })
     }
 
     pub fn migrate_chat(&mut self, from: i64, to: i64) {
         self.migrations.insert(from, to);
-        let title = self.chats.get(&from).and_then(|c| c["title"].as_str()).map(str::to_string);
+        let title = self
+            .chats
+            .get(&from)
+            .and_then(|c| c["title"].as_str())
+            .map(str::to_string);
         let title = title.unwrap_or_else(|| format!("Group {}", from.unsigned_abs()));
-        self.chats.entry(to).or_insert_with(|| json!({"id": to, "type": "supergroup", "title": title}));
+        self.chats
+            .entry(to)
+            .or_insert_with(|| json!({"id": to, "type": "supergroup", "title": title}));
     }
 
     // ----- files -----------------------------------------------------------
 
     /// Stores content under a fresh file_id; `folder` is Telegram's path
     /// prefix ("photos", "documents", …).
-    pub fn store_file(&mut self, bytes: Option<Bytes>, size: usize, folder: &str, file_name: Option<&str>) -> &StoredFile {
+    pub fn store_file(
+        &mut self,
+        bytes: Option<Bytes>,
+        size: usize,
+        folder: &str,
+        file_name: Option<&str>,
+    ) -> &StoredFile {
         let n = self.next_serial();
-        let extension = file_name.and_then(|name| name.rsplit_once('.')).map(|(_, ext)| format!(".{ext}"));
+        let extension = file_name
+            .and_then(|name| name.rsplit_once('.'))
+            .map(|(_, ext)| format!(".{ext}"));
         let file = StoredFile {
             file_id: format!("SBX{n:08}file"),
             unique_id: format!("SBX{n:08}"),
@@ -466,9 +522,11 @@ impl State {
         self.files.entry(id).or_insert(file)
     }
 
-    pub fn add_file(&mut self, bytes: Bytes, file_name: Option<String>) -> String {
+    pub fn add_file(&mut self, bytes: Bytes, file_name: &str) -> String {
         let size = bytes.len();
-        self.store_file(Some(bytes), size, "documents", file_name.as_deref()).file_id.clone()
+        self.store_file(Some(bytes), size, "documents", Some(file_name))
+            .file_id
+            .clone()
     }
 
     /// The file behind a file_id. Unknown ids are accepted and get an entry
@@ -497,7 +555,11 @@ impl State {
     /// Records a call (not getUpdates): counts it and tells subscribers
     /// about it if it succeeded.
     pub fn record(&mut self, call: RecordedCall) {
-        *self.stats.calls_by_method.entry(call.method.clone()).or_default() += 1;
+        *self
+            .stats
+            .calls_by_method
+            .entry(call.method.clone())
+            .or_default() += 1;
         self.count_status(call.status);
         if call.fault.is_some() {
             self.stats.faults_injected += 1;
@@ -534,12 +596,19 @@ impl State {
 }
 
 pub(crate) fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
 }
 
 /// The update's type: its first key that names an Update field.
 pub(crate) fn update_type(update: &Value) -> Option<&str> {
-    update.as_object()?.keys().map(String::as_str).find(|key| schema().is_update_type(key))
+    update
+        .as_object()?
+        .keys()
+        .map(String::as_str)
+        .find(|key| schema().is_update_type(key))
 }
 
 fn default_allowed_updates() -> HashSet<String> {
@@ -557,13 +626,24 @@ fn complete_bot(bot: Value, token: &str) -> Value {
         Value::Object(object) => object,
         _ => Map::new(),
     };
-    let token_id = token.split(':').next().and_then(|id| id.parse::<i64>().ok()).unwrap_or(1);
+    let token_id = token
+        .split(':')
+        .next()
+        .and_then(|id| id.parse::<i64>().ok())
+        .unwrap_or(1);
     bot.entry("id").or_insert(token_id.into());
     bot.entry("is_bot").or_insert(true.into());
     bot.entry("first_name").or_insert("Sandbox Bot".into());
     bot.entry("username").or_insert("sandbox_bot".into());
-    for flag in ["can_join_groups", "can_read_all_group_messages", "supports_inline_queries", "can_connect_to_business", "has_main_web_app"] {
-        bot.entry(flag).or_insert((flag == "can_join_groups").into());
+    for flag in [
+        "can_join_groups",
+        "can_read_all_group_messages",
+        "supports_inline_queries",
+        "can_connect_to_business",
+        "has_main_web_app",
+    ] {
+        bot.entry(flag)
+            .or_insert((flag == "can_join_groups").into());
     }
     Value::Object(bot)
 }
@@ -596,14 +676,22 @@ fn private_chat_of(user: &Value) -> Value {
 
 /// Supergroup and channel ids are below -10^12 ("-100…"); others are groups.
 fn synthetic_group(id: i64) -> Value {
-    let kind = if id <= -1_000_000_000_000 { "supergroup" } else { "group" };
+    let kind = if id <= -1_000_000_000_000 {
+        "supergroup"
+    } else {
+        "group"
+    };
     json!({"id": id, "type": kind, "title": format!("Group {}", id.unsigned_abs())})
 }
 
 /// Length, in UTF-16 units as Telegram counts, of a leading `/command`.
 fn command_length(text: &str) -> Option<usize> {
-    let command = text.split_whitespace().next().filter(|word| word.starts_with('/') && word.len() > 1)?;
-    text.starts_with('/').then(|| command.encode_utf16().count())
+    let command = text
+        .split_whitespace()
+        .next()
+        .filter(|word| word.starts_with('/') && word.len() > 1)?;
+    text.starts_with('/')
+        .then(|| command.encode_utf16().count())
 }
 
 #[cfg(test)]
@@ -611,7 +699,10 @@ mod tests {
     use super::*;
 
     fn state() -> State {
-        State::new(SandboxOptions { first_update_id: 10, ..SandboxOptions::default() })
+        State::new(SandboxOptions {
+            first_update_id: 10,
+            ..SandboxOptions::default()
+        })
     }
 
     #[test]

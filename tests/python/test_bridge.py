@@ -626,6 +626,23 @@ class LifespanTests(BridgeTestCase):
         b.send(op="shutdown", grace=0)
         self.assertEqual(b.wait(), 0)
 
+    def test_app_ignoring_lifespan_events_runs_without_it(self):
+        # Written for the original protocol: loops on receive() and ignores
+        # event types it does not know, lifespan.startup included.
+        b = self.bridge("""
+            async def app(scope, receive, send):
+                while True:
+                    event = await receive()
+                    if event["type"] == "telegram.message":
+                        await send({"type": "telegram.send_message", "text": "got " + event["text"]})
+        """)
+        self.assertIs(b.ready()["lifespan"], False)
+        b.start(1)
+        b.event(1, 1, {"type": "telegram.message", "text": "x"})
+        self.assertEqual(self.reply_text(b, 1), "got x")
+        b.send(op="shutdown", grace=0)
+        self.assertEqual(b.wait(), 0)
+
     def test_lifespan_on_makes_exception_fatal(self):
         b = self.bridge("""
             async def app(scope, receive, send):

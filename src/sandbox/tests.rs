@@ -1,0 +1,911 @@
+//! The sandbox seen from a bot: plain HTTP/1.1 over `TcpStream`, so the
+//! tests exercise exactly the bytes a client would.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::*;
+
+/// Upper bound for every wait in these tests.
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one request on a fresh connection and reads the answer to the end.
+/// An empty answer means the server dropped the connection.
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> io::Result<Option<Response>> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(content_type) = content_type {
+        head.push_str(&format!("Content-Type: {content_type}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response has a header block");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(Some(Response {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }))
+}
+
+fn start() -> Sandbox {
+    Sandbox::start(SandboxOptions {
+        first_update_id: 500,
+        seed: 7,
+        ..SandboxOptions::default()
+    })
+    .unwrap()
+}
+
+/// POSTs `params` as JSON to a method and expects an answer.
+fn call(sb: &Sandbox, method: &str, params: Value) -> Response {
+    try_call(sb, method, params).expect("an answer")
+}
+
+fn try_call(sb: &Sandbox, method: &str, params: Value) -> Option<Response> {
+    let path = format!("/bot{}/{method}", sb.token());
+    http(
+        sb.local_addr(),
+        "POST",
+        &path,
+        Some("application/json"),
+        params.to_string().as_bytes(),
+    )
+    .unwrap()
+}
+
+fn get(sb: &Sandbox, path: &str) -> Response {
+    http(sb.local_addr(), "GET", path, None, b"")
+        .unwrap()
+        .expect("an answer")
+}
+
+fn result(response: Response) -> Value {
+    let body = response.json();
+    assert_eq!(
+        (response.status, &body["ok"]),
+        (200, &json!(true)),
+        "{body}"
+    );
+    body["result"].clone()
+}
+
+fn error(response: Response) -> (u16, String) {
+    let body = response.json();
+    assert_eq!(body["ok"], false, "{body}");
+    assert_eq!(body["error_code"], response.status);
+    (
+        response.status,
+        body["description"].as_str().unwrap().to_string(),
+    )
+}
+
+fn update_ids(updates: &Value) -> Vec<i64> {
+    updates
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["update_id"].as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn get_me_in_any_case_and_http_method() {
+    let sb = start();
+    let me = result(call(&sb, "getMe", json!({})));
+    assert_eq!(me["is_bot"], true);
+    assert_eq!(me["id"], 1234567890);
+    assert_eq!(me["username"], "sandbox_bot");
+    let path = format!("/bot{}/GETME", sb.token());
+    assert_eq!(result(get(&sb, &path)), me);
+    assert_eq!(sb.calls().len(), 2);
+    assert_eq!(sb.stats().calls_by_method["getMe"], 2);
+}
+
+#[test]
+fn wrong_token_and_unknown_method() {
+    let sb = start();
+    let wrong = get(&sb, "/bot42:not-the-token/getMe");
+    assert_eq!(
+        wrong.json(),
+        json!({"ok": false, "error_code": 401, "description": "Unauthorized"})
+    );
+    assert_eq!(
+        error(get(&sb, "/botgarbage/getMe")),
+        (404, "Not Found".to_string())
+    );
+    assert_eq!(
+        error(call(&sb, "getMoon", json!({}))),
+        (404, "Not Found".to_string())
+    );
+    assert_eq!(
+        error(get(&sb, "/elsewhere")),
+        (404, "Not Found".to_string())
+    );
+    assert_eq!(sb.stats().unauthorized, 1);
+    assert!(
+        !format!("{sb:?} {:?}", SandboxOptions::default()).contains("sandbox-token"),
+        "Debug hides the token"
+    );
+}
+
+#[test]
+fn get_updates_offset_and_limit() {
+    let sb = start();
+    let ids: Vec<i64> = (0..4)
+        .map(|i| sb.inject_text(10, &format!("m{i}")))
+        .collect();
+    assert_eq!(ids, vec![500, 501, 502, 503]);
+
+    let first = result(call(&sb, "getUpdates", json!({"limit": 2})));
+    assert_eq!(update_ids(&first), vec![500, 501]);
+    assert_eq!(first[0]["message"]["text"], "m0");
+    assert_eq!(
+        first[0]["message"]["chat"],
+        json!({"id": 10, "type": "private", "first_name": "User 10"})
+    );
+    assert_eq!(
+        sb.pending_updates(),
+        4,
+        "nothing is confirmed without an offset"
+    );
+
+    // Form-encoded strings are read as numbers.
+    let path = format!("/bot{}/getUpdates", sb.token());
+    let body = b"offset=502&limit=0";
+    let next = http(
+        sb.local_addr(),
+        "POST",
+        &path,
+        Some("application/x-www-form-urlencoded"),
+        body,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        update_ids(&result(next)),
+        vec![502],
+        "limit is clamped to at least 1"
+    );
+    assert_eq!(sb.confirmed_offset(), 502);
+    assert_eq!(sb.pending_updates(), 2);
+
+    let last = result(get(
+        &sb,
+        &format!("/bot{}/getUpdates?offset=-1", sb.token()),
+    ));
+    assert_eq!(update_ids(&last), vec![503]);
+    assert_eq!(sb.pending_updates(), 1);
+    assert_eq!(sb.stats().get_updates, 3);
+    assert!(sb.calls().is_empty(), "getUpdates is not recorded");
+}
+
+#[test]
+fn long_poll_wakes_up_on_inject_and_times_out() {
+    let sb = start();
+    let (addr, path) = (
+        sb.local_addr(),
+        format!("/bot{}/getUpdates?timeout=10", sb.token()),
+    );
+    let poller = thread::spawn(move || {
+        let started = Instant::now();
+        let response = http(addr, "GET", &path, None, b"").unwrap().unwrap();
+        (response, started.elapsed())
+    });
+    assert!(sb.wait_until(WAIT, |v| v.is_polling()));
+    let id = sb.inject_text(11, "wake up");
+    let (response, elapsed) = poller.join().unwrap();
+    assert_eq!(update_ids(&result(response)), vec![id]);
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "answered at once, not after the timeout: {elapsed:?}"
+    );
+    assert!(sb.wait_until(WAIT, |v| !v.is_polling()));
+
+    // With nothing to deliver, the poll ends with [] after its timeout.
+    let started = Instant::now();
+    let empty = result(call(
+        &sb,
+        "getUpdates",
+        json!({"offset": id + 1, "timeout": 1}),
+    ));
+    assert_eq!(empty, json!([]));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[test]
+fn second_poller_terminates_the_first() {
+    let sb = start();
+    let (addr, path) = (
+        sb.local_addr(),
+        format!("/bot{}/getUpdates?timeout=10", sb.token()),
+    );
+    let first = thread::spawn(move || http(addr, "GET", &path, None, b"").unwrap().unwrap());
+    assert!(sb.wait_until(WAIT, |v| v.is_polling()));
+    let (addr, path) = (
+        sb.local_addr(),
+        format!("/bot{}/getUpdates?timeout=10", sb.token()),
+    );
+    let second = thread::spawn(move || http(addr, "GET", &path, None, b"").unwrap().unwrap());
+
+    let (status, description) = error(first.join().unwrap());
+    assert_eq!(status, 409);
+    assert_eq!(description, "Conflict: terminated by other getUpdates request; make sure that only one bot instance is running");
+    assert!(
+        sb.wait_until(WAIT, |v| v.is_polling()),
+        "the second one is still parked"
+    );
+    let id = sb.inject_text(12, "for the survivor");
+    assert_eq!(update_ids(&result(second.join().unwrap())), vec![id]);
+    assert_eq!(sb.stats().conflicts, 1);
+}
+
+#[test]
+fn send_message_to_a_known_chat() {
+    let sb = start();
+    sb.inject_text(42, "hi");
+    let keyboard = json!({"inline_keyboard": [[{"text": "ok", "callback_data": "ok"}]]});
+    let message = result(call(
+        &sb,
+        "sendMessage",
+        json!({"chat_id": 42, "text": "hello", "reply_markup": keyboard}),
+    ));
+    assert_eq!(message["message_id"], 2, "after the injected message 1");
+    assert_eq!(
+        message["from"],
+        json!({"id": 1234567890, "is_bot": true, "first_name": "Sandbox Bot", "username": "sandbox_bot"})
+    );
+    assert_eq!(message["chat"]["id"], 42);
+    assert_eq!(message["text"], "hello");
+    assert_eq!(message["reply_markup"], keyboard);
+    assert!(message["date"].as_i64().unwrap() > 1_600_000_000);
+
+    // A reply keyboard is not echoed, and the reply points at the message.
+    let reply_keyboard = json!({"keyboard": [[{"text": "a"}]]}).to_string();
+    let body = format!(
+        "chat_id=42&text=again&reply_markup={}&reply_parameters=%7B%22message_id%22%3A1%7D",
+        urlencode(&reply_keyboard)
+    );
+    let path = format!("/bot{}/sendMessage", sb.token());
+    let response = http(
+        sb.local_addr(),
+        "POST",
+        &path,
+        Some("application/x-www-form-urlencoded"),
+        body.as_bytes(),
+    )
+    .unwrap();
+    let second = result(response.unwrap());
+    assert_eq!(second["message_id"], 3);
+    assert!(second.get("reply_markup").is_none());
+    assert_eq!(second["reply_to_message"]["text"], "hi");
+    assert_eq!(
+        sb.calls()[1].params["chat_id"],
+        42,
+        "form strings are read as numbers"
+    );
+
+    assert_eq!(sb.sent_texts(42), vec!["hello", "again"]);
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn send_message_errors_are_telegrams() {
+    let sb = start();
+    sb.inject_text(42, "hi");
+    let bad = |params: Value| error(call(&sb, "sendMessage", params));
+    assert_eq!(
+        bad(json!({"chat_id": 555, "text": "x"})),
+        (400, "Bad Request: chat not found".into())
+    );
+    assert_eq!(
+        bad(json!({"chat_id": 42})),
+        (400, "Bad Request: message text is empty".into())
+    );
+    assert_eq!(
+        bad(json!({"chat_id": 42, "text": ""})),
+        (400, "Bad Request: message text is empty".into())
+    );
+    assert_eq!(
+        bad(json!({"text": "x"})),
+        (400, "Bad Request: chat_id is empty".into())
+    );
+    assert_eq!(
+        bad(json!({"chat_id": 42, "text": "x", "reply_parameters": {"message_id": 99}})),
+        (400, "Bad Request: message to be replied not found".into())
+    );
+    // User 1000 is known from a group message but never wrote to the bot.
+    sb.inject_text(-77, "group hello");
+    assert_eq!(
+        bad(json!({"chat_id": 1000, "text": "x"})),
+        (
+            403,
+            "Forbidden: bot can't initiate conversation with a user".into()
+        )
+    );
+    assert!(sb.sent_texts(42).is_empty());
+    assert_eq!(sb.calls().len(), 6, "failed calls are recorded too");
+}
+
+#[test]
+fn other_methods_answer_from_the_schema() {
+    let sb = start();
+    sb.inject_text(42, "hi");
+    let link = result(call(
+        &sb,
+        "createChatInviteLink",
+        json!({"chat_id": 42, "name": "vip", "member_limit": 3}),
+    ));
+    assert_eq!(link["name"], "vip");
+    assert_eq!(link["member_limit"], 3);
+    assert_eq!(link["creator"]["is_bot"], true);
+    assert!(link["invite_link"]
+        .as_str()
+        .unwrap()
+        .starts_with("https://t.me/"));
+
+    assert_eq!(
+        result(call(
+            &sb,
+            "setMyCommands",
+            json!({"commands": [{"command": "a", "description": "b"}]})
+        )),
+        true
+    );
+    assert_eq!(
+        result(call(
+            &sb,
+            "answerCallbackQuery",
+            json!({"callback_query_id": "1"})
+        )),
+        true
+    );
+    assert_eq!(
+        result(call(&sb, "getChat", json!({"chat_id": 42})))["first_name"],
+        "User 42"
+    );
+    assert_eq!(result(call(&sb, "getMyCommands", json!({}))), json!([]));
+    assert_eq!(
+        error(call(&sb, "banChatMember", json!({"chat_id": 42}))),
+        (400, "Bad Request: parameter \"user_id\" is required".into())
+    );
+
+    let copied = result(call(
+        &sb,
+        "copyMessage",
+        json!({"chat_id": 42, "from_chat_id": 42, "message_id": 1}),
+    ));
+    assert_eq!(copied, json!({"message_id": 2}));
+    let forwarded = result(call(
+        &sb,
+        "forwardMessage",
+        json!({"chat_id": 42, "from_chat_id": 42, "message_id": 1}),
+    ));
+    assert_eq!(forwarded["text"], "hi");
+    assert_eq!(forwarded["forward_origin"]["type"], "user");
+
+    let album = json!([{"type": "photo", "media": "AgADphoto", "caption": "one"}, {"type": "video", "media": "BAADvideo"}]);
+    let messages = result(call(
+        &sb,
+        "sendMediaGroup",
+        json!({"chat_id": 42, "media": album}),
+    ));
+    assert_eq!(messages.as_array().unwrap().len(), 2);
+    assert_eq!(messages[0]["photo"][0]["file_id"], "AgADphoto");
+    assert_eq!(messages[0]["caption"], "one");
+    assert_eq!(messages[0]["media_group_id"], messages[1]["media_group_id"]);
+    assert!(messages[1]["video"]["file_id"].is_string());
+
+    let sent = result(call(
+        &sb,
+        "sendMessage",
+        json!({"chat_id": 42, "text": "draft"}),
+    ));
+    let id = sent["message_id"].clone();
+    let edited = result(call(
+        &sb,
+        "editMessageText",
+        json!({"chat_id": 42, "message_id": id, "text": "final"}),
+    ));
+    assert_eq!(edited["text"], "final");
+    assert!(edited["edit_date"].is_i64());
+    let (_, unchanged) = error(call(
+        &sb,
+        "editMessageText",
+        json!({"chat_id": 42, "message_id": id, "text": "final"}),
+    ));
+    assert!(
+        unchanged.starts_with("Bad Request: message is not modified"),
+        "{unchanged}"
+    );
+    assert_eq!(
+        result(call(
+            &sb,
+            "deleteMessage",
+            json!({"chat_id": 42, "message_id": id})
+        )),
+        true
+    );
+    assert_eq!(
+        error(call(
+            &sb,
+            "deleteMessage",
+            json!({"chat_id": 42, "message_id": id})
+        )),
+        (400, "Bad Request: message to delete not found".into())
+    );
+    let dice = result(call(&sb, "sendDice", json!({"chat_id": 42})));
+    assert!((1..=6).contains(&dice["dice"]["value"].as_i64().unwrap()));
+}
+
+#[test]
+fn multipart_upload_is_parsed_and_downloadable() {
+    let sb = start();
+    sb.inject_text(42, "hi");
+    let boundary = "sandboxboundary";
+    let content = b"%PDF-1.4 not really";
+    let mut body = Vec::new();
+    let part = |body: &mut Vec<u8>, headers: &str, value: &[u8]| {
+        body.extend_from_slice(format!("--{boundary}\r\n{headers}\r\n\r\n").as_bytes());
+        body.extend_from_slice(value);
+        body.extend_from_slice(b"\r\n");
+    };
+    part(
+        &mut body,
+        "Content-Disposition: form-data; name=\"chat_id\"",
+        b"42",
+    );
+    part(
+        &mut body,
+        "Content-Disposition: form-data; name=\"caption\"",
+        b"the report",
+    );
+    part(
+        &mut body,
+        "Content-Disposition: form-data; name=\"reply_markup\"",
+        br#"{"inline_keyboard":[]}"#,
+    );
+    part(
+        &mut body,
+        "Content-Disposition: form-data; name=\"document\"; filename=\"report.pdf\"\r\nContent-Type: application/pdf",
+        content,
+    );
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let path = format!("/bot{}/sendDocument", sb.token());
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    let response = http(sb.local_addr(), "POST", &path, Some(&content_type), &body)
+        .unwrap()
+        .unwrap();
+    let message = result(response);
+    assert_eq!(message["caption"], "the report");
+    assert_eq!(message["document"]["file_name"], "report.pdf");
+    assert_eq!(message["document"]["mime_type"], "application/pdf");
+    assert_eq!(message["document"]["file_size"], content.len());
+
+    let recorded = &sb.calls()[0];
+    assert_eq!(recorded.params["chat_id"], 42);
+    assert_eq!(
+        recorded.params["reply_markup"],
+        json!({"inline_keyboard": []})
+    );
+    let file = &recorded.files[0];
+    assert_eq!(
+        (file.name.as_str(), file.file_name.as_deref()),
+        ("document", Some("report.pdf"))
+    );
+    assert_eq!(
+        (file.content_type.as_deref(), file.size),
+        (Some("application/pdf"), content.len())
+    );
+    assert_eq!(&file.bytes[..], content);
+
+    let file = result(call(
+        &sb,
+        "getFile",
+        json!({"file_id": message["document"]["file_id"]}),
+    ));
+    let download = get(
+        &sb,
+        &format!(
+            "/file/bot{}/{}",
+            sb.token(),
+            file["file_path"].as_str().unwrap()
+        ),
+    );
+    assert_eq!(
+        (download.status, download.body.as_slice()),
+        (200, &content[..])
+    );
+}
+
+#[test]
+fn flood_limits_answer_429_with_retry_after() {
+    let sb = start();
+    sb.inject_text(42, "hi");
+    sb.set_rate_limits(true);
+    let statuses: Vec<Response> = (0..4)
+        .map(|i| {
+            call(
+                &sb,
+                "sendMessage",
+                json!({"chat_id": 42, "text": i.to_string()}),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses.iter().map(|r| r.status).collect::<Vec<_>>(),
+        vec![200, 200, 200, 429]
+    );
+    let limited = &statuses[3];
+    assert_eq!(limited.header("Retry-After"), Some("1"));
+    assert_eq!(
+        limited.json(),
+        json!({"ok": false, "error_code": 429, "description": "Too Many Requests: retry after 1",
+               "parameters": {"retry_after": 1}})
+    );
+    assert_eq!(
+        result(call(&sb, "getMe", json!({})))["is_bot"],
+        true,
+        "only sending methods are limited"
+    );
+    assert_eq!(sb.stats().too_many_requests, 1);
+    assert_eq!(sb.sent_texts(42), vec!["0", "1", "2"]);
+    sb.set_rate_limits(false);
+    assert_eq!(
+        call(&sb, "sendMessage", json!({"chat_id": 42, "text": "free"})).status,
+        200
+    );
+}
+
+#[test]
+fn random_faults_are_deterministic() {
+    let run = || {
+        let sb = start();
+        sb.set_faults(
+            FaultPlan::random(0.5, vec![Fault::BadGatewayJson, Fault::BadGatewayHtml])
+                .only(&["getMe"]),
+        );
+        let statuses: Vec<u16> = (0..12)
+            .map(|_| call(&sb, "getMe", json!({})).status)
+            .collect();
+        assert_eq!(
+            sb.stats().faults_injected as usize,
+            statuses.iter().filter(|&&s| s == 502).count()
+        );
+        statuses
+    };
+    let statuses = run();
+    assert_eq!(statuses, run());
+    assert!(
+        statuses.contains(&502) && statuses.contains(&200),
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn scripted_faults_drop_fail_and_delay() {
+    let sb = start();
+    sb.inject_text(42, "hi");
+    sb.set_faults(FaultPlan::scripted(vec![
+        Fault::DropBeforeExecute,
+        Fault::DropAfterExecute,
+        Fault::BadGatewayHtml,
+        Fault::Delay(Duration::from_millis(300)),
+    ]));
+    let send = |text: &str| try_call(&sb, "sendMessage", json!({"chat_id": 42, "text": text}));
+    assert!(
+        send("lost before").is_none(),
+        "connection dropped without an answer"
+    );
+    assert!(
+        send("lost after").is_none(),
+        "connection dropped without an answer"
+    );
+    let page = send("gateway").unwrap();
+    assert_eq!(
+        (page.status, page.header("Content-Type")),
+        (502, Some("text/html"))
+    );
+    assert!(String::from_utf8_lossy(&page.body).contains("502 Bad Gateway"));
+    let started = Instant::now();
+    assert_eq!(send("slow").unwrap().status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(send("normal").unwrap().status, 200);
+
+    assert_eq!(
+        sb.sent_texts(42),
+        vec!["lost after", "slow", "normal"],
+        "only executed calls sent messages"
+    );
+    let faults: Vec<Option<Fault>> = sb.calls().iter().map(|c| c.fault).collect();
+    assert_eq!(
+        faults[..3],
+        [
+            Some(Fault::DropBeforeExecute),
+            Some(Fault::DropAfterExecute),
+            Some(Fault::BadGatewayHtml)
+        ]
+    );
+    assert_eq!(sb.stats().faults_injected, 4);
+}
+
+#[test]
+fn get_updates_bad_gateway() {
+    let sb = start();
+    sb.set_faults(FaultPlan {
+        get_updates_bad_gateway: 1.0,
+        ..FaultPlan::default()
+    });
+    let page = get(&sb, &format!("/bot{}/getUpdates", sb.token()));
+    assert_eq!(page.status, 502);
+    sb.set_faults(FaultPlan::default());
+    assert_eq!(
+        result(get(&sb, &format!("/bot{}/getUpdates", sb.token()))),
+        json!([])
+    );
+}
+
+#[test]
+fn migrated_group_answers_with_the_new_id() {
+    let sb = start();
+    sb.register_chat(json!({"id": -4001, "type": "group", "title": "Team"}));
+    assert_eq!(
+        call(
+            &sb,
+            "sendMessage",
+            json!({"chat_id": -4001, "text": "before"})
+        )
+        .status,
+        200
+    );
+    sb.migrate_chat(-4001, -1004001);
+    let moved = call(
+        &sb,
+        "sendMessage",
+        json!({"chat_id": -4001, "text": "after"}),
+    );
+    assert_eq!(
+        moved.json(),
+        json!({"ok": false, "error_code": 400, "description": "Bad Request: group chat was upgraded to a supergroup chat",
+               "parameters": {"migrate_to_chat_id": -1004001}})
+    );
+    let message = result(call(
+        &sb,
+        "sendMessage",
+        json!({"chat_id": -1004001, "text": "after"}),
+    ));
+    assert_eq!(
+        message["chat"],
+        json!({"id": -1004001, "type": "supergroup", "title": "Team"})
+    );
+}
+
+#[test]
+fn revoked_token_ends_parked_polls_too() {
+    let sb = start();
+    let (addr, path) = (
+        sb.local_addr(),
+        format!("/bot{}/getUpdates?timeout=10", sb.token()),
+    );
+    let poller = thread::spawn(move || http(addr, "GET", &path, None, b"").unwrap().unwrap());
+    assert!(sb.wait_until(WAIT, |v| v.is_polling()));
+    sb.set_token_rejected(true);
+    assert_eq!(error(poller.join().unwrap()), (401, "Unauthorized".into()));
+    assert_eq!(
+        error(call(&sb, "getMe", json!({}))),
+        (401, "Unauthorized".into())
+    );
+    sb.set_token_rejected(false);
+    assert_eq!(call(&sb, "getMe", json!({})).status, 200);
+}
+
+#[test]
+fn webhook_blocks_polling_until_deleted() {
+    let sb = start();
+    let set = call(
+        &sb,
+        "setWebhook",
+        json!({"url": "https://example.invalid/hook"}),
+    )
+    .json();
+    assert_eq!(
+        set,
+        json!({"ok": true, "result": true, "description": "Webhook was set"})
+    );
+    assert_eq!(
+        result(call(&sb, "getWebhookInfo", json!({})))["url"],
+        "https://example.invalid/hook"
+    );
+    let (status, description) = error(call(&sb, "getUpdates", json!({})));
+    assert_eq!(status, 409);
+    assert!(
+        description.starts_with("Conflict: can't use getUpdates method while webhook is active")
+    );
+    let deleted = call(&sb, "deleteWebhook", json!({"drop_pending_updates": true})).json();
+    assert_eq!(deleted["description"], "Webhook was deleted");
+    assert_eq!(result(call(&sb, "getUpdates", json!({}))), json!([]));
+}
+
+#[test]
+fn allowed_updates_and_raw_updates() {
+    let sb = start();
+    result(call(
+        &sb,
+        "getUpdates",
+        json!({"allowed_updates": ["callback_query"]}),
+    ));
+    sb.inject_text(5, "filtered out");
+    let callback = sb.inject_update(json!({"callback_query": {"id": "1", "from": {"id": 5, "is_bot": false, "first_name": "A"}, "chat_instance": "c"}}));
+    sb.inject_raw(json!("not an update"));
+    sb.inject_raw(json!({"update_id": "bad"}));
+    let updates = result(call(&sb, "getUpdates", json!({"allowed_updates": "[]"})));
+    assert_eq!(updates[0]["update_id"], callback);
+    assert_eq!(updates[1], "not an update");
+    assert_eq!(updates[2], json!({"update_id": "bad"}));
+    // Back to the default set: messages are delivered again.
+    let message = sb.inject_text(5, "visible");
+    let updates = result(call(&sb, "getUpdates", json!({"offset": callback + 1})));
+    assert_eq!(
+        updates.as_array().unwrap().last().unwrap()["update_id"],
+        message
+    );
+}
+
+#[test]
+fn subscribers_and_waiters_see_calls_as_they_happen() {
+    let sb = start();
+    sb.inject_text(42, "hi");
+    let calls = sb.subscribe();
+    let (addr, path) = (
+        sb.local_addr(),
+        format!("/bot{}/sendMessage?chat_id=42&text=ping", sb.token()),
+    );
+    let sender =
+        thread::spawn(move || http(addr, "GET", &path, None, b"").unwrap().unwrap().status);
+    assert!(sb.wait_until(WAIT, |v| v.sent_texts(42) == ["ping"]));
+    let seen = calls.recv_timeout(WAIT).unwrap();
+    assert_eq!((seen.method.as_str(), seen.status), ("sendMessage", 200));
+    assert_eq!(seen.result().unwrap()["text"], "ping");
+    assert_eq!(sender.join().unwrap(), 200);
+    assert!(
+        !sb.wait_until(Duration::from_millis(50), |v| v.calls().len() > 1),
+        "bounded wait gives up"
+    );
+}
+
+#[test]
+fn a_poller_that_hangs_up_is_forgotten() {
+    let sb = start();
+    let mut stream = TcpStream::connect(sb.local_addr()).unwrap();
+    let request = format!(
+        "GET /bot{}/getUpdates?timeout=30 HTTP/1.1\r\nHost: sandbox\r\n\r\n",
+        sb.token()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    assert!(sb.wait_until(WAIT, |v| v.is_polling()));
+    drop(stream);
+    assert!(
+        sb.wait_until(WAIT, |v| !v.is_polling()),
+        "the parked request ends with its connection"
+    );
+}
+
+#[test]
+fn stopping_ends_parked_polls() {
+    let sb = start();
+    let (addr, path) = (
+        sb.local_addr(),
+        format!("/bot{}/getUpdates?timeout=30", sb.token()),
+    );
+    let poller = thread::spawn(move || http(addr, "GET", &path, None, b""));
+    assert!(sb.wait_until(WAIT, |v| v.is_polling()));
+    let started = Instant::now();
+    sb.stop();
+    let answer = poller.join().unwrap();
+    assert!(
+        started.elapsed() < WAIT,
+        "stopped in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !matches!(answer, Ok(Some(_))),
+        "no answer after stop: {:?}",
+        answer.map(|r| r.map(|r| r.status))
+    );
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "nothing listens any more"
+    );
+}
+
+#[test]
+fn works_from_inside_an_actix_system_with_awc() {
+    actix_rt::System::new().block_on(async {
+        let sb = start();
+        sb.inject_text(42, "hi");
+        let client = awc::Client::default();
+        let url = format!("{}/bot{}/sendMessage", sb.api_url(), sb.token());
+        let mut response = client
+            .post(&url)
+            .send_json(&json!({"chat_id": 42, "text": "from awc"}))
+            .await
+            .unwrap();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["result"]["text"], "from awc");
+
+        sb.set_faults(FaultPlan::scripted(vec![Fault::DropAfterExecute]));
+        let dropped = client
+            .post(&url)
+            .send_json(&json!({"chat_id": 42, "text": "unanswered"}))
+            .await;
+        assert!(dropped.is_err(), "the client sees a failed request");
+        assert_eq!(sb.sent_texts(42), vec!["from awc", "unanswered"]);
+    });
+}
