@@ -40,7 +40,11 @@
 //! processing, file size limits other than the upload cap, the 3-second
 //! throttling Telegram applies to busy-looping or conflicting `getUpdates`
 //! callers, and the 24-hour expiry of unconfirmed updates. File identifiers
-//! the sandbox never issued are accepted by `getFile`.
+//! the sandbox never issued are accepted by `getFile`. Where Telegram never
+//! creates updates of types the bot left out of `allowed_updates`, the
+//! sandbox drops them when the bot polls, so that tests may inject before
+//! the bot's first `getUpdates`. A caller that hangs up while its long poll
+//! is parked is forgotten (within 0.1 s) rather than answered 409 later.
 //!
 //! Failures that Telegram's network produces (502 pages, dropped connections,
 //! delays) are injected on demand through a [`FaultPlan`].
@@ -220,8 +224,9 @@ impl Sandbox {
 
     /// Queues an update for `getUpdates`. Fills `update_id` when absent and
     /// learns the chats, users and messages it mentions. Updates of a type the
-    /// bot excluded with `allowed_updates` are discarded, since Telegram would
-    /// never have created them. Returns the update's id.
+    /// bot excludes with `allowed_updates` (by default `chat_member`,
+    /// `message_reaction` and `message_reaction_count`) are dropped when the
+    /// bot polls, whenever they were injected. Returns the update's id.
     pub fn inject_update(&self, update: Value) -> i64 {
         self.shared.update(|s| s.inject_update(update))
     }
@@ -233,7 +238,7 @@ impl Sandbox {
     }
 
     /// Queues a text message written by the user `chat_id` in their private
-    /// chat with the bot (first name "User <id>"); a negative `chat_id` is a
+    /// chat with the bot (first name `"User <id>"`); a negative `chat_id` is a
     /// group message from user 1000. A leading `/command` gets its
     /// `bot_command` entity as on Telegram. Returns the update's id.
     pub fn inject_text(&self, chat_id: i64, text: &str) -> i64 {

@@ -801,21 +801,34 @@ fn allowed_updates_and_raw_updates() {
         "getUpdates",
         json!({"allowed_updates": ["callback_query"]}),
     ));
-    sb.inject_text(5, "filtered out");
-    let callback = sb.inject_update(json!({"callback_query": {"id": "1", "from": {"id": 5, "is_bot": false, "first_name": "A"}, "chat_instance": "c"}}));
+    sb.inject_text(5, "not wanted");
+    let callback = sb.inject_update(json!({"callback_query": {"id": "1", "chat_instance": "c",
+        "from": {"id": 5, "is_bot": false, "first_name": "A"}}}));
     sb.inject_raw(json!("not an update"));
     sb.inject_raw(json!({"update_id": "bad"}));
-    let updates = result(call(&sb, "getUpdates", json!({"allowed_updates": "[]"})));
+    // Without allowed_updates the previous choice stays.
+    let updates = result(call(&sb, "getUpdates", json!({})));
     assert_eq!(updates[0]["update_id"], callback);
     assert_eq!(updates[1], "not an update");
     assert_eq!(updates[2], json!({"update_id": "bad"}));
-    // Back to the default set: messages are delivered again.
+    assert_eq!(updates.as_array().unwrap().len(), 3);
+
+    // An empty list means the default set: messages again, reactions not.
+    let reaction =
+        sb.inject_update(json!({"message_reaction": {"chat": {"id": 5, "type": "private"}}}));
     let message = sb.inject_text(5, "visible");
-    let updates = result(call(&sb, "getUpdates", json!({"offset": callback + 1})));
+    let updates = result(call(
+        &sb,
+        "getUpdates",
+        json!({"offset": callback + 1, "allowed_updates": "[]"}),
+    ));
+    let updates = updates.as_array().unwrap();
     assert_eq!(
-        updates.as_array().unwrap().last().unwrap()["update_id"],
-        message
+        updates.len(),
+        3,
+        "the two raw updates and the message; reaction {reaction} dropped"
     );
+    assert_eq!(updates[2]["update_id"], message);
 }
 
 #[test]
