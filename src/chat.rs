@@ -106,7 +106,10 @@ fn print_replies(replies: std::sync::mpsc::Receiver<RecordedCall>, interactive: 
         };
         let prefix = if interactive { "bot> " } else { "" };
         // stdout closed (e.g. `| head`): nothing left to print to.
-        if writeln!(out, "{prefix}{text}").and_then(|_| out.flush()).is_err() {
+        if writeln!(out, "{prefix}{text}")
+            .and_then(|_| out.flush())
+            .is_err()
+        {
             return;
         }
     }

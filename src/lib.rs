@@ -94,11 +94,13 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     let shutdown = ShutdownSignal::install(stop)?;
 
     log::info!("Waiting for application startup.");
-    wait_ready(&supervisor, settings.app.startup_timeout).await.inspect_err(|_| {
-        supervisor.do_send(StopWorkers {
-            grace: Duration::ZERO,
-        });
-    })?;
+    wait_ready(&supervisor, settings.app.startup_timeout)
+        .await
+        .inspect_err(|_| {
+            supervisor.do_send(StopWorkers {
+                grace: Duration::ZERO,
+            });
+        })?;
     log::info!("Application startup complete.");
 
     let me = tokio::select! {
@@ -115,7 +117,11 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
             return Err(e);
         }
     };
-    let name = me.get("username").and_then(Value::as_str).unwrap_or("?").to_string();
+    let name = me
+        .get("username")
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_string();
     supervisor.do_send(SetBot(me));
     if settings.telegram.delete_webhook {
         match bot.request("deleteWebhook", &json!({})).await {
@@ -174,7 +180,9 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         .await
         .is_err()
     {
-        log::warn!("the Sender did not drain within {SENDER_DRAIN_DEADLINE:?}; unsent calls dropped");
+        log::warn!(
+            "the Sender did not drain within {SENDER_DRAIN_DEADLINE:?}; unsent calls dropped"
+        );
     }
     stop_workers(&supervisor, grace).await;
     let result = match fatal.borrow_mut().take() {
@@ -219,7 +227,10 @@ async fn wait_ready(supervisor: &Addr<Supervisor>, timeout: Duration) -> Result<
 
 async fn stop_workers(supervisor: &Addr<Supervisor>, grace: Duration) {
     if let Ok(rx) = supervisor.send(StopWorkers { grace }).await {
-        if tokio::time::timeout(grace + WORKER_EXIT_DEADLINE, rx).await.is_err() {
+        if tokio::time::timeout(grace + WORKER_EXIT_DEADLINE, rx)
+            .await
+            .is_err()
+        {
             log::warn!("workers did not exit within the deadline; killing them");
         }
     }

@@ -44,7 +44,12 @@ pub fn init(level: log::LevelFilter) {
     builder.format(|buf, record| {
         let ts = buf.timestamp_millis();
         let message = redact(&record.args().to_string());
-        writeln!(buf, "{ts} {:<5} {}] {message}", record.level(), record.target())
+        writeln!(
+            buf,
+            "{ts} {:<5} {}] {message}",
+            record.level(),
+            record.target()
+        )
     });
     // A second init (tests, --check then run) keeps the first logger.
     let _ = builder.try_init();

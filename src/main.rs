@@ -97,13 +97,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
             // The original put the current directory on sys.path.
             let cwd = std::env::current_dir()
                 .map_err(|e| Failure::Usage(format!("cannot read the current directory: {e}")))?;
-            sources.overrides.push(("app.app_dir", cwd.display().to_string()));
+            sources
+                .overrides
+                .push(("app.app_dir", cwd.display().to_string()));
         }
     }
     if let Some(url) = cli.api_url {
         sources.overrides.push(("telegram.api_url", url));
     }
-    if cli.config.is_none() && !sources.overrides.iter().any(|(k, _)| *k == "app.application") {
+    if cli.config.is_none()
+        && !sources
+            .overrides
+            .iter()
+            .any(|(k, _)| *k == "app.application")
+    {
         return Err(Failure::Usage(
             "nothing to run: give --config FILE, or TOKEN module:application (see --help)".into(),
         ));
@@ -112,7 +119,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
     logging::register_secret(settings.telegram.token.expose());
     // The sandbox chat owns the terminal: only warnings and errors go to
     // stderr there, unless RUST_LOG asks for more.
-    let level = if cli.sandbox { settings.log.level.min(log::LevelFilter::Warn) } else { settings.log.level };
+    let level = if cli.sandbox {
+        settings.log.level.min(log::LevelFilter::Warn)
+    } else {
+        settings.log.level
+    };
     logging::init(level);
 
     if cli.check {

@@ -146,7 +146,10 @@ pub fn route(update: &Update) -> Result<Route, Unroutable> {
             .and_then(Value::as_object)
             .and_then(|m| chat_in(m, Lane::Plain))
             .or_else(|| user_in(obj, "from")),
-        "inline_query" | "chosen_inline_result" | "shipping_query" | "pre_checkout_query"
+        "inline_query"
+        | "chosen_inline_result"
+        | "shipping_query"
+        | "pre_checkout_query"
         | "purchased_paid_media" => user_in(obj, "from"),
         "business_connection" | "managed_bot" | "subscription" => user_in(obj, "user"),
         "poll_answer" => user_in(obj, "user").or_else(|| {
@@ -219,13 +222,17 @@ mod tests {
     #[test]
     fn callback_query_prefers_the_message_chat_then_the_user() {
         assert_eq!(
-            key(json!({"update_id": 1, "callback_query": {"id": "q", "from": {"id": 7},
-                "message": {"message_id": 1, "chat": {"id": 42}}}})),
+            key(
+                json!({"update_id": 1, "callback_query": {"id": "q", "from": {"id": 7},
+                "message": {"message_id": 1, "chat": {"id": 42}}}})
+            ),
             Ok(ScopeKey::chat(42))
         );
         assert_eq!(
-            key(json!({"update_id": 1, "callback_query": {"id": "q", "from": {"id": 7},
-                "inline_message_id": "x"}})),
+            key(
+                json!({"update_id": 1, "callback_query": {"id": "q", "from": {"id": 7},
+                "inline_message_id": "x"}})
+            ),
             Ok(ScopeKey::User { id: 7 })
         );
     }
@@ -241,7 +248,13 @@ mod tests {
 
     #[test]
     fn user_only_kinds_go_to_the_user() {
-        for kind in ["inline_query", "chosen_inline_result", "shipping_query", "pre_checkout_query", "purchased_paid_media"] {
+        for kind in [
+            "inline_query",
+            "chosen_inline_result",
+            "shipping_query",
+            "pre_checkout_query",
+            "purchased_paid_media",
+        ] {
             assert_eq!(
                 key(json!({"update_id": 1, kind: {"id": "x", "from": {"id": 9}}})),
                 Ok(ScopeKey::User { id: 9 }),
@@ -249,11 +262,15 @@ mod tests {
             );
         }
         assert_eq!(
-            key(json!({"update_id": 1, "poll_answer": {"poll_id": "p", "user": {"id": 3}, "option_ids": [0]}})),
+            key(
+                json!({"update_id": 1, "poll_answer": {"poll_id": "p", "user": {"id": 3}, "option_ids": [0]}})
+            ),
             Ok(ScopeKey::User { id: 3 })
         );
         assert_eq!(
-            key(json!({"update_id": 1, "poll_answer": {"poll_id": "p", "voter_chat": {"id": -5}, "option_ids": [0]}})),
+            key(
+                json!({"update_id": 1, "poll_answer": {"poll_id": "p", "voter_chat": {"id": -5}, "option_ids": [0]}})
+            ),
             Ok(ScopeKey::chat(-5))
         );
     }

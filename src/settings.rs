@@ -209,8 +209,7 @@ impl Settings {
             .into_iter()
             .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}_")))
             .collect();
-        let mut builder =
-            Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(path) = &sources.file {
             let text = std::fs::read_to_string(path).map_err(|e| SettingsError::File {
                 path: path.clone(),
@@ -268,11 +267,19 @@ impl Settings {
             ));
         }
         if raw.telegram.http_timeout == 0 {
-            return Err(SettingsError::key("telegram.http_timeout", "must be at least 1 second"));
+            return Err(SettingsError::key(
+                "telegram.http_timeout",
+                "must be at least 1 second",
+            ));
         }
         let poll_limit = match raw.telegram.poll_limit {
             n @ 1..=100 => n as u8,
-            n => return Err(SettingsError::key("telegram.poll_limit", format!("must be 1-100, got {n}"))),
+            n => {
+                return Err(SettingsError::key(
+                    "telegram.poll_limit",
+                    format!("must be 1-100, got {n}"),
+                ))
+            }
         };
 
         let application = raw.app.application.trim().to_string();
@@ -284,7 +291,10 @@ impl Settings {
         }
         validate_app_spec(&application).map_err(|r| SettingsError::key("app.application", r))?;
         if raw.app.python.trim().is_empty() {
-            return Err(SettingsError::key("app.python", "must name a Python interpreter"));
+            return Err(SettingsError::key(
+                "app.python",
+                "must name a Python interpreter",
+            ));
         }
         if raw.app.workers == 0 || raw.app.workers > 256 {
             return Err(SettingsError::key(
@@ -304,14 +314,23 @@ impl Settings {
             ));
         }
         if raw.app.startup_timeout == 0 {
-            return Err(SettingsError::key("app.startup_timeout", "must be at least 1 second"));
+            return Err(SettingsError::key(
+                "app.startup_timeout",
+                "must be at least 1 second",
+            ));
         }
 
         if raw.scopes.idle_timeout == 0 {
-            return Err(SettingsError::key("scopes.idle_timeout", "must be at least 1 second"));
+            return Err(SettingsError::key(
+                "scopes.idle_timeout",
+                "must be at least 1 second",
+            ));
         }
         if raw.scopes.max_scopes == 0 {
-            return Err(SettingsError::key("scopes.max_scopes", "must be at least 1"));
+            return Err(SettingsError::key(
+                "scopes.max_scopes",
+                "must be at least 1",
+            ));
         }
         if !(raw.scopes.disconnect_grace.is_finite() && raw.scopes.disconnect_grace >= 0.0) {
             return Err(SettingsError::key(
@@ -322,7 +341,10 @@ impl Settings {
         let level = raw.log.level.parse::<log::LevelFilter>().map_err(|_| {
             SettingsError::key(
                 "log.level",
-                format!("must be one of off, error, warn, info, debug, trace; got {:?}", raw.log.level),
+                format!(
+                    "must be one of off, error, warn, info, debug, trace; got {:?}",
+                    raw.log.level
+                ),
             )
         })?;
 
@@ -470,7 +492,10 @@ mod tests {
             Some(write(dir.path(), "a.toml", MINIMAL)),
             &[
                 ("ASGIGRAM_TELEGRAM__TOKEN", "999:zzz"),
-                ("ASGIGRAM_TELEGRAM__ALLOWED_UPDATES", "message,callback_query"),
+                (
+                    "ASGIGRAM_TELEGRAM__ALLOWED_UPDATES",
+                    "message,callback_query",
+                ),
                 ("ASGIGRAM_APP__WORKERS", "3"),
                 ("ASGIGRAM_SCOPES__IDLE_TIMEOUT", "7"),
                 ("ASGIGRAM_LOG__LEVEL", "debug"),
@@ -478,7 +503,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.telegram.token.expose(), "999:zzz");
-        assert_eq!(s.telegram.allowed_updates, vec!["message", "callback_query"]);
+        assert_eq!(
+            s.telegram.allowed_updates,
+            vec!["message", "callback_query"]
+        );
         assert_eq!(s.app.workers, 3);
         assert_eq!(s.scopes.idle_timeout, Duration::from_secs(7));
         assert_eq!(s.log.level, log::LevelFilter::Debug);
@@ -549,7 +577,11 @@ mod tests {
         let file = write(dir.path(), "a.toml", "[telegram]\ntoken = \"1:a\"\n");
         let err = load(Some(file), &[]).unwrap_err();
         assert!(err.to_string().contains("app.application"), "{err}");
-        let file = write(dir.path(), "b.toml", "[telegram]\ntoken = \"1:a\"\n[app]\napplication = \"no-colon\"\n");
+        let file = write(
+            dir.path(),
+            "b.toml",
+            "[telegram]\ntoken = \"1:a\"\n[app]\napplication = \"no-colon\"\n",
+        );
         let err = load(Some(file), &[]).unwrap_err();
         assert!(err.to_string().contains("app.application"), "{err}");
     }

@@ -65,10 +65,16 @@ impl Update {
 pub enum TelegramError {
     /// 429: wait exactly this long, then retry.
     #[error("flood control: retry after {retry_after}s ({description})")]
-    RetryAfter { retry_after: u64, description: String },
+    RetryAfter {
+        retry_after: u64,
+        description: String,
+    },
     /// 400 with `migrate_to_chat_id`: the group became a supergroup.
     #[error("chat migrated to {migrate_to_chat_id} ({description})")]
-    Migrated { migrate_to_chat_id: i64, description: String },
+    Migrated {
+        migrate_to_chat_id: i64,
+        description: String,
+    },
     /// 401: the token was rejected; retrying cannot help.
     #[error("the token was rejected by the Bot API (401 Unauthorized)")]
     Unauthorized,
@@ -147,7 +153,9 @@ pub fn parse_envelope(status: u16, body: &[u8]) -> Result<Value, TelegramError> 
                 description: "non-JSON answer".to_string(),
             }
         } else {
-            TelegramError::InvalidResponse(format!("HTTP {status} with a body that is not a JSON object"))
+            TelegramError::InvalidResponse(format!(
+                "HTTP {status} with a body that is not a JSON object"
+            ))
         });
     };
     if env.get("ok").and_then(Value::as_bool) == Some(true) {
@@ -164,7 +172,12 @@ pub fn parse_envelope(status: u16, body: &[u8]) -> Result<Value, TelegramError> 
         .unwrap_or("no description")
         .to_string();
     let parameters = env.remove("parameters");
-    let param = |name: &str| parameters.as_ref().and_then(|p| p.get(name)).and_then(Value::as_i64);
+    let param = |name: &str| {
+        parameters
+            .as_ref()
+            .and_then(|p| p.get(name))
+            .and_then(Value::as_i64)
+    };
     Err(match code {
         429 => TelegramError::RetryAfter {
             retry_after: param("retry_after").unwrap_or(1).max(0) as u64,
@@ -211,7 +224,11 @@ impl Bot {
         let client = awc::Client::builder()
             // Per-request timeouts are set on each call; this is only the
             // connect phase.
-            .connector(awc::Connector::new().timeout(Duration::from_secs(10)).limit(256))
+            .connector(
+                awc::Connector::new()
+                    .timeout(Duration::from_secs(10))
+                    .limit(256),
+            )
             .disable_timeout()
             .finish();
         Bot {
@@ -296,27 +313,45 @@ mod tests {
             br#"{"ok":false,"error_code":429,"description":"Too Many Requests: retry after 7","parameters":{"retry_after":7}}"#,
         )
         .unwrap_err();
-        assert!(matches!(e, TelegramError::RetryAfter { retry_after: 7, .. }));
-        let e = parse_envelope(401, br#"{"ok":false,"error_code":401,"description":"Unauthorized"}"#)
-            .unwrap_err();
+        assert!(matches!(
+            e,
+            TelegramError::RetryAfter { retry_after: 7, .. }
+        ));
+        let e = parse_envelope(
+            401,
+            br#"{"ok":false,"error_code":401,"description":"Unauthorized"}"#,
+        )
+        .unwrap_err();
         assert!(matches!(e, TelegramError::Unauthorized));
         let e = parse_envelope(
             400,
             br#"{"ok":false,"error_code":400,"description":"Bad Request: group chat was upgraded to a supergroup chat","parameters":{"migrate_to_chat_id":-1001}}"#,
         )
         .unwrap_err();
-        assert!(matches!(e, TelegramError::Migrated { migrate_to_chat_id: -1001, .. }));
+        assert!(matches!(
+            e,
+            TelegramError::Migrated {
+                migrate_to_chat_id: -1001,
+                ..
+            }
+        ));
         let e = parse_envelope(502, b"<html>Bad Gateway</html>").unwrap_err();
         assert!(matches!(e, TelegramError::Server { code: 502, .. }));
         let e = parse_envelope(403, br#"{"ok":false,"error_code":403,"description":"Forbidden: bot was blocked by the user"}"#)
             .unwrap_err();
         assert!(matches!(e, TelegramError::Api { code: 403, .. }));
-        assert_eq!(e.to_envelope()["description"], "Forbidden: bot was blocked by the user");
+        assert_eq!(
+            e.to_envelope()["description"],
+            "Forbidden: bot was blocked by the user"
+        );
     }
 
     #[test]
     fn update_needs_an_integer_id() {
-        assert_eq!(Update::from_value(json!([1])).unwrap_err(), UpdateError::NotAnObject);
+        assert_eq!(
+            Update::from_value(json!([1])).unwrap_err(),
+            UpdateError::NotAnObject
+        );
         assert_eq!(
             Update::from_value(json!({"update_id": "x", "message": {}})).unwrap_err(),
             UpdateError::NoUpdateId
@@ -328,7 +363,11 @@ mod tests {
 
     #[test]
     fn bot_debug_hides_the_token() {
-        let bot = Bot::new("http://127.0.0.1:1", &BotToken::new("77:SECRET"), Duration::from_secs(1));
+        let bot = Bot::new(
+            "http://127.0.0.1:1",
+            &BotToken::new("77:SECRET"),
+            Duration::from_secs(1),
+        );
         assert!(!format!("{bot:?}").contains("SECRET"));
     }
 }

@@ -42,8 +42,11 @@ pub fn has_files(value: &Value) -> bool {
     }
 }
 
+/// Text parameters as (name, value) pairs.
+pub type TextFields = Vec<(String, String)>;
+
 /// Splits `params` into text fields and file parts (rules in the module doc).
-pub fn split(params: &Map<String, Value>) -> Result<(Vec<(String, String)>, Vec<FilePart>), UploadError> {
+pub fn split(params: &Map<String, Value>) -> Result<(TextFields, Vec<FilePart>), UploadError> {
     let mut fields = Vec::new();
     let mut files = Vec::new();
     for (key, value) in params {
@@ -88,7 +91,9 @@ fn as_bytes(value: &Value, key: &str) -> Result<Option<Bytes>, UploadError> {
 }
 
 fn as_named_file(value: &Value, key: &str) -> Result<Option<(String, Bytes)>, UploadError> {
-    let Value::Object(m) = value else { return Ok(None) };
+    let Value::Object(m) = value else {
+        return Ok(None);
+    };
     let (Some(Value::String(name)), Some(content)) = (m.get("filename"), m.get("content")) else {
         return Ok(None);
     };
@@ -99,7 +104,11 @@ fn as_named_file(value: &Value, key: &str) -> Result<Option<(String, Bytes)>, Up
 }
 
 /// Replaces nested files by `attach://fileN` and collects them.
-fn attach_nested(value: &mut Value, key: &str, files: &mut Vec<FilePart>) -> Result<(), UploadError> {
+fn attach_nested(
+    value: &mut Value,
+    key: &str,
+    files: &mut Vec<FilePart>,
+) -> Result<(), UploadError> {
     let found = match &*value {
         v @ Value::Object(_) => match (as_bytes(v, key)?, as_named_file(v, key)?) {
             (Some(content), _) => Some((None, content)),
@@ -119,7 +128,9 @@ fn attach_nested(value: &mut Value, key: &str, files: &mut Vec<FilePart>) -> Res
         return Ok(());
     }
     match value {
-        Value::Object(m) => m.values_mut().try_for_each(|v| attach_nested(v, key, files)),
+        Value::Object(m) => m
+            .values_mut()
+            .try_for_each(|v| attach_nested(v, key, files)),
         Value::Array(a) => a.iter_mut().try_for_each(|v| attach_nested(v, key, files)),
         _ => Ok(()),
     }
@@ -127,10 +138,20 @@ fn attach_nested(value: &mut Value, key: &str, files: &mut Vec<FilePart>) -> Res
 
 /// A `multipart/form-data` body and its content type.
 pub fn encode(fields: &[(String, String)], files: &[FilePart]) -> (String, Bytes) {
-    let boundary = format!("asgigramd-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let boundary = format!(
+        "asgigramd-{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..)
+    );
     let mut body = BytesMut::new();
     for (name, value) in fields {
-        body.put_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"\r\n\r\n", quote(name)).as_bytes());
+        body.put_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"\r\n\r\n",
+                quote(name)
+            )
+            .as_bytes(),
+        );
         body.put_slice(value.as_bytes());
         body.put_slice(b"\r\n");
     }
@@ -147,7 +168,10 @@ pub fn encode(fields: &[(String, String)], files: &[FilePart]) -> (String, Bytes
         body.put_slice(b"\r\n");
     }
     body.put_slice(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body.freeze())
+    (
+        format!("multipart/form-data; boundary={boundary}"),
+        body.freeze(),
+    )
 }
 
 /// Header parameter values may not carry quotes or line breaks.
@@ -186,7 +210,8 @@ mod tests {
         ]});
         assert!(has_files(&params));
         let (fields, files) = split(params.as_object().unwrap()).unwrap();
-        let media: Value = serde_json::from_str(&fields.iter().find(|(k, _)| k == "media").unwrap().1).unwrap();
+        let media: Value =
+            serde_json::from_str(&fields.iter().find(|(k, _)| k == "media").unwrap().1).unwrap();
         assert_eq!(media[0]["media"], "attach://file0");
         assert_eq!(media[1]["media"], "https://example.invalid/x.jpg");
         assert_eq!(media[2]["media"], "attach://file1");
@@ -196,14 +221,23 @@ mod tests {
 
     #[test]
     fn no_bytes_means_no_files_and_bad_base64_is_an_error() {
-        assert!(!has_files(&json!({"chat_id": 1, "text": "x", "reply_markup": {"inline_keyboard": []}})));
+        assert!(!has_files(
+            &json!({"chat_id": 1, "text": "x", "reply_markup": {"inline_keyboard": []}})
+        ));
         let err = split(json!({"photo": {"$bytes": "!!"}}).as_object().unwrap()).unwrap_err();
         assert_eq!(err, UploadError::BadBase64("photo".into()));
     }
 
     #[test]
     fn encoded_body_has_every_part_and_the_closing_boundary() {
-        let (ct, body) = encode(&[("chat_id".into(), "5".into())], &[FilePart { field: "photo".into(), filename: "p.png".into(), content: Bytes::from_static(b"\x89PNG") }]);
+        let (ct, body) = encode(
+            &[("chat_id".into(), "5".into())],
+            &[FilePart {
+                field: "photo".into(),
+                filename: "p.png".into(),
+                content: Bytes::from_static(b"\x89PNG"),
+            }],
+        );
         let boundary = ct.strip_prefix("multipart/form-data; boundary=").unwrap();
         let text = String::from_utf8_lossy(&body);
         assert!(text.contains("name=\"chat_id\"\r\n\r\n5\r\n"));

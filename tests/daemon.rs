@@ -16,7 +16,11 @@ fn asgi3_app_echoes_into_the_same_chat() {
     assert_eq!(texts, vec!["hello there"]);
     let (status, log) = d.stop();
     assert!(status.success(), "exit {status:?}; log:\n{log}");
-    for line in ["Application startup complete.", "Polling Telegram as @", "Finished."] {
+    for line in [
+        "Application startup complete.",
+        "Polling Telegram as @",
+        "Finished.",
+    ] {
         assert!(log.contains(line), "missing {line:?} in log:\n{log}");
     }
 }
@@ -32,7 +36,11 @@ fn asgi2_class_app_runs_and_reply_to_is_passed_through() {
         .into_iter()
         .find(|c| c.method == "sendMessage")
         .expect("a sendMessage call");
-    assert!(call.params["reply_to_message_id"].is_i64(), "{:?}", call.params);
+    assert!(
+        call.params["reply_to_message_id"].is_i64(),
+        "{:?}",
+        call.params
+    );
     assert_eq!(call.params["chat_id"], json!(7));
 }
 
@@ -46,7 +54,10 @@ fn each_chat_gets_its_own_instance_and_state() {
     sb.inject_text(2, "b");
     let one = wait_texts(&sb, 1, 3, &d);
     let two = wait_texts(&sb, 2, 1, &d);
-    assert_eq!(one, vec!["chat 1 count 1", "chat 1 count 2", "chat 1 count 3"]);
+    assert_eq!(
+        one,
+        vec!["chat 1 count 1", "chat 1 count 2", "chat 1 count 3"]
+    );
     assert_eq!(two, vec!["chat 2 count 1"]);
 }
 
@@ -87,7 +98,8 @@ fn an_app_that_raises_keeps_the_bot_alive_and_the_chat_answering() {
     let (status, log) = d.stop();
     assert!(status.success());
     assert_eq!(
-        log.matches("ZeroDivisionError: the app blew up on purpose").count(),
+        log.matches("ZeroDivisionError: the app blew up on purpose")
+            .count(),
         1,
         "traceback must be logged exactly once:\n{log}"
     );
@@ -97,7 +109,10 @@ fn an_app_that_raises_keeps_the_bot_alive_and_the_chat_answering() {
 #[test]
 fn unknown_and_malformed_updates_are_skipped_without_a_crash() {
     let sb = sandbox();
-    let d = Daemon::start(&config_for(&sb, "echo3:app", "[log]\nlevel = \"debug\"\n"), &[]);
+    let d = Daemon::start(
+        &config_for(&sb, "echo3:app", "[log]\nlevel = \"debug\"\n"),
+        &[],
+    );
     sb.inject_raw(json!({"mystery_kind_from_the_future": {"x": 1}}));
     sb.inject_raw(json!({"message": "not an object"}));
     sb.inject_raw(json!({"poll": {"id": "p1", "question": "?", "options": []}}));
@@ -105,7 +120,10 @@ fn unknown_and_malformed_updates_are_skipped_without_a_crash() {
     assert_eq!(wait_texts(&sb, 9, 1, &d), vec!["still alive"]);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
-    assert!(log.contains("kind=mystery_kind_from_the_future is unknown"), "{log}");
+    assert!(
+        log.contains("kind=mystery_kind_from_the_future is unknown"),
+        "{log}"
+    );
     assert!(log.contains("kind=message is not an object"), "{log}");
     assert!(log.contains("kind=poll has no chat or user"), "{log}");
 }
@@ -117,21 +135,31 @@ fn app_output_goes_to_the_log_with_the_worker_pid() {
     sb.inject_text(3, "x");
     assert_eq!(wait_texts(&sb, 3, 1, &d), vec!["printed"]);
     assert!(d.wait_log("stdout] printed by the app: x"), "{}", d.log());
-    assert!(d.wait_log("stderr] stderr line from the app"), "{}", d.log());
+    assert!(
+        d.wait_log("stderr] stderr line from the app"),
+        "{}",
+        d.log()
+    );
     assert!(d.log().contains("[worker "), "{}", d.log());
 }
 
 #[test]
 fn the_token_appears_in_no_log_line_even_at_trace_level() {
     let sb = sandbox();
-    let d = Daemon::start(&config_for(&sb, "printer:app", ""), &[("RUST_LOG", "trace")]);
+    let d = Daemon::start(
+        &config_for(&sb, "printer:app", ""),
+        &[("RUST_LOG", "trace")],
+    );
     sb.inject_text(3, "x");
     wait_texts(&sb, 3, 1, &d);
     let (status, log) = d.stop();
     assert!(status.success());
     assert!(log.contains("TRACE"), "trace logging was not on:\n{log}");
     assert!(!log.contains(TOKEN), "token leaked into the log");
-    assert!(!log.contains("SECRET-token"), "part of the token leaked into the log");
+    assert!(
+        !log.contains("SECRET-token"),
+        "part of the token leaked into the log"
+    );
 }
 
 #[test]
@@ -157,10 +185,15 @@ fn config_errors_name_the_key_and_start_nothing() {
         let mut d = Daemon::start(&config_for(&sb, "echo3:app", extra), &[]);
         let status = d.wait_exit();
         assert_eq!(status.code(), Some(1), "{extra}");
-        assert!(d.log().contains(key), "error for {extra:?} does not name {key}: {}", d.log());
+        assert!(
+            d.log().contains(key),
+            "error for {extra:?} does not name {key}: {}",
+            d.log()
+        );
     }
     // A missing token is named too, and nothing was started.
-    let config = config_for(&sb, "echo3:app", "").replace(&format!("token = \"{}\"", sb.token()), "");
+    let config =
+        config_for(&sb, "echo3:app", "").replace(&format!("token = \"{}\"", sb.token()), "");
     let mut d = Daemon::start(&config, &[]);
     assert_eq!(d.wait_exit().code(), Some(1));
     assert!(d.log().contains("telegram.token"), "{}", d.log());
@@ -182,10 +215,18 @@ fn check_imports_the_app_and_reports_errors() {
     let sb = sandbox();
     let ok = Command::new(binary())
         .args(["--check", "--config"])
-        .arg(write_config(&config_for(&sb, "echo3:app", "")).path().join("c.toml"))
+        .arg(
+            write_config(&config_for(&sb, "echo3:app", ""))
+                .path()
+                .join("c.toml"),
+        )
         .output()
         .expect("runs");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("ok: echo3:app"));
 
     let dir = write_config(&config_for(&sb, "broken_import:app", ""));
@@ -249,6 +290,10 @@ fn sandbox_chat_with_piped_input_prints_the_replies_and_exits() {
         .expect("the sandbox chat exits by itself once the replies came")
         .expect("output");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout, "hi\nhow are you?\n");
 }

@@ -102,7 +102,10 @@ impl Poller {
                 self.poll(ctx);
             }
             Ok(other) => {
-                log::warn!("getUpdates answered a non-array result ({}); retrying", kind_of(&other));
+                log::warn!(
+                    "getUpdates answered a non-array result ({}); retrying",
+                    kind_of(&other)
+                );
                 self.retry(BACKOFF.delay(self.failures), ctx);
             }
             Err(TelegramError::RetryAfter { retry_after, .. }) => {
@@ -134,7 +137,6 @@ impl Poller {
         self.failures = self.failures.saturating_add(1);
         self.in_flight = Some(ctx.run_later(delay, |act, ctx| act.poll(ctx)));
     }
-
 }
 
 /// Turns getUpdates' result into updates and moves the offset past them.
@@ -198,7 +200,10 @@ mod tests {
             json!({"update_id": 12, "weird": 1}),
         ];
         let got = take_batch(&mut offset, items);
-        assert_eq!(got.iter().map(|u| u.id.0).collect::<Vec<_>>(), vec![10, 11, 12]);
+        assert_eq!(
+            got.iter().map(|u| u.id.0).collect::<Vec<_>>(),
+            vec![10, 11, 12]
+        );
         assert_eq!(offset, Some(13));
         // An older id never moves the offset back.
         take_batch(&mut offset, vec![json!({"update_id": 5, "message": {}})]);

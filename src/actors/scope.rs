@@ -70,8 +70,12 @@ pub use ScopeReport::Stopped as ScopeStopped;
 enum Instance {
     /// No instance: none started yet, or the last one ended.
     None,
-    Running { sid: Sid },
-    Closing { sid: Sid },
+    Running {
+        sid: Sid,
+    },
+    Closing {
+        sid: Sid,
+    },
 }
 
 pub struct ScopeActor {
@@ -144,7 +148,11 @@ impl ScopeActor {
 
     /// Gives the instance every queued event it has not been given yet.
     fn flush(&mut self, sid: Sid) {
-        for (seq, event) in self.queue.iter().skip_while(|(seq, _)| *seq < self.unsent_from) {
+        for (seq, event) in self
+            .queue
+            .iter()
+            .skip_while(|(seq, _)| *seq < self.unsent_from)
+        {
             self.worker.do_send(Write(
                 ToWorker::Event {
                     sid,
@@ -193,7 +201,10 @@ impl ScopeActor {
                 let method = match event.remove("method") {
                     Some(Value::String(m)) if !m.is_empty() => m,
                     _ => {
-                        log::warn!("scope={} telegram.api event without a method; skipped", self.key);
+                        log::warn!(
+                            "scope={} telegram.api event without a method; skipped",
+                            self.key
+                        );
                         return;
                     }
                 };
@@ -201,14 +212,20 @@ impl ScopeActor {
                     Some(Value::Object(p)) => p,
                     None | Some(Value::Null) => Map::new(),
                     Some(_) => {
-                        log::warn!("scope={} telegram.api params is not an object; skipped", self.key);
+                        log::warn!(
+                            "scope={} telegram.api params is not an object; skipped",
+                            self.key
+                        );
                         return;
                     }
                 };
                 (method, params)
             }
             other => {
-                log::warn!("scope={} app sent an event of unknown type {other:?}; skipped", self.key);
+                log::warn!(
+                    "scope={} app sent an event of unknown type {other:?}; skipped",
+                    self.key
+                );
                 return;
             }
         };
@@ -230,7 +247,9 @@ impl ScopeActor {
             params.insert("chat_id".into(), json!(id));
         }
         if let Lane::Business(conn) = lane {
-            if !params.contains_key("business_connection_id") && takes(methods::BUSINESS_METHODS, method) {
+            if !params.contains_key("business_connection_id")
+                && takes(methods::BUSINESS_METHODS, method)
+            {
                 params.insert("business_connection_id".into(), json!(conn));
             }
         }
@@ -337,7 +356,10 @@ impl Handler<InstanceMsg> for ScopeActor {
                         tb.trim_end()
                     );
                 } else if cancelled {
-                    log::info!("scope={} application instance cancelled after the grace period", self.key);
+                    log::info!(
+                        "scope={} application instance cancelled after the grace period",
+                        self.key
+                    );
                 }
                 let closing = matches!(self.instance, Instance::Closing { .. });
                 self.instance = Instance::None;
@@ -386,7 +408,10 @@ impl Handler<CallDone> for ScopeActor {
         };
         event["request_id"] = msg.request_id;
         let Some(sid) = self.current_sid() else {
-            log::debug!("scope={} API response for an ended instance dropped", self.key);
+            log::debug!(
+                "scope={} API response for an ended instance dropped",
+                self.key
+            );
             return;
         };
         self.push(event);

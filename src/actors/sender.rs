@@ -189,11 +189,21 @@ impl Sender {
     }
 
     /// Puts a call back at the head of its lane after `delay`.
-    fn retry_later(&mut self, lane: Option<String>, call: Call, delay: Duration, ctx: &mut Context<Self>) {
+    fn retry_later(
+        &mut self,
+        lane: Option<String>,
+        call: Call,
+        delay: Duration,
+        ctx: &mut Context<Self>,
+    ) {
         ctx.run_later(delay, move |act, ctx| {
             match lane {
                 Some(lane) => {
-                    act.lanes.entry(lane.clone()).or_default().queue.push_front(call);
+                    act.lanes
+                        .entry(lane.clone())
+                        .or_default()
+                        .queue
+                        .push_front(call);
                     act.ready.push_back(lane);
                 }
                 None => act.unordered.push_front(call),
@@ -205,7 +215,9 @@ impl Sender {
     /// The lane's call has a final outcome: let its next call go.
     fn advance(&mut self, lane: Option<String>) {
         let Some(lane) = lane else { return };
-        let Some(q) = self.lanes.get_mut(&lane) else { return };
+        let Some(q) = self.lanes.get_mut(&lane) else {
+            return;
+        };
         if q.queue.is_empty() {
             self.lanes.remove(&lane);
         } else {
@@ -270,7 +282,11 @@ impl Handler<Finished> for Sender {
         } = msg;
         match result {
             Ok(result) => {
-                log::trace!("call ok method={} chat={}", call.method, call.chat_for_log());
+                log::trace!(
+                    "call ok method={} chat={}",
+                    call.method,
+                    call.chat_for_log()
+                );
                 Self::report(call, Ok(result), None);
                 self.advance(lane);
             }
@@ -286,7 +302,11 @@ impl Handler<Finished> for Sender {
                 migrate_to_chat_id, ..
             }) if call.attempts < MAX_ATTEMPTS => {
                 let new = Value::from(migrate_to_chat_id);
-                log::info!("chat={} migrated to {new}; resending method={}", call.chat_for_log(), call.method);
+                log::info!(
+                    "chat={} migrated to {new}; resending method={}",
+                    call.chat_for_log(),
+                    call.method
+                );
                 if let Some(old) = call.lane() {
                     self.migrated.insert(old, new.clone());
                 }

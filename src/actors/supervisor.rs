@@ -193,7 +193,9 @@ impl Supervisor {
             let id = update.id.0;
             match routed {
                 Ok(route) => {
-                    let Some(event) = Self::event_for(update) else { continue };
+                    let Some(event) = Self::event_for(update) else {
+                        continue;
+                    };
                     match index.get(&route.key) {
                         Some(&i) => batches[i].1.push(event),
                         None => {
@@ -239,7 +241,8 @@ impl Supervisor {
             return;
         }
         let Some(worker) = self.pick_worker() else {
-            self.parked.extend(events.into_iter().map(|e| (route.clone(), e)));
+            self.parked
+                .extend(events.into_iter().map(|e| (route.clone(), e)));
             return;
         };
         if self.scopes.len() >= self.settings.scopes.max_scopes {
@@ -288,7 +291,10 @@ impl Supervisor {
             .map(|(k, _)| k.clone());
         match victim {
             Some(key) => {
-                log::debug!("scope={key} evicted: max_scopes={} reached", self.settings.scopes.max_scopes);
+                log::debug!(
+                    "scope={key} evicted: max_scopes={} reached",
+                    self.settings.scopes.max_scopes
+                );
                 self.close(&key, "evicted");
             }
             None => log::warn!(
@@ -320,7 +326,13 @@ impl Supervisor {
         }
     }
 
-    fn scope_stopped(&mut self, scope_id: u64, key: ScopeKey, leftover: Vec<Value>, ctx: &mut Context<Self>) {
+    fn scope_stopped(
+        &mut self,
+        scope_id: u64,
+        key: ScopeKey,
+        leftover: Vec<Value>,
+        ctx: &mut Context<Self>,
+    ) {
         let worker = match self.closing.remove(&scope_id) {
             Some(w) => Some(w),
             // Stopped without being closed (its worker died): drop its entry.
@@ -333,7 +345,10 @@ impl Supervisor {
             w.scopes = w.scopes.saturating_sub(1);
         }
         if self.shutting_down {
-            let lowest = leftover.iter().filter_map(|e| e.get("update_id")?.as_i64()).min();
+            let lowest = leftover
+                .iter()
+                .filter_map(|e| e.get("update_id")?.as_i64())
+                .min();
             self.unreceived = self.unreceived.into_iter().chain(lowest).min();
         } else if !leftover.is_empty() {
             // Fresh scope for what the old instance never received; the chat
@@ -395,7 +410,8 @@ impl Actor for Supervisor {
             });
             self.start_worker(index, ctx);
         }
-        let tick = (self.settings.scopes.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let tick = (self.settings.scopes.idle_timeout / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
         ctx.run_interval(tick, |act, _| act.reap_idle());
     }
 }
@@ -482,7 +498,11 @@ impl Handler<ScopeReport> for Supervisor {
             }
             ScopeReport::InstanceEnded { scope_id, key } => {
                 // Events may be on their way to it; then it restarts instead.
-                if self.scopes.get(&key).is_some_and(|e| e.scope_id == scope_id && !e.busy()) {
+                if self
+                    .scopes
+                    .get(&key)
+                    .is_some_and(|e| e.scope_id == scope_id && !e.busy())
+                {
                     self.close(&key, "ended");
                 }
             }
@@ -540,7 +560,10 @@ impl Handler<WorkerEvent> for Supervisor {
                 if self.startup_error.is_some() {
                     return;
                 }
-                log::error!("worker={index} pid={pid} died ({}); restarting it", describe(status));
+                log::error!(
+                    "worker={index} pid={pid} died ({}); restarting it",
+                    describe(status)
+                );
                 self.counters.worker_restarts += 1;
                 let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
                     .delay(self.workers[index].failures);

@@ -115,7 +115,9 @@ impl Worker {
 
     fn handle_frame(&mut self, frame: FromWorker) {
         match frame {
-            FromWorker::Received { sid, seq } => self.route(sid, InstanceMsg::Received { sid, seq }),
+            FromWorker::Received { sid, seq } => {
+                self.route(sid, InstanceMsg::Received { sid, seq })
+            }
             FromWorker::Send { sid, event } => self.route(sid, InstanceMsg::Send { sid, event }),
             FromWorker::Ended {
                 sid,
@@ -149,7 +151,12 @@ impl Worker {
                 });
             }
             FromWorker::Fatal { error } => {
-                log::error!("worker={} pid={} cannot run the application:\n{}", self.index, self.pid, error.trim_end());
+                log::error!(
+                    "worker={} pid={} cannot run the application:\n{}",
+                    self.index,
+                    self.pid,
+                    error.trim_end()
+                );
                 self.fatal.get_or_insert(error);
             }
             FromWorker::Pong { .. } => {}
@@ -160,7 +167,12 @@ impl Worker {
                     "info" => log::Level::Info,
                     _ => log::Level::Debug,
                 };
-                log::log!(level, "worker={} pid={} bridge: {message}", self.index, self.pid);
+                log::log!(
+                    level,
+                    "worker={} pid={} bridge: {message}",
+                    self.index,
+                    self.pid
+                );
             }
         }
     }
@@ -168,7 +180,10 @@ impl Worker {
     fn route(&self, sid: Sid, msg: InstanceMsg) {
         match self.instances.get(&sid) {
             Some(to) => to.do_send(msg),
-            None => log::debug!("worker={} frame for unknown instance sid={sid} dropped", self.index),
+            None => log::debug!(
+                "worker={} frame for unknown instance sid={sid} dropped",
+                self.index
+            ),
         }
     }
 }
@@ -192,7 +207,12 @@ impl Actor for Worker {
         };
         let mut child = spawned.child;
         self.pid = child.id().unwrap_or(0);
-        log::info!("worker={} started pid={} ({})", self.index, self.pid, self.app.python);
+        log::info!(
+            "worker={} started pid={} ({})",
+            self.index,
+            self.pid,
+            self.app.python
+        );
         let (read, write) = spawned.channel.into_split();
         let codec = || {
             LengthDelimitedCodec::builder()
@@ -239,9 +259,10 @@ async fn forward_lines(stream: impl AsyncRead + Unpin, pid: u32, name: &'static 
 
 impl StreamHandler<Result<BytesMut, io::Error>> for Worker {
     fn handle(&mut self, item: Result<BytesMut, io::Error>, _: &mut Context<Self>) {
-        match item.map_err(|e| e.to_string()).and_then(|f| {
-            FromWorker::decode(&f).map_err(|e| e.to_string())
-        }) {
+        match item
+            .map_err(|e| e.to_string())
+            .and_then(|f| FromWorker::decode(&f).map_err(|e| e.to_string()))
+        {
             Ok(frame) => self.handle_frame(frame),
             Err(e) => log::warn!("worker={} pid={} {e}; frame skipped", self.index, self.pid),
         }
@@ -255,7 +276,11 @@ impl StreamHandler<Result<BytesMut, io::Error>> for Worker {
 
 impl actix::io::WriteHandler<io::Error> for Worker {
     fn error(&mut self, err: io::Error, _: &mut Context<Self>) -> Running {
-        log::warn!("worker={} pid={} channel write failed: {err}", self.index, self.pid);
+        log::warn!(
+            "worker={} pid={} channel write failed: {err}",
+            self.index,
+            self.pid
+        );
         // Keep running: the exit watcher decides when the worker is gone.
         Running::Continue
     }
@@ -304,7 +329,10 @@ impl Handler<ProcessExited> for Worker {
             }),
             (None, false) => self.supervisor.do_send(WorkerEvent::Failed {
                 index: self.index,
-                error: format!("the worker exited before it was ready ({})", describe(status)),
+                error: format!(
+                    "the worker exited before it was ready ({})",
+                    describe(status)
+                ),
             }),
             (None, true) => {}
         }

@@ -34,11 +34,25 @@ pub type Sid = u64;
 #[derive(Debug, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ToWorker<'a> {
-    Start { sid: Sid, scope: &'a Value },
-    Event { sid: Sid, seq: u64, event: &'a Value },
-    Close { sid: Sid, grace: f64 },
-    Ping { n: u64 },
-    Shutdown { grace: f64 },
+    Start {
+        sid: Sid,
+        scope: &'a Value,
+    },
+    Event {
+        sid: Sid,
+        seq: u64,
+        event: &'a Value,
+    },
+    Close {
+        sid: Sid,
+        grace: f64,
+    },
+    Ping {
+        n: u64,
+    },
+    Shutdown {
+        grace: f64,
+    },
 }
 
 impl ToWorker<'_> {
@@ -147,7 +161,9 @@ pub fn spawn_worker(app: &AppSettings) -> io::Result<Spawned> {
             if theirs_raw == CHANNEL_FD {
                 // dup2 onto itself keeps CLOEXEC; clear it so fd 3 survives exec.
                 let flags = libc::fcntl(CHANNEL_FD, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(CHANNEL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                if flags < 0
+                    || libc::fcntl(CHANNEL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                {
                     return Err(io::Error::last_os_error());
                 }
             } else if libc::dup2(theirs_raw, CHANNEL_FD) < 0 {
@@ -176,11 +192,20 @@ mod tests {
     #[test]
     fn frames_encode_with_their_op() {
         let scope = json!({"type": "telegram", "chat": {"id": 1}});
-        let f = ToWorker::Start { sid: 4, scope: &scope }.encode();
+        let f = ToWorker::Start {
+            sid: 4,
+            scope: &scope,
+        }
+        .encode();
         let v: Value = serde_json::from_slice(&f).unwrap();
         assert_eq!(v, json!({"op": "start", "sid": 4, "scope": scope}));
         let ev = json!({"type": "telegram.message"});
-        let f = ToWorker::Event { sid: 4, seq: 9, event: &ev }.encode();
+        let f = ToWorker::Event {
+            sid: 4,
+            seq: 9,
+            event: &ev,
+        }
+        .encode();
         let v: Value = serde_json::from_slice(&f).unwrap();
         assert_eq!(v["seq"], 9);
     }
@@ -192,10 +217,21 @@ mod tests {
             FromWorker::Received { sid: 1, seq: 2 }
         );
         assert_eq!(
-            FromWorker::decode(br#"{"op":"ended","sid":1,"error":null,"cancelled":false}"#).unwrap(),
-            FromWorker::Ended { sid: 1, error: None, cancelled: false }
+            FromWorker::decode(br#"{"op":"ended","sid":1,"error":null,"cancelled":false}"#)
+                .unwrap(),
+            FromWorker::Ended {
+                sid: 1,
+                error: None,
+                cancelled: false
+            }
         );
-        for bad in [&b"not json"[..], b"[]", br#"{"op":"nope"}"#, br#"{"op":"received","sid":"x"}"#, b""] {
+        for bad in [
+            &b"not json"[..],
+            b"[]",
+            br#"{"op":"nope"}"#,
+            br#"{"op":"received","sid":"x"}"#,
+            b"",
+        ] {
             assert!(FromWorker::decode(bad).is_err());
         }
     }

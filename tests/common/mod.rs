@@ -118,7 +118,10 @@ impl Daemon {
             }
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
-                panic!("asgigramd did not exit within {DEADLINE:?}; log:\n{}", self.log());
+                panic!(
+                    "asgigramd did not exit within {DEADLINE:?}; log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
