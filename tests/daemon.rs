@@ -297,3 +297,73 @@ fn sandbox_chat_with_piped_input_prints_the_replies_and_exits() {
     );
     assert_eq!(stdout, "hi\nhow are you?\n");
 }
+
+#[test]
+fn max_scopes_evicts_the_longest_idle_scope_which_starts_fresh_later() {
+    let sb = sandbox();
+    let extra = "[scopes]\nmax_scopes = 2\n";
+    let d = Daemon::start(
+        &config_for(&sb, "counter:app", extra),
+        &[("RUST_LOG", "debug")],
+    );
+    sb.inject_text(1, "a");
+    wait_texts(&sb, 1, 1, &d);
+    sb.inject_text(2, "b");
+    wait_texts(&sb, 2, 1, &d);
+    // A third chat needs room: chat 1 is the longest idle.
+    sb.inject_text(3, "c");
+    wait_texts(&sb, 3, 1, &d);
+    assert!(d.wait_log("scope=chat:1 evicted"), "{}", d.log());
+    sb.inject_text(2, "b again");
+    sb.inject_text(1, "a again");
+    assert_eq!(
+        wait_texts(&sb, 2, 2, &d)[1],
+        "chat 2 count 2",
+        "chat 2 kept its instance"
+    );
+    assert_eq!(
+        wait_texts(&sb, 1, 2, &d)[1],
+        "chat 1 count 1",
+        "chat 1 starts a fresh instance"
+    );
+}
+
+#[test]
+fn a_killed_worker_is_restarted_and_its_chats_lose_nothing() {
+    let sb = sandbox();
+    let d = Daemon::start(&config_for(&sb, "echo3:app", ""), &[]);
+    sb.inject_text(21, "before");
+    assert_eq!(wait_texts(&sb, 21, 1, &d), vec!["before"]);
+    let pid = worker_pids(&d.log())[0];
+    // SAFETY: kill(2) on the worker process this test's daemon started.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    // Sent while the worker is dying or being replaced.
+    for i in 0..5 {
+        sb.inject_text(21, &format!("after {i}"));
+    }
+    assert!(
+        d.wait_log("died (killed by signal 9); restarting it"),
+        "{}",
+        d.log()
+    );
+    let texts = wait_texts(&sb, 21, 6, &d);
+    assert_eq!(
+        texts[1..],
+        ["after 0", "after 1", "after 2", "after 3", "after 4"]
+    );
+    assert!(
+        worker_pids(&d.log()).len() >= 2,
+        "a new worker was started: {}",
+        d.log()
+    );
+}
+
+/// Worker pids in start order, from the "worker=N started pid=P" lines.
+fn worker_pids(log: &str) -> Vec<i32> {
+    log.lines()
+        .filter_map(|l| l.split(" started pid=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}

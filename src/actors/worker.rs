@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::process::ExitStatus;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
@@ -81,6 +82,13 @@ pub struct ShutdownWorker {
 #[rtype(result = "()")]
 struct ProcessExited(Option<ExitStatus>);
 
+/// How often a ready worker is pinged.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// A worker whose event loop has not answered a ping for this long is hung
+/// (an app blocking the loop, a deadlock) and is killed, so the Supervisor
+/// replaces it and its scopes' events go to a fresh instance.
+const PING_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct Worker {
     index: usize,
     app: AppSettings,
@@ -91,6 +99,8 @@ pub struct Worker {
     instances: HashMap<Sid, Recipient<InstanceMsg>>,
     /// The first `fatal` message, reported when the process exits.
     fatal: Option<String>,
+    pings_sent: u64,
+    last_pong: Instant,
 }
 
 impl Worker {
@@ -104,6 +114,8 @@ impl Worker {
             writer: None,
             instances: HashMap::new(),
             fatal: None,
+            pings_sent: 0,
+            last_pong: Instant::now(),
         }
     }
 
@@ -139,6 +151,7 @@ impl Worker {
                 python,
             } => {
                 self.ready = true;
+                self.last_pong = Instant::now();
                 log::info!(
                     "worker={} pid={pid} ready: ASGI {asgi_version}, lifespan {}, Python {python}",
                     self.index,
@@ -159,7 +172,7 @@ impl Worker {
                 );
                 self.fatal.get_or_insert(error);
             }
-            FromWorker::Pong { .. } => {}
+            FromWorker::Pong { .. } => self.last_pong = Instant::now(),
             FromWorker::Log { level, message } => {
                 let level = match level.as_str() {
                     "error" => log::Level::Error,
@@ -175,6 +188,31 @@ impl Worker {
                 );
             }
         }
+    }
+
+    /// Pings a ready worker; kills it when it stopped answering.
+    fn check_alive(&mut self) {
+        if !self.ready || self.writer.is_none() {
+            return;
+        }
+        if self.last_pong.elapsed() > PING_TIMEOUT {
+            log::error!(
+                "worker={} pid={} has not answered pings for {}s; killing it",
+                self.index,
+                self.pid,
+                PING_TIMEOUT.as_secs()
+            );
+            // SAFETY: kill(2) on the pid of the child this actor started. The
+            // pid stays ours until the exit watcher reaps the child, and then
+            // `writer` is cleared before any further check can run.
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGKILL);
+            }
+            self.ready = false;
+            return;
+        }
+        self.pings_sent += 1;
+        self.write(ToWorker::Ping { n: self.pings_sent }.encode());
     }
 
     fn route(&self, sid: Sid, msg: InstanceMsg) {
@@ -232,6 +270,7 @@ impl Actor for Worker {
             let status = child.wait().await.ok();
             me.do_send(ProcessExited(status));
         });
+        ctx.run_interval(PING_INTERVAL, |act, _| act.check_alive());
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
