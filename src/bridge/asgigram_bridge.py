@@ -535,28 +535,19 @@ class Lifespan:
                 return True
             raise Fatal("lifespan startup failed: %s" % (value.get("message") or "(no message)",))
         if kind == "raised":
-            if self.required:
-                raise Fatal("lifespan startup raised an exception (--lifespan on):\n" + value)
-            self.worker.channel.log(
-                "debug",
-                "ASGI lifespan appears unsupported by the app (it raised on the lifespan scope); "
-                "continuing without lifespan:\n" + value,
-            )
-            return False
+            return self._unsupported("raised on the lifespan scope", ":\n" + value)
         if kind == "ignored":
             self.abort()
-            if self.required:
-                raise Fatal("the app ignored lifespan.startup (--lifespan on)")
-            self.worker.channel.log(
-                "debug", "ASGI lifespan appears unsupported by the app (it ignored lifespan.startup); "
-                "continuing without lifespan",
-            )
-            return False
+            return self._unsupported("ignored lifespan.startup")
+        return self._unsupported("returned without completing startup")
+
+    def _unsupported(self, how, detail=""):
+        """Auto mode runs on without lifespan; --lifespan on makes it fatal."""
         if self.required:
-            raise Fatal("the app returned from the lifespan scope without completing startup (--lifespan on)")
+            raise Fatal("lifespan is required (--lifespan on) but the app %s%s" % (how, detail))
         self.worker.channel.log(
-            "debug", "ASGI lifespan appears unsupported by the app (it returned without a reply); "
-            "continuing without lifespan",
+            "debug",
+            "ASGI lifespan appears unsupported by the app (it %s); continuing without lifespan%s" % (how, detail),
         )
         return False
 
