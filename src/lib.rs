@@ -10,6 +10,7 @@
 //! - [`settings`]: typed settings in layers (defaults, file, environment); the
 //!   token redacts itself.
 //! - [`telegram`]: the Bot API boundary: updates, calls, the error envelope.
+//! - [`limits`]: Telegram's flood limits as data and the pure pacer the Sender uses.
 //! - [`routing`]: which scope an update goes to; one pure function.
 //! - [`bridge`]: the worker channel protocol and starting a worker process.
 //! - [`actors`]: the daemon itself, one file per actor.
@@ -26,7 +27,8 @@
 //!                      ScopeActor (user:456) ◀──InstanceMsg───   │              (bridge + instances)
 //!                           │ app's send()                        └─ stdout/stderr lines ─▶ log
 //!                           ▼
-//!  Bot API ◀──sendMessage── Sender (per-chat order, retries) ──CallDone──▶ ScopeActor
+//!  Bot API ◀──sendMessage── Sender (limits, per-chat order, retries) ──CallDone──▶ ScopeActor
+//!                             └── pause / resume (backpressure) ──▶ Worker
 //! ```
 //!
 //! Every actor runs on one thread, the actix `System` that [`run`] is driven by.
@@ -35,6 +37,8 @@ pub mod actors;
 pub mod backoff;
 pub mod bridge;
 pub mod chat;
+pub mod journal;
+pub mod limits;
 pub mod logging;
 pub mod methods;
 pub mod routing;
@@ -89,7 +93,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         settings.app.workers,
         settings.app.python
     );
-    let sender = Sender::new(bot.clone()).start();
+    let sender = Sender::new(bot.clone(), settings.sender.clone()).start();
     let supervisor = Supervisor::new(settings.clone(), sender.clone()).start();
     let shutdown = ShutdownSignal::install(stop)?;
 
@@ -202,7 +206,7 @@ pub async fn check(mut settings: Settings) -> Result<(), RunError> {
         &settings.telegram.token,
         settings.telegram.http_timeout,
     );
-    let sender = Sender::new(bot).start();
+    let sender = Sender::new(bot, settings.sender.clone()).start();
     let supervisor = Supervisor::new(settings.clone(), sender).start();
     let ready = wait_ready(&supervisor, settings.app.startup_timeout).await;
     stop_workers(&supervisor, Duration::ZERO).await;

@@ -74,6 +74,7 @@ pub struct Settings {
     pub telegram: TelegramSettings,
     pub app: AppSettings,
     pub scopes: ScopeSettings,
+    pub sender: SenderSettings,
     pub log: LogSettings,
 }
 
@@ -104,6 +105,39 @@ pub struct ScopeSettings {
     pub idle_timeout: Duration,
     pub max_scopes: usize,
     pub disconnect_grace: Duration,
+}
+
+/// What the Sender does with a call whose outcome is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmbiguousPolicy {
+    /// Send it again: a rare duplicate beats a lost message.
+    Retry,
+    /// Report the failure; never risk a duplicate.
+    Fail,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SenderSettings {
+    pub limits: crate::limits::Limits,
+    /// Queued calls above which the apps' `send()` waits.
+    pub queue_limit: usize,
+    pub response_timeout: Duration,
+    pub ambiguous: AmbiguousPolicy,
+    pub max_attempts: u32,
+}
+
+impl Default for SenderSettings {
+    /// The values of `config/default.toml`.
+    fn default() -> Self {
+        SenderSettings {
+            limits: crate::limits::Limits::default(),
+            queue_limit: 10_000,
+            response_timeout: Duration::from_secs(60),
+            ambiguous: AmbiguousPolicy::Retry,
+            max_attempts: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +187,7 @@ struct RawSettings {
     telegram: RawTelegram,
     app: RawApp,
     scopes: RawScopes,
+    sender: RawSender,
     log: RawLog,
 }
 
@@ -186,6 +221,22 @@ struct RawScopes {
     idle_timeout: u64,
     max_scopes: u64,
     disconnect_grace: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSender {
+    limits: bool,
+    global_per_second: u64,
+    paid_broadcast_per_second: u64,
+    chat_per_second: f64,
+    chat_burst: u64,
+    group_per_minute: u64,
+    safety_margin: f64,
+    queue_limit: u64,
+    response_timeout: u64,
+    ambiguous: AmbiguousPolicy,
+    max_attempts: u64,
 }
 
 #[derive(Deserialize)]
@@ -338,6 +389,7 @@ impl Settings {
                 "must be a non-negative number of seconds",
             ));
         }
+        let sender = validate_sender(&raw.sender)?;
         let level = raw.log.level.parse::<log::LevelFilter>().map_err(|_| {
             SettingsError::key(
                 "log.level",
@@ -371,9 +423,65 @@ impl Settings {
                 max_scopes: raw.scopes.max_scopes as usize,
                 disconnect_grace: Duration::from_secs_f64(raw.scopes.disconnect_grace),
             },
+            sender,
             log: LogSettings { level },
         })
     }
+}
+
+fn validate_sender(raw: &RawSender) -> Result<SenderSettings, SettingsError> {
+    let count = |key: &'static str, value: u64, max: u64| match value {
+        n @ 1.. if n <= max => Ok(n as u32),
+        n => Err(SettingsError::key(key, format!("must be 1-{max}, got {n}"))),
+    };
+    let global_per_second = count("sender.global_per_second", raw.global_per_second, 100_000)?;
+    let paid_broadcast_per_second = count(
+        "sender.paid_broadcast_per_second",
+        raw.paid_broadcast_per_second,
+        100_000,
+    )?;
+    let chat_burst = count("sender.chat_burst", raw.chat_burst, 1000)?;
+    let group_per_minute = count("sender.group_per_minute", raw.group_per_minute, 100_000)?;
+    let max_attempts = count("sender.max_attempts", raw.max_attempts, 1000)?;
+    if !(raw.chat_per_second.is_finite() && raw.chat_per_second > 0.0) {
+        return Err(SettingsError::key(
+            "sender.chat_per_second",
+            format!("must be a positive number, got {}", raw.chat_per_second),
+        ));
+    }
+    if !(raw.safety_margin.is_finite() && (0.0..=10.0).contains(&raw.safety_margin)) {
+        return Err(SettingsError::key(
+            "sender.safety_margin",
+            format!("must be 0-10 seconds, got {}", raw.safety_margin),
+        ));
+    }
+    if raw.queue_limit < 2 {
+        return Err(SettingsError::key(
+            "sender.queue_limit",
+            format!("must be at least 2, got {}", raw.queue_limit),
+        ));
+    }
+    if raw.response_timeout == 0 {
+        return Err(SettingsError::key(
+            "sender.response_timeout",
+            "must be at least 1 second",
+        ));
+    }
+    Ok(SenderSettings {
+        limits: crate::limits::Limits {
+            enabled: raw.limits,
+            global_per_second,
+            paid_broadcast_per_second,
+            chat_per_second: raw.chat_per_second,
+            chat_burst,
+            group_per_minute,
+            safety_margin: Duration::from_secs_f64(raw.safety_margin),
+        },
+        queue_limit: raw.queue_limit as usize,
+        response_timeout: Duration::from_secs(raw.response_timeout),
+        ambiguous: raw.ambiguous,
+        max_attempts,
+    })
 }
 
 /// The directory a relative `app_dir` / `token_file` is resolved against.
@@ -605,6 +713,43 @@ mod tests {
         );
         let err = load(Some(bad), &[]).unwrap_err();
         assert!(!err.to_string().contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn sender_section_defaults_overrides_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        let s = load(Some(file.clone()), &[]).unwrap();
+        assert_eq!(s.sender, SenderSettings::default());
+        let s = load(
+            Some(file.clone()),
+            &[
+                ("ASGIGRAM_SENDER__LIMITS", "false"),
+                ("ASGIGRAM_SENDER__AMBIGUOUS", "fail"),
+                ("ASGIGRAM_SENDER__SAFETY_MARGIN", "0.2"),
+            ],
+        )
+        .unwrap();
+        assert!(!s.sender.limits.enabled);
+        assert_eq!(s.sender.ambiguous, AmbiguousPolicy::Fail);
+        assert_eq!(s.sender.limits.safety_margin, Duration::from_millis(200));
+        for (key, value, named) in [
+            (
+                "ASGIGRAM_SENDER__GLOBAL_PER_SECOND",
+                "0",
+                "sender.global_per_second",
+            ),
+            (
+                "ASGIGRAM_SENDER__CHAT_PER_SECOND",
+                "-1",
+                "sender.chat_per_second",
+            ),
+            ("ASGIGRAM_SENDER__AMBIGUOUS", "maybe", "ambiguous"),
+            ("ASGIGRAM_SENDER__QUEUE_LIMIT", "1", "sender.queue_limit"),
+        ] {
+            let err = load(Some(file.clone()), &[(key, value)]).unwrap_err();
+            assert!(err.to_string().contains(named), "{err}");
+        }
     }
 
     #[test]

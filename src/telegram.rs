@@ -97,7 +97,9 @@ pub enum TelegramError {
     /// The request was (or may have been) sent but no answer came: ambiguous.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    /// An answer came that is not a Bot API envelope.
+    /// No usable answer came although the request was (or may have been)
+    /// written: the connection dropped, or the answer is not a Bot API
+    /// envelope. Ambiguous: the call may have executed.
     #[error("invalid answer from the Bot API: {0}")]
     InvalidResponse(String),
 }
@@ -285,13 +287,24 @@ impl Bot {
 /// awc's errors never carry the URL (and so never the token), but they are
 /// reworded here so the caller can tell "surely not sent" from "ambiguous".
 fn classify_send_error(err: awc::error::SendRequestError) -> TelegramError {
-    use awc::error::SendRequestError as E;
+    use awc::error::{ConnectError, SendRequestError as E};
     match err {
+        // awc reports a connection that closed after the request was written,
+        // before the answer's head, as `Connect(Disconnected)`; an HTTP/2
+        // stream error can also come after the request left. Ambiguous.
+        E::Connect(e @ (ConnectError::Disconnected | ConnectError::H2(_))) => {
+            TelegramError::InvalidResponse(format!("connection lost before the answer: {e}"))
+        }
+        // Connecting failed or the URL is bad: nothing was written, so the
+        // call surely did not execute.
         E::Connect(e) => TelegramError::Network(format!("connect: {e}")),
         E::Url(e) => TelegramError::Network(format!("invalid URL: {e}")),
         E::Timeout => TelegramError::Timeout(Duration::ZERO),
-        E::Send(e) => TelegramError::Network(format!("sending: {e}")),
-        other => TelegramError::InvalidResponse(other.to_string()),
+        // Writing failed part-way, or the connection closed before an answer:
+        // Telegram may have received and executed the request. Ambiguous, like
+        // a timeout, and unlike `Network`.
+        E::Send(e) => TelegramError::InvalidResponse(format!("connection lost while sending: {e}")),
+        other => TelegramError::InvalidResponse(format!("no complete answer: {other}")),
     }
 }
 

@@ -234,7 +234,8 @@ impl ScopeActor {
             to: ctx.address().recipient(),
             request_id,
         });
-        self.sender.do_send(Call::new(method, params, reply));
+        self.sender
+            .do_send(Call::new(method, params, reply).from_worker(self.worker.clone()));
     }
 
     /// `chat_id` (and a business lane's `business_connection_id`) default to

@@ -1,38 +1,82 @@
 //! Sender: every Bot API call an application asks for goes through here.
 //!
-//! Takes [`Call`]s from scopes; makes them over one connection pool; reports the
-//! outcome to the scope when the app asked for it ([`CallDone`]), else logs
-//! failures in one line.
+//! Takes [`Call`]s from scopes; makes them over one connection pool, under
+//! Telegram's flood limits ([`crate::limits`]); reports the outcome to the
+//! scope when the app asked for it ([`CallDone`]), else logs failures in one
+//! line.
 //!
-//! Ordering and retries, in order of precedence:
-//! 1. Calls for one chat form a lane: at most one call of a lane is in flight,
-//!    and the next starts only when the previous has a final outcome, so a
-//!    chat's messages reach Telegram in the order the app sent them.
-//! 2. Calls without a chat (answerCallbackQuery, answerInlineQuery, ...) have no
-//!    order to keep and go out at once.
-//! 3. A 429 holds the lane for exactly `retry_after`, then the same call is
-//!    retried in its place.
-//! 4. A call that surely did not execute (connect failed, Telegram's 5xx) or
-//!    whose fate is unknown (no answer in time) is retried with capped
-//!    exponential backoff and jitter, up to `MAX_ATTEMPTS`; a rare duplicate
-//!    beats a lost reply.
-//! 5. 400 with `migrate_to_chat_id` re-addresses the call (and every later call
-//!    for that chat) and resends it.
-//! 6. Any other error is final.
-//! 7. At most `MAX_IN_FLIGHT` calls are in flight; lanes wait their turn in
-//!    arrival order, so a busy chat does not starve the others.
+//! # The algorithm
+//!
+//! 1. Calls for one chat form a *lane* (keyed by `chat_id`). At most one call
+//!    of a lane is in flight, and the next starts only once the previous has
+//!    a final outcome, so a chat's calls reach Telegram in the order the app
+//!    sent them — edits and deletes included, so an edit never overtakes the
+//!    message it edits.
+//! 2. Calls without a chat (answerCallbackQuery, answerInlineQuery, ...) have
+//!    no order to keep, are not messages, and go out at once.
+//! 3. Lanes whose head call may go wait in `ready`, ordered by when the app
+//!    sent that head call (a retried call keeps its original place). Each
+//!    pass walks `ready` in that order and starts every head call that is
+//!    allowed now:
+//!    - a call that is not "sending a message" (see the table in
+//!      [`crate::limits`]) is always allowed: it waits for its chat's earlier
+//!      calls, never for the rate limits;
+//!    - a message needs its chat's budget (1/s with a small burst, 20/min for
+//!      groups) and the global budget (30/s; paid broadcast has its own). A
+//!      lane that lacks its chat's budget keeps its place and is skipped; once
+//!      a lane lacks the global budget, no later lane may take global budget
+//!      in this pass, so the oldest waiting lane gets the next free slot
+//!      (earliest-eligible first: no starvation of large albums).
+//!
+//!    So the calls go out first-sent first-served across chats, except that
+//!    a chat held by its own limit is skipped, never waited for (no
+//!    head-of-line blocking): a chat with a thousand queued messages takes
+//!    only its own 1/s of the 30/s, and another chat's first message waits
+//!    only for earlier-sent messages that may go, at the global rate. Serving
+//!    the busy chat whenever its own limit allows (rather than once per
+//!    round of all waiting chats) is what keeps the global rate at the
+//!    limit when a few busy chats mix with many quiet ones: a chat's unused
+//!    per-second budget is lost, a quiet chat's wait is not.
+//! 4. When nothing more may start, a timer wakes the Sender at the earliest
+//!    instant a waiting call becomes allowed.
+//! 5. A 429 holds the lane for exactly `retry_after` (from the answer's
+//!    arrival), then the same call is retried at the head of its lane. A 429
+//!    to a call without a chat holds every message for that long.
+//! 6. A call that surely did not execute (connect failed, Telegram's 5xx) is
+//!    retried with capped exponential backoff and jitter, up to
+//!    `max_attempts`. One whose fate is unknown (connection lost after the
+//!    request was written, no answer within `response_timeout`) follows
+//!    `sender.ambiguous`: retried likewise (default), or failed.
+//! 7. 400 with `migrate_to_chat_id` re-addresses the call and every queued
+//!    and later call for that chat (the lane moves to the new id) and
+//!    resends it.
+//! 8. Any other error (403, other 4xx) is final: reported to the app if it
+//!    asked, logged otherwise, never retried.
+//! 9. At most `MAX_IN_FLIGHT` calls are in flight.
+//! 10. Backpressure: when more than `queue_limit` calls wait, every worker
+//!     that sent calls gets a `pause` frame (the app's `send()` then waits);
+//!     once fewer than half of that wait, `resume`. Nothing is dropped.
+//!
+//! The decisions live in [`Core`], which takes `now` as an argument and is
+//! tested without an actor system or real time; the actor only does I/O and
+//! timers.
 
-use std::collections::{HashMap, VecDeque};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use bytes::Bytes;
 use serde_json::{Map, Value};
 
+use crate::actors::worker::{Worker, Write};
 use crate::backoff::Backoff;
+use crate::limits::{message_cost, Cost, Pacer, Ticket};
+use crate::settings::{AmbiguousPolicy, SenderSettings};
 use crate::telegram::{Bot, TelegramError};
 
 const MAX_IN_FLIGHT: usize = 64;
-const MAX_ATTEMPTS: u32 = 8;
+/// Backoff of retried failures: 250 ms doubling, capped at 30 s.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
 /// Where the outcome of a call goes, when the app asked for it.
 pub struct ReplyTo {
@@ -47,30 +91,55 @@ pub struct Call {
     pub method: String,
     pub params: Map<String, Value>,
     pub reply: Option<ReplyTo>,
+    /// Attempts made so far.
     attempts: u32,
+    /// Failures counted against `max_attempts` (429s and migrations are not).
+    failures: u32,
+    /// Submission number: the call's place in the Sender's first-come order.
+    seq: u64,
+    /// What it costs against the flood limits; `None`: not a message.
+    cost: Option<Cost>,
+    /// The worker whose app sent it, told to pause under backpressure.
+    origin: Option<Addr<Worker>>,
 }
 
 impl Call {
     pub fn new(method: String, params: Map<String, Value>, reply: Option<ReplyTo>) -> Call {
+        let cost = message_cost(&method, &params);
         Call {
             method,
             params,
             reply,
             attempts: 0,
+            failures: 0,
+            seq: 0,
+            cost,
+            origin: None,
         }
+    }
+
+    /// Names the worker whose app made the call, so that backpressure can
+    /// reach it.
+    pub fn from_worker(mut self, worker: Addr<Worker>) -> Call {
+        self.origin = Some(worker);
+        self
     }
 
     /// The lane this call belongs to: its `chat_id`, as Telegram would see it.
     fn lane(&self) -> Option<String> {
-        match self.params.get("chat_id")? {
-            Value::Number(n) => Some(n.to_string()),
-            Value::String(s) => Some(s.clone()),
-            _ => None,
-        }
+        lane_of(self.params.get("chat_id")?)
     }
 
     fn chat_for_log(&self) -> String {
         self.lane().unwrap_or_else(|| "-".to_string())
+    }
+}
+
+fn lane_of(chat_id: &Value) -> Option<String> {
+    match chat_id {
+        Value::Number(n) => Some(n.to_string()),
+        Value::String(s) => Some(s.clone()),
+        _ => None,
     }
 }
 
@@ -88,160 +157,471 @@ pub struct CallDone {
 #[rtype(result = "()")]
 pub struct Drained;
 
-#[derive(Message)]
-#[rtype(result = "()")]
-struct Finished {
-    lane: Option<String>,
-    call: Call,
-    result: Result<Value, TelegramError>,
+/// A call started by [`Core::poll`].
+pub struct Start {
+    pub lane: Option<String>,
+    pub call: Call,
+    /// Set when the call counted against the limits.
+    pub ticket: Option<Ticket>,
 }
 
 #[derive(Default)]
-struct LaneQueue {
+struct Lane {
     queue: VecDeque<Call>,
-    /// A call of this lane is in flight or waiting for its retry.
+    /// A call of this lane is in flight.
     busy: bool,
+    /// The lane's head call may not start before this (429, backoff).
+    held_until: Option<Instant>,
 }
 
-pub struct Sender {
-    bot: Bot,
-    lanes: HashMap<String, LaneQueue>,
-    /// Lanes with a call ready to go, waiting for an in-flight slot.
-    ready: VecDeque<String>,
-    /// Calls without a lane waiting for an in-flight slot.
-    unordered: VecDeque<Call>,
+/// The Sender's decisions, free of I/O: queues, lanes, pacing, backpressure.
+pub struct Core {
+    pacer: Pacer,
+    lanes: HashMap<String, Lane>,
+    /// Lanes that are not busy and have a queued call, keyed by the
+    /// submission number of their head call.
+    ready: BTreeMap<u64, String>,
+    /// Submission number of the next call.
+    next_seq: u64,
+    /// Calls without a lane, each with the instant it may start.
+    unordered: VecDeque<(Instant, Call)>,
     in_flight: usize,
+    /// Calls queued, not in flight.
+    queued: usize,
     /// Old chat id -> new chat id, learnt from migrations.
     migrated: HashMap<String, Value>,
-    drain_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    queue_limit: usize,
+    paused: bool,
+    last_prune: Option<Instant>,
 }
 
-impl Sender {
-    pub fn new(bot: Bot) -> Sender {
-        Sender {
-            bot,
+impl Core {
+    pub fn new(settings: &SenderSettings) -> Core {
+        Core {
+            pacer: Pacer::new(settings.limits.clone()),
             lanes: HashMap::new(),
-            ready: VecDeque::new(),
+            ready: BTreeMap::new(),
+            next_seq: 0,
             unordered: VecDeque::new(),
             in_flight: 0,
+            queued: 0,
             migrated: HashMap::new(),
-            drain_waiters: Vec::new(),
+            queue_limit: settings.queue_limit,
+            paused: false,
+            last_prune: None,
         }
     }
 
-    fn enqueue(&mut self, mut call: Call, ctx: &mut Context<Self>) {
+    /// Calls waiting (queued or held for a retry), not in flight.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.in_flight == 0 && self.queued == 0
+    }
+
+    /// Queues a call from the app.
+    pub fn push(&mut self, mut call: Call, now: Instant) {
         if let Some(new) = call.lane().and_then(|l| self.migrated.get(&l)) {
             call.params.insert("chat_id".into(), new.clone());
         }
+        self.queued += 1;
+        self.next_seq += 1;
+        call.seq = self.next_seq;
         match call.lane() {
-            None => self.unordered.push_back(call),
+            None => self.unordered.push_back((now, call)),
             Some(lane) => {
                 let q = self.lanes.entry(lane.clone()).or_default();
                 q.queue.push_back(call);
                 if !q.busy && q.queue.len() == 1 {
-                    q.busy = true;
-                    self.ready.push_back(lane);
+                    self.ready.insert(self.next_seq, lane);
                 }
             }
         }
-        self.pump(ctx);
     }
 
-    /// Starts calls while there are free in-flight slots.
-    fn pump(&mut self, ctx: &mut Context<Self>) {
-        while self.in_flight < MAX_IN_FLIGHT {
-            if let Some(call) = self.unordered.pop_front() {
-                self.start(None, call, ctx);
-            } else if let Some(lane) = self.ready.pop_front() {
-                let Some(call) = self.lanes.get_mut(&lane).and_then(|q| q.queue.pop_front()) else {
-                    continue;
-                };
-                self.start(Some(lane), call, ctx);
-            } else {
+    /// Starts every call allowed at `now` (steps 2-4 of the algorithm).
+    /// Returns the calls to make and when to look again.
+    pub fn poll(&mut self, now: Instant) -> (Vec<Start>, Option<Instant>) {
+        if self
+            .last_prune
+            .map_or(true, |t| now >= t + Duration::from_secs(1))
+        {
+            self.pacer.prune(now);
+            self.last_prune = Some(now);
+        }
+        let mut starts = Vec::new();
+        let mut wake: Option<Instant> = None;
+        let mut wake_at = |at: Instant| wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
+
+        let mut i = 0;
+        while i < self.unordered.len() && self.in_flight < MAX_IN_FLIGHT {
+            if self.unordered[i].0 > now {
+                wake_at(self.unordered[i].0);
+                i += 1;
+                continue;
+            }
+            // The index is in range: checked by the loop condition.
+            let (_, call) = self.unordered.remove(i).expect("index checked above");
+            self.in_flight += 1;
+            self.queued -= 1;
+            starts.push(Start {
+                lane: None,
+                call,
+                ticket: None,
+            });
+        }
+
+        // Once the free (or paid) global budget is found short, later lanes
+        // may not take it: the earlier lane gets it first.
+        let mut free_blocked = false;
+        let mut paid_blocked = false;
+        let order: Vec<(u64, String)> = self
+            .ready
+            .iter()
+            .map(|(seq, name)| (*seq, name.clone()))
+            .collect();
+        for (key, name) in order {
+            if self.in_flight >= MAX_IN_FLIGHT {
                 break;
             }
+            let Some(lane) = self.lanes.get(&name) else {
+                self.ready.remove(&key);
+                continue;
+            };
+            if let Some(until) = lane.held_until.filter(|&u| u > now) {
+                wake_at(until);
+                continue;
+            }
+            let Some(head) = lane.queue.front() else {
+                self.ready.remove(&key);
+                continue;
+            };
+            let mut ticket = None;
+            if let Some(cost) = head.cost {
+                let blocked = if cost.paid {
+                    &mut paid_blocked
+                } else {
+                    &mut free_blocked
+                };
+                if *blocked {
+                    continue;
+                }
+                let chat_at = self.pacer.chat_ready_at(&name, cost, now);
+                if chat_at > now {
+                    wake_at(chat_at);
+                    continue;
+                }
+                let global_at = self.pacer.global_ready_at(cost, now);
+                if global_at > now {
+                    wake_at(global_at);
+                    *blocked = true;
+                    continue;
+                }
+                ticket = Some(self.pacer.record(&name, cost, now));
+            }
+            self.ready.remove(&key);
+            // The lane and its head were looked up above.
+            let lane = self.lanes.get_mut(&name).expect("lane looked up above");
+            let call = lane.queue.pop_front().expect("head looked up above");
+            lane.busy = true;
+            lane.held_until = None;
+            self.in_flight += 1;
+            self.queued -= 1;
+            starts.push(Start {
+                lane: Some(name),
+                call,
+                ticket,
+            });
         }
-        if self.is_idle() {
+        if self.in_flight >= MAX_IN_FLIGHT {
+            // A finishing call polls again; no timer needed.
+            wake = None;
+        }
+        (starts, wake)
+    }
+
+    /// The answer to a started call came (any outcome): the pacer learns
+    /// when Telegram counted it at the latest.
+    pub fn answered(&mut self, ticket: Option<&Ticket>, now: Instant) {
+        self.in_flight -= 1;
+        if let Some(ticket) = ticket {
+            self.pacer.settle(ticket, now);
+        }
+    }
+
+    /// The lane's call has a final outcome: let its next call go.
+    pub fn done(&mut self, lane: Option<&str>) {
+        let Some(name) = lane else { return };
+        let Some(lane) = self.lanes.get_mut(name) else {
+            return;
+        };
+        lane.busy = false;
+        match lane.queue.front() {
+            None => {
+                self.lanes.remove(name);
+            }
+            Some(head) => {
+                self.ready.insert(head.seq, name.to_string());
+            }
+        }
+    }
+
+    /// Puts a call back at the head of its lane, to start no earlier than
+    /// `at`.
+    pub fn retry(&mut self, lane: Option<&str>, call: Call, at: Instant) {
+        self.queued += 1;
+        match lane {
+            None => self.unordered.push_back((at, call)),
+            Some(name) => {
+                let q = self.lanes.entry(name.to_string()).or_default();
+                q.busy = false;
+                q.held_until = Some(at);
+                if let Some(old_head) = q.queue.front() {
+                    self.ready.remove(&old_head.seq);
+                }
+                self.ready.insert(call.seq, name.to_string());
+                q.queue.push_front(call);
+            }
+        }
+    }
+
+    /// A 429 that cannot be tied to a chat: no message before `until`.
+    pub fn hold_all(&mut self, until: Instant) {
+        self.pacer.hold_all(until);
+    }
+
+    /// The chat of lane `old` became `new`: the call that learnt it, then
+    /// every queued call of the lane, move to the new chat's lane (ahead of
+    /// anything already queued there) and every later call for `old` is
+    /// re-addressed on arrival.
+    pub fn migrate(&mut self, old: &str, new: Value, mut call: Call) {
+        self.migrated.insert(old.to_string(), new.clone());
+        let Some(new_name) = lane_of(&new) else {
+            // An id that is not a number or string cannot come from Telegram;
+            // keep the call where it was rather than lose it.
+            self.retry(Some(old), call, Instant::now());
+            return;
+        };
+        let mut moved = self.lanes.remove(old).map(|l| l.queue).unwrap_or_default();
+        self.ready.retain(|_, l| l != old);
+        call.params.insert("chat_id".into(), new.clone());
+        for c in &mut moved {
+            c.params.insert("chat_id".into(), new.clone());
+        }
+        moved.push_front(call);
+        self.queued += 1;
+        let lane = self.lanes.entry(new_name.clone()).or_default();
+        if let Some(head) = lane.queue.front() {
+            self.ready.remove(&head.seq);
+        }
+        for c in moved.into_iter().rev() {
+            lane.queue.push_front(c);
+        }
+        if let Some(head) = lane.queue.front().filter(|_| !lane.busy) {
+            self.ready.insert(head.seq, new_name);
+        }
+    }
+
+    /// Backpressure, with hysteresis: `Some(true)` when the queue just went
+    /// over `queue_limit`, `Some(false)` when it just fell under half of it.
+    pub fn backpressure(&mut self) -> Option<bool> {
+        if !self.paused && self.queued > self.queue_limit {
+            self.paused = true;
+            Some(true)
+        } else if self.paused && self.queued < self.queue_limit / 2 {
+            self.paused = false;
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Finished {
+    lane: Option<String>,
+    ticket: Option<Ticket>,
+    call: Call,
+    result: Result<Value, TelegramError>,
+}
+
+pub struct Sender {
+    bot: Bot,
+    settings: SenderSettings,
+    core: Core,
+    /// The pending wake-up timer and its instant.
+    timer: Option<(Instant, SpawnHandle)>,
+    /// Workers that sent calls, for backpressure frames.
+    workers: HashSet<Addr<Worker>>,
+    drain_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Sender {
+    pub fn new(bot: Bot, settings: SenderSettings) -> Sender {
+        Sender {
+            bot,
+            core: Core::new(&settings),
+            settings,
+            timer: None,
+            workers: HashSet::new(),
+            drain_waiters: Vec::new(),
+        }
+    }
+
+    /// Starts what may start now and sets the timer for what waits.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let (starts, wake) = self.core.poll(now);
+        for start in starts {
+            self.start(start, ctx);
+        }
+        match wake {
+            Some(at) if self.timer.as_ref().map_or(true, |(t, _)| *t != at) => {
+                if let Some((_, handle)) = self.timer.take() {
+                    ctx.cancel_future(handle);
+                }
+                let handle = ctx.run_later(at.saturating_duration_since(now), |act, ctx| {
+                    act.timer = None;
+                    act.pump(ctx);
+                });
+                self.timer = Some((at, handle));
+            }
+            Some(_) => {}
+            None => {
+                if let Some((_, handle)) = self.timer.take() {
+                    ctx.cancel_future(handle);
+                }
+            }
+        }
+        self.apply_backpressure();
+        if self.core.is_idle() {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
             }
         }
     }
 
-    fn is_idle(&self) -> bool {
-        self.in_flight == 0 && self.unordered.is_empty() && self.lanes.values().all(|q| !q.busy)
+    fn apply_backpressure(&mut self) {
+        let Some(pause) = self.core.backpressure() else {
+            return;
+        };
+        self.workers.retain(Addr::connected);
+        let frame: &'static [u8] = if pause {
+            log::warn!(
+                "sender queue full queued={} limit={}; pausing the apps' send()",
+                self.core.queued(),
+                self.settings.queue_limit
+            );
+            br#"{"op":"pause"}"#
+        } else {
+            log::info!(
+                "sender queue drained queued={}; resuming the apps' send()",
+                self.core.queued()
+            );
+            br#"{"op":"resume"}"#
+        };
+        for w in &self.workers {
+            w.do_send(Write(Bytes::from_static(frame)));
+        }
     }
 
-    fn start(&mut self, lane: Option<String>, mut call: Call, ctx: &mut Context<Self>) {
-        self.in_flight += 1;
+    fn start(&mut self, start: Start, ctx: &mut Context<Self>) {
+        let Start {
+            lane,
+            mut call,
+            ticket,
+        } = start;
         call.attempts += 1;
+        log::trace!(
+            "call start method={} chat={} attempt={}",
+            call.method,
+            call.chat_for_log(),
+            call.attempts
+        );
         let bot = self.bot.clone();
+        let timeout = self.settings.response_timeout;
         let me = ctx.address();
         actix::spawn(async move {
             let params = Value::Object(std::mem::take(&mut call.params));
-            let result = bot.request(&call.method, &params).await;
+            let result = bot.call(&call.method, &params, timeout).await;
             let Value::Object(p) = params else {
                 unreachable!("constructed as an object just above")
             };
             call.params = p;
-            me.do_send(Finished { lane, call, result });
+            me.do_send(Finished {
+                lane,
+                ticket,
+                call,
+                result,
+            });
         });
     }
 
-    /// Puts a call back at the head of its lane after `delay`.
-    fn retry_later(
+    /// Retries a failed call after capped exponential backoff, or gives up
+    /// after `max_attempts`.
+    fn retry_or_fail(
         &mut self,
         lane: Option<String>,
-        call: Call,
-        delay: Duration,
-        ctx: &mut Context<Self>,
+        mut call: Call,
+        error: TelegramError,
+        now: Instant,
     ) {
-        ctx.run_later(delay, move |act, ctx| {
-            match lane {
-                Some(lane) => {
-                    act.lanes
-                        .entry(lane.clone())
-                        .or_default()
-                        .queue
-                        .push_front(call);
-                    act.ready.push_back(lane);
-                }
-                None => act.unordered.push_front(call),
-            }
-            act.pump(ctx);
-        });
-    }
-
-    /// The lane's call has a final outcome: let its next call go.
-    fn advance(&mut self, lane: Option<String>) {
-        let Some(lane) = lane else { return };
-        let Some(q) = self.lanes.get_mut(&lane) else {
+        call.failures += 1;
+        if call.failures >= self.settings.max_attempts {
+            self.fail(lane, call, error);
             return;
-        };
-        if q.queue.is_empty() {
-            self.lanes.remove(&lane);
-        } else {
-            self.ready.push_back(lane);
         }
+        let delay = BACKOFF.delay(call.failures - 1);
+        log::warn!(
+            "call failed method={} chat={} attempt={}: {error}; retrying in {:.2}s",
+            call.method,
+            call.chat_for_log(),
+            call.attempts,
+            delay.as_secs_f64()
+        );
+        self.core.retry(lane.as_deref(), call, now + delay);
     }
 
-    fn report(call: Call, outcome: Result<Value, Value>, err: Option<&TelegramError>) {
-        match call.reply {
-            Some(reply) => reply.to.do_send(CallDone {
-                request_id: reply.request_id,
-                outcome,
-            }),
-            None => {
-                if let Some(e) = err {
-                    log::warn!(
-                        "call failed method={} chat={} attempts={}: {e}",
-                        call.method,
-                        call.chat_for_log(),
-                        call.attempts
-                    );
-                }
-            }
+    /// A final failure: reported or logged, and the lane moves on.
+    fn fail(&mut self, lane: Option<String>, call: Call, error: TelegramError) {
+        let envelope = error.to_envelope();
+        if call.reply.is_none() {
+            log::warn!(
+                "call failed method={} chat={} attempts={}: {error}",
+                call.method,
+                call.chat_for_log(),
+                call.attempts
+            );
+        } else {
+            log::debug!(
+                "call failed method={} chat={} attempts={}: {error}; reported to the app",
+                call.method,
+                call.chat_for_log(),
+                call.attempts
+            );
         }
+        report(call, Err(envelope));
+        self.core.done(lane.as_deref());
+    }
+}
+
+fn report(call: Call, outcome: Result<Value, Value>) {
+    if let Some(reply) = call.reply {
+        reply.to.do_send(CallDone {
+            request_id: reply.request_id,
+            outcome,
+        });
     }
 }
 
@@ -252,7 +632,15 @@ impl Actor for Sender {
 impl Handler<Call> for Sender {
     type Result = ();
     fn handle(&mut self, call: Call, ctx: &mut Context<Self>) {
-        self.enqueue(call, ctx);
+        if let Some(worker) = &call.origin {
+            if self.workers.insert(worker.clone()) && self.core.is_paused() {
+                // A worker seen for the first time while paused (e.g. one
+                // restarted meanwhile) must pause too.
+                worker.do_send(Write(Bytes::from_static(br#"{"op":"pause"}"#)));
+            }
+        }
+        self.core.push(call, Instant::now());
+        self.pump(ctx);
     }
 }
 
@@ -260,7 +648,7 @@ impl Handler<Drained> for Sender {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: Drained, _: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.is_idle() {
+        if self.core.is_idle() {
             let _ = tx.send(());
         } else {
             self.drain_waiters.push(tx);
@@ -274,12 +662,14 @@ impl Handler<Drained> for Sender {
 impl Handler<Finished> for Sender {
     type Result = ();
     fn handle(&mut self, msg: Finished, ctx: &mut Context<Self>) {
-        self.in_flight -= 1;
+        let now = Instant::now();
         let Finished {
             lane,
+            ticket,
             mut call,
             result,
         } = msg;
+        self.core.answered(ticket.as_ref(), now);
         match result {
             Ok(result) => {
                 log::trace!(
@@ -287,55 +677,306 @@ impl Handler<Finished> for Sender {
                     call.method,
                     call.chat_for_log()
                 );
-                Self::report(call, Ok(result), None);
-                self.advance(lane);
+                report(call, Ok(result));
+                self.core.done(lane.as_deref());
             }
             Err(TelegramError::RetryAfter { retry_after, .. }) => {
+                let delay = Duration::from_secs(retry_after);
                 log::warn!(
                     "429 from Telegram method={} chat={}; retrying in {retry_after}s",
                     call.method,
                     call.chat_for_log()
                 );
-                self.retry_later(lane, call, Duration::from_secs(retry_after), ctx);
+                if lane.is_none() {
+                    self.core.hold_all(now + delay);
+                }
+                self.core.retry(lane.as_deref(), call, now + delay);
             }
             Err(TelegramError::Migrated {
                 migrate_to_chat_id, ..
-            }) if call.attempts < MAX_ATTEMPTS => {
+            }) if lane.is_some() && call.attempts <= self.settings.max_attempts => {
                 let new = Value::from(migrate_to_chat_id);
                 log::info!(
-                    "chat={} migrated to {new}; resending method={}",
+                    "chat={} migrated to chat={new}; resending method={}",
                     call.chat_for_log(),
                     call.method
                 );
-                if let Some(old) = call.lane() {
-                    self.migrated.insert(old, new.clone());
+                // Checked by the guard.
+                let old = lane.expect("guarded by lane.is_some()");
+                self.core.migrate(&old, new, call);
+            }
+            Err(e @ (TelegramError::Server { .. } | TelegramError::Network(_))) => {
+                self.retry_or_fail(lane, call, e, now);
+            }
+            Err(e @ (TelegramError::Timeout(_) | TelegramError::InvalidResponse(_))) => {
+                match self.settings.ambiguous {
+                    AmbiguousPolicy::Retry => self.retry_or_fail(lane, call, e, now),
+                    AmbiguousPolicy::Fail => {
+                        call.failures += 1;
+                        self.fail(lane, call, e);
+                    }
                 }
-                call.params.insert("chat_id".into(), new);
-                self.retry_later(lane, call, Duration::ZERO, ctx);
             }
-            Err(
-                e @ (TelegramError::Server { .. }
-                | TelegramError::Network(_)
-                | TelegramError::Timeout(_)
-                | TelegramError::InvalidResponse(_)),
-            ) if call.attempts < MAX_ATTEMPTS => {
-                let delay = Backoff::new(Duration::from_millis(250), Duration::from_secs(30))
-                    .delay(call.attempts - 1);
-                log::warn!(
-                    "call failed method={} chat={} attempt={}: {e}; retrying in {:.1}s",
-                    call.method,
-                    call.chat_for_log(),
-                    call.attempts,
-                    delay.as_secs_f64()
-                );
-                self.retry_later(lane, call, delay, ctx);
-            }
-            Err(e) => {
-                let envelope = e.to_envelope();
-                Self::report(call, Err(envelope), Some(&e));
-                self.advance(lane);
-            }
+            Err(e) => self.fail(lane, call, e),
         }
         self.pump(ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::Limits;
+    use serde_json::json;
+
+    fn settings() -> SenderSettings {
+        SenderSettings::default()
+    }
+
+    fn msg(chat: i64, text: &str) -> Call {
+        let Value::Object(p) = json!({"chat_id": chat, "text": text}) else {
+            unreachable!("a JSON object literal")
+        };
+        Call::new("sendMessage".into(), p, None)
+    }
+
+    fn text(c: &Call) -> &str {
+        c.params
+            .get("text")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+
+    /// Runs `core` to completion with every call answered `latency` after it
+    /// started, on a made-up clock; returns (start instant, chat, text).
+    fn simulate(core: &mut Core, t0: Instant, latency: Duration) -> Vec<(Instant, String, String)> {
+        let mut now = t0;
+        let mut in_flight: Vec<(Instant, Start)> = Vec::new();
+        let mut log = Vec::new();
+        for _ in 0..1_000_000 {
+            let (starts, wake) = core.poll(now);
+            for s in starts {
+                log.push((
+                    now,
+                    s.lane.clone().unwrap_or_default(),
+                    text(&s.call).into(),
+                ));
+                in_flight.push((now + latency, s));
+            }
+            in_flight.sort_by_key(|(t, _)| *t);
+            let next_answer = in_flight.first().map(|(t, _)| *t);
+            let next = match (next_answer, wake) {
+                (Some(a), Some(w)) => a.min(w),
+                (Some(a), None) => a,
+                (None, Some(w)) => w,
+                (None, None) => break,
+            };
+            now = next;
+            while in_flight.first().is_some_and(|(t, _)| *t <= now) {
+                let (_, s) = in_flight.remove(0);
+                core.answered(s.ticket.as_ref(), now);
+                core.done(s.lane.as_deref());
+            }
+        }
+        assert!(core.is_idle());
+        log
+    }
+
+    #[test]
+    fn order_and_chat_pace_over_a_run() {
+        let mut core = Core::new(&settings());
+        let t0 = Instant::now();
+        for i in 0..10 {
+            core.push(msg(1, &i.to_string()), t0);
+        }
+        let log = simulate(&mut core, t0, Duration::from_millis(5));
+        let texts: Vec<_> = log.iter().map(|(_, _, t)| t.as_str()).collect();
+        assert_eq!(texts, (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
+        // A burst of 3, then one per second.
+        let last = log[9].0 - t0;
+        assert!(last >= Duration::from_secs(7), "{last:?}");
+        assert!(last < Duration::from_secs(8), "{last:?}");
+    }
+
+    #[test]
+    fn a_busy_chat_does_not_delay_another_chats_first_message() {
+        let mut core = Core::new(&settings());
+        let t0 = Instant::now();
+        for i in 0..1000 {
+            core.push(msg(1, &format!("hot {i}")), t0);
+        }
+        let (starts, _) = core.poll(t0);
+        assert_eq!(starts.len(), 1);
+        core.push(msg(2, "cold"), t0);
+        let (starts2, _) = core.poll(t0);
+        assert_eq!(starts2.len(), 1, "the cold chat goes at once");
+        assert_eq!(text(&starts2[0].call), "cold");
+    }
+
+    #[test]
+    fn global_limit_is_shared_fairly_and_reached() {
+        let mut core = Core::new(&settings());
+        let t0 = Instant::now();
+        // 300 chats with 10 messages each, queued at once.
+        for i in 0..10 {
+            for chat in 1..=300 {
+                core.push(msg(chat, &format!("{chat}:{i}")), t0);
+            }
+        }
+        let log = simulate(&mut core, t0, Duration::from_millis(3));
+        assert_eq!(log.len(), 3000);
+        // Order per chat.
+        let mut next: HashMap<String, usize> = HashMap::new();
+        for (_, chat, t) in &log {
+            let n = next.entry(chat.clone()).or_default();
+            assert_eq!(t, &format!("{chat}:{n}"));
+            *n += 1;
+        }
+        // No sliding second holds more than 30 starts.
+        for (i, (at, _, _)) in log.iter().enumerate() {
+            let in_window = log[i..]
+                .iter()
+                .take_while(|(t, _, _)| *t - *at < Duration::from_secs(1))
+                .count();
+            assert!(
+                in_window <= 30,
+                "{in_window} starts in the second after start {i}"
+            );
+        }
+        // And the rate is close to the limit: 3000 at 30/s is 100 s.
+        let took = log[2999].0 - t0;
+        assert!(took < Duration::from_secs(101), "{took:?}");
+        // Round robin: every chat's first message goes before any chat's
+        // second one.
+        let firsts = log
+            .iter()
+            .position(|(_, _, t)| t.ends_with(":1"))
+            .unwrap_or(0);
+        assert_eq!(firsts, 300);
+    }
+
+    #[test]
+    fn busy_chats_among_quiet_ones_keep_the_global_rate() {
+        let mut core = Core::new(&settings());
+        let t0 = Instant::now();
+        for i in 0..30 {
+            for hot in 1..=5 {
+                core.push(msg(hot, &format!("{hot}:{i}")), t0);
+            }
+        }
+        for cold in 1000..2350 {
+            core.push(msg(cold, "cold"), t0);
+        }
+        let log = simulate(&mut core, t0, Duration::from_millis(3));
+        assert_eq!(log.len(), 1500);
+        // 1500 messages at 30/s: 50 s; the busy chats go at their own 1/s
+        // meanwhile instead of waiting for every quiet chat.
+        let took = log[1499].0 - t0;
+        assert!(took < Duration::from_secs(51), "{took:?}");
+        let hot_done = log
+            .iter()
+            .rev()
+            .find(|(_, c, _)| c.len() == 1)
+            .map(|e| e.0 - t0);
+        assert!(hot_done < Some(Duration::from_secs(30)), "{hot_done:?}");
+    }
+
+    #[test]
+    fn non_messages_are_not_paced_but_keep_their_place() {
+        let mut core = Core::new(&SenderSettings {
+            limits: Limits {
+                chat_burst: 1,
+                ..Limits::default()
+            },
+            ..settings()
+        });
+        let t0 = Instant::now();
+        core.push(msg(1, "a"), t0);
+        core.push(msg(1, "b"), t0);
+        let Value::Object(p) = json!({"chat_id": 1, "message_id": 1, "text": "edited"}) else {
+            unreachable!("a JSON object literal")
+        };
+        core.push(Call::new("editMessageText".into(), p, None), t0);
+        let Value::Object(p) = json!({"callback_query_id": "x"}) else {
+            unreachable!("a JSON object literal")
+        };
+        core.push(Call::new("answerCallbackQuery".into(), p, None), t0);
+        let log = simulate(&mut core, t0, Duration::from_millis(10));
+        let order: Vec<_> = log.iter().map(|(t, _, x)| (x.as_str(), *t - t0)).collect();
+        // The callback answer goes at once; the edit waits for "b" (order)
+        // but not for a rate-limit slot after it.
+        assert_eq!(order[0], ("", Duration::ZERO));
+        assert_eq!(order[1].0, "a");
+        assert_eq!(order[2].0, "b");
+        assert!(order[2].1 >= Duration::from_secs(1));
+        assert_eq!(order[3], ("edited", order[2].1 + Duration::from_millis(10)));
+    }
+
+    #[test]
+    fn a_held_lane_waits_exactly_and_retries_in_place() {
+        let mut core = Core::new(&SenderSettings {
+            limits: Limits::off(),
+            ..settings()
+        });
+        let t0 = Instant::now();
+        core.push(msg(1, "a"), t0);
+        core.push(msg(1, "b"), t0);
+        let (mut starts, _) = core.poll(t0);
+        let s = starts.remove(0);
+        core.answered(None, t0);
+        core.retry(s.lane.as_deref(), s.call, t0 + Duration::from_secs(7));
+        let (starts, wake) = core.poll(t0 + Duration::from_secs(1));
+        assert!(starts.is_empty());
+        assert_eq!(wake, Some(t0 + Duration::from_secs(7)));
+        let (starts, _) = core.poll(t0 + Duration::from_secs(7));
+        assert_eq!(
+            text(&starts[0].call),
+            "a",
+            "the retried call keeps its place"
+        );
+    }
+
+    #[test]
+    fn migration_moves_the_lane_and_later_calls() {
+        let mut core = Core::new(&SenderSettings {
+            limits: Limits::off(),
+            ..settings()
+        });
+        let t0 = Instant::now();
+        core.push(msg(-5, "a"), t0);
+        core.push(msg(-5, "b"), t0);
+        let (mut starts, _) = core.poll(t0);
+        let s = starts.remove(0);
+        core.answered(None, t0);
+        core.migrate("-5", json!(-1005), s.call);
+        core.push(msg(-5, "c"), t0);
+        let log = simulate(&mut core, t0, Duration::from_millis(1));
+        let got: Vec<_> = log
+            .iter()
+            .map(|(_, l, t)| (l.as_str(), t.as_str()))
+            .collect();
+        assert_eq!(got, vec![("-1005", "a"), ("-1005", "b"), ("-1005", "c")]);
+    }
+
+    #[test]
+    fn backpressure_has_hysteresis() {
+        let mut core = Core::new(&SenderSettings {
+            queue_limit: 4,
+            ..settings()
+        });
+        let t0 = Instant::now();
+        for i in 0..5 {
+            core.push(msg(1, &i.to_string()), t0);
+            let expected = (i == 4).then_some(true);
+            assert_eq!(core.backpressure(), expected, "after {i}");
+        }
+        let (starts, _) = core.poll(t0);
+        assert_eq!(starts.len(), 1);
+        assert_eq!(core.backpressure(), None, "4 queued: not under half");
+        core.answered(starts[0].ticket.as_ref(), t0);
+        core.done(starts[0].lane.as_deref());
+        let log = simulate(&mut core, t0, Duration::from_millis(1));
+        assert_eq!(log.len(), 4);
+        assert_eq!(core.backpressure(), Some(false));
     }
 }

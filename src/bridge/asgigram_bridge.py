@@ -440,7 +440,15 @@ class Instance:
     async def send(self, event):
         if self.ended:
             raise RuntimeError("send() called after the application instance for this scope ended")
-        self.channel.write_raw(encode_send_frame(self.sid, event, self.scope))
+        frame = encode_send_frame(self.sid, event, self.scope)  # validates first
+        # Backpressure: while the daemon's sender queue is full (`pause`),
+        # send() waits here instead of queueing more; nothing is dropped.
+        resumed = self.worker.resumed
+        if resumed is not None and not resumed.is_set():
+            await resumed.wait()
+            if self.ended:
+                raise RuntimeError("send() called after the application instance for this scope ended")
+        self.channel.write_raw(frame)
         await self.channel.drain()
 
     def close(self, grace):
@@ -597,12 +605,16 @@ class Worker:
         self.stopping = False
         self._stop = None  # future: grace seconds for shutdown
         self._eof = None
+        # Set unless the daemon said `pause`; created in run(), inside the loop.
+        self.resumed = None
         self._handlers = {
             "event": self._on_event,
             "start": self._on_start,
             "close": self._on_close,
             "ping": self._on_ping,
             "shutdown": self._on_shutdown,
+            "pause": self._on_pause,
+            "resume": self._on_resume,
         }
 
     def asgi_info(self):
@@ -623,6 +635,8 @@ class Worker:
             return 1
         self._stop = self.loop.create_future()
         self._eof = self.loop.create_future()
+        self.resumed = asyncio.Event()
+        self.resumed.set()
         try:
             self.app = load_app(self.args.app, self.args.app_dir)
         except Fatal as exc:
@@ -762,6 +776,12 @@ class Worker:
 
     def _on_shutdown(self, msg):
         self._request_stop(_grace(msg))
+
+    def _on_pause(self, msg):
+        self.resumed.clear()
+
+    def _on_resume(self, msg):
+        self.resumed.set()
 
 
 def _grace(msg):

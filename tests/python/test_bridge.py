@@ -426,6 +426,36 @@ class Instances(BridgeTestCase):
         self.assertEqual(acks, list(range(1, n + 2)))
         sys.stderr.write("[%d events in %.2fs = %.0f/s] " % (n, elapsed, n / elapsed))
 
+    def test_pause_makes_send_wait_and_resume_releases_it_in_order(self):
+        b = self.bridge("""
+            async def app(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    return
+                while True:
+                    event = await receive()
+                    if event["type"] == "telegram.disconnect":
+                        return
+                    await send({"type": "telegram.send_message", "text": event["text"]})
+        """)
+        b.ready()
+        b.start(1)
+        b.event(1, 1, {"type": "telegram.message", "text": "before"})
+        b.expect("send", sid=1)
+        b.send(op="pause")
+        b.event(1, 2, {"type": "telegram.message", "text": "a"})
+        b.event(1, 3, {"type": "telegram.message", "text": "b"})
+        # The app received "a" (acked) but its send() waits: no send frame.
+        b.expect("received", sid=1, seq=2)
+        b.send(op="ping", n=7)
+        b.expect("pong", n=7)
+        self.assertEqual([f["event"]["text"] for f in b.frames if f["op"] == "send"], ["before"])
+        b.send(op="resume")
+        b.expect("send", sid=1, timeout=5)
+        b.event(1, 4, {"type": "telegram.disconnect"})
+        b.expect("ended", sid=1)
+        sends = [f["event"]["text"] for f in b.frames if f["op"] == "send"]
+        self.assertEqual(sends, ["before", "a", "b"])
+
 
 VALIDATION_APP = """
     import asyncio

@@ -1,0 +1,270 @@
+//! The update journal: updates are stored durably before the offset that
+//! confirms them goes to Telegram, and leave once the application received them.
+//!
+//! Rules, in order:
+//! 1. [`Journal::append`] stores a batch in one transaction (fsync'd), and
+//!    only then may the Poller confirm the batch's offset.
+//! 2. The journal remembers the highest update_id it ever stored (the
+//!    watermark). Telegram's ids only grow, so an id at or below it is either
+//!    still pending here or was handled: either way it is not stored or
+//!    delivered again. Telegram resends what was not confirmed; this is what
+//!    keeps a resend from reaching the app twice.
+//! 3. [`Journal::handled`] deletes updates the app received. It need not be
+//!    durable at once: a delete lost in a crash means the update is delivered
+//!    again, which is allowed, because the journal never said it was handled.
+//! 4. On start, [`Journal::pending`] gives back every update not handled, in
+//!    id order, to be delivered before anything new.
+//!
+//! SQLite (bundled) in WAL mode. It is blocking, so the daemon runs it on a
+//! `SyncArbiter` thread ([`JournalActor`]), never on the actor thread.
+
+use std::path::{Path, PathBuf};
+
+use actix::prelude::*;
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// Why the journal failed. Every variant is fatal to the operation; the
+/// daemon cannot promise delivery without its journal.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot create the state directory {path}: {reason}")]
+    Dir { path: PathBuf, reason: String },
+    #[error("journal {path}: {reason}")]
+    Sqlite { path: PathBuf, reason: String },
+}
+
+pub struct Journal {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Journal {
+    /// Opens (creating if needed) `<dir>/journal.sqlite3`.
+    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        std::fs::create_dir_all(dir).map_err(|e| JournalError::Dir {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let path = dir.join("journal.sqlite3");
+        let conn = Connection::open(&path).map_err(|e| sqlite_err(&path, e))?;
+        let journal = Journal { conn, path };
+        journal
+            .conn
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 CREATE TABLE IF NOT EXISTS updates (
+                     update_id INTEGER PRIMARY KEY,
+                     body TEXT NOT NULL
+                 );
+                 CREATE TABLE IF NOT EXISTS meta (
+                     key TEXT PRIMARY KEY,
+                     value INTEGER NOT NULL
+                 );",
+            )
+            .map_err(|e| journal.err(e))?;
+        Ok(journal)
+    }
+
+    fn err(&self, e: rusqlite::Error) -> JournalError {
+        sqlite_err(&self.path, e)
+    }
+
+    /// The highest update_id ever stored, if any.
+    pub fn watermark(&self) -> Result<Option<i64>, JournalError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = 'watermark'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Stores the updates above the watermark, durably, and returns their
+    /// ids; updates at or below it are dropped (rule 2).
+    pub fn append(&mut self, batch: &[(i64, String)]) -> Result<Vec<i64>, JournalError> {
+        let mut watermark = self.watermark()?;
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|e| sqlite_err(&self.path, e))?;
+        let mut fresh = Vec::with_capacity(batch.len());
+        {
+            let mut insert = tx
+                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")
+                .map_err(|e| sqlite_err(&self.path, e))?;
+            for (id, body) in batch {
+                if watermark.is_some_and(|w| *id <= w) {
+                    continue;
+                }
+                insert
+                    .execute(params![id, body])
+                    .map_err(|e| sqlite_err(&self.path, e))?;
+                watermark = Some(*id);
+                fresh.push(*id);
+            }
+        }
+        if let Some(w) = watermark {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('watermark', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![w],
+            )
+            .map_err(|e| sqlite_err(&self.path, e))?;
+        }
+        tx.commit().map_err(|e| sqlite_err(&self.path, e))?;
+        Ok(fresh)
+    }
+
+    /// Forgets updates the application received (rule 3).
+    pub fn handled(&mut self, ids: &[i64]) -> Result<(), JournalError> {
+        // A handled delete need not wait for the disk (rule 3).
+        self.conn
+            .execute_batch("PRAGMA synchronous = NORMAL")
+            .map_err(|e| self.err(e))?;
+        let result = (|| {
+            let tx = self.conn.transaction()?;
+            {
+                let mut delete = tx.prepare_cached("DELETE FROM updates WHERE update_id = ?1")?;
+                for id in ids {
+                    delete.execute(params![id])?;
+                }
+            }
+            tx.commit()
+        })();
+        self.conn
+            .execute_batch("PRAGMA synchronous = FULL")
+            .map_err(|e| self.err(e))?;
+        result.map_err(|e| self.err(e))
+    }
+
+    /// Every update not yet handled, oldest first (rule 4).
+    pub fn pending(&self) -> Result<Vec<(i64, String)>, JournalError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT update_id, body FROM updates ORDER BY update_id")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Number of updates not yet handled.
+    pub fn len(&self) -> Result<u64, JournalError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM updates", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn is_empty(&self) -> Result<bool, JournalError> {
+        Ok(self.len()? == 0)
+    }
+}
+
+fn sqlite_err(path: &Path, e: rusqlite::Error) -> JournalError {
+    JournalError::Sqlite {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// The journal on its own thread.
+pub struct JournalActor(pub Journal);
+
+impl Actor for JournalActor {
+    type Context = SyncContext<Self>;
+}
+
+/// Store a batch; answers with the ids that are new.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<i64>, String>")]
+pub struct Append(pub Vec<(i64, String)>);
+
+/// Forget handled updates.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Handled(pub Vec<i64>);
+
+impl Handler<Append> for JournalActor {
+    type Result = Result<Vec<i64>, String>;
+    fn handle(&mut self, msg: Append, _: &mut SyncContext<Self>) -> Self::Result {
+        self.0.append(&msg.0).map_err(|e| e.to_string())
+    }
+}
+
+impl Handler<Handled> for JournalActor {
+    type Result = ();
+    fn handle(&mut self, msg: Handled, _: &mut SyncContext<Self>) {
+        if let Err(e) = self.0.handled(&msg.0) {
+            // Not fatal: the updates stay journaled and are delivered again
+            // after a restart (rule 3).
+            log::error!(
+                "journal: recording {} handled update(s) failed: {e}",
+                msg.0.len()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(ids: &[i64]) -> Vec<(i64, String)> {
+        ids.iter()
+            .map(|i| (*i, format!("{{\"update_id\":{i}}}")))
+            .collect()
+    }
+
+    #[test]
+    fn appended_updates_survive_reopening_until_handled() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut j = Journal::open(dir.path()).unwrap();
+            assert_eq!(j.append(&batch(&[1, 2, 3])).unwrap(), vec![1, 2, 3]);
+            j.handled(&[2]).unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        let pending: Vec<i64> = j.pending().unwrap().into_iter().map(|(i, _)| i).collect();
+        assert_eq!(pending, vec![1, 3]);
+        assert_eq!(j.watermark().unwrap(), Some(3));
+    }
+
+    #[test]
+    fn an_id_seen_again_is_never_stored_twice_even_after_it_was_handled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.append(&batch(&[10, 11])).unwrap();
+        j.handled(&[10, 11]).unwrap();
+        // Telegram resends 11 (offset not confirmed) along with a new one.
+        assert_eq!(j.append(&batch(&[11, 12])).unwrap(), vec![12]);
+        assert_eq!(j.len().unwrap(), 1);
+        // A resend of a pending id is not duplicated either.
+        assert_eq!(j.append(&batch(&[12])).unwrap(), Vec::<i64>::new());
+        assert_eq!(j.len().unwrap(), 1);
+    }
+
+    #[test]
+    fn bodies_come_back_as_stored_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path()).unwrap();
+        j.append(&[(5, "five".into()), (7, "seven".into())])
+            .unwrap();
+        assert_eq!(
+            j.pending().unwrap(),
+            vec![(5, "five".into()), (7, "seven".into())]
+        );
+    }
+
+    #[test]
+    fn an_unwritable_state_dir_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, "x").unwrap();
+        let err = Journal::open(&file.join("sub"))
+            .err()
+            .expect("cannot create a dir under a file");
+        assert!(err.to_string().contains("state directory"), "{err}");
+    }
+}
