@@ -36,6 +36,10 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
     // Replies should print promptly; the sandbox answers long polls at once
     // when a message arrives, so a short poll timeout costs nothing.
     settings.telegram.poll_timeout = Duration::from_secs(10);
+    // Each sandbox starts its update ids afresh: a journal of its own, gone
+    // with it.
+    let state = std::env::temp_dir().join(format!("asgigramd-sandbox-{}", std::process::id()));
+    settings.journal.dir = Some(state.clone());
     let sandbox = Arc::new(sandbox);
     let stop = Arc::new(Notify::new());
     let interactive = std::io::stdin().is_terminal();
@@ -47,7 +51,9 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
         let app = settings.app.application.clone();
         std::thread::spawn(move || read_lines(&sandbox, &stop, interactive, &app));
     }
-    actix::System::new().block_on(crate::run(settings, Some(stop)))
+    let result = actix::System::new().block_on(crate::run(settings, Some(stop)));
+    let _ = std::fs::remove_dir_all(&state);
+    result
 }
 
 fn read_lines(sandbox: &Sandbox, stop: &Notify, interactive: bool, app: &str) {

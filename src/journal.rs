@@ -5,10 +5,12 @@
 //! 1. [`Journal::append`] stores a batch in one transaction (fsync'd), and
 //!    only then may the Poller confirm the batch's offset.
 //! 2. The journal remembers the highest update_id it ever stored (the
-//!    watermark). Telegram's ids only grow, so an id at or below it is either
-//!    still pending here or was handled: either way it is not stored or
-//!    delivered again. Telegram resends what was not confirmed; this is what
-//!    keeps a resend from reaching the app twice.
+//!    watermark). Telegram resends what was not confirmed, so an id from the
+//!    offset the batch was fetched with up to the watermark has been seen:
+//!    it is still pending here or was handled, and is not stored or delivered
+//!    again. An id below that offset cannot be a resend (Telegram forgot
+//!    those); it means Telegram restarted its id sequence (it does after a
+//!    week without updates) and is new.
 //! 3. [`Journal::handled`] deletes updates the app received. It need not be
 //!    durable at once: a delete lost in a crash means the update is delivered
 //!    again, which is allowed, because the journal never said it was handled.
@@ -39,13 +41,13 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating if needed) `<dir>/journal.sqlite3`.
-    pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+    /// Opens (creating if needed) `<dir>/<name>.sqlite3`.
+    pub fn open(dir: &Path, name: &str) -> Result<Journal, JournalError> {
         std::fs::create_dir_all(dir).map_err(|e| JournalError::Dir {
             path: dir.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let path = dir.join("journal.sqlite3");
+        let path = dir.join(format!("{name}.sqlite3"));
         let conn = Connection::open(&path).map_err(|e| sqlite_err(&path, e))?;
         let journal = Journal { conn, path };
         journal
@@ -80,10 +82,17 @@ impl Journal {
             .map_err(|e| self.err(e))
     }
 
-    /// Stores the updates above the watermark, durably, and returns their
-    /// ids; updates at or below it are dropped (rule 2).
-    pub fn append(&mut self, batch: &[(i64, String)]) -> Result<Vec<i64>, JournalError> {
+    /// Stores the updates not seen before, durably, and returns their ids;
+    /// `fetched_with` is the offset the batch was fetched with (rule 2).
+    pub fn append(
+        &mut self,
+        batch: &[(i64, String)],
+        fetched_with: Option<i64>,
+    ) -> Result<Vec<i64>, JournalError> {
         let mut watermark = self.watermark()?;
+        let seen = |id: i64, watermark: Option<i64>| {
+            watermark.is_some_and(|w| id <= w) && fetched_with.is_none_or(|o| id >= o)
+        };
         let tx = self
             .conn
             .transaction()
@@ -94,13 +103,17 @@ impl Journal {
                 .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")
                 .map_err(|e| sqlite_err(&self.path, e))?;
             for (id, body) in batch {
-                if watermark.is_some_and(|w| *id <= w) {
+                if seen(*id, watermark) {
                     continue;
                 }
                 insert
                     .execute(params![id, body])
                     .map_err(|e| sqlite_err(&self.path, e))?;
-                watermark = Some(*id);
+                // After a sequence restart the new, lower ids set the mark.
+                watermark = Some(match watermark {
+                    Some(w) if fetched_with.is_none_or(|o| w >= o) => w.max(*id),
+                    _ => *id,
+                });
                 fresh.push(*id);
             }
         }
@@ -176,10 +189,14 @@ impl Actor for JournalActor {
     type Context = SyncContext<Self>;
 }
 
-/// Store a batch; answers with the ids that are new.
+/// Store a batch fetched with the given offset; answers with the ids that
+/// are new.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<i64>, String>")]
-pub struct Append(pub Vec<(i64, String)>);
+pub struct Append {
+    pub batch: Vec<(i64, String)>,
+    pub fetched_with: Option<i64>,
+}
 
 /// Forget handled updates.
 #[derive(Message)]
@@ -189,7 +206,9 @@ pub struct Handled(pub Vec<i64>);
 impl Handler<Append> for JournalActor {
     type Result = Result<Vec<i64>, String>;
     fn handle(&mut self, msg: Append, _: &mut SyncContext<Self>) -> Self::Result {
-        self.0.append(&msg.0).map_err(|e| e.to_string())
+        self.0
+            .append(&msg.batch, msg.fetched_with)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -221,11 +240,11 @@ mod tests {
     fn appended_updates_survive_reopening_until_handled() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut j = Journal::open(dir.path()).unwrap();
-            assert_eq!(j.append(&batch(&[1, 2, 3])).unwrap(), vec![1, 2, 3]);
+            let mut j = Journal::open(dir.path(), "j").unwrap();
+            assert_eq!(j.append(&batch(&[1, 2, 3]), None).unwrap(), vec![1, 2, 3]);
             j.handled(&[2]).unwrap();
         }
-        let j = Journal::open(dir.path()).unwrap();
+        let j = Journal::open(dir.path(), "j").unwrap();
         let pending: Vec<i64> = j.pending().unwrap().into_iter().map(|(i, _)| i).collect();
         assert_eq!(pending, vec![1, 3]);
         assert_eq!(j.watermark().unwrap(), Some(3));
@@ -234,22 +253,37 @@ mod tests {
     #[test]
     fn an_id_seen_again_is_never_stored_twice_even_after_it_was_handled() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::open(dir.path()).unwrap();
-        j.append(&batch(&[10, 11])).unwrap();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        j.append(&batch(&[10, 11]), None).unwrap();
         j.handled(&[10, 11]).unwrap();
-        // Telegram resends 11 (offset not confirmed) along with a new one.
-        assert_eq!(j.append(&batch(&[11, 12])).unwrap(), vec![12]);
+        // Telegram resends 11 (offset 11 not confirmed) along with a new one.
+        assert_eq!(j.append(&batch(&[11, 12]), Some(11)).unwrap(), vec![12]);
         assert_eq!(j.len().unwrap(), 1);
         // A resend of a pending id is not duplicated either.
-        assert_eq!(j.append(&batch(&[12])).unwrap(), Vec::<i64>::new());
+        assert_eq!(
+            j.append(&batch(&[12]), Some(11)).unwrap(),
+            Vec::<i64>::new()
+        );
         assert_eq!(j.len().unwrap(), 1);
+    }
+
+    #[test]
+    fn ids_below_the_fetch_offset_are_a_restarted_sequence_and_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        j.append(&batch(&[500, 501]), None).unwrap();
+        // A week of silence later Telegram picks new, lower ids.
+        assert_eq!(j.append(&batch(&[7, 8]), Some(502)).unwrap(), vec![7, 8]);
+        assert_eq!(j.watermark().unwrap(), Some(8));
+        // And resends of those are recognised again.
+        assert_eq!(j.append(&batch(&[8, 9]), Some(8)).unwrap(), vec![9]);
     }
 
     #[test]
     fn bodies_come_back_as_stored_in_id_order() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::open(dir.path()).unwrap();
-        j.append(&[(5, "five".into()), (7, "seven".into())])
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        j.append(&[(5, "five".into()), (7, "seven".into())], None)
             .unwrap();
         assert_eq!(
             j.pending().unwrap(),
@@ -262,7 +296,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, "x").unwrap();
-        let err = Journal::open(&file.join("sub"))
+        let err = Journal::open(&file.join("sub"), "j")
             .err()
             .expect("cannot create a dir under a file");
         assert!(err.to_string().contains("state directory"), "{err}");

@@ -47,7 +47,7 @@ pub mod settings;
 pub mod telegram;
 pub mod upload;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,9 +56,13 @@ use actix::prelude::*;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use actors::poller::Delivery;
 use actors::poller::{Poller, StopPolling};
 use actors::sender::{Drained, Sender};
-use actors::supervisor::{CloseAll, SetBot, StopWorkers, Supervisor, WaitReady};
+use actors::supervisor::{
+    CloseAll, Dispatch, FlushHandled, SetBot, StopWorkers, Supervisor, WaitReady,
+};
+use journal::{Journal, JournalActor};
 use settings::Settings;
 use telegram::{Bot, TelegramError};
 
@@ -73,9 +77,75 @@ pub enum RunError {
     Other(String),
 }
 
-/// Deadlines of the shutdown phases.
-const SENDER_DRAIN_DEADLINE: Duration = Duration::from_secs(10);
-const WORKER_EXIT_DEADLINE: Duration = Duration::from_secs(15);
+/// Opens this bot's journal and starts it on its own thread. Returns its
+/// address, the updates it still holds (oldest first) and the offset that
+/// confirms everything it ever stored.
+fn start_journal(
+    settings: &Settings,
+) -> Result<(Addr<JournalActor>, Vec<telegram::Update>, Option<i64>), RunError> {
+    let dir = settings.journal.resolved_dir();
+    let journal =
+        Journal::open(&dir, &journal_name(settings)).map_err(|e| RunError::Other(e.to_string()))?;
+    let fail = |e: journal::JournalError| RunError::Other(e.to_string());
+    let offset = journal.watermark().map_err(fail)?.map(|w| w + 1);
+    let mut pending = Vec::new();
+    for (id, body) in journal.pending().map_err(fail)? {
+        match serde_json::from_str(&body)
+            .map_err(|e| e.to_string())
+            .and_then(|v| telegram::Update::from_value(v).map_err(|e| e.to_string()))
+        {
+            Ok(update) => pending.push(update),
+            Err(e) => log::error!("journal: update={id} cannot be read back ({e}); skipped"),
+        }
+    }
+    log::info!(
+        "journal: {} ({} undelivered update(s))",
+        dir.display(),
+        pending.len()
+    );
+    // SyncArbiter wants a factory; the one thread takes the one journal.
+    let cell = std::sync::Mutex::new(Some(journal));
+    let addr = SyncArbiter::start(1, move || {
+        let journal = cell
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("SyncArbiter::start(1, ..) calls the factory once");
+        JournalActor(journal)
+    });
+    Ok((addr, pending, offset))
+}
+
+/// One journal per bot and Bot API server: `<bot id>@<host>`. The bot id is
+/// the public part of the token (getMe shows it too).
+fn journal_name(settings: &Settings) -> String {
+    let bot_id = settings
+        .telegram
+        .token
+        .expose()
+        .split(':')
+        .next()
+        .unwrap_or("bot");
+    let host = settings
+        .telegram
+        .api_url
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    format!("{bot_id}@{host}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "@.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
 
 /// Runs the daemon until a signal (or `stop`) asks it to stop.
 /// Must be awaited inside an actix `System`.
@@ -93,8 +163,16 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         settings.app.workers,
         settings.app.python
     );
+    let (journal, replay, offset) = start_journal(&settings)?;
+    let undelivered = Rc::new(Cell::new(0));
     let sender = Sender::new(bot.clone(), settings.sender.clone()).start();
-    let supervisor = Supervisor::new(settings.clone(), sender.clone()).start();
+    let supervisor = Supervisor::new(
+        settings.clone(),
+        sender.clone(),
+        Some(journal.clone()),
+        undelivered.clone(),
+    )
+    .start();
     let shutdown = ShutdownSignal::install(stop)?;
 
     log::info!("Waiting for application startup.");
@@ -110,14 +188,19 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     let me = tokio::select! {
         me = get_me(&bot) => me,
         _ = shutdown.wait() => {
-            stop_workers(&supervisor, Duration::ZERO).await;
+            stop_workers(&supervisor, Duration::ZERO, settings.shutdown.worker_timeout).await;
             return Ok(());
         }
     };
     let me = match me {
         Ok(me) => me,
         Err(e) => {
-            stop_workers(&supervisor, Duration::ZERO).await;
+            stop_workers(
+                &supervisor,
+                Duration::ZERO,
+                settings.shutdown.worker_timeout,
+            )
+            .await;
             return Err(e);
         }
     };
@@ -127,6 +210,10 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         .unwrap_or("?")
         .to_string();
     supervisor.do_send(SetBot(me));
+    if !replay.is_empty() {
+        log::info!("Delivering {} update(s) left in the journal", replay.len());
+        supervisor.do_send(Dispatch(replay));
+    }
     if settings.telegram.delete_webhook {
         match bot.request("deleteWebhook", &json!({})).await {
             Ok(_) => log::info!("webhook deleted (telegram.delete_webhook)"),
@@ -138,12 +225,17 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     let fatal_notify = Rc::new(Notify::new());
     let poller = {
         let (fatal, notify) = (fatal.clone(), fatal_notify.clone());
+        let delivery = Delivery {
+            supervisor: supervisor.clone(),
+            journal: Some(journal),
+            undelivered,
+            max_undelivered: settings.journal.max_undelivered,
+        };
         Poller::new(
             bot.clone(),
-            supervisor.clone(),
-            settings.telegram.poll_timeout,
-            settings.telegram.poll_limit,
-            settings.telegram.allowed_updates.clone(),
+            delivery,
+            &settings.telegram,
+            offset,
             Box::new(move |e| {
                 *fatal.borrow_mut() = Some(e);
                 notify.notify_one();
@@ -158,37 +250,39 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         _ = fatal_notify.notified() => {}
     }
     log::info!("Shutting down");
+    // Shutdown, in phases (each bounded): stop polling; confirm what the
+    // journal holds, so Telegram does not send it again; disconnect every
+    // scope (what an app did not receive stays in the journal for the next
+    // start); record what was received; let the Sender send what the apps
+    // sent; end the workers (lifespan shutdown).
     let offset = poller.send(StopPolling).await.ok().flatten();
-    let grace = settings.scopes.disconnect_grace;
-    // Confirm only what every instance received: an update handed back
-    // unreceived, or a scope that did not end in time, keeps the offset where
-    // Telegram will send it again after a restart.
-    let confirm = match supervisor.send(CloseAll).await {
-        Ok(rx) => match tokio::time::timeout(grace + Duration::from_secs(2), rx).await {
-            Ok(Ok(None)) => offset,
-            Ok(Ok(Some(unreceived))) => offset.map(|o| o.min(unreceived)),
-            _ => {
-                log::warn!("some scopes did not end within the grace period");
-                None
-            }
-        },
-        Err(e) => {
-            log::warn!("closing scopes: {e}");
-            None
-        }
-    };
-    if let Some(offset) = confirm.filter(|_| fatal.borrow().is_none()) {
+    if let Some(offset) = offset.filter(|_| fatal.borrow().is_none()) {
         confirm_offset(&bot, offset).await;
     }
-    if tokio::time::timeout(SENDER_DRAIN_DEADLINE, sender.send(Drained))
+    let grace = settings.scopes.disconnect_grace;
+    match supervisor.send(CloseAll).await {
+        Ok(rx) => {
+            if tokio::time::timeout(grace + Duration::from_secs(2), rx)
+                .await
+                .is_err()
+            {
+                log::warn!("some scopes did not end within the grace period");
+            }
+        }
+        Err(e) => log::warn!("closing scopes: {e}"),
+    }
+    let _ = supervisor.send(FlushHandled).await;
+    let drain = settings.shutdown.drain_timeout;
+    if tokio::time::timeout(drain, sender.send(Drained))
         .await
         .is_err()
     {
         log::warn!(
-            "the Sender did not drain within {SENDER_DRAIN_DEADLINE:?}; unsent calls dropped"
+            "the Sender did not drain within {:.1}s (shutdown.drain_timeout); unsent calls dropped",
+            drain.as_secs_f64()
         );
     }
-    stop_workers(&supervisor, grace).await;
+    stop_workers(&supervisor, grace, settings.shutdown.worker_timeout).await;
     let result = match fatal.borrow_mut().take() {
         Some(TelegramError::Unauthorized) => Err(RunError::TokenRejected),
         Some(e) => Err(RunError::Other(e.to_string())),
@@ -207,9 +301,14 @@ pub async fn check(mut settings: Settings) -> Result<(), RunError> {
         settings.telegram.http_timeout,
     );
     let sender = Sender::new(bot, settings.sender.clone()).start();
-    let supervisor = Supervisor::new(settings.clone(), sender).start();
+    let supervisor = Supervisor::new(settings.clone(), sender, None, Rc::default()).start();
     let ready = wait_ready(&supervisor, settings.app.startup_timeout).await;
-    stop_workers(&supervisor, Duration::ZERO).await;
+    stop_workers(
+        &supervisor,
+        Duration::ZERO,
+        settings.shutdown.worker_timeout,
+    )
+    .await;
     ready
 }
 
@@ -229,12 +328,11 @@ async fn wait_ready(supervisor: &Addr<Supervisor>, timeout: Duration) -> Result<
     }
 }
 
-async fn stop_workers(supervisor: &Addr<Supervisor>, grace: Duration) {
+/// Ends the workers: instances get `grace` seconds, the processes
+/// `deadline` more to run lifespan shutdown and exit.
+async fn stop_workers(supervisor: &Addr<Supervisor>, grace: Duration, deadline: Duration) {
     if let Ok(rx) = supervisor.send(StopWorkers { grace }).await {
-        if tokio::time::timeout(grace + WORKER_EXIT_DEADLINE, rx)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace + deadline, rx).await.is_err() {
             log::warn!("workers did not exit within the deadline; killing them");
         }
     }

@@ -75,7 +75,45 @@ pub struct Settings {
     pub app: AppSettings,
     pub scopes: ScopeSettings,
     pub sender: SenderSettings,
+    pub journal: JournalSettings,
+    pub shutdown: ShutdownSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct JournalSettings {
+    /// Directory of the journal; `None`: the default state directory.
+    pub dir: Option<PathBuf>,
+    /// Undelivered updates held at most before polling pauses.
+    pub max_undelivered: usize,
+}
+
+impl JournalSettings {
+    /// The journal's directory: the configured one, else `$STATE_DIRECTORY`
+    /// (systemd), `$XDG_STATE_HOME/asgigramd`, `~/.local/state/asgigramd`,
+    /// or `./.asgigramd` as a last resort.
+    pub fn resolved_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.dir {
+            return dir.clone();
+        }
+        let env = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        env("STATE_DIRECTORY")
+            .or_else(|| env("XDG_STATE_HOME").map(|d| d.join("asgigramd")))
+            .or_else(|| env("HOME").map(|h| h.join(".local/state/asgigramd")))
+            .unwrap_or_else(|| PathBuf::from(".asgigramd"))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownSettings {
+    /// How long the Sender may take to send what is queued.
+    pub drain_timeout: Duration,
+    /// How long workers may take for lifespan shutdown and exit.
+    pub worker_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -188,7 +226,23 @@ struct RawSettings {
     app: RawApp,
     scopes: RawScopes,
     sender: RawSender,
+    journal: RawJournal,
+    shutdown: RawShutdown,
     log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJournal {
+    dir: String,
+    max_undelivered: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    drain_timeout: f64,
+    worker_timeout: f64,
 }
 
 #[derive(Deserialize)]
@@ -390,6 +444,30 @@ impl Settings {
             ));
         }
         let sender = validate_sender(&raw.sender)?;
+        if raw.journal.max_undelivered == 0 {
+            return Err(SettingsError::key(
+                "journal.max_undelivered",
+                "must be at least 1",
+            ));
+        }
+        let journal = JournalSettings {
+            dir: (!raw.journal.dir.is_empty()).then(|| base_dir.join(&raw.journal.dir)),
+            max_undelivered: raw.journal.max_undelivered as usize,
+        };
+        let seconds = |key: &'static str, v: f64| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(SettingsError::key(
+                    key,
+                    "must be a non-negative number of seconds",
+                ))
+            }
+        };
+        let shutdown = ShutdownSettings {
+            drain_timeout: seconds("shutdown.drain_timeout", raw.shutdown.drain_timeout)?,
+            worker_timeout: seconds("shutdown.worker_timeout", raw.shutdown.worker_timeout)?,
+        };
         let level = raw.log.level.parse::<log::LevelFilter>().map_err(|_| {
             SettingsError::key(
                 "log.level",
@@ -424,6 +502,8 @@ impl Settings {
                 disconnect_grace: Duration::from_secs_f64(raw.scopes.disconnect_grace),
             },
             sender,
+            journal,
+            shutdown,
             log: LogSettings { level },
         })
     }

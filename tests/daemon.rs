@@ -252,8 +252,10 @@ fn write_config(text: &str) -> tempfile::TempDir {
 #[test]
 fn the_original_command_line_form_works_with_the_cwd_on_sys_path() {
     let sb = sandbox();
+    let state = tempfile::tempdir().expect("temp dir");
     let mut child = Command::new(binary())
         .args([sb.token(), "echo3:app", "--api-url", &sb.api_url()])
+        .env("ASGIGRAM_JOURNAL__DIR", state.path())
         .current_dir(apps_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -1,18 +1,26 @@
 //! Poller: long-polls `getUpdates` and hands each batch to the Supervisor.
 //!
 //! 1. Exactly one getUpdates is in flight; the next starts when it answered.
-//! 2. The offset is one past the highest update_id seen, so the next call
-//!    confirms the batch before it.
+//! 2. A batch is stored in the journal before anything else; only then does
+//!    the offset move one past its highest update_id, so the next call
+//!    confirms to Telegram only what is on disk. Updates the journal has seen
+//!    before (Telegram resends what was not confirmed) are dropped there.
 //! 3. An element that is not an update (no object, no integer update_id) is
 //!    logged and skipped; the ids around it still move the offset.
-//! 4. On 429 the next call waits exactly `retry_after`; on other failures it
+//! 4. While the daemon holds `max_undelivered` updates the apps have not
+//!    received, no new getUpdates starts (backpressure): Telegram keeps the
+//!    rest, and memory stays bounded.
+//! 5. On 429 the next call waits exactly `retry_after`; on other failures it
 //!    waits a capped exponential backoff with jitter, reset by a success.
-//! 5. 401 is fatal: the token was rejected and retrying cannot help.
-//! 6. 409 means another poller or a webhook holds the token: logged as such,
+//! 6. 401 is fatal: the token was rejected and retrying cannot help.
+//! 7. 409 means another poller or a webhook holds the token: logged as such,
 //!    then backoff.
 //!
 //! Stops on [`StopPolling`], answering with the offset to confirm.
 
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::rc::Rc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -20,11 +28,15 @@ use serde_json::{json, Value};
 
 use crate::actors::supervisor::{Dispatch, Supervisor};
 use crate::backoff::Backoff;
+use crate::journal::{Append, JournalActor};
 use crate::telegram::{Bot, TelegramError, Update};
+
+/// How often a paused Poller looks again at the undelivered count.
+const BACKPRESSURE_RECHECK: Duration = Duration::from_millis(50);
 
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
-/// Stop polling; answers with the offset that confirms everything dispatched.
+/// Stop polling; answers with the offset that confirms everything stored.
 #[derive(Message)]
 #[rtype(result = "Option<i64>")]
 pub struct StopPolling;
@@ -32,38 +44,131 @@ pub struct StopPolling;
 /// How the Poller ends the daemon when polling cannot go on.
 pub type FatalHook = Box<dyn FnOnce(TelegramError)>;
 
+/// Where a Poller's updates go and what holds it back.
+pub struct Delivery {
+    pub supervisor: Addr<Supervisor>,
+    pub journal: Option<Addr<JournalActor>>,
+    /// Updates dispatched that no app has received yet (kept by the
+    /// Supervisor).
+    pub undelivered: Rc<Cell<usize>>,
+    pub max_undelivered: usize,
+}
+
 pub struct Poller {
     bot: Bot,
-    supervisor: Addr<Supervisor>,
+    delivery: Delivery,
     poll_timeout: Duration,
     limit: u8,
     allowed_updates: Vec<String>,
+    /// The offset of the next getUpdates: one past everything stored.
     offset: Option<i64>,
     failures: u32,
     fatal: Option<FatalHook>,
     in_flight: Option<SpawnHandle>,
+    paused: bool,
 }
 
 impl Poller {
     pub fn new(
         bot: Bot,
-        supervisor: Addr<Supervisor>,
-        poll_timeout: Duration,
-        limit: u8,
-        allowed_updates: Vec<String>,
+        delivery: Delivery,
+        telegram: &crate::settings::TelegramSettings,
+        offset: Option<i64>,
         fatal: FatalHook,
     ) -> Poller {
         Poller {
             bot,
-            supervisor,
-            poll_timeout,
-            limit,
-            allowed_updates,
-            offset: None,
+            delivery,
+            poll_timeout: telegram.poll_timeout,
+            limit: telegram.poll_limit,
+            allowed_updates: telegram.allowed_updates.clone(),
+            offset,
             failures: 0,
             fatal: Some(fatal),
             in_flight: None,
+            paused: false,
         }
+    }
+
+    /// Polls now, or once the apps have caught up (rule 4).
+    fn poll_when_ready(&mut self, ctx: &mut Context<Self>) {
+        let held = self.delivery.undelivered.get();
+        if held >= self.delivery.max_undelivered {
+            if !self.paused {
+                self.paused = true;
+                log::warn!(
+                    "backpressure: {held} updates not yet received by the apps (journal.max_undelivered={}); polling paused",
+                    self.delivery.max_undelivered
+                );
+            }
+            self.in_flight =
+                Some(ctx.run_later(BACKPRESSURE_RECHECK, |act, ctx| act.poll_when_ready(ctx)));
+            return;
+        }
+        if self.paused {
+            self.paused = false;
+            log::info!("backpressure: {held} updates undelivered; polling resumed");
+        }
+        self.poll(ctx);
+    }
+
+    /// Stores a batch (rule 2), then hands the new updates to the Supervisor.
+    fn store_and_dispatch(
+        &mut self,
+        updates: Vec<Update>,
+        next: Option<i64>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(journal) = self
+            .delivery
+            .journal
+            .clone()
+            .filter(|_| !updates.is_empty())
+        else {
+            self.offset = next;
+            if !updates.is_empty() {
+                self.delivery.supervisor.do_send(Dispatch(updates));
+            }
+            self.poll_when_ready(ctx);
+            return;
+        };
+        let batch = updates
+            .iter()
+            .map(|u| (u.id.0, Value::Object(u.raw.clone()).to_string()))
+            .collect();
+        let fetched_with = self.offset;
+        let stored = journal.send(Append {
+            batch,
+            fetched_with,
+        });
+        self.in_flight = Some(ctx.spawn(stored.into_actor(self).map(move |result, act, ctx| {
+            act.in_flight = None;
+            match result.map_err(|e| e.to_string()).and_then(|r| r) {
+                Ok(fresh) => {
+                    act.offset = next;
+                    let fresh: HashSet<i64> = fresh.into_iter().collect();
+                    let count = updates.len();
+                    let updates: Vec<Update> = updates.into_iter().filter(|u| fresh.contains(&u.id.0)).collect();
+                    if updates.len() < count {
+                        log::info!("{} update(s) already in the journal skipped (sent again by Telegram)", count - updates.len());
+                    }
+                    if !updates.is_empty() {
+                        act.delivery.supervisor.do_send(Dispatch(updates));
+                    }
+                    act.poll_when_ready(ctx);
+                }
+                Err(e) => {
+                    // Not stored means not confirmed: Telegram keeps them.
+                    let delay = BACKOFF.delay(act.failures);
+                    log::error!(
+                        "journal: cannot store {count} update(s): {e}; they stay unconfirmed, retrying in {:.1}s",
+                        delay.as_secs_f64(),
+                        count = updates.len()
+                    );
+                    act.retry(delay, ctx);
+                }
+            }
+        })));
     }
 
     fn params(&self) -> Value {
@@ -95,11 +200,9 @@ impl Poller {
         match result {
             Ok(Value::Array(items)) => {
                 self.failures = 0;
-                let updates = take_batch(&mut self.offset, items);
-                if !updates.is_empty() {
-                    self.supervisor.do_send(Dispatch(updates));
-                }
-                self.poll(ctx);
+                let mut next = self.offset;
+                let updates = take_batch(&mut next, items);
+                self.store_and_dispatch(updates, next, ctx);
             }
             Ok(other) => {
                 log::warn!(
@@ -170,7 +273,7 @@ impl Actor for Poller {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        self.poll(ctx);
+        self.poll_when_ready(ctx);
     }
 }
 

@@ -55,6 +55,8 @@ pub enum ScopeReport {
         key: ScopeKey,
         acked: u64,
     },
+    /// The instance received these updates: they are handled.
+    Handled { ids: Vec<i64> },
     /// The instance returned by itself and nothing is queued.
     InstanceEnded { scope_id: u64, key: ScopeKey },
     /// The actor stopped; `leftover` holds events no instance received.
@@ -329,12 +331,17 @@ impl Handler<InstanceMsg> for ScopeActor {
         match msg {
             InstanceMsg::Received { seq, .. } => {
                 let mut acked = 0;
+                let mut ids = Vec::new();
                 while self.queue.front().is_some_and(|(s, _)| *s <= seq) {
                     if let Some((_, e)) = self.queue.pop_front() {
                         if !is_local_event(&e) {
                             acked += 1;
+                            ids.extend(e.get("update_id").and_then(Value::as_i64));
                         }
                     }
+                }
+                if !ids.is_empty() {
+                    self.supervisor.do_send(ScopeReport::Handled { ids });
                 }
                 self.progressed = true;
                 self.acked += acked;

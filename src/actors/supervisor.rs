@@ -8,7 +8,9 @@
 //! ready, restarts a worker that dies (a worker that keeps failing before it is
 //! ready stops the daemon), and gives each new scope the least-loaded worker.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -19,6 +21,7 @@ use crate::actors::scope::{Close, Enqueue, ScopeActor, ScopeReport};
 use crate::actors::sender::Sender;
 use crate::actors::worker::{describe, ShutdownWorker, Worker, WorkerEvent};
 use crate::backoff::Backoff;
+use crate::journal::{Handled, JournalActor};
 use crate::routing::{self, Lane, Route, ScopeKey, Unroutable};
 use crate::settings::Settings;
 use crate::telegram::Update;
@@ -36,15 +39,23 @@ pub struct Dispatch(pub Vec<Update>);
 #[rtype(result = "()")]
 pub struct SetBot(pub Value);
 
+/// How often handled update ids are written to the journal, batched.
+const HANDLED_FLUSH: Duration = Duration::from_millis(20);
+
+/// Shutdown phase: write the handled ids still buffered to the journal.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FlushHandled;
+
 /// Resolves when every worker is ready, or with the first worker's error.
 #[derive(Message)]
 #[rtype(result = "oneshot::Receiver<Result<(), String>>")]
 pub struct WaitReady;
 
-/// Shutdown phase: close every scope; resolves when all have stopped, with
-/// the lowest update_id that no instance received (None: all were received).
+/// Shutdown phase: close every scope; resolves when all have stopped. What
+/// no instance received stays in the journal for the next start.
 #[derive(Message)]
-#[rtype(result = "oneshot::Receiver<Option<i64>>")]
+#[rtype(result = "oneshot::Receiver<()>")]
 pub struct CloseAll;
 
 /// Shutdown phase: end the workers; resolves when every process has exited.
@@ -101,20 +112,31 @@ pub struct Supervisor {
     parked: VecDeque<(Route, Value)>,
     ready_waiters: Vec<oneshot::Sender<Result<(), String>>>,
     startup_error: Option<String>,
-    close_waiters: Vec<oneshot::Sender<Option<i64>>>,
-    /// Lowest update_id handed back unreceived during shutdown.
-    unreceived: Option<i64>,
+    close_waiters: Vec<oneshot::Sender<()>>,
     exit_waiters: Vec<oneshot::Sender<()>>,
     stopping_workers: bool,
     shutting_down: bool,
+    journal: Option<Addr<JournalActor>>,
+    /// Update ids received by the apps (or skipped), not yet written.
+    handled: Vec<i64>,
+    /// Updates dispatched that no app has received yet; the Poller reads it.
+    undelivered: Rc<Cell<usize>>,
     /// Every worker has been ready once: later failures are restarts.
     started_up: bool,
     pub counters: Counters,
 }
 
 impl Supervisor {
-    pub fn new(settings: Settings, sender: Addr<Sender>) -> Supervisor {
+    pub fn new(
+        settings: Settings,
+        sender: Addr<Sender>,
+        journal: Option<Addr<JournalActor>>,
+        undelivered: Rc<Cell<usize>>,
+    ) -> Supervisor {
         Supervisor {
+            journal,
+            handled: Vec::new(),
+            undelivered,
             settings,
             sender,
             bot: Value::Null,
@@ -126,7 +148,6 @@ impl Supervisor {
             ready_waiters: Vec::new(),
             startup_error: None,
             close_waiters: Vec::new(),
-            unreceived: None,
             exit_waiters: Vec::new(),
             stopping_workers: false,
             shutting_down: false,
@@ -204,7 +225,10 @@ impl Supervisor {
                         }
                     }
                 }
-                Err(why) => self.skip(id, why),
+                Err(why) => {
+                    self.skip(id, why);
+                    self.handled.push(id);
+                }
             }
         }
         for (route, events) in batches {
@@ -344,13 +368,7 @@ impl Supervisor {
         if let Some(w) = worker.and_then(|w| self.workers.get_mut(w)) {
             w.scopes = w.scopes.saturating_sub(1);
         }
-        if self.shutting_down {
-            let lowest = leftover
-                .iter()
-                .filter_map(|e| e.get("update_id")?.as_i64())
-                .min();
-            self.unreceived = self.unreceived.into_iter().chain(lowest).min();
-        } else if !leftover.is_empty() {
+        if !leftover.is_empty() && !self.shutting_down {
             // Fresh scope for what the old instance never received; the chat
             // object comes from the events themselves.
             if let Some(route) = leftover.iter().find_map(route_of_event) {
@@ -363,7 +381,7 @@ impl Supervisor {
     fn check_closed(&mut self) {
         if self.shutting_down && self.scopes.is_empty() && self.closing.is_empty() {
             for w in self.close_waiters.drain(..) {
-                let _ = w.send(self.unreceived);
+                let _ = w.send(());
             }
         }
     }
@@ -373,6 +391,14 @@ impl Supervisor {
         for (route, event) in parked {
             self.deliver(route, vec![event], ctx);
         }
+    }
+
+    fn flush_handled(&mut self) -> Option<Request<JournalActor, Handled>> {
+        if self.handled.is_empty() {
+            return None;
+        }
+        let ids = std::mem::take(&mut self.handled);
+        self.journal.as_ref().map(|j| j.send(Handled(ids)))
     }
 
     fn all_ready(&self) -> bool {
@@ -413,6 +439,14 @@ impl Actor for Supervisor {
         let tick = (self.settings.scopes.idle_timeout / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         ctx.run_interval(tick, |act, _| act.reap_idle());
+        ctx.run_interval(HANDLED_FLUSH, |act, _| {
+            if let Some(request) = act.flush_handled() {
+                // The journal logs its own failures; nothing to wait for.
+                actix::spawn(async move {
+                    let _ = request.await;
+                });
+            }
+        });
     }
 }
 
@@ -427,6 +461,18 @@ impl Handler<SetBot> for Supervisor {
     type Result = ();
     fn handle(&mut self, msg: SetBot, _: &mut Context<Self>) {
         self.bot = msg.0;
+    }
+}
+
+impl Handler<FlushHandled> for Supervisor {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: FlushHandled, _: &mut Context<Self>) -> Self::Result {
+        let request = self.flush_handled();
+        Box::pin(async move {
+            if let Some(request) = request {
+                let _ = request.await;
+            }
+        })
     }
 }
 
@@ -495,6 +541,11 @@ impl Handler<ScopeReport> for Supervisor {
                     e.acked = acked;
                     e.last_active = Instant::now();
                 }
+            }
+            ScopeReport::Handled { ids } => {
+                self.undelivered
+                    .set(self.undelivered.get().saturating_sub(ids.len()));
+                self.handled.extend(ids);
             }
             ScopeReport::InstanceEnded { scope_id, key } => {
                 // Events may be on their way to it; then it restarts instead.

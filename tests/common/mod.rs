@@ -69,6 +69,8 @@ impl Daemon {
         let mut cmd = Command::new(binary());
         cmd.arg("--config").arg(&config_path).args(args);
         cmd.env_remove("RUST_LOG");
+        // A journal per daemon; tests that restart a daemon pass their own.
+        cmd.env("ASGIGRAM_JOURNAL__DIR", dir.path().join("state"));
         for (k, v) in env {
             cmd.env(k, v);
         }

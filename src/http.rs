@@ -1,0 +1,76 @@
+//! The operations endpoint: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Off unless `http.bind` is set. An actix-web server with one worker, started
+//! inside the daemon's actix System; actix-web runs its worker on a thread of
+//! its own, so the handlers only read the [`crate::metrics`] registry, which
+//! is `Sync`, and never touch the actors.
+//!
+//! - `/healthz`: 200 while the process runs (liveness).
+//! - `/readyz`: 200 when polling works and every worker is ready, else 503
+//!   with the reason in the body (readiness).
+//! - `/metrics`: the Prometheus text format.
+
+use std::net::SocketAddr;
+
+use actix_web::dev::ServerHandle;
+use actix_web::http::header::ContentType;
+use actix_web::{web, App, HttpResponse, HttpServer};
+
+use crate::metrics::metrics;
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(ContentType::plaintext())
+        .body("ok\n")
+}
+
+async fn readyz() -> HttpResponse {
+    match metrics().readiness() {
+        Ok(()) => HttpResponse::Ok()
+            .content_type(ContentType::plaintext())
+            .body("ready\n"),
+        Err(why) => HttpResponse::ServiceUnavailable()
+            .content_type(ContentType::plaintext())
+            .body(format!("not ready: {why}\n")),
+    }
+}
+
+async fn prometheus() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(metrics().render())
+}
+
+/// Binds `bind` and serves the endpoint on the current actix System until
+/// the returned handle stops it (or the process ends). Logs the bound
+/// address, so `127.0.0.1:0` can be used and the port read from the log.
+pub fn start(bind: SocketAddr) -> std::io::Result<ServerHandle> {
+    let server = HttpServer::new(|| {
+        App::new()
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(prometheus))
+    })
+    // Probes and scrapes are rare and cheap: one worker thread is plenty.
+    .workers(1)
+    // The daemon handles SIGTERM/SIGINT itself and stops in order; the
+    // endpoint must not shut itself down on them first.
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(bind)?;
+    let addrs = server
+        .addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let server = server.run();
+    let handle = server.handle();
+    actix::spawn(async move {
+        if let Err(e) = server.await {
+            log::error!("http endpoint failed: {e}");
+        }
+    });
+    log::info!("http endpoint listening addr={addrs} paths=/healthz,/readyz,/metrics");
+    Ok(handle)
+}

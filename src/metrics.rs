@@ -1,0 +1,584 @@
+//! The process-wide metrics registry: counters and gauges the actors bump with
+//! one-liners (`metrics().updates_received.inc(&[kind])`), read by the HTTP
+//! endpoint (`/metrics`, `/readyz`) and the periodic stats log line.
+//!
+//! The actors run on one thread, but the HTTP handlers run on actix-web's
+//! worker thread, so everything here is atomics or small `Mutex`ed maps.
+//! Nothing here blocks for long: a lock is held only to bump or copy a map.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::telegram::TelegramError;
+
+/// The registry every part of the daemon reports to.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    /// Sets from a count; saturates (a count above i64::MAX is not a thing).
+    pub fn set_count(&self, v: usize) {
+        self.set(i64::try_from(v).unwrap_or(i64::MAX));
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A counter per combination of label values, e.g. (method, outcome).
+#[derive(Debug)]
+pub struct Labelled {
+    names: &'static [&'static str],
+    values: Mutex<BTreeMap<Vec<String>, u64>>,
+}
+
+impl Labelled {
+    fn new(names: &'static [&'static str]) -> Labelled {
+        Labelled {
+            names,
+            values: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Adds one to the series with these label values (one per label name).
+    pub fn inc(&self, labels: &[&str]) {
+        debug_assert_eq!(labels.len(), self.names.len());
+        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
+        *lock(&self.values).entry(key).or_default() += 1;
+    }
+
+    /// Every series, in label order.
+    pub fn snapshot(&self) -> Vec<(Vec<String>, u64)> {
+        lock(&self.values)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// The sum over every series.
+    pub fn total(&self) -> u64 {
+        lock(&self.values).values().sum()
+    }
+
+    /// The series with exactly these label values (0 if never counted).
+    pub fn get(&self, labels: &[&str]) -> u64 {
+        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
+        lock(&self.values).get(&key).copied().unwrap_or(0)
+    }
+}
+
+/// A latency histogram with fixed buckets, in seconds.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Non-cumulative counts per bucket; the last one is +Inf.
+    counts: Vec<AtomicU64>,
+    /// Sum of observations in microseconds (an integer, so it can be atomic).
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn sum_secs(&self) -> f64 {
+        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
+/// Whether polling works, as far as the last getMe/getUpdates showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PollState {
+    /// No getMe or getUpdates has answered yet.
+    Starting,
+    /// The last getMe or getUpdates succeeded.
+    Ok,
+    /// The last getUpdates failed (not with 401); it is being retried.
+    Failing(String),
+    /// Telegram answered 401: the token was rejected.
+    Rejected,
+}
+
+/// Every metric the daemon exports. Fields are public so instrumentation is
+/// a one-liner; the HTTP endpoint and the stats line only read them.
+#[derive(Debug)]
+pub struct Metrics {
+    started: Instant,
+    /// Updates handed from the Poller to the Supervisor, by update kind.
+    pub updates_received: Labelled,
+    /// Updates an instance's `receive()` returned, by update kind.
+    pub updates_delivered: Labelled,
+    /// Updates that could not be routed to a scope, by update kind.
+    pub updates_skipped: Labelled,
+    /// Bot API calls answered (or failed), by method and outcome.
+    pub api_calls: Labelled,
+    /// 429 answers (any method).
+    pub rate_limited: Counter,
+    /// Calls the Sender sent again (429, 5xx, network, migration).
+    pub retries: Counter,
+    pub scopes_live: Gauge,
+    pub scopes_started: Counter,
+    /// Worker processes the daemon should have running.
+    pub workers_configured: Gauge,
+    /// Worker processes up and ready.
+    pub workers_ready: Gauge,
+    /// Workers that died and were restarted.
+    pub worker_restarts: Counter,
+    /// Workers replaced by a reload (SIGHUP, --reload).
+    pub worker_reloads: Counter,
+    /// Calls waiting in the Sender (queued or held for a retry).
+    pub sender_queued: Gauge,
+    /// Calls the Sender has sent and not yet had answered.
+    pub sender_in_flight: Gauge,
+    /// getUpdates round-trip time (includes the long-poll wait).
+    pub poll_latency: Histogram,
+    /// Updates held in the durable journal, not yet confirmed (set by the
+    /// journal; stays 0 without one).
+    pub journal_entries: Gauge,
+    /// Size of the journal on disk, in bytes (set by the journal).
+    pub journal_bytes: Gauge,
+    poll_state: Mutex<PollState>,
+    shutting_down: std::sync::atomic::AtomicBool,
+}
+
+/// getUpdates round trips: short ones when updates are waiting, up to the
+/// long-poll timeout (30 s by default, at most 50) when the bot is quiet.
+const POLL_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means a thread panicked while bumping a counter;
+    // the map itself is still valid.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        Metrics {
+            started: Instant::now(),
+            updates_received: Labelled::new(&["kind"]),
+            updates_delivered: Labelled::new(&["kind"]),
+            updates_skipped: Labelled::new(&["kind"]),
+            api_calls: Labelled::new(&["method", "outcome"]),
+            rate_limited: Counter::default(),
+            retries: Counter::default(),
+            scopes_live: Gauge::default(),
+            scopes_started: Counter::default(),
+            workers_configured: Gauge::default(),
+            workers_ready: Gauge::default(),
+            worker_restarts: Counter::default(),
+            worker_reloads: Counter::default(),
+            sender_queued: Gauge::default(),
+            sender_in_flight: Gauge::default(),
+            poll_latency: Histogram::new(POLL_BUCKETS),
+            journal_entries: Gauge::default(),
+            journal_bytes: Gauge::default(),
+            poll_state: Mutex::new(PollState::Starting),
+            shutting_down: Default::default(),
+        }
+    }
+
+    /// Records one answered Bot API call (from [`crate::telegram::Bot::call`]).
+    pub fn api_call(&self, method: &str, elapsed: Duration, result: &Result<(), &TelegramError>) {
+        let outcome = match result {
+            Ok(()) => "ok",
+            Err(e) => outcome_of(e),
+        };
+        self.api_calls.inc(&[method, outcome]);
+        if matches!(result, Err(TelegramError::RetryAfter { .. })) {
+            self.rate_limited.inc();
+        }
+        match (method, result) {
+            (_, Err(TelegramError::Unauthorized)) => self.set_poll_state(PollState::Rejected),
+            ("getMe", Ok(())) => self.set_poll_state(PollState::Ok),
+            ("getUpdates", Ok(())) => {
+                self.poll_latency.observe(elapsed);
+                self.set_poll_state(PollState::Ok);
+            }
+            ("getUpdates", Err(e)) => {
+                self.poll_latency.observe(elapsed);
+                self.set_poll_state(PollState::Failing(e.to_string()));
+            }
+            _ => {}
+        }
+    }
+
+    pub fn poll_state(&self) -> PollState {
+        lock(&self.poll_state).clone()
+    }
+
+    pub fn set_poll_state(&self, state: PollState) {
+        let mut current = lock(&self.poll_state);
+        // A rejected token stays rejected: the daemon is on its way out.
+        if *current != PollState::Rejected {
+            *current = state;
+        }
+    }
+
+    /// The daemon stopped polling and is winding down.
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// `Ok` when the bot can serve: polling works and every worker is up;
+    /// otherwise why not, in a few words (the body of a 503 from `/readyz`).
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
+        match self.poll_state() {
+            PollState::Ok => {}
+            PollState::Starting => return Err("not polling yet".into()),
+            PollState::Failing(why) => return Err(format!("getUpdates failing: {why}")),
+            PollState::Rejected => {
+                return Err("Telegram rejected the token (401 Unauthorized)".into())
+            }
+        }
+        let (ready, want) = (self.workers_ready.get(), self.workers_configured.get());
+        if ready < want {
+            return Err(format!("{ready} of {want} workers ready"));
+        }
+        Ok(())
+    }
+
+    /// The main counters on one line, `key=value` separated.
+    pub fn stats_line(&self) -> String {
+        format!(
+            "stats updates_received={} updates_delivered={} updates_skipped={} api_calls={} api_errors={} rate_limited={} retries={} scopes_live={} workers_ready={} workers={} worker_restarts={} sender_queued={} sender_in_flight={} polls={} journal_entries={}",
+            self.updates_received.total(),
+            self.updates_delivered.total(),
+            self.updates_skipped.total(),
+            self.api_calls.total(),
+            self.api_calls.total() - self.api_calls_with_outcome("ok"),
+            self.rate_limited.get(),
+            self.retries.get(),
+            self.scopes_live.get(),
+            self.workers_ready.get(),
+            self.workers_configured.get(),
+            self.worker_restarts.get(),
+            self.sender_queued.get(),
+            self.sender_in_flight.get(),
+            self.poll_latency.count(),
+            self.journal_entries.get(),
+        )
+    }
+
+    fn api_calls_with_outcome(&self, outcome: &str) -> u64 {
+        self.api_calls
+            .snapshot()
+            .iter()
+            .filter(|(labels, _)| labels.get(1).is_some_and(|o| o == outcome))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Everything, in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let labelled = |out: &mut String, name: &str, help: &str, m: &Labelled| {
+            header(out, name, help, "counter");
+            for (values, n) in m.snapshot() {
+                let labels: Vec<String> = m
+                    .names
+                    .iter()
+                    .zip(&values)
+                    .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                    .collect();
+                let _ = writeln!(out, "{name}{{{}}} {n}", labels.join(","));
+            }
+        };
+        let single = |out: &mut String, name: &str, help: &str, kind: &str, v: String| {
+            header(out, name, help, kind);
+            let _ = writeln!(out, "{name} {v}");
+        };
+        labelled(
+            &mut out,
+            "asgigram_updates_received_total",
+            "Updates received from getUpdates, by kind.",
+            &self.updates_received,
+        );
+        labelled(
+            &mut out,
+            "asgigram_updates_delivered_total",
+            "Updates an application instance received, by kind.",
+            &self.updates_delivered,
+        );
+        labelled(
+            &mut out,
+            "asgigram_updates_skipped_total",
+            "Updates with no chat or user to route them to, by kind.",
+            &self.updates_skipped,
+        );
+        labelled(
+            &mut out,
+            "asgigram_api_calls_total",
+            "Bot API calls answered, by method and outcome.",
+            &self.api_calls,
+        );
+        single(
+            &mut out,
+            "asgigram_api_rate_limited_total",
+            "429 answers from the Bot API.",
+            "counter",
+            self.rate_limited.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_sender_retries_total",
+            "Calls the Sender sent again after a failure or a 429.",
+            "counter",
+            self.retries.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_sender_queued",
+            "Calls waiting in the Sender.",
+            "gauge",
+            self.sender_queued.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_sender_in_flight",
+            "Calls sent and not yet answered.",
+            "gauge",
+            self.sender_in_flight.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_scopes_live",
+            "Live scopes (application instances).",
+            "gauge",
+            self.scopes_live.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_scopes_started_total",
+            "Scopes started.",
+            "counter",
+            self.scopes_started.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_workers_configured",
+            "Worker processes configured (app.workers).",
+            "gauge",
+            self.workers_configured.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_workers_ready",
+            "Worker processes up and ready.",
+            "gauge",
+            self.workers_ready.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_worker_restarts_total",
+            "Worker processes that died and were restarted.",
+            "counter",
+            self.worker_restarts.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_worker_reloads_total",
+            "Worker processes replaced by a reload (SIGHUP, --reload).",
+            "counter",
+            self.worker_reloads.get().to_string(),
+        );
+        header(
+            &mut out,
+            "asgigram_poll_duration_seconds",
+            "getUpdates round-trip time, long-poll wait included.",
+            "histogram",
+        );
+        let mut cumulative = 0;
+        for (i, c) in self.poll_latency.counts.iter().enumerate() {
+            cumulative += c.load(Ordering::Relaxed);
+            let le = self
+                .poll_latency
+                .bounds
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(
+                out,
+                "asgigram_poll_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "asgigram_poll_duration_seconds_sum {}",
+            self.poll_latency.sum_secs()
+        );
+        let _ = writeln!(out, "asgigram_poll_duration_seconds_count {cumulative}");
+        single(
+            &mut out,
+            "asgigram_journal_entries",
+            "Updates held in the journal, not yet confirmed.",
+            "gauge",
+            self.journal_entries.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_journal_bytes",
+            "Size of the journal on disk.",
+            "gauge",
+            self.journal_bytes.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_ready",
+            "1 when /readyz answers 200.",
+            "gauge",
+            u8::from(self.readiness().is_ok()).to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_uptime_seconds",
+            "Seconds since the daemon started.",
+            "gauge",
+            format!("{:.3}", self.started.elapsed().as_secs_f64()),
+        );
+        out
+    }
+}
+
+/// The `outcome` label of a failed call.
+fn outcome_of(e: &TelegramError) -> &'static str {
+    match e {
+        TelegramError::RetryAfter { .. } => "429",
+        TelegramError::Migrated { .. } => "migrated",
+        TelegramError::Unauthorized => "401",
+        TelegramError::Conflict { .. } => "409",
+        TelegramError::Server { .. } => "5xx",
+        TelegramError::Api { .. } => "4xx",
+        TelegramError::Network(_) => "network",
+        TelegramError::Timeout(_) => "timeout",
+        TelegramError::InvalidResponse(_) => "invalid",
+    }
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Label values: backslash, double quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Logs [`Metrics::stats_line`] every `interval` (zero: never), on the
+/// current actix System.
+pub fn spawn_stats_logger(interval: Duration) {
+    if interval.is_zero() {
+        return;
+    }
+    actix::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        // The first tick is immediate; the first line is due one interval in.
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            log::info!("{}", metrics().stats_line());
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelled_counters_render_in_the_text_format() {
+        let m = Metrics::new();
+        m.api_calls.inc(&["sendMessage", "ok"]);
+        m.api_calls.inc(&["sendMessage", "ok"]);
+        m.api_calls.inc(&["send\"x", "429"]);
+        m.updates_received.inc(&["message"]);
+        m.poll_latency.observe(Duration::from_millis(70));
+        m.poll_latency.observe(Duration::from_secs(100));
+        assert_eq!(m.api_calls.get(&["sendMessage", "ok"]), 2);
+        assert_eq!(m.api_calls.total(), 3);
+        let text = m.render();
+        assert!(text.contains("asgigram_api_calls_total{method=\"sendMessage\",outcome=\"ok\"} 2\n"));
+        assert!(text.contains("asgigram_api_calls_total{method=\"send\\\"x\",outcome=\"429\"} 1\n"));
+        assert!(text.contains("asgigram_updates_received_total{kind=\"message\"} 1\n"));
+        assert!(text.contains("asgigram_poll_duration_seconds_bucket{le=\"0.05\"} 0\n"));
+        assert!(text.contains("asgigram_poll_duration_seconds_bucket{le=\"0.1\"} 1\n"));
+        assert!(text.contains("asgigram_poll_duration_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(text.contains("asgigram_poll_duration_seconds_count 2\n"));
+        // Every sample line is `name{labels} value` or `name value`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().expect("split yields at least one part");
+            assert!(value.parse::<f64>().is_ok(), "bad sample line {line:?}");
+        }
+    }
+
+    #[test]
+    fn readiness_needs_polling_and_every_worker() {
+        let m = Metrics::new();
+        m.workers_configured.set(2);
+        assert_eq!(m.readiness(), Err("not polling yet".into()));
+        m.api_call("getMe", Duration::ZERO, &Ok(()));
+        assert_eq!(m.readiness(), Err("0 of 2 workers ready".into()));
+        m.workers_ready.set(2);
+        assert_eq!(m.readiness(), Ok(()));
+        let e = TelegramError::Network("refused".into());
+        m.api_call("getUpdates", Duration::ZERO, &Err(&e));
+        assert!(m.readiness().unwrap_err().starts_with("getUpdates failing"));
+        m.api_call("getUpdates", Duration::ZERO, &Ok(()));
+        assert_eq!(m.readiness(), Ok(()));
+        m.api_call("sendMessage", Duration::ZERO, &Err(&TelegramError::Unauthorized));
+        m.api_call("getUpdates", Duration::ZERO, &Ok(()));
+        assert!(m.readiness().unwrap_err().contains("401"));
+    }
+}
