@@ -74,3 +74,37 @@ pub fn start(bind: SocketAddr) -> std::io::Result<ServerHandle> {
     log::info!("http endpoint listening addr={addrs} paths=/healthz,/readyz,/metrics");
     Ok(handle)
 }
+
+/// The operations side of a running daemon: the endpoint (if configured),
+/// the stats line, and the reload triggers. Dropping it stops the endpoint.
+pub struct Operations {
+    endpoint: Option<ServerHandle>,
+}
+
+impl Drop for Operations {
+    fn drop(&mut self) {
+        if let Some(handle) = self.endpoint.take() {
+            // The stop command is sent by the call itself; the future only
+            // reports completion, which nobody needs to wait for.
+            drop(handle.stop(false));
+        }
+    }
+}
+
+/// Starts what `settings` asks for: the HTTP endpoint (`http.bind`), the
+/// stats line (`log.stats_interval`), SIGHUP and `--reload`.
+pub fn start_operations(
+    settings: &crate::settings::Settings,
+    supervisor: &actix::Addr<crate::actors::supervisor::Supervisor>,
+) -> Result<Operations, crate::RunError> {
+    let endpoint = match settings.http.bind {
+        Some(bind) => Some(start(bind).map_err(|e| {
+            crate::RunError::Startup(format!("http.bind: cannot listen on {bind}: {e}"))
+        })?),
+        None => None,
+    };
+    crate::metrics::spawn_stats_logger(settings.log.stats_interval);
+    crate::reload::install(supervisor.clone(), &settings.app.app_dir)
+        .map_err(|e| crate::RunError::Other(format!("installing the SIGHUP handler: {e}")))?;
+    Ok(Operations { endpoint })
+}

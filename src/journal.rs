@@ -17,8 +17,11 @@
 //! 4. On start, [`Journal::pending`] gives back every update not handled, in
 //!    id order, to be delivered before anything new.
 //!
-//! SQLite (bundled) in WAL mode. It is blocking, so the daemon runs it on a
-//! `SyncArbiter` thread ([`JournalActor`]), never on the actor thread.
+//! SQLite (bundled) in WAL mode. It is blocking, so the daemon runs it on
+//! `SyncArbiter` threads ([`JournalActor`]), never on the actor thread: one
+//! connection appends, another records handled updates, so that a burst of
+//! appends (each waiting for the disk) does not hold back the records whose
+//! delay decides how much a crash makes the apps receive twice.
 
 use std::path::{Path, PathBuf};
 
@@ -55,6 +58,7 @@ impl Journal {
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
+                 PRAGMA busy_timeout = 10000;
                  CREATE TABLE IF NOT EXISTS updates (
                      update_id INTEGER PRIMARY KEY,
                      body TEXT NOT NULL
@@ -129,12 +133,19 @@ impl Journal {
         Ok(fresh)
     }
 
+    /// Makes this connection the one that records handled updates: its
+    /// commits never wait for the disk (rule 3) and it leaves checkpoints,
+    /// which do, to the appending connection. A record that waits is a
+    /// longer window in which a crash makes an app receive an update twice.
+    pub fn for_handled(self) -> Result<Journal, JournalError> {
+        self.conn
+            .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0;")
+            .map_err(|e| self.err(e))?;
+        Ok(self)
+    }
+
     /// Forgets updates the application received (rule 3).
     pub fn handled(&mut self, ids: &[i64]) -> Result<(), JournalError> {
-        // A handled delete need not wait for the disk (rule 3).
-        self.conn
-            .execute_batch("PRAGMA synchronous = NORMAL")
-            .map_err(|e| self.err(e))?;
         let result = (|| {
             let tx = self.conn.transaction()?;
             {
@@ -145,9 +156,6 @@ impl Journal {
             }
             tx.commit()
         })();
-        self.conn
-            .execute_batch("PRAGMA synchronous = FULL")
-            .map_err(|e| self.err(e))?;
         result.map_err(|e| self.err(e))
     }
 
@@ -215,6 +223,7 @@ impl Handler<Append> for JournalActor {
 impl Handler<Handled> for JournalActor {
     type Result = ();
     fn handle(&mut self, msg: Handled, _: &mut SyncContext<Self>) {
+        log::trace!("journal: {} handled update(s) recorded", msg.0.len());
         if let Err(e) = self.0.handled(&msg.0) {
             // Not fatal: the updates stay journaled and are delivered again
             // after a restart (rule 3).

@@ -37,10 +37,13 @@ pub mod actors;
 pub mod backoff;
 pub mod bridge;
 pub mod chat;
+pub mod http;
 pub mod journal;
 pub mod limits;
 pub mod logging;
 pub mod methods;
+pub mod metrics;
+pub mod reload;
 pub mod routing;
 pub mod sandbox;
 pub mod settings;
@@ -77,16 +80,26 @@ pub enum RunError {
     Other(String),
 }
 
-/// Opens this bot's journal and starts it on its own thread. Returns its
-/// address, the updates it still holds (oldest first) and the offset that
-/// confirms everything it ever stored.
+/// This bot's journal, on two threads (see [`journal`]): the connection that
+/// appends and the one that records handled updates.
+struct JournalThreads {
+    append: Addr<JournalActor>,
+    handled: Addr<JournalActor>,
+}
+
+/// Opens this bot's journal and starts its threads. Returns them, the updates
+/// it still holds (oldest first) and the offset that confirms everything it
+/// ever stored.
 fn start_journal(
     settings: &Settings,
-) -> Result<(Addr<JournalActor>, Vec<telegram::Update>, Option<i64>), RunError> {
+) -> Result<(JournalThreads, Vec<telegram::Update>, Option<i64>), RunError> {
     let dir = settings.journal.resolved_dir();
-    let journal =
-        Journal::open(&dir, &journal_name(settings)).map_err(|e| RunError::Other(e.to_string()))?;
+    let name = journal_name(settings);
     let fail = |e: journal::JournalError| RunError::Other(e.to_string());
+    let journal = Journal::open(&dir, &name).map_err(fail)?;
+    let second = Journal::open(&dir, &name)
+        .and_then(Journal::for_handled)
+        .map_err(fail)?;
     let offset = journal.watermark().map_err(fail)?.map(|w| w + 1);
     let mut pending = Vec::new();
     for (id, body) in journal.pending().map_err(fail)? {
@@ -103,17 +116,24 @@ fn start_journal(
         dir.display(),
         pending.len()
     );
-    // SyncArbiter wants a factory; the one thread takes the one journal.
+    let threads = JournalThreads {
+        append: journal_thread(journal),
+        handled: journal_thread(second),
+    };
+    Ok((threads, pending, offset))
+}
+
+fn journal_thread(journal: Journal) -> Addr<JournalActor> {
+    // SyncArbiter wants a factory; its one thread takes the one connection.
     let cell = std::sync::Mutex::new(Some(journal));
-    let addr = SyncArbiter::start(1, move || {
+    SyncArbiter::start(1, move || {
         let journal = cell
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .expect("SyncArbiter::start(1, ..) calls the factory once");
         JournalActor(journal)
-    });
-    Ok((addr, pending, offset))
+    })
 }
 
 /// One journal per bot and Bot API server: `<bot id>@<host>`. The bot id is
@@ -169,11 +189,12 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     let supervisor = Supervisor::new(
         settings.clone(),
         sender.clone(),
-        Some(journal.clone()),
+        Some(journal.handled.clone()),
         undelivered.clone(),
     )
     .start();
     let shutdown = ShutdownSignal::install(stop)?;
+    let _operations = http::start_operations(&settings, &supervisor)?;
 
     log::info!("Waiting for application startup.");
     wait_ready(&supervisor, settings.app.startup_timeout)
@@ -227,7 +248,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         let (fatal, notify) = (fatal.clone(), fatal_notify.clone());
         let delivery = Delivery {
             supervisor: supervisor.clone(),
-            journal: Some(journal),
+            journal: Some(journal.append),
             undelivered,
             max_undelivered: settings.journal.max_undelivered,
         };
@@ -250,6 +271,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         _ = fatal_notify.notified() => {}
     }
     log::info!("Shutting down");
+    metrics::metrics().set_shutting_down();
     // Shutdown, in phases (each bounded): stop polling; confirm what the
     // journal holds, so Telegram does not send it again; disconnect every
     // scope (what an app did not receive stays in the journal for the next

@@ -37,6 +37,11 @@ struct Cli {
     #[arg(long)]
     sandbox: bool,
 
+    /// Development: restart the workers whenever a .py file under the app
+    /// directory changes (SIGHUP does the same on demand).
+    #[arg(long)]
+    reload: bool,
+
     /// Bot API base URL (telegram.api_url).
     #[arg(long, value_name = "URL")]
     api_url: Option<String>,
@@ -124,7 +129,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
     } else {
         settings.log.level
     };
-    logging::init(level);
+    logging::init_with(level, settings.log.format);
+    if cli.reload {
+        asgigramd::reload::watch_app_files();
+    }
 
     if cli.check {
         actix::System::new().block_on(asgigramd::check(settings.clone()))?;

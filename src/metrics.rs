@@ -251,6 +251,22 @@ impl Metrics {
         }
     }
 
+    /// Counts an event an instance's `receive()` returned, by update kind
+    /// (its `type` without the `telegram.` prefix).
+    pub fn delivered(&self, event: &serde_json::Value) {
+        let kind = event
+            .get("type")
+            .and_then(serde_json::Value::as_str)
+            .map_or("?", |t| t.strip_prefix("telegram.").unwrap_or(t));
+        self.updates_delivered.inc(&[kind]);
+    }
+
+    /// The Sender's queue: calls waiting, and calls sent but not answered.
+    pub fn sender_depth(&self, queued: usize, in_flight: usize) {
+        self.sender_queued.set_count(queued);
+        self.sender_in_flight.set_count(in_flight);
+    }
+
     pub fn poll_state(&self) -> PollState {
         lock(&self.poll_state).clone()
     }
@@ -271,16 +287,18 @@ impl Metrics {
     /// `Ok` when the bot can serve: polling works and every worker is up;
     /// otherwise why not, in a few words (the body of a 503 from `/readyz`).
     pub fn readiness(&self) -> Result<(), String> {
+        // The most telling reason first: a rejected token also shuts down.
+        let state = self.poll_state();
+        if state == PollState::Rejected {
+            return Err("Telegram rejected the token (401 Unauthorized)".into());
+        }
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err("shutting down".into());
         }
-        match self.poll_state() {
-            PollState::Ok => {}
+        match state {
+            PollState::Ok | PollState::Rejected => {}
             PollState::Starting => return Err("not polling yet".into()),
             PollState::Failing(why) => return Err(format!("getUpdates failing: {why}")),
-            PollState::Rejected => {
-                return Err("Telegram rejected the token (401 Unauthorized)".into())
-            }
         }
         let (ready, want) = (self.workers_ready.get(), self.workers_configured.get());
         if ready < want {
@@ -549,7 +567,9 @@ mod tests {
         assert_eq!(m.api_calls.get(&["sendMessage", "ok"]), 2);
         assert_eq!(m.api_calls.total(), 3);
         let text = m.render();
-        assert!(text.contains("asgigram_api_calls_total{method=\"sendMessage\",outcome=\"ok\"} 2\n"));
+        assert!(
+            text.contains("asgigram_api_calls_total{method=\"sendMessage\",outcome=\"ok\"} 2\n")
+        );
         assert!(text.contains("asgigram_api_calls_total{method=\"send\\\"x\",outcome=\"429\"} 1\n"));
         assert!(text.contains("asgigram_updates_received_total{kind=\"message\"} 1\n"));
         assert!(text.contains("asgigram_poll_duration_seconds_bucket{le=\"0.05\"} 0\n"));
@@ -558,7 +578,10 @@ mod tests {
         assert!(text.contains("asgigram_poll_duration_seconds_count 2\n"));
         // Every sample line is `name{labels} value` or `name value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let value = line.rsplit(' ').next().expect("split yields at least one part");
+            let value = line
+                .rsplit(' ')
+                .next()
+                .expect("split yields at least one part");
             assert!(value.parse::<f64>().is_ok(), "bad sample line {line:?}");
         }
     }
@@ -577,7 +600,11 @@ mod tests {
         assert!(m.readiness().unwrap_err().starts_with("getUpdates failing"));
         m.api_call("getUpdates", Duration::ZERO, &Ok(()));
         assert_eq!(m.readiness(), Ok(()));
-        m.api_call("sendMessage", Duration::ZERO, &Err(&TelegramError::Unauthorized));
+        m.api_call(
+            "sendMessage",
+            Duration::ZERO,
+            &Err(&TelegramError::Unauthorized),
+        );
         m.api_call("getUpdates", Duration::ZERO, &Ok(()));
         assert!(m.readiness().unwrap_err().contains("401"));
     }

@@ -77,6 +77,7 @@ pub struct Settings {
     pub sender: SenderSettings,
     pub journal: JournalSettings,
     pub shutdown: ShutdownSettings,
+    pub http: HttpSettings,
     pub log: LogSettings,
 }
 
@@ -181,6 +182,25 @@ impl Default for SenderSettings {
 #[derive(Debug, Clone)]
 pub struct LogSettings {
     pub level: log::LevelFilter,
+    pub format: LogFormat,
+    /// How often the stats line is logged; zero: never.
+    pub stats_interval: Duration,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `timestamp LEVEL target] message key=value ...`
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// The operations endpoint (`/healthz`, `/readyz`, `/metrics`).
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Where it listens; `None`: no endpoint.
+    pub bind: Option<std::net::SocketAddr>,
 }
 
 /// Why settings could not be loaded. Each message names the key or file at fault.
@@ -228,6 +248,7 @@ struct RawSettings {
     sender: RawSender,
     journal: RawJournal,
     shutdown: RawShutdown,
+    http: RawHttp,
     log: RawLog,
 }
 
@@ -297,6 +318,14 @@ struct RawSender {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     level: String,
+    format: String,
+    stats_interval: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    bind: String,
 }
 
 impl Settings {
@@ -468,6 +497,28 @@ impl Settings {
             drain_timeout: seconds("shutdown.drain_timeout", raw.shutdown.drain_timeout)?,
             worker_timeout: seconds("shutdown.worker_timeout", raw.shutdown.worker_timeout)?,
         };
+        let http = HttpSettings {
+            bind: match raw.http.bind.trim() {
+                "" => None,
+                bind => Some(bind.parse().map_err(|_| {
+                    SettingsError::key(
+                        "http.bind",
+                        format!("must be IP:port such as 0.0.0.0:8080, or empty for no endpoint; got {bind:?}"),
+                    )
+                })?),
+            },
+        };
+        let format = match raw.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(SettingsError::key(
+                    "log.format",
+                    format!("must be \"text\" or \"json\", got {other:?}"),
+                ))
+            }
+        };
+        let stats_interval = Duration::from_secs(raw.log.stats_interval);
         let level = raw.log.level.parse::<log::LevelFilter>().map_err(|_| {
             SettingsError::key(
                 "log.level",
@@ -504,7 +555,12 @@ impl Settings {
             sender,
             journal,
             shutdown,
-            log: LogSettings { level },
+            http,
+            log: LogSettings {
+                level,
+                format,
+                stats_interval,
+            },
         })
     }
 }

@@ -247,6 +247,20 @@ impl Bot {
         params: &Value,
         timeout: Duration,
     ) -> Result<Value, TelegramError> {
+        // Every call is counted here, by method and outcome: one place sees
+        // the Poller's, the Sender's and the daemon's own calls alike.
+        let started = std::time::Instant::now();
+        let result = self.call_unmetered(method, params, timeout).await;
+        crate::metrics::metrics().api_call(method, started.elapsed(), &result.as_ref().map(|_| ()));
+        result
+    }
+
+    async fn call_unmetered(
+        &self,
+        method: &str,
+        params: &Value,
+        timeout: Duration,
+    ) -> Result<Value, TelegramError> {
         let url = format!("{}{}", self.base, method);
         let request = self.client.post(url).timeout(timeout);
         let response = match params.as_object().filter(|_| upload::has_files(params)) {

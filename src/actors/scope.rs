@@ -337,6 +337,7 @@ impl Handler<InstanceMsg> for ScopeActor {
                         if !is_local_event(&e) {
                             acked += 1;
                             ids.extend(e.get("update_id").and_then(Value::as_i64));
+                            crate::metrics::metrics().delivered(&e);
                         }
                     }
                 }

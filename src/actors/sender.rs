@@ -486,6 +486,7 @@ impl Sender {
         for start in starts {
             self.start(start, ctx);
         }
+        crate::metrics::metrics().sender_depth(self.core.queued(), self.core.in_flight());
         match wake {
             Some(at) if self.timer.as_ref().map_or(true, |(t, _)| *t != at) => {
                 if let Some((_, handle)) = self.timer.take() {
@@ -543,6 +544,9 @@ impl Sender {
             ticket,
         } = start;
         call.attempts += 1;
+        if call.attempts > 1 {
+            crate::metrics::metrics().retries.inc();
+        }
         log::trace!(
             "call start method={} chat={} attempt={}",
             call.method,

@@ -22,6 +22,7 @@ use crate::actors::sender::Sender;
 use crate::actors::worker::{describe, ShutdownWorker, Worker, WorkerEvent};
 use crate::backoff::Backoff;
 use crate::journal::{Handled, JournalActor};
+use crate::metrics::metrics;
 use crate::routing::{self, Lane, Route, ScopeKey, Unroutable};
 use crate::settings::Settings;
 use crate::telegram::Update;
@@ -40,7 +41,9 @@ pub struct Dispatch(pub Vec<Update>);
 pub struct SetBot(pub Value);
 
 /// How often handled update ids are written to the journal, batched.
-const HANDLED_FLUSH: Duration = Duration::from_millis(20);
+/// Short, because an update received but not yet written is received again
+/// after a crash; each write is one small SQLite transaction.
+const HANDLED_FLUSH: Duration = Duration::from_millis(5);
 
 /// Shutdown phase: write the handled ids still buffered to the journal.
 #[derive(Message)]
@@ -97,6 +100,8 @@ struct WorkerSlot {
     /// Consecutive failures before reaching ready.
     failures: u32,
     pid: u32,
+    /// Replaced by a reload: takes no new scopes, is not restarted.
+    retired: bool,
 }
 
 pub struct Supervisor {
@@ -123,6 +128,8 @@ pub struct Supervisor {
     undelivered: Rc<Cell<usize>>,
     /// Every worker has been ready once: later failures are restarts.
     started_up: bool,
+    /// A reload in progress (SIGHUP, --reload).
+    reload: Reload,
     pub counters: Counters,
 }
 
@@ -152,6 +159,7 @@ impl Supervisor {
             stopping_workers: false,
             shutting_down: false,
             started_up: false,
+            reload: Reload::default(),
             counters: Counters::default(),
         }
     }
@@ -168,7 +176,7 @@ impl Supervisor {
         self.workers
             .iter()
             .enumerate()
-            .filter(|(_, w)| w.addr.is_some())
+            .filter(|(_, w)| w.addr.is_some() && !w.retired)
             .min_by_key(|(_, w)| (!w.ready, w.scopes))
             .map(|(i, _)| i)
     }
@@ -210,6 +218,9 @@ impl Supervisor {
         let mut index: HashMap<ScopeKey, usize> = HashMap::new();
         for update in updates {
             self.counters.updates += 1;
+            metrics()
+                .updates_received
+                .inc(&[update.kind().map_or("(empty)", |(k, _)| k)]);
             let routed = routing::route(&update);
             let id = update.id.0;
             match routed {
@@ -254,6 +265,7 @@ impl Supervisor {
             }
             Unroutable::Empty => log::warn!("update={update_id} carries no update kind; skipped"),
         }
+        metrics().updates_skipped.inc(&[&kind]);
         *self.counters.skipped.entry(kind).or_default() += 1;
     }
 
@@ -289,6 +301,7 @@ impl Supervisor {
         let addr = actor.start();
         self.workers[worker].scopes += 1;
         self.counters.scopes_started += 1;
+        metrics().scopes_started.inc();
         let dispatched = events.len() as u64;
         addr.do_send(Enqueue(events));
         log::debug!("scope={} started on worker={worker}", route.key);
@@ -402,7 +415,7 @@ impl Supervisor {
     }
 
     fn all_ready(&self) -> bool {
-        self.workers.iter().all(|w| w.ready)
+        self.workers.iter().all(|w| w.ready || w.retired)
     }
 
     fn resolve_ready(&mut self, result: Result<(), String>) {
@@ -433,12 +446,14 @@ impl Actor for Supervisor {
                 scopes: 0,
                 failures: 0,
                 pid: 0,
+                retired: false,
             });
             self.start_worker(index, ctx);
         }
         let tick = (self.settings.scopes.idle_timeout / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         ctx.run_interval(tick, |act, _| act.reap_idle());
+        ctx.run_interval(METRICS_TICK, |act, _| act.publish_metrics());
         ctx.run_interval(HANDLED_FLUSH, |act, _| {
             if let Some(request) = act.flush_handled() {
                 // The journal logs its own failures; nothing to wait for.
@@ -575,11 +590,13 @@ impl Handler<WorkerEvent> for Supervisor {
                 slot.ready = true;
                 slot.failures = 0;
                 slot.pid = pid;
+                self.publish_metrics();
                 if self.all_ready() {
                     self.started_up = true;
                     self.resolve_ready(Ok(()));
                 }
                 self.unpark(ctx);
+                self.reload_worker_ready(index, ctx);
             }
             WorkerEvent::Failed { index, error } => {
                 let slot = &mut self.workers[index];
@@ -599,6 +616,7 @@ impl Handler<WorkerEvent> for Supervisor {
                 slot.addr = None;
                 slot.ready = false;
                 slot.scopes = 0;
+                self.publish_metrics();
                 if self.stopping_workers {
                     log::info!("worker={index} pid={pid} exited ({})", describe(status));
                     if self.workers.iter().all(|w| w.addr.is_none()) {
@@ -611,11 +629,15 @@ impl Handler<WorkerEvent> for Supervisor {
                 if self.startup_error.is_some() {
                     return;
                 }
+                if self.reload_worker_exited(index, pid, status, ctx) {
+                    return;
+                }
                 log::error!(
                     "worker={index} pid={pid} died ({}); restarting it",
                     describe(status)
                 );
                 self.counters.worker_restarts += 1;
+                metrics().worker_restarts.inc();
                 let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
                     .delay(self.workers[index].failures);
                 ctx.run_later(delay, move |act, ctx| {
@@ -624,6 +646,211 @@ impl Handler<WorkerEvent> for Supervisor {
                     }
                 });
             }
+        }
+    }
+}
+
+// --- operations: metrics and reloading the workers ---------------------------
+
+/// How often the scope and worker gauges are refreshed besides the moments
+/// they change.
+const METRICS_TICK: Duration = Duration::from_millis(500);
+
+impl Supervisor {
+    /// Copies the scope and worker counts into the metrics registry.
+    fn publish_metrics(&self) {
+        let m = metrics();
+        m.scopes_live
+            .set_count(self.scopes.len() + self.closing.len());
+        m.workers_configured.set_count(self.settings.app.workers);
+        m.workers_ready.set_count(
+            self.workers
+                .iter()
+                .filter(|w| w.ready && !w.retired)
+                .count(),
+        );
+    }
+}
+
+/// Replace every worker, one at a time: start a new worker, wait until it is
+/// ready, then retire the old one (SIGHUP, `--reload`). Scopes move lazily.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReloadWorkers {
+    /// What asked for it, for the log.
+    pub reason: String,
+}
+
+/// Where a reload stands.
+#[derive(Default)]
+struct Reload {
+    /// Workers (slot indices) still to replace, after the current one.
+    queue: VecDeque<usize>,
+    current: Option<ReloadStep>,
+    /// Another reload was asked for while this one ran: run it after.
+    again: bool,
+}
+
+struct ReloadStep {
+    old: usize,
+    new: usize,
+    /// The replacement is ready and the old worker is retiring.
+    retiring: bool,
+}
+
+impl Handler<ReloadWorkers> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: ReloadWorkers, ctx: &mut Context<Self>) {
+        if self.stopping_workers || self.shutting_down || !self.started_up {
+            log::info!(
+                "reload ({}) ignored: the daemon is starting or stopping",
+                msg.reason
+            );
+            return;
+        }
+        if self.reload.current.is_some() {
+            log::info!(
+                "reload ({}) asked for while one is running; it follows",
+                msg.reason
+            );
+            self.reload.again = true;
+            return;
+        }
+        self.reload.queue = self.live_workers();
+        log::info!(
+            "reloading the workers ({}): workers={}",
+            msg.reason,
+            self.reload.queue.len()
+        );
+        self.reload_next(ctx);
+    }
+}
+
+impl Supervisor {
+    fn live_workers(&self) -> VecDeque<usize> {
+        (0..self.workers.len())
+            .filter(|&i| self.workers[i].addr.is_some() && !self.workers[i].retired)
+            .collect()
+    }
+
+    /// Starts the replacement of the next worker in the queue.
+    fn reload_next(&mut self, ctx: &mut Context<Self>) {
+        if self.stopping_workers || self.shutting_down {
+            self.reload = Reload::default();
+            return;
+        }
+        let Some(old) = self.reload.queue.pop_front() else {
+            log::info!("reload complete: workers={}", self.live_workers().len());
+            if std::mem::take(&mut self.reload.again) {
+                ctx.notify(ReloadWorkers {
+                    reason: "asked for again during the last one".into(),
+                });
+            }
+            return;
+        };
+        if self.workers[old].addr.is_none() || self.workers[old].retired {
+            // Died meanwhile: the ordinary restart already loads the new code.
+            return self.reload_next(ctx);
+        }
+        // Reuse a slot whose retired worker has exited; else add one. At most
+        // one worker is being replaced at a time, so slots stay under 2x.
+        let new = match (0..self.workers.len())
+            .find(|&i| self.workers[i].retired && self.workers[i].addr.is_none())
+        {
+            Some(i) => i,
+            None => {
+                self.workers.push(WorkerSlot {
+                    addr: None,
+                    ready: false,
+                    scopes: 0,
+                    failures: 0,
+                    pid: 0,
+                    retired: false,
+                });
+                self.workers.len() - 1
+            }
+        };
+        let slot = &mut self.workers[new];
+        slot.retired = false;
+        slot.failures = 0;
+        slot.scopes = 0;
+        self.start_worker(new, ctx);
+        log::info!(
+            "worker={old} pid={} being replaced by worker={new}",
+            self.workers[old].pid
+        );
+        self.reload.current = Some(ReloadStep {
+            old,
+            new,
+            retiring: false,
+        });
+    }
+
+    /// The replacement is ready: retire the worker it replaces. Its scopes
+    /// get `telegram.disconnect` and stay routed until they stop, so events
+    /// that arrive meanwhile queue behind the disconnect, come back unreceived
+    /// and go, in order, to a fresh scope on a live worker.
+    fn reload_worker_ready(&mut self, index: usize, _: &mut Context<Self>) {
+        let Some(step) = self.reload.current.as_mut() else {
+            return;
+        };
+        if step.new != index || step.retiring {
+            return;
+        }
+        step.retiring = true;
+        let old = step.old;
+        let slot = &mut self.workers[old];
+        slot.retired = true;
+        slot.ready = false;
+        let Some(addr) = slot.addr.clone() else {
+            // Exited already; `reload_worker_exited` moved on.
+            return;
+        };
+        metrics().worker_reloads.inc();
+        self.publish_metrics();
+        let scopes: Vec<&ScopeEntry> = self.scopes.values().filter(|e| e.worker == old).collect();
+        log::info!(
+            "worker={old} pid={} retiring: scopes={} move to the new workers",
+            self.workers[old].pid,
+            scopes.len()
+        );
+        for entry in scopes {
+            entry.addr.do_send(Close { reason: "reload" });
+        }
+        addr.do_send(ShutdownWorker {
+            grace: self.settings.scopes.disconnect_grace.as_secs_f64(),
+        });
+    }
+
+    /// A worker exited: true when the reload accounts for it (a retired
+    /// worker, or a replacement that never became ready), so it is not
+    /// restarted.
+    fn reload_worker_exited(
+        &mut self,
+        index: usize,
+        pid: u32,
+        status: Option<std::process::ExitStatus>,
+        ctx: &mut Context<Self>,
+    ) -> bool {
+        if self.workers[index].retired {
+            log::info!("worker={index} pid={pid} retired ({})", describe(status));
+            if self.reload.current.as_ref().is_some_and(|s| s.old == index) {
+                self.reload.current = None;
+                self.reload_next(ctx);
+            }
+            return true;
+        }
+        match &self.reload.current {
+            Some(step) if step.new == index && !step.retiring => {
+                log::error!(
+                    "reload aborted: the new worker={index} pid={pid} did not start ({}); the running workers stay",
+                    describe(status)
+                );
+                self.workers[index].retired = true;
+                self.reload = Reload::default();
+                true
+            }
+            _ => false,
         }
     }
 }

@@ -154,10 +154,16 @@ pub fn spawn_worker(app: &AppSettings) -> io::Result<Spawned> {
             cmd.env_remove(key);
         }
     }
-    // SAFETY: between fork and exec only async-signal-safe calls (dup2, fcntl)
-    // are made, on fds owned by this function.
+    // SAFETY: between fork and exec only async-signal-safe calls (prctl,
+    // dup2, fcntl) are made, on fds owned by this function.
     unsafe {
         cmd.pre_exec(move || {
+            // A worker must not outlive the daemon: whatever it did after the
+            // daemon died could never be acknowledged, and the journal would
+            // hand it to the next daemon's workers again.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(io::Error::last_os_error());
+            }
             if theirs_raw == CHANNEL_FD {
                 // dup2 onto itself keeps CLOEXEC; clear it so fd 3 survives exec.
                 let flags = libc::fcntl(CHANNEL_FD, libc::F_GETFD);

@@ -1,0 +1,321 @@
+//! Operations: the HTTP endpoint, JSON logs, the stats line, reloading the
+//! workers (SIGHUP, --reload). The real binary against the sandbox, with real
+//! Python workers.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// `[http]` on an ephemeral port: the daemon logs the address it bound.
+const HTTP: &str = "[http]\nbind = \"127.0.0.1:0\"\n";
+
+/// The endpoint's address, from the "http endpoint listening addr=..." line.
+fn endpoint(d: &Daemon) -> String {
+    let mut addr = None;
+    let found = wait_for(DEADLINE, || {
+        addr = d
+            .log()
+            .lines()
+            .find_map(|l| l.split("http endpoint listening addr=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_string);
+        addr.is_some()
+    });
+    assert!(found, "no endpoint address in the log:\n{}", d.log());
+    addr.expect("found above")
+}
+
+/// GET `path`: (status, body). A plain HTTP/1.1 request over a socket.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("the endpoint accepts connections");
+    s.set_read_timeout(Some(DEADLINE)).expect("set timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request written");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("response read");
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// The value of one sample line (`name{labels} value`) in a scrape.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn wait_ready(addr: &str, d: &Daemon) {
+    assert!(
+        wait_for(DEADLINE, || get(addr, "/readyz").0 == 200),
+        "never ready: {:?}; log:\n{}",
+        get(addr, "/readyz"),
+        d.log()
+    );
+}
+
+#[test]
+fn health_readiness_and_metrics_count_real_traffic() {
+    let sb = sandbox();
+    let d = Daemon::start(&config_for(&sb, "echo3:app", HTTP), &[]);
+    let addr = endpoint(&d);
+    assert_eq!(get(&addr, "/healthz"), (200, "ok\n".to_string()));
+    wait_ready(&addr, &d);
+    assert_eq!(get(&addr, "/readyz").1, "ready\n");
+
+    for i in 0..5 {
+        sb.inject_text(61, &format!("m{i}"));
+    }
+    sb.inject_raw(json!({"poll": {"id": "p1", "question": "?", "options": []}}));
+    assert_eq!(wait_texts(&sb, 61, 5, &d).len(), 5);
+
+    // The Sender counts a call once its answer is back, a moment after the
+    // sandbox recorded it: scrape until the counts are in.
+    let mut text = String::new();
+    let counted = wait_for(DEADLINE, || {
+        let (status, body) = get(&addr, "/metrics");
+        assert_eq!(status, 200);
+        text = body;
+        sample(
+            &text,
+            "asgigram_api_calls_total{method=\"sendMessage\",outcome=\"ok\"}",
+        ) == Some(5.0)
+    });
+    assert!(counted, "sendMessage not counted:\n{text}");
+    let expect = [
+        ("asgigram_updates_received_total{kind=\"message\"}", 5.0),
+        ("asgigram_updates_received_total{kind=\"poll\"}", 1.0),
+        ("asgigram_updates_delivered_total{kind=\"message\"}", 5.0),
+        ("asgigram_updates_skipped_total{kind=\"poll\"}", 1.0),
+        (
+            "asgigram_api_calls_total{method=\"getMe\",outcome=\"ok\"}",
+            1.0,
+        ),
+        ("asgigram_api_rate_limited_total", 0.0),
+        ("asgigram_scopes_started_total", 1.0),
+        ("asgigram_workers_configured", 1.0),
+        ("asgigram_workers_ready", 1.0),
+        ("asgigram_worker_restarts_total", 0.0),
+        ("asgigram_ready", 1.0),
+    ];
+    for (series, value) in expect {
+        assert_eq!(sample(&text, series), Some(value), "{series} in:\n{text}");
+    }
+    assert!(
+        sample(&text, "asgigram_poll_duration_seconds_count").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE asgigram_poll_duration_seconds histogram"));
+    assert_eq!(get(&addr, "/nothing").0, 404);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+/// Readiness while the token is rejected. The daemon exits (code 3) once
+/// getUpdates answers 401, so the test needs the process to outlive the
+/// 401 for a while: a chat's instance that ignores `telegram.disconnect`
+/// keeps the shutdown's disconnect phase waiting for the whole grace period
+/// (10 s here), during which `/readyz` must say why it is not ready.
+#[test]
+fn readiness_turns_false_while_the_token_is_rejected() {
+    let sb = sandbox();
+    let d = Daemon::start(
+        &config_for(
+            &sb,
+            "goodbye:app",
+            &format!("{HTTP}\n[scopes]\ndisconnect_grace = 10\n"),
+        ),
+        &[],
+    );
+    let addr = endpoint(&d);
+    wait_ready(&addr, &d);
+    sb.inject_text(71, "stubborn");
+    assert_eq!(wait_texts(&sb, 71, 1, &d), vec!["hi"]);
+
+    sb.set_token_rejected(true);
+    let mut last = (0, String::new());
+    let seen = wait_for(DEADLINE, || {
+        last = get(&addr, "/readyz");
+        last.0 == 503 && last.1.contains("rejected the token")
+    });
+    assert!(seen, "last /readyz answer {last:?}; log:\n{}", d.log());
+    assert_eq!(get(&addr, "/healthz").0, 200, "alive while not ready");
+    let (_, metrics) = get(&addr, "/metrics");
+    assert_eq!(sample(&metrics, "asgigram_ready"), Some(0.0), "{metrics}");
+    assert!(
+        sample(
+            &metrics,
+            "asgigram_api_calls_total{method=\"getUpdates\",outcome=\"401\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    let mut d = d;
+    assert_eq!(d.wait_exit().code(), Some(3), "{}", d.log());
+}
+
+#[test]
+fn json_logs_parse_carry_fields_and_never_the_token() {
+    let sb = sandbox();
+    let d = Daemon::start(
+        &config_for(
+            &sb,
+            "printer:app",
+            "[log]\nformat = \"json\"\nlevel = \"debug\"\nstats_interval = 1\n",
+        ),
+        &[],
+    );
+    sb.inject_text(81, "x");
+    wait_texts(&sb, 81, 1, &d);
+    assert!(d.wait_log("updates_received=1"), "{}", d.log());
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains(TOKEN), "token leaked");
+    assert!(!log.contains("SECRET-token"), "part of the token leaked");
+
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    for v in &lines {
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(v[key].is_string(), "{key} missing in {v}");
+        }
+        assert!(v["fields"].is_object(), "fields missing in {v}");
+    }
+    let message = |needle: &str| {
+        lines
+            .iter()
+            .find(|v| v["message"].as_str().is_some_and(|m| m.contains(needle)))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{log}"))
+    };
+    for lifecycle in [
+        "Waiting for application startup.",
+        "Application startup complete.",
+        "Polling Telegram as @",
+        "Shutting down",
+        "Finished.",
+    ] {
+        message(lifecycle);
+    }
+    let ready = message(" ready: ASGI ");
+    assert!(ready["fields"]["pid"].is_u64(), "{ready}");
+    assert_eq!(ready["fields"]["worker"], 0, "{ready}");
+    let stats = message("stats updates_received=");
+    assert_eq!(stats["fields"]["updates_received"], 1, "{stats}");
+    assert_eq!(stats["fields"]["workers_ready"], 1, "{stats}");
+    // Worker output keeps its pid.
+    assert!(message("printed by the app: x")["message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("[worker ")));
+}
+
+/// Worker pids in start order, from the "worker=N started pid=P" lines.
+fn worker_pids(log: &str) -> Vec<i32> {
+    log.lines()
+        .filter_map(|l| l.split(" started pid=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn sighup_replaces_every_worker_and_loses_nothing() {
+    let sb = sandbox();
+    let config = config_for(&sb, "echo3:app", "").replace("[app]\n", "[app]\nworkers = 2\n");
+    // Order and exactly-once are the point, not Telegram's pace.
+    let d = Daemon::start(&config, &[("ASGIGRAM_SENDER__LIMITS", "false")]);
+    assert!(d.wait_log("Polling Telegram as @"), "{}", d.log());
+    let chats = [91, 92, 93];
+    let mut expected: Vec<Vec<String>> = vec![Vec::new(); chats.len()];
+    let send = |expected: &mut Vec<Vec<String>>, phase: &str, n: usize| {
+        for i in 0..n {
+            for (c, chat) in chats.iter().enumerate() {
+                let text = format!("{phase}{i}");
+                sb.inject_text(*chat, &text);
+                expected[c].push(text);
+            }
+        }
+    };
+    send(&mut expected, "before", 5);
+    for (c, chat) in chats.iter().enumerate() {
+        wait_texts(&sb, *chat, expected[c].len(), &d);
+    }
+    let old = worker_pids(&d.log());
+    assert_eq!(old.len(), 2, "{}", d.log());
+
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe {
+        libc::kill(d.pid(), libc::SIGHUP);
+    }
+    // Injected while the workers are being replaced.
+    send(&mut expected, "during", 10);
+    assert!(d.wait_log("reload complete"), "{}", d.log());
+    send(&mut expected, "after", 2);
+    for (c, chat) in chats.iter().enumerate() {
+        wait_texts(&sb, *chat, expected[c].len(), &d);
+    }
+
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    // Exactly once, in order: nothing lost, nothing repeated, also after the
+    // Sender drained at shutdown.
+    for (c, chat) in chats.iter().enumerate() {
+        assert_eq!(
+            sb.sent_texts(*chat),
+            expected[c],
+            "chat {chat}; log:\n{log}"
+        );
+    }
+    let pids = worker_pids(&log);
+    assert_eq!(pids.len(), 4, "two replacements started:\n{log}");
+    assert!(pids[2..].iter().all(|p| !old.contains(p)), "{pids:?}");
+    for pid in &old {
+        assert!(
+            log.contains(&format!("pid={pid} retired")),
+            "worker {pid} retired:\n{log}"
+        );
+    }
+    assert!(!log.contains("died"), "no worker died:\n{log}");
+}
+
+#[test]
+fn reload_flag_restarts_the_workers_when_a_python_file_changes() {
+    let sb = sandbox();
+    let app_dir = tempfile::tempdir().expect("temp dir");
+    let app = app_dir.path().join("hot.py");
+    let source = |prefix: &str| {
+        format!(
+            "async def app(scope, receive, send):\n    while True:\n        event = await receive()\n        if event[\"type\"] == \"telegram.disconnect\":\n            return\n        await send({{\"type\": \"telegram.send_message\", \"text\": \"{prefix}\" + event[\"text\"]}})\n"
+        )
+    };
+    std::fs::write(&app, source("v1:")).expect("app written");
+    let config = config_for(&sb, "hot:app", "").replace(
+        &format!("app_dir = \"{}\"", apps_dir().display()),
+        &format!("app_dir = \"{}\"", app_dir.path().display()),
+    );
+    let d = Daemon::start_args(&config, &["--reload"], &[]);
+    sb.inject_text(95, "a");
+    assert_eq!(wait_texts(&sb, 95, 1, &d), vec!["v1:a"]);
+
+    // A different length, so Python's bytecode cache cannot mistake the new
+    // file for the old one even within the same second.
+    std::fs::write(&app, source("version two:")).expect("app rewritten");
+    assert!(d.wait_log("reload complete"), "{}", d.log());
+    sb.inject_text(95, "b");
+    assert_eq!(wait_texts(&sb, 95, 2, &d), vec!["v1:a", "version two:b"]);
+    assert!(d.log().contains("path="), "{}", d.log());
+}

@@ -1,0 +1,177 @@
+//! Delivery guarantees under faults (docs/reliability.md): kill -9 of the
+//! daemon, SIGTERM under load, and a flaky Bot API. The real binary, the
+//! sandbox, real Python workers; every update's receipt is recorded by the
+//! app itself in a file that survives the daemon.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use asgigramd::sandbox::{Fault, FaultPlan};
+use common::*;
+
+/// update_id -> how many times an app instance received it.
+fn receipts(record: &Path) -> HashMap<i64, usize> {
+    let mut seen = HashMap::new();
+    for line in std::fs::read_to_string(record).unwrap_or_default().lines() {
+        if let Ok(id) = line.trim().parse() {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    seen
+}
+
+fn received(record: &Path) -> usize {
+    receipts(record).len()
+}
+
+fn start(sb: &asgigramd::sandbox::Sandbox, state: &Path, record: &Path, delay: &str) -> Daemon {
+    let config = config_for(sb, "recorder:app", "[sender]\nlimits = false\n");
+    Daemon::start(
+        &config,
+        &[
+            (
+                "ASGIGRAM_JOURNAL__DIR",
+                state.to_str().expect("utf-8 temp path"),
+            ),
+            ("RECORD_FILE", record.to_str().expect("utf-8 temp path")),
+            ("RECORD_DELAY", delay),
+        ],
+    )
+}
+
+#[test]
+fn kill_9_mid_stream_several_times_loses_no_update() {
+    let sb = sandbox();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (state, record) = (dir.path().join("state"), dir.path().join("record"));
+    let total = 2000;
+    let mut ids = Vec::with_capacity(total);
+    for i in 0..total {
+        ids.push(sb.inject_text(100 + (i % 40) as i64, &format!("m{i}")));
+    }
+    // A little work per message keeps the run long enough to be killed in.
+    for kill_at in [300, 900, 1500] {
+        let mut d = start(&sb, &state, &record, "0.002");
+        assert!(
+            wait_for(Duration::from_secs(60), || received(&record) >= kill_at),
+            "only {} received; log:\n{}",
+            received(&record),
+            d.log()
+        );
+        // SAFETY: kill(2) on the daemon this test started.
+        unsafe {
+            libc::kill(d.pid(), libc::SIGKILL);
+        }
+        d.wait_exit();
+    }
+    let d = start(&sb, &state, &record, "0");
+    let all = wait_for(Duration::from_secs(60), || received(&record) >= total);
+    let seen = receipts(&record);
+    let lost: Vec<_> = ids.iter().filter(|id| !seen.contains_key(id)).collect();
+    assert!(
+        all && lost.is_empty(),
+        "{} lost, e.g. {:?}; log:\n{}",
+        lost.len(),
+        &lost[..lost.len().min(5)],
+        d.log()
+    );
+    // Received twice: those whose receipt had not reached the journal when
+    // the daemon died (docs/reliability.md). Reported, not bounded: on a
+    // loaded 2-core machine that window varies from a few to hundreds.
+    let twice = seen.values().filter(|&&n| n > 1).count();
+    eprintln!(
+        "kill -9 x3: {} updates, 0 lost, {twice} received twice",
+        ids.len()
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn sigterm_under_load_exits_cleanly_and_the_next_start_delivers_the_rest_once() {
+    let sb = sandbox();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (state, record) = (dir.path().join("state"), dir.path().join("record"));
+    let total = 300;
+    for i in 0..total {
+        sb.inject_text(200 + (i % 5) as i64, &format!("m{i}"));
+    }
+    // 100 ms per message and 5 chats: 6 s of work, more than the 5 s grace
+    // period a stop gives the instances.
+    let d = start(&sb, &state, &record, "0.1");
+    assert!(
+        wait_for(DEADLINE, || received(&record) >= 30),
+        "{}",
+        d.log()
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "exit {status:?}\n{log}");
+    assert!(log.contains("Finished."), "{log}");
+    let before = received(&record);
+    assert!(before < total, "the stop came too late to test anything");
+
+    let d = start(&sb, &state, &record, "0");
+    assert!(
+        wait_for(DEADLINE, || received(&record) >= total),
+        "{}",
+        d.log()
+    );
+    let seen = receipts(&record);
+    assert_eq!(seen.len(), total);
+    let twice: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "a graceful stop records what was received: {twice:?}"
+    );
+    assert!(
+        d.log().contains("update(s) left in the journal"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_flaky_bot_api_loses_and_duplicates_nothing() {
+    let sb = sandbox();
+    sb.set_faults(FaultPlan {
+        get_updates_bad_gateway: 0.05,
+        ..FaultPlan::random(
+            0.05,
+            vec![
+                Fault::BadGatewayJson,
+                Fault::BadGatewayHtml,
+                Fault::DropBeforeExecute,
+            ],
+        )
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (state, record) = (dir.path().join("state"), dir.path().join("record"));
+    let total = 400;
+    let d = start(&sb, &state, &record, "0");
+    for i in 0..total {
+        sb.inject_text(300 + (i % 20) as i64, &format!("m{i}"));
+    }
+    assert!(
+        wait_for(DEADLINE, || received(&record) >= total),
+        "{}",
+        d.log()
+    );
+    let seen = receipts(&record);
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "an update reached the app twice"
+    );
+    // Faults that surely did not execute are retried: every reply arrives once.
+    let ok = wait_for(DEADLINE, || {
+        (0..20).map(|c| sb.sent_texts(300 + c).len()).sum::<usize>() >= total
+    });
+    let replies: usize = (0..20).map(|c| sb.sent_texts(300 + c).len()).sum();
+    assert!(
+        ok && replies == total,
+        "{replies} replies for {total} updates; log:\n{}",
+        d.log()
+    );
+}
