@@ -144,6 +144,9 @@ pub struct ScopeSettings {
     pub idle_timeout: Duration,
     pub max_scopes: usize,
     pub disconnect_grace: Duration,
+    /// How long a scope may hold events without its app receiving any before
+    /// it is reported in the log.
+    pub stall_warning: Duration,
 }
 
 /// What the Sender does with a call whose outcome is unknown.
@@ -296,6 +299,7 @@ struct RawScopes {
     idle_timeout: u64,
     max_scopes: u64,
     disconnect_grace: f64,
+    stall_warning: u64,
 }
 
 #[derive(Deserialize)]
@@ -551,6 +555,7 @@ impl Settings {
                 idle_timeout: Duration::from_secs(raw.scopes.idle_timeout),
                 max_scopes: raw.scopes.max_scopes as usize,
                 disconnect_grace: Duration::from_secs_f64(raw.scopes.disconnect_grace),
+                stall_warning: Duration::from_secs(raw.scopes.stall_warning.max(1)),
             },
             sender,
             journal,

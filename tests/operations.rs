@@ -318,4 +318,12 @@ fn reload_flag_restarts_the_workers_when_a_python_file_changes() {
     sb.inject_text(95, "b");
     assert_eq!(wait_texts(&sb, 95, 2, &d), vec!["v1:a", "version two:b"]);
     assert!(d.log().contains("path="), "{}", d.log());
+
+    // Code that does not import: the reload stops, the running worker stays.
+    std::fs::write(&app, "this is not python\n").expect("app broken");
+    assert!(d.wait_log("reload aborted"), "{}", d.log());
+    sb.inject_text(95, "c");
+    assert_eq!(wait_texts(&sb, 95, 3, &d)[2], "version two:c");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
 }

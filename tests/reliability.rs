@@ -175,3 +175,67 @@ fn a_flaky_bot_api_loses_and_duplicates_nothing() {
         d.log()
     );
 }
+
+#[test]
+fn a_scope_whose_app_stops_receiving_is_reported_and_holds_up_no_other_chat() {
+    let sb = sandbox();
+    let extra = "[scopes]\nstall_warning = 1\n";
+    let d = Daemon::start(&config_for(&sb, "stuck:app", extra), &[]);
+    sb.inject_text(1, "hang");
+    for i in 0..5 {
+        sb.inject_text(1, &format!("queued {i}"));
+    }
+    sb.inject_text(2, "other chat");
+    assert_eq!(wait_texts(&sb, 2, 1, &d), vec!["ok:other chat"]);
+    assert!(
+        d.wait_log("scope=chat:1 has not received an event for 1s: 5 event(s) queued"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn conflict_409_is_explained_and_delete_webhook_clears_it() {
+    let sb = sandbox();
+    let set = call_api(
+        &sb,
+        "setWebhook",
+        serde_json::json!({"url": "https://example.invalid/hook"}),
+    );
+    assert_eq!(set["ok"], true, "{set}");
+    // With a webhook set, getUpdates is refused with 409.
+    let d = Daemon::start(&config_for(&sb, "echo3:app", ""), &[]);
+    assert!(
+        d.wait_log("409 Conflict: another poller or a webhook holds this token"),
+        "{}",
+        d.log()
+    );
+    drop(d);
+    // telegram.delete_webhook removes it at start, and polling works.
+    let d = Daemon::start(
+        &config_for(&sb, "echo3:app", ""),
+        &[("ASGIGRAM_TELEGRAM__DELETE_WEBHOOK", "true")],
+    );
+    sb.inject_text(3, "after webhook");
+    assert_eq!(wait_texts(&sb, 3, 1, &d), vec!["after webhook"]);
+    assert!(d.log().contains("webhook deleted"), "{}", d.log());
+}
+
+#[test]
+fn an_app_that_cannot_be_imported_stops_the_daemon_with_the_python_error() {
+    let sb = sandbox();
+    let mut d = Daemon::start(&config_for(&sb, "broken_import:app", ""), &[]);
+    let status = d.wait_exit();
+    let log = d.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("ModuleNotFoundError: No module named 'module_that_does_not_exist'"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("started pid=").count(),
+        1,
+        "no restart loop:\n{log}"
+    );
+    assert!(sb.calls().is_empty(), "polling never started");
+}

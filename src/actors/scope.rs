@@ -56,7 +56,7 @@ pub enum ScopeReport {
         acked: u64,
     },
     /// The instance received these updates: they are handled.
-    Handled { ids: Vec<i64> },
+    Handled { key: ScopeKey, ids: Vec<i64> },
     /// The instance returned by itself and nothing is queued.
     InstanceEnded { scope_id: u64, key: ScopeKey },
     /// The actor stopped; `leftover` holds events no instance received.
@@ -342,7 +342,10 @@ impl Handler<InstanceMsg> for ScopeActor {
                     }
                 }
                 if !ids.is_empty() {
-                    self.supervisor.do_send(ScopeReport::Handled { ids });
+                    self.supervisor.do_send(ScopeReport::Handled {
+                        key: self.key.clone(),
+                        ids,
+                    });
                 }
                 self.progressed = true;
                 self.acked += acked;

@@ -85,6 +85,9 @@ struct ScopeEntry {
     dispatched: u64,
     acked: u64,
     last_active: Instant,
+    /// When its app last received an event (or the scope started).
+    last_progress: Instant,
+    stall_reported: bool,
 }
 
 impl ScopeEntry {
@@ -314,6 +317,8 @@ impl Supervisor {
                 dispatched,
                 acked: 0,
                 last_active: Instant::now(),
+                last_progress: Instant::now(),
+                stall_reported: false,
             },
         );
     }
@@ -345,6 +350,22 @@ impl Supervisor {
         if let Some(entry) = self.scopes.remove(key) {
             self.closing.insert(entry.scope_id, entry.worker);
             entry.addr.do_send(Close { reason });
+        }
+    }
+
+    /// Logs, once per stall, scopes whose app stopped receiving.
+    fn report_stalls(&mut self) {
+        let limit = self.settings.scopes.stall_warning;
+        let now = Instant::now();
+        for (key, e) in &mut self.scopes {
+            if e.busy() && !e.stall_reported && now.duration_since(e.last_progress) >= limit {
+                e.stall_reported = true;
+                log::warn!(
+                    "scope={key} has not received an event for {}s: {} event(s) queued (is the app still calling receive()?)",
+                    now.duration_since(e.last_progress).as_secs(),
+                    e.dispatched - e.acked
+                );
+            }
         }
     }
 
@@ -453,6 +474,9 @@ impl Actor for Supervisor {
         let tick = (self.settings.scopes.idle_timeout / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         ctx.run_interval(tick, |act, _| act.reap_idle());
+        let stall_tick = (self.settings.scopes.stall_warning / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        ctx.run_interval(stall_tick, |act, _| act.report_stalls());
         ctx.run_interval(METRICS_TICK, |act, _| act.publish_metrics());
         ctx.run_interval(HANDLED_FLUSH, |act, _| {
             if let Some(request) = act.flush_handled() {
@@ -557,7 +581,12 @@ impl Handler<ScopeReport> for Supervisor {
                     e.last_active = Instant::now();
                 }
             }
-            ScopeReport::Handled { ids } => {
+            ScopeReport::Handled { key, ids } => {
+                if let Some(e) = self.scopes.get_mut(&key) {
+                    e.acked += ids.len() as u64;
+                    e.last_progress = Instant::now();
+                    e.stall_reported = false;
+                }
                 self.undelivered
                     .set(self.undelivered.get().saturating_sub(ids.len()));
                 self.handled.extend(ids);

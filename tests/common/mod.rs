@@ -162,3 +162,26 @@ pub fn wait_texts(sandbox: &Sandbox, chat: i64, n: usize, daemon: &Daemon) -> Ve
     );
     texts
 }
+
+/// Calls the sandbox's Bot API directly, as another client would (HTTP/1.1
+/// over loopback, one request per connection).
+pub fn call_api(sandbox: &Sandbox, method: &str, params: serde_json::Value) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let addr = sandbox.local_addr();
+    let body = params.to_string();
+    let mut stream = std::net::TcpStream::connect(addr).expect("sandbox listens");
+    stream
+        .set_read_timeout(Some(DEADLINE))
+        .expect("timeout can be set");
+    write!(
+        stream,
+        "POST /bot{}/{method} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        sandbox.token(),
+        body.len()
+    )
+    .expect("request written");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer read");
+    let json = answer.split("\r\n\r\n").nth(1).unwrap_or("null");
+    serde_json::from_str(json).unwrap_or(serde_json::Value::Null)
+}
