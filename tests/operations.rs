@@ -235,9 +235,17 @@ fn worker_pids(log: &str) -> Vec<i32> {
 #[test]
 fn sighup_replaces_every_worker_and_loses_nothing() {
     let sb = sandbox();
-    let config = config_for(&sb, "echo3:app", "").replace("[app]\n", "[app]\nworkers = 2\n");
+    // Its instances linger after telegram.disconnect, so updates arrive for
+    // chats whose old instance is still winding down.
+    let config = config_for(&sb, "lingering:app", "").replace("[app]\n", "[app]\nworkers = 2\n");
     // Order and exactly-once are the point, not Telegram's pace.
-    let d = Daemon::start(&config, &[("ASGIGRAM_SENDER__LIMITS", "false")]);
+    let d = Daemon::start(
+        &config,
+        &[
+            ("ASGIGRAM_SENDER__LIMITS", "false"),
+            ("RUST_LOG", "info,asgigramd::actors::supervisor=debug"),
+        ],
+    );
     assert!(d.wait_log("Polling Telegram as @"), "{}", d.log());
     let chats = [91, 92, 93];
     let mut expected: Vec<Vec<String>> = vec![Vec::new(); chats.len()];
@@ -261,9 +269,15 @@ fn sighup_replaces_every_worker_and_loses_nothing() {
     unsafe {
         libc::kill(d.pid(), libc::SIGHUP);
     }
-    // Injected while the workers are being replaced.
-    send(&mut expected, "during", 10);
-    assert!(d.wait_log("reload complete"), "{}", d.log());
+    // Injected while the workers are being replaced: a round every few
+    // milliseconds until the reload is complete (bounded).
+    let mut round = 0;
+    let done = wait_for(DEADLINE, || {
+        send(&mut expected, &format!("during{round}."), 1);
+        round += 1;
+        round >= 5 && d.log().contains("reload complete")
+    });
+    assert!(done, "{}", d.log());
     send(&mut expected, "after", 2);
     for (c, chat) in chats.iter().enumerate() {
         wait_texts(&sb, *chat, expected[c].len(), &d);
@@ -326,4 +340,19 @@ fn reload_flag_restarts_the_workers_when_a_python_file_changes() {
     assert_eq!(wait_texts(&sb, 95, 3, &d)[2], "version two:c");
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
+}
+
+#[test]
+fn bad_operations_settings_name_their_key() {
+    let sb = sandbox();
+    for (extra, key) in [
+        ("[http]\nbind = \"localhost\"\n", "http.bind"),
+        ("[log]\nformat = \"xml\"\n", "log.format"),
+        ("[log]\nstats_interval = -1\n", "log.stats_interval"),
+    ] {
+        let mut d = Daemon::start(&config_for(&sb, "echo3:app", extra), &[]);
+        let status = d.wait_exit();
+        assert_eq!(status.code(), Some(1), "{extra}: {}", d.log());
+        assert!(d.log().contains(key), "{extra}: {}", d.log());
+    }
 }

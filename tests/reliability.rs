@@ -239,3 +239,25 @@ fn an_app_that_cannot_be_imported_stops_the_daemon_with_the_python_error() {
     );
     assert!(sb.calls().is_empty(), "polling never started");
 }
+
+#[test]
+fn garbage_on_the_worker_channel_cannot_crash_the_daemon() {
+    let sb = sandbox();
+    let d = Daemon::start(&config_for(&sb, "garbage:app", ""), &[]);
+    sb.inject_text(1, "bad json");
+    assert_eq!(wait_texts(&sb, 1, 1, &d), vec!["ok:bad json"]);
+    assert!(d.wait_log("malformed frame from worker"), "{}", d.log());
+    // Its receipt never reaches the daemon, so each new worker gets it again
+    // and is corrupted again: after three deaths it is dropped as poison.
+    sb.inject_text(1, "corrupt");
+    sb.inject_text(1, "still here");
+    assert!(d.wait_log("channel corrupted"), "{}", d.log());
+    assert!(
+        d.wait_log("dropped: 3 workers died while it was being delivered"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(wait_texts(&sb, 1, 2, &d)[1], "ok:still here");
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+}

@@ -27,6 +27,9 @@ use crate::routing::{self, Lane, Route, ScopeKey, Unroutable};
 use crate::settings::Settings;
 use crate::telegram::Update;
 
+/// Worker deaths with the same update on hand after which it is dropped.
+const POISON_LIMIT: u32 = 3;
+
 /// Consecutive start failures of one worker after which the daemon gives up.
 const CRASH_LOOP_LIMIT: u32 = 5;
 
@@ -125,6 +128,8 @@ pub struct Supervisor {
     stopping_workers: bool,
     shutting_down: bool,
     journal: Option<Addr<JournalActor>>,
+    /// update_id -> worker deaths while it was on hand (see `drop_poison`).
+    deaths: HashMap<i64, u32>,
     /// Update ids received by the apps (or skipped), not yet written.
     handled: Vec<i64>,
     /// Updates dispatched that no app has received yet; the Poller reads it.
@@ -145,6 +150,7 @@ impl Supervisor {
     ) -> Supervisor {
         Supervisor {
             journal,
+            deaths: HashMap::new(),
             handled: Vec::new(),
             undelivered,
             settings,
@@ -273,6 +279,9 @@ impl Supervisor {
     }
 
     fn deliver(&mut self, route: Route, events: Vec<Value>, ctx: &mut Context<Self>) {
+        let Some(events) = self.hold_for_reload(&route, events) else {
+            return;
+        };
         if let Some(entry) = self.scopes.get_mut(&route.key) {
             entry.dispatched += events.len() as u64;
             entry.last_active = Instant::now();
@@ -388,7 +397,7 @@ impl Supervisor {
         &mut self,
         scope_id: u64,
         key: ScopeKey,
-        leftover: Vec<Value>,
+        mut leftover: Vec<Value>,
         ctx: &mut Context<Self>,
     ) {
         let worker = match self.closing.remove(&scope_id) {
@@ -403,13 +412,47 @@ impl Supervisor {
             w.scopes = w.scopes.saturating_sub(1);
         }
         if !leftover.is_empty() && !self.shutting_down {
+            self.drop_poison(&key, &mut leftover);
+        }
+        if !leftover.is_empty() && !self.shutting_down {
             // Fresh scope for what the old instance never received; the chat
             // object comes from the events themselves.
             if let Some(route) = leftover.iter().find_map(route_of_event) {
                 self.deliver(route, leftover, ctx);
             }
         }
+        self.release_held(&key, ctx);
         self.check_closed();
+    }
+
+    /// Leftovers outside shutdown mean the worker died; the first of them is
+    /// the one its instance was on. An update that was on hand at
+    /// `POISON_LIMIT` worker deaths is taken to be their cause and dropped,
+    /// so that it cannot kill workers forever.
+    fn drop_poison(&mut self, key: &ScopeKey, leftover: &mut Vec<Value>) {
+        let Some(id) = leftover[0].get("update_id").and_then(Value::as_i64) else {
+            return;
+        };
+        let deaths = self.deaths.entry(id).or_default();
+        *deaths += 1;
+        if *deaths >= POISON_LIMIT {
+            log::error!(
+                "scope={key} update={id} dropped: {POISON_LIMIT} workers died while it was being delivered"
+            );
+            self.deaths.remove(&id);
+            leftover.remove(0);
+            self.handled.push(id);
+            self.undelivered
+                .set(self.undelivered.get().saturating_sub(1));
+            if let Some(e) = self.scopes.get_mut(key) {
+                e.acked += 1;
+            }
+        }
+        // Only worker deaths add entries; a bound keeps a long life's worth
+        // of unrelated ones from piling up.
+        if self.deaths.len() > 10_000 {
+            self.deaths.clear();
+        }
     }
 
     fn check_closed(&mut self) {
@@ -718,6 +761,10 @@ struct Reload {
     current: Option<ReloadStep>,
     /// Another reload was asked for while this one ran: run it after.
     again: bool,
+    /// New events for scopes of a retiring worker, held until that scope has
+    /// stopped and handed back what it did not receive, then delivered after
+    /// it: order kept, and nothing sent to a scope that is going away.
+    held: HashMap<ScopeKey, Vec<(Route, Vec<Value>)>>,
 }
 
 struct ReloadStep {
@@ -765,7 +812,8 @@ impl Supervisor {
     /// Starts the replacement of the next worker in the queue.
     fn reload_next(&mut self, ctx: &mut Context<Self>) {
         if self.stopping_workers || self.shutting_down {
-            self.reload = Reload::default();
+            self.reload.queue.clear();
+            self.reload.current = None;
             return;
         }
         let Some(old) = self.reload.queue.pop_front() else {
@@ -876,10 +924,52 @@ impl Supervisor {
                     describe(status)
                 );
                 self.workers[index].retired = true;
-                self.reload = Reload::default();
+                self.reload.queue.clear();
+                self.reload.current = None;
+                self.reload.again = false;
                 true
             }
             _ => false,
+        }
+    }
+}
+
+impl Supervisor {
+    /// `Some(events)` to deliver now; `None` when they were held because
+    /// their scope lives on a retiring worker.
+    fn hold_for_reload(&mut self, route: &Route, events: Vec<Value>) -> Option<Vec<Value>> {
+        let retiring = self
+            .scopes
+            .get(&route.key)
+            .is_some_and(|e| self.workers.get(e.worker).is_some_and(|w| w.retired));
+        if !retiring {
+            return Some(events);
+        }
+        log::debug!(
+            "scope={} events={} held until its retiring instance stopped",
+            route.key,
+            events.len()
+        );
+        self.reload
+            .held
+            .entry(route.key.clone())
+            .or_default()
+            .push((route.clone(), events));
+        None
+    }
+
+    /// The scope `key` stopped: deliver what was held for it, in order, after
+    /// its leftovers (already delivered). During shutdown they stay undelivered,
+    /// like the leftovers: the journal gives them to the next start.
+    fn release_held(&mut self, key: &ScopeKey, ctx: &mut Context<Self>) {
+        let Some(held) = self.reload.held.remove(key) else {
+            return;
+        };
+        if self.shutting_down {
+            return;
+        }
+        for (route, events) in held {
+            self.deliver(route, events, ctx);
         }
     }
 }

@@ -190,6 +190,19 @@ impl Worker {
         }
     }
 
+    fn kill(&mut self) {
+        if self.writer.is_none() || self.pid == 0 {
+            return;
+        }
+        // SAFETY: kill(2) on the pid of the child this actor started. The pid
+        // stays ours until the exit watcher reaps the child, and then `writer`
+        // is cleared before any further kill can run.
+        unsafe {
+            libc::kill(self.pid as i32, libc::SIGKILL);
+        }
+        self.ready = false;
+    }
+
     /// Pings a ready worker; kills it when it stopped answering.
     fn check_alive(&mut self) {
         if !self.ready || self.writer.is_none() {
@@ -202,13 +215,7 @@ impl Worker {
                 self.pid,
                 PING_TIMEOUT.as_secs()
             );
-            // SAFETY: kill(2) on the pid of the child this actor started. The
-            // pid stays ours until the exit watcher reaps the child, and then
-            // `writer` is cleared before any further check can run.
-            unsafe {
-                libc::kill(self.pid as i32, libc::SIGKILL);
-            }
-            self.ready = false;
+            self.kill();
             return;
         }
         self.pings_sent += 1;
@@ -298,12 +305,23 @@ async fn forward_lines(stream: impl AsyncRead + Unpin, pid: u32, name: &'static 
 
 impl StreamHandler<Result<BytesMut, io::Error>> for Worker {
     fn handle(&mut self, item: Result<BytesMut, io::Error>, _: &mut Context<Self>) {
-        match item
-            .map_err(|e| e.to_string())
-            .and_then(|f| FromWorker::decode(&f).map_err(|e| e.to_string()))
-        {
-            Ok(frame) => self.handle_frame(frame),
-            Err(e) => log::warn!("worker={} pid={} {e}; frame skipped", self.index, self.pid),
+        match item {
+            Ok(frame) => match FromWorker::decode(&frame) {
+                Ok(frame) => self.handle_frame(frame),
+                // Well framed but not a frame we know: the next one is fine.
+                Err(e) => log::warn!("worker={} pid={} {e}; frame skipped", self.index, self.pid),
+            },
+            // A framing error (a length over the limit, a read error) leaves
+            // the stream out of step: nothing after it can be trusted. The
+            // worker is replaced, and its scopes' events go to new instances.
+            Err(e) => {
+                log::error!(
+                    "worker={} pid={} channel corrupted ({e}); killing the worker",
+                    self.index,
+                    self.pid
+                );
+                self.kill();
+            }
         }
     }
 
