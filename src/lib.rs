@@ -16,6 +16,10 @@
 //! - [`actors`]: the daemon itself, one file per actor.
 //! - [`sandbox`]: a local Bot API emulator for trying and testing bots.
 //! - [`chat`]: `--sandbox`: the terminal as a chat with the bot.
+//! - [`metrics`]: the process-wide counters the actors bump; Prometheus text.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics` (off unless `http.bind`).
+//! - [`reload`]: SIGHUP and `--reload` ask the Supervisor to replace the workers.
+//! - [`logging`]: text or JSON lines, secrets masked.
 //!
 //! # Message flow
 //!

@@ -261,3 +261,42 @@ fn garbage_on_the_worker_channel_cannot_crash_the_daemon() {
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn backpressure_pauses_polling_and_a_stalled_chat_does_not_hold_the_others() {
+    let sb = sandbox();
+    let config = config_for(
+        &sb,
+        "stuck:app",
+        "[scopes]\nstall_warning = 2\n\n[journal]\nmax_undelivered = 5\n",
+    )
+    .replace("[telegram]\n", "[telegram]\npoll_limit = 5\n");
+    let d = Daemon::start(&config, &[]);
+    assert!(
+        wait_for(DEADLINE, || sb.inspect(|v| v.is_polling())),
+        "{}",
+        d.log()
+    );
+    sb.inject_text(1, "hang");
+    for i in 0..20 {
+        sb.inject_text(1, &format!("queued {i}"));
+    }
+    sb.inject_text(2, "other chat");
+    // Chat 1's app holds its queue: past 5 undelivered the Poller stops and
+    // Telegram keeps the rest.
+    assert!(d.wait_log("polling paused"), "{}", d.log());
+    assert!(
+        sb.pending_updates() >= 10,
+        "{} left at the Bot API",
+        sb.pending_updates()
+    );
+    // Once chat 1 is reported stalled its queue stops counting: polling
+    // resumes and chat 2 is answered.
+    assert!(
+        d.wait_log("scope=chat:1 has not received an event"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(wait_texts(&sb, 2, 1, &d), vec!["ok:other chat"]);
+    assert!(d.log().contains("polling resumed"), "{}", d.log());
+}

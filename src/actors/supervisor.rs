@@ -235,8 +235,10 @@ impl Supervisor {
             match routed {
                 Ok(route) => {
                     let Some(event) = Self::event_for(update) else {
+                        self.handled.push(id);
                         continue;
                     };
+                    self.undelivered.set(self.undelivered.get() + 1);
                     match index.get(&route.key) {
                         Some(&i) => batches[i].1.push(event),
                         None => {
@@ -283,6 +285,10 @@ impl Supervisor {
             return;
         };
         if let Some(entry) = self.scopes.get_mut(&route.key) {
+            if entry.stall_reported {
+                self.undelivered
+                    .set(self.undelivered.get().saturating_sub(events.len()));
+            }
             entry.dispatched += events.len() as u64;
             entry.last_active = Instant::now();
             entry.addr.do_send(Enqueue(events));
@@ -369,6 +375,11 @@ impl Supervisor {
         for (key, e) in &mut self.scopes {
             if e.busy() && !e.stall_reported && now.duration_since(e.last_progress) >= limit {
                 e.stall_reported = true;
+                // A stalled scope's queue no longer counts towards
+                // backpressure: one stuck chat must not stop the others.
+                let outstanding = (e.dispatched - e.acked) as usize;
+                self.undelivered
+                    .set(self.undelivered.get().saturating_sub(outstanding));
                 log::warn!(
                     "scope={key} has not received an event for {}s: {} event(s) queued (is the app still calling receive()?)",
                     now.duration_since(e.last_progress).as_secs(),
@@ -404,7 +415,14 @@ impl Supervisor {
             Some(w) => Some(w),
             // Stopped without being closed (its worker died): drop its entry.
             None => match self.scopes.get(&key) {
-                Some(e) if e.scope_id == scope_id => self.scopes.remove(&key).map(|e| e.worker),
+                Some(e) if e.scope_id == scope_id => self.scopes.remove(&key).map(|e| {
+                    if e.stall_reported && !self.shutting_down {
+                        // Its leftovers go to a fresh scope and count again.
+                        self.undelivered
+                            .set(self.undelivered.get() + leftover.len());
+                    }
+                    e.worker
+                }),
                 _ => None,
             },
         };
@@ -626,9 +644,14 @@ impl Handler<ScopeReport> for Supervisor {
             }
             ScopeReport::Handled { key, ids } => {
                 if let Some(e) = self.scopes.get_mut(&key) {
+                    if e.stall_reported {
+                        // Moving again: its queue counts again.
+                        let outstanding = (e.dispatched - e.acked) as usize;
+                        self.undelivered.set(self.undelivered.get() + outstanding);
+                        e.stall_reported = false;
+                    }
                     e.acked += ids.len() as u64;
                     e.last_progress = Instant::now();
-                    e.stall_reported = false;
                 }
                 self.undelivered
                     .set(self.undelivered.get().saturating_sub(ids.len()));
