@@ -134,7 +134,7 @@ impl Poller {
         };
         let batch = updates
             .iter()
-            .map(|u| (u.id.0, Value::Object(u.raw.clone()).to_string()))
+            .map(|u| (u.id.0, serde_json::to_string(&u.raw).unwrap_or_default()))
             .collect();
         let fetched_with = self.offset;
         let stored = journal.send(Append {
