@@ -395,8 +395,8 @@ impl Pacer {
                 group.prune(now);
             }
             // A bucket is full again once its theoretical arrival time is past.
-            let bucket_full = pace.tat.map_or(true, |tat| tat <= now);
-            !(bucket_full && pace.group.as_ref().map_or(true, Window::is_empty))
+            let bucket_full = pace.tat.is_none_or(|tat| tat <= now);
+            !(bucket_full && pace.group.as_ref().is_none_or(Window::is_empty))
         });
     }
 
@@ -601,7 +601,7 @@ mod tests {
             let in_last = |d: Duration, only: Option<&str>| {
                 arrivals[..=i]
                     .iter()
-                    .filter(|(c, t)| *at - *t < d && only.map_or(true, |o| o == c))
+                    .filter(|(c, t)| *at - *t < d && only.is_none_or(|o| o == c))
                     .count()
             };
             assert!(in_last(Duration::from_secs(1), None) <= 30, "global at {i}");

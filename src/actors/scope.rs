@@ -59,13 +59,22 @@ pub enum ScopeReport {
     Handled { key: ScopeKey, ids: Vec<i64> },
     /// The instance returned by itself and nothing is queued.
     InstanceEnded { scope_id: u64, key: ScopeKey },
-    /// The actor stopped; `leftover` holds events no instance received.
+    /// The scope is done; `leftover` holds events no instance received. The
+    /// actor waits for [`Terminate`], bouncing what still reaches it.
     Stopped {
         scope_id: u64,
         key: ScopeKey,
         leftover: Vec<Value>,
+        addr: Addr<ScopeActor>,
     },
+    /// Events that reached the scope after it reported `Stopped`.
+    Bounced { key: ScopeKey, events: Vec<Value> },
 }
+
+/// The Supervisor has forgotten this scope: nothing more will be sent to it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Terminate;
 
 pub use ScopeReport::Stopped as ScopeStopped;
 
@@ -99,6 +108,8 @@ pub struct ScopeActor {
     instance: Instance,
     /// The current instance has received at least one event.
     progressed: bool,
+    /// Reported `Stopped`; waiting for `Terminate`.
+    stopped: bool,
 }
 
 impl ScopeActor {
@@ -126,6 +137,7 @@ impl ScopeActor {
             acked: 0,
             instance: Instance::None,
             progressed: false,
+            stopped: false,
         }
     }
 
@@ -185,8 +197,12 @@ impl ScopeActor {
             scope_id: self.scope_id,
             key: self.key.clone(),
             leftover,
+            addr: ctx.address(),
         });
-        ctx.stop();
+        // Not ctx.stop(): an Enqueue the Supervisor sent before it read the
+        // report would die in a stopped mailbox. Such events are bounced
+        // until the Supervisor answers with Terminate (rule: nothing lost).
+        self.stopped = true;
     }
 
     /// Turns an outgoing application event into a Bot API call.
@@ -279,6 +295,13 @@ impl Actor for ScopeActor {
 impl Handler<Enqueue> for ScopeActor {
     type Result = ();
     fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) {
+        if self.stopped {
+            self.supervisor.do_send(ScopeReport::Bounced {
+                key: self.key.clone(),
+                events: msg.0,
+            });
+            return;
+        }
         for event in msg.0 {
             self.push(event);
         }
@@ -293,9 +316,19 @@ impl Handler<Enqueue> for ScopeActor {
     }
 }
 
+impl Handler<Terminate> for ScopeActor {
+    type Result = ();
+    fn handle(&mut self, _: Terminate, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
 impl Handler<Close> for ScopeActor {
     type Result = ();
     fn handle(&mut self, msg: Close, ctx: &mut Context<Self>) {
+        if self.stopped {
+            return;
+        }
         match self.instance {
             Instance::Running { sid } => {
                 log::debug!("scope={} closing ({})", self.key, msg.reason);

@@ -250,7 +250,7 @@ impl Core {
     pub fn poll(&mut self, now: Instant) -> (Vec<Start>, Option<Instant>) {
         if self
             .last_prune
-            .map_or(true, |t| now >= t + Duration::from_secs(1))
+            .is_none_or(|t| now >= t + Duration::from_secs(1))
         {
             self.pacer.prune(now);
             self.last_prune = Some(now);
@@ -488,7 +488,7 @@ impl Sender {
         }
         crate::metrics::metrics().sender_depth(self.core.queued(), self.core.in_flight());
         match wake {
-            Some(at) if self.timer.as_ref().map_or(true, |(t, _)| *t != at) => {
+            Some(at) if self.timer.as_ref().is_none_or(|(t, _)| *t != at) => {
                 if let Some((_, handle)) = self.timer.take() {
                     ctx.cancel_future(handle);
                 }

@@ -17,7 +17,7 @@ use actix::prelude::*;
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
-use crate::actors::scope::{Close, Enqueue, ScopeActor, ScopeReport};
+use crate::actors::scope::{Close, Enqueue, ScopeActor, ScopeReport, Terminate};
 use crate::actors::sender::Sender;
 use crate::actors::worker::{describe, ShutdownWorker, Worker, WorkerEvent};
 use crate::backoff::Backoff;
@@ -671,7 +671,23 @@ impl Handler<ScopeReport> for Supervisor {
                 scope_id,
                 key,
                 leftover,
-            } => self.scope_stopped(scope_id, key, leftover, ctx),
+                addr,
+            } => {
+                self.scope_stopped(scope_id, key, leftover, ctx);
+                // Whatever it bounces was sent before this, so arrives next.
+                addr.do_send(Terminate);
+            }
+            ScopeReport::Bounced { key, events } => {
+                if !self.shutting_down {
+                    log::debug!(
+                        "scope={key} {} event(s) bounced by a stopped scope; redelivered",
+                        events.len()
+                    );
+                    if let Some(route) = events.iter().find_map(route_of_event) {
+                        self.deliver(route, events, ctx);
+                    }
+                }
+            }
         }
     }
 }

@@ -415,7 +415,7 @@ impl State {
     pub fn batch(&mut self, limit: usize) -> Vec<Value> {
         let allowed = &self.allowed_updates;
         self.updates
-            .retain(|u| u.kind.as_ref().map_or(true, |kind| allowed.contains(kind)));
+            .retain(|u| u.kind.as_ref().is_none_or(|kind| allowed.contains(kind)));
         self.updates
             .iter()
             .take(limit)
