@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::metrics::metrics;
+
 /// Why the journal failed. Every variant is fatal to the operation; the
 /// daemon cannot promise delivery without its journal.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +132,12 @@ impl Journal {
             .map_err(|e| sqlite_err(&self.path, e))?;
         }
         tx.commit().map_err(|e| sqlite_err(&self.path, e))?;
+        let m = metrics();
+        m.journal_entries.add(fresh.len() as i64);
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let wal = self.path.with_extension("sqlite3-wal");
+        m.journal_bytes
+            .set_count((size(&self.path) + size(&wal)) as usize);
         Ok(fresh)
     }
 
@@ -148,15 +156,18 @@ impl Journal {
     pub fn handled(&mut self, ids: &[i64]) -> Result<(), JournalError> {
         let result = (|| {
             let tx = self.conn.transaction()?;
+            let mut deleted = 0;
             {
                 let mut delete = tx.prepare_cached("DELETE FROM updates WHERE update_id = ?1")?;
                 for id in ids {
-                    delete.execute(params![id])?;
+                    deleted += delete.execute(params![id])?;
                 }
             }
-            tx.commit()
+            tx.commit().map(|()| deleted)
         })();
-        result.map_err(|e| self.err(e))
+        let deleted = result.map_err(|e| self.err(e))?;
+        metrics().journal_entries.add(-(deleted as i64));
+        Ok(())
     }
 
     /// Every update not yet handled, oldest first (rule 4).

@@ -120,6 +120,7 @@ fn start_journal(
         dir.display(),
         pending.len()
     );
+    metrics::metrics().journal_entries.set_count(pending.len());
     let threads = JournalThreads {
         append: journal_thread(journal),
         handled: journal_thread(second),

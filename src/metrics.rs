@@ -51,6 +51,10 @@ impl Gauge {
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// Moves the gauge by `d`, for values kept up to date from several threads.
+    pub fn add(&self, d: i64) {
+        self.0.fetch_add(d, Ordering::Relaxed);
+    }
 }
 
 /// A counter per combination of label values, e.g. (method, outcome).

@@ -120,6 +120,17 @@ fn health_readiness_and_metrics_count_real_traffic() {
         "{text}"
     );
     assert!(text.contains("# TYPE asgigram_poll_duration_seconds histogram"));
+    // Every update was received (or skipped): the journal empties, and it
+    // has a file on disk.
+    let emptied = wait_for(DEADLINE, || {
+        text = get(&addr, "/metrics").1;
+        sample(&text, "asgigram_journal_entries") == Some(0.0)
+    });
+    assert!(emptied, "journal not emptied:\n{text}");
+    assert!(
+        sample(&text, "asgigram_journal_bytes").is_some_and(|b| b > 0.0),
+        "{text}"
+    );
     assert_eq!(get(&addr, "/nothing").0, 404);
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
