@@ -271,6 +271,11 @@ impl Pacer {
         self.limits.chat_burst.max(1)
     }
 
+    /// Whether any limit is applied at all.
+    pub fn enabled(&self) -> bool {
+        self.limits.enabled
+    }
+
     /// The earliest instant (>= now) the chat's own limits (bucket and group
     /// window) allow a send of `cost`.
     pub fn chat_ready_at(&self, chat: &str, cost: Cost, now: Instant) -> Instant {

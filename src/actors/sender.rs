@@ -281,12 +281,17 @@ impl Core {
         // may not take it: the earlier lane gets it first.
         let mut free_blocked = false;
         let mut paid_blocked = false;
-        let order: Vec<(u64, String)> = self
+        // Walk the ready lanes in order by cursor rather than by a copy of
+        // the set: the loop removes lanes as it goes, and a copy per pass
+        // costs an allocation per lane on the hot path.
+        let mut cursor = 0;
+        while let Some((key, name)) = self
             .ready
-            .iter()
-            .map(|(seq, name)| (*seq, name.clone()))
-            .collect();
-        for (key, name) in order {
+            .range(cursor..)
+            .next()
+            .map(|(k, n)| (*k, n.clone()))
+        {
+            cursor = key + 1;
             if self.in_flight >= MAX_IN_FLIGHT {
                 break;
             }
@@ -303,7 +308,8 @@ impl Core {
                 continue;
             };
             let mut ticket = None;
-            if let Some(cost) = head.cost {
+            // With the limits off there is nothing to count.
+            if let Some(cost) = head.cost.filter(|_| self.pacer.enabled()) {
                 let blocked = if cost.paid {
                     &mut paid_blocked
                 } else {
