@@ -19,11 +19,14 @@
 //!
 //! SQLite (bundled) in WAL mode. It is blocking, so the daemon runs it on
 //! `SyncArbiter` threads ([`JournalActor`]), never on the actor thread: one
-//! connection appends, another records handled updates, so that a burst of
-//! appends (each waiting for the disk) does not hold back the records whose
-//! delay decides how much a crash makes the apps receive twice.
+//! thread appends, another records handled updates, so that records do not
+//! queue behind a burst of appends (their delay decides how much a crash
+//! makes the apps receive twice). Both use one connection behind a mutex:
+//! two connections would contend for SQLite's write lock, whose busy
+//! handler sleeps in steps of milliseconds.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -124,11 +127,11 @@ impl Journal {
             }
         }
         if let Some(w) = watermark {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO meta (key, value) VALUES ('watermark', ?1)
                  ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![w],
             )
+            .and_then(|mut upsert| upsert.execute(params![w]))
             .map_err(|e| sqlite_err(&self.path, e))?;
         }
         tx.commit().map_err(|e| sqlite_err(&self.path, e))?;
@@ -141,19 +144,12 @@ impl Journal {
         Ok(fresh)
     }
 
-    /// Makes this connection the one that records handled updates: its
-    /// commits never wait for the disk (rule 3) and it leaves checkpoints,
-    /// which do, to the appending connection. A record that waits is a
-    /// longer window in which a crash makes an app receive an update twice.
-    pub fn for_handled(self) -> Result<Journal, JournalError> {
-        self.conn
-            .execute_batch("PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0;")
-            .map_err(|e| self.err(e))?;
-        Ok(self)
-    }
-
     /// Forgets updates the application received (rule 3).
     pub fn handled(&mut self, ids: &[i64]) -> Result<(), JournalError> {
+        // A handled record need not wait for the disk (rule 3); appends do.
+        self.conn
+            .execute_batch("PRAGMA synchronous = NORMAL")
+            .map_err(|e| self.err(e))?;
         let result = (|| {
             let tx = self.conn.transaction()?;
             let mut deleted = 0;
@@ -165,6 +161,9 @@ impl Journal {
             }
             tx.commit().map(|()| deleted)
         })();
+        self.conn
+            .execute_batch("PRAGMA synchronous = FULL")
+            .map_err(|e| self.err(e))?;
         let deleted = result.map_err(|e| self.err(e))?;
         metrics().journal_entries.add(-(deleted as i64));
         Ok(())
@@ -201,8 +200,16 @@ fn sqlite_err(path: &Path, e: rusqlite::Error) -> JournalError {
     }
 }
 
-/// The journal on its own thread.
-pub struct JournalActor(pub Journal);
+/// The journal on a thread of its own, sharing the connection.
+pub struct JournalActor(pub Arc<Mutex<Journal>>);
+
+impl JournalActor {
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        // A panic while holding the lock leaves the connection usable:
+        // SQLite rolls back an unfinished transaction.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 impl Actor for JournalActor {
     type Context = SyncContext<Self>;
@@ -225,7 +232,7 @@ pub struct Handled(pub Vec<i64>);
 impl Handler<Append> for JournalActor {
     type Result = Result<Vec<i64>, String>;
     fn handle(&mut self, msg: Append, _: &mut SyncContext<Self>) -> Self::Result {
-        self.0
+        self.journal()
             .append(&msg.batch, msg.fetched_with)
             .map_err(|e| e.to_string())
     }
@@ -235,7 +242,8 @@ impl Handler<Handled> for JournalActor {
     type Result = ();
     fn handle(&mut self, msg: Handled, _: &mut SyncContext<Self>) {
         log::trace!("journal: {} handled update(s) recorded", msg.0.len());
-        if let Err(e) = self.0.handled(&msg.0) {
+        let result = self.journal().handled(&msg.0);
+        if let Err(e) = result {
             // Not fatal: the updates stay journaled and are delivered again
             // after a restart (rule 3).
             log::error!(

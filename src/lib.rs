@@ -84,7 +84,7 @@ pub enum RunError {
     Other(String),
 }
 
-/// This bot's journal, on two threads (see [`journal`]): the connection that
+/// This bot's journal, on two threads (see [`journal`]): the one that
 /// appends and the one that records handled updates.
 struct JournalThreads {
     append: Addr<JournalActor>,
@@ -101,9 +101,6 @@ fn start_journal(
     let name = journal_name(settings);
     let fail = |e: journal::JournalError| RunError::Other(e.to_string());
     let journal = Journal::open(&dir, &name).map_err(fail)?;
-    let second = Journal::open(&dir, &name)
-        .and_then(Journal::for_handled)
-        .map_err(fail)?;
     let offset = journal.watermark().map_err(fail)?.map(|w| w + 1);
     let mut pending = Vec::new();
     for (id, body) in journal.pending().map_err(fail)? {
@@ -121,24 +118,16 @@ fn start_journal(
         pending.len()
     );
     metrics::metrics().journal_entries.set_count(pending.len());
+    let journal = Arc::new(std::sync::Mutex::new(journal));
     let threads = JournalThreads {
-        append: journal_thread(journal),
-        handled: journal_thread(second),
+        append: journal_thread(journal.clone()),
+        handled: journal_thread(journal),
     };
     Ok((threads, pending, offset))
 }
 
-fn journal_thread(journal: Journal) -> Addr<JournalActor> {
-    // SyncArbiter wants a factory; its one thread takes the one connection.
-    let cell = std::sync::Mutex::new(Some(journal));
-    SyncArbiter::start(1, move || {
-        let journal = cell
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .expect("SyncArbiter::start(1, ..) calls the factory once");
-        JournalActor(journal)
-    })
+fn journal_thread(journal: Arc<std::sync::Mutex<Journal>>) -> Addr<JournalActor> {
+    SyncArbiter::start(1, move || JournalActor(journal.clone()))
 }
 
 /// One journal per bot and Bot API server: `<bot id>@<host>`. The bot id is
