@@ -110,6 +110,20 @@ struct WorkerSlot {
     retired: bool,
 }
 
+impl WorkerSlot {
+    /// A slot whose worker is not started yet.
+    fn empty() -> WorkerSlot {
+        WorkerSlot {
+            addr: None,
+            ready: false,
+            scopes: 0,
+            failures: 0,
+            pid: 0,
+            retired: false,
+        }
+    }
+}
+
 pub struct Supervisor {
     settings: Settings,
     sender: Addr<Sender>,
@@ -522,14 +536,7 @@ impl Actor for Supervisor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         for index in 0..self.settings.app.workers {
-            self.workers.push(WorkerSlot {
-                addr: None,
-                ready: false,
-                scopes: 0,
-                failures: 0,
-                pid: 0,
-                retired: false,
-            });
+            self.workers.push(WorkerSlot::empty());
             self.start_worker(index, ctx);
         }
         let tick = (self.settings.scopes.idle_timeout / 4)
@@ -875,14 +882,7 @@ impl Supervisor {
         {
             Some(i) => i,
             None => {
-                self.workers.push(WorkerSlot {
-                    addr: None,
-                    ready: false,
-                    scopes: 0,
-                    failures: 0,
-                    pid: 0,
-                    retired: false,
-                });
+                self.workers.push(WorkerSlot::empty());
                 self.workers.len() - 1
             }
         };
