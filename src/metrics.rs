@@ -188,8 +188,9 @@ pub struct Metrics {
     /// Updates held in the durable journal, not yet confirmed (set by the
     /// journal; stays 0 without one).
     pub journal_entries: Gauge,
-    /// Size of the journal on disk, in bytes (set by the journal).
-    pub journal_bytes: Gauge,
+    /// The journal's database file: its size (with the WAL) is read when
+    /// metrics are rendered, not on every append.
+    pub journal_path: std::sync::OnceLock<std::path::PathBuf>,
     poll_state: Mutex<PollState>,
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -205,6 +206,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Metrics {
+    /// Bytes of the journal on disk: database file plus WAL; 0 without one.
+    fn journal_bytes(&self) -> u64 {
+        let Some(path) = self.journal_path.get() else {
+            return 0;
+        };
+        let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        size(path) + size(&path.with_extension("sqlite3-wal"))
+    }
+
     fn new() -> Metrics {
         Metrics {
             started: Instant::now(),
@@ -224,7 +234,7 @@ impl Metrics {
             sender_in_flight: Gauge::default(),
             poll_latency: Histogram::new(POLL_BUCKETS),
             journal_entries: Gauge::default(),
-            journal_bytes: Gauge::default(),
+            journal_path: std::sync::OnceLock::new(),
             poll_state: Mutex::new(PollState::Starting),
             shutting_down: Default::default(),
         }
@@ -492,7 +502,7 @@ impl Metrics {
             "asgigram_journal_bytes",
             "Size of the journal on disk.",
             "gauge",
-            self.journal_bytes.get().to_string(),
+            self.journal_bytes().to_string(),
         );
         single(
             &mut out,

@@ -49,14 +49,12 @@ pub struct Close {
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub enum ScopeReport {
-    /// Every event given so far has been received (`acked` counts them all).
-    Drained {
+    /// The instance received these updates: they are handled.
+    Handled {
         scope_id: u64,
         key: ScopeKey,
-        acked: u64,
+        ids: Vec<i64>,
     },
-    /// The instance received these updates: they are handled.
-    Handled { key: ScopeKey, ids: Vec<i64> },
     /// The instance returned by itself and nothing is queued.
     InstanceEnded { scope_id: u64, key: ScopeKey },
     /// The scope is done; `leftover` holds events no instance received. The
@@ -104,7 +102,6 @@ pub struct ScopeActor {
     /// Sequence number of the first queued event the current instance has
     /// not been given yet.
     unsent_from: u64,
-    acked: u64,
     instance: Instance,
     /// The current instance has received at least one event.
     progressed: bool,
@@ -134,7 +131,6 @@ impl ScopeActor {
             queue: VecDeque::new(),
             next_seq: 0,
             unsent_from: 0,
-            acked: 0,
             instance: Instance::None,
             progressed: false,
             stopped: false,
@@ -363,12 +359,10 @@ impl Handler<InstanceMsg> for ScopeActor {
         }
         match msg {
             InstanceMsg::Received { seq, .. } => {
-                let mut acked = 0;
                 let mut ids = Vec::new();
                 while self.queue.front().is_some_and(|(s, _)| *s <= seq) {
                     if let Some((_, e)) = self.queue.pop_front() {
                         if !is_local_event(&e) {
-                            acked += 1;
                             ids.extend(e.get("update_id").and_then(Value::as_i64));
                             crate::metrics::metrics().delivered(&e);
                         }
@@ -376,19 +370,12 @@ impl Handler<InstanceMsg> for ScopeActor {
                 }
                 if !ids.is_empty() {
                     self.supervisor.do_send(ScopeReport::Handled {
+                        scope_id: self.scope_id,
                         key: self.key.clone(),
                         ids,
                     });
                 }
                 self.progressed = true;
-                self.acked += acked;
-                if acked > 0 && self.queue.iter().all(|(_, e)| is_local_event(e)) {
-                    self.supervisor.do_send(ScopeReport::Drained {
-                        scope_id: self.scope_id,
-                        key: self.key.clone(),
-                        acked: self.acked,
-                    });
-                }
             }
             InstanceMsg::Send { event, .. } => self.outgoing(event, ctx),
             InstanceMsg::Ended {

@@ -71,15 +71,6 @@ pub struct StopWorkers {
     pub grace: Duration,
 }
 
-/// Counters for the log and (later) metrics.
-#[derive(Debug, Default, Clone)]
-pub struct Counters {
-    pub updates: u64,
-    pub skipped: HashMap<String, u64>,
-    pub scopes_started: u64,
-    pub worker_restarts: u64,
-}
-
 struct ScopeEntry {
     scope_id: u64,
     addr: Addr<ScopeActor>,
@@ -152,7 +143,6 @@ pub struct Supervisor {
     started_up: bool,
     /// A reload in progress (SIGHUP, --reload).
     reload: Reload,
-    pub counters: Counters,
 }
 
 impl Supervisor {
@@ -183,7 +173,6 @@ impl Supervisor {
             shutting_down: false,
             started_up: false,
             reload: Reload::default(),
-            counters: Counters::default(),
         }
     }
 
@@ -240,7 +229,6 @@ impl Supervisor {
         let mut batches: Vec<(Route, Vec<Value>)> = Vec::new();
         let mut index: HashMap<ScopeKey, usize> = HashMap::new();
         for update in updates {
-            self.counters.updates += 1;
             metrics()
                 .updates_received
                 .inc(&[update.kind().map_or("(empty)", |(k, _)| k)]);
@@ -291,7 +279,6 @@ impl Supervisor {
             Unroutable::Empty => log::warn!("update={update_id} carries no update kind; skipped"),
         }
         metrics().updates_skipped.inc(&[&kind]);
-        *self.counters.skipped.entry(kind).or_default() += 1;
     }
 
     fn deliver(&mut self, route: Route, events: Vec<Value>, ctx: &mut Context<Self>) {
@@ -332,7 +319,6 @@ impl Supervisor {
         );
         let addr = actor.start();
         self.workers[worker].scopes += 1;
-        self.counters.scopes_started += 1;
         metrics().scopes_started.inc();
         let dispatched = events.len() as u64;
         addr.do_send(Enqueue(events));
@@ -639,18 +625,8 @@ impl Handler<ScopeReport> for Supervisor {
     type Result = ();
     fn handle(&mut self, msg: ScopeReport, ctx: &mut Context<Self>) {
         match msg {
-            ScopeReport::Drained {
-                scope_id,
-                key,
-                acked,
-            } => {
+            ScopeReport::Handled { scope_id, key, ids } => {
                 if let Some(e) = self.scopes.get_mut(&key).filter(|e| e.scope_id == scope_id) {
-                    e.acked = acked;
-                    e.last_active = Instant::now();
-                }
-            }
-            ScopeReport::Handled { key, ids } => {
-                if let Some(e) = self.scopes.get_mut(&key) {
                     if e.stall_reported {
                         // Moving again: its queue counts again.
                         let outstanding = (e.dispatched - e.acked) as usize;
@@ -659,6 +635,7 @@ impl Handler<ScopeReport> for Supervisor {
                     }
                     e.acked += ids.len() as u64;
                     e.last_progress = Instant::now();
+                    e.last_active = e.last_progress;
                 }
                 self.undelivered
                     .set(self.undelivered.get().saturating_sub(ids.len()));
@@ -754,7 +731,6 @@ impl Handler<WorkerEvent> for Supervisor {
                     "worker={index} pid={pid} died ({}); restarting it",
                     describe(status)
                 );
-                self.counters.worker_restarts += 1;
                 metrics().worker_restarts.inc();
                 let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
                     .delay(self.workers[index].failures);
