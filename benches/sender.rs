@@ -97,7 +97,7 @@ async fn run(workload: Workload, settings: &SenderSettings) {
         &BotToken::new(sb.token()),
         Duration::from_secs(30),
     );
-    let sender = Sender::new(bot, settings.clone()).start();
+    let sender = Sender::new(bot, settings.clone(), None).start();
     let total = workload.messages.len();
     let mut submitted: HashMap<String, Instant> = HashMap::new();
     for (chat, text) in workload.messages {

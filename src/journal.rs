@@ -17,6 +17,26 @@
 //! 4. On start, [`Journal::pending`] gives back every update not handled, in
 //!    id order, to be delivered before anything new.
 //!
+//! The outbox holds what the apps sent (Bot API calls), so that a reply
+//! survives the daemon too:
+//!
+//! 5. A call is stored before it goes to Telegram, with its *cause* (the
+//!    update whose handling made it) and its *ordinal* (the how-manieth call
+//!    of that handling). [`Journal::record`] stores calls and handled updates
+//!    in one transaction, in the order the apps made them, so an update is
+//!    never recorded handled without the calls its handling made.
+//! 6. A call Telegram answered is marked sent ([`Journal::sent`]) and leaves
+//!    the outbox once its cause is handled too: while the cause may still be
+//!    delivered again, the sent row is what recognises its repeated call.
+//! 7. On start ([`Journal::recover`]): unsent calls whose cause is handled
+//!    (or that have none) are sent again; unsent calls of an unhandled cause
+//!    are dropped, because delivering the cause again makes them again; sent
+//!    calls of an unhandled cause are the keys that recognise repeats.
+//!
+//! Handled updates and outbox rows need not wait for the disk: WAL commits
+//! survive the process being killed, and a power loss rolls back whole
+//! transactions, which can repeat a reply but never loses an update.
+//!
 //! SQLite (bundled) in WAL mode. It is blocking, so the daemon runs it on
 //! `SyncArbiter` threads ([`JournalActor`]), never on the actor thread: one
 //! thread appends, another records handled updates, so that records do not
@@ -30,6 +50,7 @@ use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{Map, Value};
 
 use crate::metrics::metrics;
 
@@ -73,7 +94,17 @@ impl Journal {
                  CREATE TABLE IF NOT EXISTS meta (
                      key TEXT PRIMARY KEY,
                      value INTEGER NOT NULL
-                 );",
+                 );
+                 CREATE TABLE IF NOT EXISTS outbox (
+                     id INTEGER PRIMARY KEY,
+                     cause INTEGER,
+                     ordinal INTEGER NOT NULL,
+                     method TEXT NOT NULL,
+                     params TEXT NOT NULL,
+                     sent INTEGER NOT NULL DEFAULT 0,
+                     outcome TEXT
+                 );
+                 CREATE INDEX IF NOT EXISTS outbox_cause ON outbox (cause);",
             )
             .map_err(|e| journal.err(e))?;
         Ok(journal)
@@ -141,29 +172,122 @@ impl Journal {
         Ok(fresh)
     }
 
-    /// Forgets updates the application received (rule 3).
+    /// Forgets updates the application is done with (rule 3).
     pub fn handled(&mut self, ids: &[i64]) -> Result<(), JournalError> {
-        // A handled record need not wait for the disk (rule 3); appends do.
+        self.record(&[], ids, &[]).map(drop)
+    }
+
+    /// Runs `f` in one transaction that does not wait for the disk (see
+    /// the module doc); appends do.
+    fn unsynced<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, JournalError> {
         self.conn
             .execute_batch("PRAGMA synchronous = NORMAL")
             .map_err(|e| self.err(e))?;
-        let result = (|| {
-            let tx = self.conn.transaction()?;
-            let mut deleted = 0;
-            {
-                let mut delete = tx.prepare_cached("DELETE FROM updates WHERE update_id = ?1")?;
-                for id in ids {
-                    deleted += delete.execute(params![id])?;
-                }
-            }
-            tx.commit().map(|()| deleted)
-        })();
+        let result = self.conn.transaction().and_then(|tx| {
+            let value = f(&tx)?;
+            tx.commit().map(|()| value)
+        });
         self.conn
             .execute_batch("PRAGMA synchronous = FULL")
             .map_err(|e| self.err(e))?;
-        let deleted = result.map_err(|e| self.err(e))?;
+        result.map_err(|e| self.err(e))
+    }
+
+    /// Stores `calls` in the outbox and forgets `handled` updates, in one
+    /// transaction (rule 5), after marking `sent` calls (rule 6). Returns the
+    /// calls' outbox ids, in order.
+    pub fn record(
+        &mut self,
+        calls: &[NewCall<'_>],
+        handled: &[i64],
+        sent: &[SentCall],
+    ) -> Result<Vec<i64>, JournalError> {
+        let (ids, deleted) = self.unsynced(|tx| {
+            mark_sent(tx, sent)?;
+            let mut ids = Vec::with_capacity(calls.len());
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO outbox (cause, ordinal, method, params) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for call in calls {
+                    let params = serde_json::to_string(call.params)
+                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                    insert.execute(params![call.cause, call.ordinal, call.method, params])?;
+                    ids.push(tx.last_insert_rowid());
+                }
+            }
+            let mut deleted = 0;
+            {
+                let mut forget = tx.prepare_cached("DELETE FROM updates WHERE update_id = ?1")?;
+                let mut answered =
+                    tx.prepare_cached("DELETE FROM outbox WHERE cause = ?1 AND sent = 1")?;
+                for id in handled {
+                    deleted += forget.execute(params![id])?;
+                    answered.execute(params![id])?;
+                }
+            }
+            Ok((ids, deleted))
+        })?;
         metrics().journal_entries.add(-(deleted as i64));
-        Ok(())
+        Ok(ids)
+    }
+
+    /// Marks calls Telegram answered (rule 6).
+    pub fn sent(&mut self, sent: &[SentCall]) -> Result<(), JournalError> {
+        self.unsynced(|tx| mark_sent(tx, sent))
+    }
+
+    /// What the outbox holds after a restart (rule 7).
+    pub fn recover(&mut self) -> Result<Recovered, JournalError> {
+        self.unsynced(|tx| {
+            tx.execute_batch(
+                "DELETE FROM outbox WHERE sent = 0
+                     AND cause IN (SELECT update_id FROM updates);
+                 DELETE FROM outbox WHERE sent = 1
+                     AND (cause IS NULL OR cause NOT IN (SELECT update_id FROM updates));",
+            )?;
+            let mut resend = Vec::new();
+            {
+                let mut stmt = tx.prepare(
+                    "SELECT id, cause, ordinal, method, params FROM outbox
+                     WHERE sent = 0 ORDER BY id",
+                )?;
+                let mut rows = stmt.query([])?;
+                while let Some(row) = rows.next()? {
+                    let id: i64 = row.get(0)?;
+                    let params: String = row.get(4)?;
+                    let Ok(params) = serde_json::from_str(&params) else {
+                        log::error!("journal: outbox call {id} cannot be read back; skipped");
+                        continue;
+                    };
+                    resend.push(StoredCall {
+                        id,
+                        cause: row.get(1)?,
+                        ordinal: row.get(2)?,
+                        method: row.get(3)?,
+                        params,
+                    });
+                }
+            }
+            let mut answered = Vec::new();
+            {
+                let mut stmt =
+                    tx.prepare("SELECT cause, ordinal, outcome FROM outbox WHERE sent = 1")?;
+                let mut rows = stmt.query([])?;
+                while let Some(row) = rows.next()? {
+                    let outcome: Option<String> = row.get(2)?;
+                    answered.push(Answered {
+                        cause: row.get(0)?,
+                        ordinal: row.get(1)?,
+                        outcome: outcome.and_then(|o| serde_json::from_str(&o).ok()),
+                    });
+                }
+            }
+            Ok(Recovered { resend, answered })
+        })
     }
 
     /// Every update not yet handled, oldest first (rule 4).
@@ -190,6 +314,66 @@ impl Journal {
     }
 }
 
+/// A call to store in the outbox.
+pub struct NewCall<'a> {
+    /// The update whose handling made it; `None` when the app had none in
+    /// hand (lifespan, a background task).
+    pub cause: Option<i64>,
+    pub ordinal: u32,
+    pub method: &'a str,
+    pub params: &'a Map<String, Value>,
+}
+
+/// A stored call Telegram answered, with the outcome when the app asked for
+/// it (a repeat of the call gets the same answer).
+pub struct SentCall {
+    pub id: i64,
+    pub outcome: Option<Value>,
+}
+
+/// A stored call not yet answered, to be sent again after a restart.
+#[derive(Debug, PartialEq)]
+pub struct StoredCall {
+    pub id: i64,
+    pub cause: Option<i64>,
+    pub ordinal: u32,
+    pub method: String,
+    pub params: Map<String, Value>,
+}
+
+/// A call of a not yet handled update that Telegram answered: delivering
+/// that update again must not make it twice.
+#[derive(Debug, PartialEq)]
+pub struct Answered {
+    pub cause: i64,
+    pub ordinal: u32,
+    pub outcome: Option<Value>,
+}
+
+/// The outbox after a restart (rule 7).
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub resend: Vec<StoredCall>,
+    pub answered: Vec<Answered>,
+}
+
+/// Rule 6: a sent call whose cause is handled (or that has none) is
+/// forgotten; otherwise it is kept, marked, to recognise a repeat.
+fn mark_sent(tx: &rusqlite::Transaction<'_>, sent: &[SentCall]) -> rusqlite::Result<()> {
+    let mut forget = tx.prepare_cached(
+        "DELETE FROM outbox WHERE id = ?1
+             AND (cause IS NULL OR cause NOT IN (SELECT update_id FROM updates))",
+    )?;
+    let mut mark = tx.prepare_cached("UPDATE outbox SET sent = 1, outcome = ?2 WHERE id = ?1")?;
+    for call in sent {
+        if forget.execute(params![call.id])? == 0 {
+            let outcome = call.outcome.as_ref().map(Value::to_string);
+            mark.execute(params![call.id, outcome])?;
+        }
+    }
+    Ok(())
+}
+
 fn sqlite_err(path: &Path, e: rusqlite::Error) -> JournalError {
     JournalError::Sqlite {
         path: path.to_path_buf(),
@@ -201,7 +385,7 @@ fn sqlite_err(path: &Path, e: rusqlite::Error) -> JournalError {
 pub struct JournalActor(pub Arc<Mutex<Journal>>);
 
 impl JournalActor {
-    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+    pub(crate) fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
         // A panic while holding the lock leaves the connection usable:
         // SQLite rolls back an unfinished transaction.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
@@ -221,33 +405,12 @@ pub struct Append {
     pub fetched_with: Option<i64>,
 }
 
-/// Forget handled updates.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Handled(pub Vec<i64>);
-
 impl Handler<Append> for JournalActor {
     type Result = Result<Vec<i64>, String>;
     fn handle(&mut self, msg: Append, _: &mut SyncContext<Self>) -> Self::Result {
         self.journal()
             .append(&msg.batch, msg.fetched_with)
             .map_err(|e| e.to_string())
-    }
-}
-
-impl Handler<Handled> for JournalActor {
-    type Result = ();
-    fn handle(&mut self, msg: Handled, _: &mut SyncContext<Self>) {
-        log::trace!("journal: {} handled update(s) recorded", msg.0.len());
-        let result = self.journal().handled(&msg.0);
-        if let Err(e) = result {
-            // Not fatal: the updates stay journaled and are delivered again
-            // after a restart (rule 3).
-            log::error!(
-                "journal: recording {} handled update(s) failed: {e}",
-                msg.0.len()
-            );
-        }
     }
 }
 

@@ -63,12 +63,11 @@ use actix::prelude::*;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use actors::outbox::{Flush, Outbox, Recover};
 use actors::poller::Delivery;
 use actors::poller::{Poller, StopPolling};
 use actors::sender::{Drained, Sender};
-use actors::supervisor::{
-    CloseAll, Dispatch, FlushHandled, SetBot, StopWorkers, Supervisor, WaitReady,
-};
+use actors::supervisor::{CloseAll, Dispatch, SetBot, StopWorkers, Supervisor, WaitReady};
 use journal::{Journal, JournalActor};
 use settings::Settings;
 use telegram::{Bot, TelegramError};
@@ -85,22 +84,28 @@ pub enum RunError {
 }
 
 /// This bot's journal, on two threads (see [`journal`]): the one that
-/// appends and the one that records handled updates.
+/// appends and the one that records the outbox and handled updates.
 struct JournalThreads {
     append: Addr<JournalActor>,
-    handled: Addr<JournalActor>,
+    record: Addr<JournalActor>,
 }
 
-/// Opens this bot's journal and starts its threads. Returns them, the updates
-/// it still holds (oldest first) and the offset that confirms everything it
-/// ever stored.
-fn start_journal(
-    settings: &Settings,
-) -> Result<(JournalThreads, Vec<telegram::Update>, Option<i64>), RunError> {
+/// What the journal held at start.
+struct Recovery {
+    /// Updates not handled, oldest first.
+    updates: Vec<telegram::Update>,
+    /// The offset that confirms everything it ever stored.
+    offset: Option<i64>,
+    outbox: journal::Recovered,
+}
+
+/// Opens this bot's journal and starts its threads.
+fn start_journal(settings: &Settings) -> Result<(JournalThreads, Recovery), RunError> {
     let dir = settings.journal.resolved_dir();
     let name = journal_name(settings);
     let fail = |e: journal::JournalError| RunError::Other(e.to_string());
-    let journal = Journal::open(&dir, &name).map_err(fail)?;
+    let mut journal = Journal::open(&dir, &name).map_err(fail)?;
+    let outbox = journal.recover().map_err(fail)?;
     let offset = journal.watermark().map_err(fail)?.map(|w| w + 1);
     let mut pending = Vec::new();
     for (id, body) in journal.pending().map_err(fail)? {
@@ -113,17 +118,40 @@ fn start_journal(
         }
     }
     log::info!(
-        "journal: {} ({} undelivered update(s))",
+        "journal: {} ({} undelivered update(s), {} unsent call(s))",
         dir.display(),
-        pending.len()
+        pending.len(),
+        outbox.resend.len()
     );
     metrics::metrics().journal_entries.set_count(pending.len());
     let journal = Arc::new(std::sync::Mutex::new(journal));
     let threads = JournalThreads {
         append: journal_thread(journal.clone()),
-        handled: journal_thread(journal),
+        record: journal_thread(journal),
     };
-    Ok((threads, pending, offset))
+    let recovery = Recovery {
+        updates: pending,
+        offset,
+        outbox,
+    };
+    Ok((threads, recovery))
+}
+
+/// The Sender and the Outbox in front of it; each needs the other's address.
+fn start_sending(
+    bot: Bot,
+    settings: &Settings,
+    journal: Option<Addr<JournalActor>>,
+) -> (Addr<Sender>, Addr<Outbox>) {
+    let outbox_ctx = Context::<Outbox>::new();
+    let sender = Sender::new(
+        bot,
+        settings.sender.clone(),
+        Some(outbox_ctx.address().recipient()),
+    )
+    .start();
+    let outbox = outbox_ctx.run(Outbox::new(journal, sender.clone()));
+    (sender, outbox)
 }
 
 fn journal_thread(journal: Arc<std::sync::Mutex<Journal>>) -> Addr<JournalActor> {
@@ -177,16 +205,18 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         settings.app.workers,
         settings.app.python
     );
-    let (journal, replay, offset) = start_journal(&settings)?;
+    let (journal, recovery) = start_journal(&settings)?;
+    let Recovery {
+        updates: replay,
+        offset,
+        outbox: unsent,
+    } = recovery;
     let undelivered = Rc::new(Cell::new(0));
-    let sender = Sender::new(bot.clone(), settings.sender.clone()).start();
-    let supervisor = Supervisor::new(
-        settings.clone(),
-        sender.clone(),
-        Some(journal.handled.clone()),
-        undelivered.clone(),
-    )
-    .start();
+    let (sender, outbox) = start_sending(bot.clone(), &settings, Some(journal.record.clone()));
+    // First in the Outbox's mailbox: repeats of calls made before the
+    // restart must be known before any app runs.
+    outbox.do_send(Recover(unsent));
+    let supervisor = Supervisor::new(settings.clone(), outbox.clone(), undelivered.clone()).start();
     let shutdown = ShutdownSignal::install(stop)?;
     let _operations = http::start_operations(&settings, &supervisor)?;
 
@@ -269,8 +299,8 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     // Shutdown, in phases (each bounded): stop polling; confirm what the
     // journal holds, so Telegram does not send it again; disconnect every
     // scope (what an app did not receive stays in the journal for the next
-    // start); record what was received; let the Sender send what the apps
-    // sent; end the workers (lifespan shutdown).
+    // start); record what the apps finished; let the Sender send what they
+    // sent; record what it sent; end the workers (lifespan shutdown).
     let offset = poller.send(StopPolling).await.ok().flatten();
     if let Some(offset) = offset.filter(|_| fatal.borrow().is_none()) {
         confirm_offset(&bot, offset).await;
@@ -287,7 +317,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         }
         Err(e) => log::warn!("closing scopes: {e}"),
     }
-    let _ = supervisor.send(FlushHandled).await;
+    let _ = outbox.send(Flush).await;
     let drain = settings.shutdown.drain_timeout;
     if tokio::time::timeout(drain, sender.send(Drained))
         .await
@@ -298,6 +328,9 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
             drain.as_secs_f64()
         );
     }
+    // What the Sender got answered is marked sent; what it dropped stays in
+    // the outbox for the next start.
+    let _ = outbox.send(Flush).await;
     stop_workers(&supervisor, grace, settings.shutdown.worker_timeout).await;
     let result = match fatal.borrow_mut().take() {
         Some(TelegramError::Unauthorized) => Err(RunError::TokenRejected),
@@ -316,8 +349,8 @@ pub async fn check(mut settings: Settings) -> Result<(), RunError> {
         &settings.telegram.token,
         settings.telegram.http_timeout,
     );
-    let sender = Sender::new(bot, settings.sender.clone()).start();
-    let supervisor = Supervisor::new(settings.clone(), sender, None, Rc::default()).start();
+    let (_, outbox) = start_sending(bot, &settings, None);
+    let supervisor = Supervisor::new(settings.clone(), outbox, Rc::default()).start();
     let ready = wait_ready(&supervisor, settings.app.startup_timeout).await;
     stop_workers(
         &supervisor,

@@ -169,6 +169,9 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// Calls the Sender sent again (429, 5xx, network, migration).
     pub retries: Counter,
+    /// Calls not made again because an update delivered again after a crash
+    /// or a worker's death repeated them (see `actors::outbox`).
+    pub calls_repeated: Counter,
     pub scopes_live: Gauge,
     pub scopes_started: Counter,
     /// Worker processes the daemon should have running.
@@ -224,6 +227,7 @@ impl Metrics {
             api_calls: Labelled::new(&["method", "outcome"]),
             rate_limited: Counter::default(),
             retries: Counter::default(),
+            calls_repeated: Counter::default(),
             scopes_live: Gauge::default(),
             scopes_started: Counter::default(),
             workers_configured: Gauge::default(),
@@ -408,6 +412,13 @@ impl Metrics {
             "Calls the Sender sent again after a failure or a 429.",
             "counter",
             self.retries.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_calls_repeated_total",
+            "Calls an update delivered again repeated, answered from the outbox instead of made twice.",
+            "counter",
+            self.calls_repeated.get().to_string(),
         );
         single(
             &mut out,

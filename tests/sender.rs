@@ -28,7 +28,7 @@ fn sender(sb: &Sandbox, settings: SenderSettings) -> Addr<Sender> {
         &BotToken::new(sb.token()),
         Duration::from_secs(30),
     );
-    Sender::new(bot, settings).start()
+    Sender::new(bot, settings, None).start()
 }
 
 fn settings(limits: Limits) -> SenderSettings {

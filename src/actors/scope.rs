@@ -4,12 +4,20 @@
 //! yet, and the application instance that runs in a worker. Takes events from
 //! the Supervisor, gives them to the instance in order, drops each once the
 //! instance's `receive()` returned it, and turns what the instance `send()`s
-//! into Bot API calls for the Sender.
+//! into Bot API calls, sent through the Outbox.
+//!
+//! The update an instance received last is *in hand* until the instance is
+//! done with it: it asks for the next event (`receive()` returns another
+//! update, or finds nothing queued while no call awaits its outcome), or it
+//! ends. Calls made meanwhile carry that update as their cause, numbered in
+//! order; the Outbox records the update as handled ([`Done`]) after them.
 //!
 //! An instance that ends (returns, raises, or dies with its worker) loses
-//! nothing: events it had not received stay queued for the next instance. It is
-//! restarted at once when it had made progress, otherwise on the next event, so
-//! an app that raises before receiving anything cannot spin.
+//! nothing: events it had not received stay queued for the next instance, and
+//! when its worker died, so does the update in hand (its calls already made
+//! are recognised as repeats). It is restarted at once when it had made
+//! progress, otherwise on the next event, so an app that raises before
+//! receiving anything cannot spin.
 //!
 //! Stops when the Supervisor closes it (idle, evicted, shutdown) and the
 //! instance has ended, or at once when its worker is gone; either way it hands
@@ -22,7 +30,8 @@ use std::time::Duration;
 use actix::prelude::*;
 use serde_json::{json, Map, Value};
 
-use crate::actors::sender::{Call, CallDone, ReplyTo, Sender};
+use crate::actors::outbox::{Done, Outbox};
+use crate::actors::sender::{Call, CallDone, Cause, ReplyTo};
 use crate::actors::worker::{Attach, InstanceMsg, Worker, Write};
 use crate::bridge::{Sid, ToWorker};
 use crate::methods;
@@ -45,12 +54,16 @@ pub struct Close {
     pub reason: &'static str,
 }
 
+/// The reason a daemon stop gives; an update in hand when a stop cancels its
+/// instance stays in the journal for the next start.
+pub const SHUTDOWN: &str = "shutdown";
+
 /// Reports to the Supervisor.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub enum ScopeReport {
-    /// The instance received these updates: they are handled.
-    Handled {
+    /// The instance received these updates.
+    Received {
         scope_id: u64,
         key: ScopeKey,
         ids: Vec<i64>,
@@ -84,7 +97,17 @@ enum Instance {
     },
     Closing {
         sid: Sid,
+        reason: &'static str,
     },
+}
+
+/// The update an instance is handling.
+struct InHand {
+    update_id: i64,
+    /// Its event, given back if the worker dies before the app is done.
+    event: Value,
+    /// Calls made so far while handling it.
+    calls: u32,
 }
 
 pub struct ScopeActor {
@@ -94,7 +117,7 @@ pub struct ScopeActor {
     scope: Value,
     worker: Addr<Worker>,
     supervisor: Recipient<ScopeReport>,
-    sender: Addr<Sender>,
+    outbox: Addr<Outbox>,
     grace: Duration,
     /// Events not yet received, oldest first, each with its sequence number.
     queue: VecDeque<(u64, Value)>,
@@ -105,6 +128,10 @@ pub struct ScopeActor {
     instance: Instance,
     /// The current instance has received at least one event.
     progressed: bool,
+    in_hand: Option<InHand>,
+    /// Calls of the current instance whose outcome it asked for and has not
+    /// been given yet.
+    awaiting: u32,
     /// Reported `Stopped`; waiting for `Terminate`.
     stopped: bool,
 }
@@ -117,7 +144,7 @@ impl ScopeActor {
         scope: Value,
         worker: Addr<Worker>,
         supervisor: Recipient<ScopeReport>,
-        sender: Addr<Sender>,
+        outbox: Addr<Outbox>,
         grace: Duration,
     ) -> ScopeActor {
         ScopeActor {
@@ -126,13 +153,15 @@ impl ScopeActor {
             scope,
             worker,
             supervisor,
-            sender,
+            outbox,
             grace,
             queue: VecDeque::new(),
             next_seq: 0,
             unsent_from: 0,
             instance: Instance::None,
             progressed: false,
+            in_hand: None,
+            awaiting: 0,
             stopped: false,
         }
     }
@@ -146,6 +175,7 @@ impl ScopeActor {
         let sid = NEXT_SID.fetch_add(1, Ordering::Relaxed);
         self.instance = Instance::Running { sid };
         self.progressed = false;
+        self.awaiting = 0;
         self.unsent_from = self.queue.front().map_or(self.next_seq, |(seq, _)| *seq);
         log::debug!("scope={} instance sid={sid} starting", self.key);
         self.worker.do_send(Attach {
@@ -177,16 +207,25 @@ impl ScopeActor {
 
     fn current_sid(&self) -> Option<Sid> {
         match self.instance {
-            Instance::Running { sid } | Instance::Closing { sid } => Some(sid),
+            Instance::Running { sid } | Instance::Closing { sid, .. } => Some(sid),
             Instance::None => None,
+        }
+    }
+
+    /// The instance is done with the update in hand.
+    fn finish_in_hand(&mut self) {
+        if let Some(h) = self.in_hand.take() {
+            self.outbox.do_send(Done(vec![h.update_id]));
         }
     }
 
     fn stop_with_leftovers(&mut self, ctx: &mut Context<Self>) {
         let leftover = self
-            .queue
-            .drain(..)
-            .map(|(_, e)| e)
+            .in_hand
+            .take()
+            .map(|h| h.event)
+            .into_iter()
+            .chain(self.queue.drain(..).map(|(_, e)| e))
             .filter(|e| !is_local_event(e))
             .collect();
         self.supervisor.do_send(ScopeStopped {
@@ -248,8 +287,18 @@ impl ScopeActor {
             to: ctx.address().recipient(),
             request_id,
         });
-        self.sender
-            .do_send(Call::new(method, params, reply).from_worker(self.worker.clone()));
+        if reply.is_some() {
+            self.awaiting += 1;
+        }
+        let mut call = Call::new(method, params, reply).from_worker(self.worker.clone());
+        if let Some(h) = &mut self.in_hand {
+            call = call.caused_by(Cause {
+                update_id: h.update_id,
+                ordinal: h.calls,
+            });
+            h.calls += 1;
+        }
+        self.outbox.do_send(call);
     }
 
     /// `chat_id` (and a business lane's `business_connection_id`) default to
@@ -307,7 +356,7 @@ impl Handler<Enqueue> for ScopeActor {
             // Events for a closing scope: the Supervisor sends new events to a
             // new scope, so these can only be API responses; the closing
             // instance may still read them.
-            Instance::Closing { sid } => self.flush(sid),
+            Instance::Closing { sid, .. } => self.flush(sid),
         }
     }
 }
@@ -337,7 +386,10 @@ impl Handler<Close> for ScopeActor {
                     }
                     .encode(),
                 ));
-                self.instance = Instance::Closing { sid };
+                self.instance = Instance::Closing {
+                    sid,
+                    reason: msg.reason,
+                };
             }
             Instance::Closing { .. } => {}
             Instance::None => self.stop_with_leftovers(ctx),
@@ -350,6 +402,7 @@ impl Handler<InstanceMsg> for ScopeActor {
     fn handle(&mut self, msg: InstanceMsg, ctx: &mut Context<Self>) {
         let sid = match &msg {
             InstanceMsg::Received { sid, .. }
+            | InstanceMsg::Idle { sid }
             | InstanceMsg::Send { sid, .. }
             | InstanceMsg::Ended { sid, .. }
             | InstanceMsg::WorkerLost { sid } => *sid,
@@ -361,21 +414,41 @@ impl Handler<InstanceMsg> for ScopeActor {
             InstanceMsg::Received { seq, .. } => {
                 let mut ids = Vec::new();
                 while self.queue.front().is_some_and(|(s, _)| *s <= seq) {
-                    if let Some((_, e)) = self.queue.pop_front() {
-                        if !is_local_event(&e) {
-                            ids.extend(e.get("update_id").and_then(Value::as_i64));
-                            crate::metrics::metrics().delivered(&e);
+                    let Some((_, e)) = self.queue.pop_front() else {
+                        break;
+                    };
+                    if is_local_event(&e) {
+                        // Still on the update in hand: an API response or
+                        // the disconnect is part of handling it.
+                        if e.get("type").and_then(Value::as_str) == Some("telegram.api.response") {
+                            self.awaiting = self.awaiting.saturating_sub(1);
                         }
+                        continue;
+                    }
+                    crate::metrics::metrics().delivered(&e);
+                    if let Some(update_id) = e.get("update_id").and_then(Value::as_i64) {
+                        self.finish_in_hand();
+                        ids.push(update_id);
+                        self.in_hand = Some(InHand {
+                            update_id,
+                            event: e,
+                            calls: 0,
+                        });
                     }
                 }
                 if !ids.is_empty() {
-                    self.supervisor.do_send(ScopeReport::Handled {
+                    self.supervisor.do_send(ScopeReport::Received {
                         scope_id: self.scope_id,
                         key: self.key.clone(),
                         ids,
                     });
                 }
                 self.progressed = true;
+            }
+            InstanceMsg::Idle { .. } => {
+                if self.awaiting == 0 {
+                    self.finish_in_hand();
+                }
             }
             InstanceMsg::Send { event, .. } => self.outgoing(event, ctx),
             InstanceMsg::Ended {
@@ -393,11 +466,21 @@ impl Handler<InstanceMsg> for ScopeActor {
                         self.key
                     );
                 }
-                let closing = matches!(self.instance, Instance::Closing { .. });
+                let closing = match self.instance {
+                    Instance::Closing { reason, .. } => Some(reason),
+                    _ => None,
+                };
+                // An instance a stop cancelled mid-update leaves that update
+                // in the journal (it goes with the leftovers, which a stop
+                // keeps there); any other end means the app is done with it
+                // (one that raised would raise again).
+                if !(cancelled && closing == Some(SHUTDOWN)) {
+                    self.finish_in_hand();
+                }
                 self.instance = Instance::None;
                 // Daemon-made events die with the instance they were for.
                 self.queue.retain(|(_, e)| !is_local_event(e));
-                if closing {
+                if closing.is_some() {
                     self.stop_with_leftovers(ctx);
                 } else if self.queue.is_empty() {
                     self.supervisor.do_send(ScopeReport::InstanceEnded {
@@ -416,9 +499,9 @@ impl Handler<InstanceMsg> for ScopeActor {
             }
             InstanceMsg::WorkerLost { .. } => {
                 log::warn!(
-                    "scope={} worker lost; {} unreceived event(s) go to a new instance",
+                    "scope={} worker lost; {} unfinished event(s) go to a new instance",
                     self.key,
-                    self.queue.len()
+                    self.queue.len() + usize::from(self.in_hand.is_some())
                 );
                 self.instance = Instance::None;
                 self.stop_with_leftovers(ctx);

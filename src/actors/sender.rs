@@ -68,6 +68,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
+use crate::actors::outbox::Sent;
 use crate::actors::worker::{Worker, Write};
 use crate::backoff::Backoff;
 use crate::limits::{message_cost, Cost, Pacer, Ticket};
@@ -82,6 +83,15 @@ const BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from
 pub struct ReplyTo {
     pub to: Recipient<CallDone>,
     pub request_id: Value,
+}
+
+/// Which update's handling made a call, and how many calls that handling
+/// had made before it: a repeat of the call after the update is delivered
+/// again has the same cause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cause {
+    pub update_id: i64,
+    pub ordinal: u32,
 }
 
 /// One Bot API call.
@@ -101,6 +111,9 @@ pub struct Call {
     cost: Option<Cost>,
     /// The worker whose app sent it, told to pause under backpressure.
     origin: Option<Addr<Worker>>,
+    cause: Option<Cause>,
+    /// Its id in the journal's outbox, once stored.
+    row: Option<i64>,
 }
 
 impl Call {
@@ -115,7 +128,27 @@ impl Call {
             seq: 0,
             cost,
             origin: None,
+            cause: None,
+            row: None,
         }
+    }
+
+    pub fn caused_by(mut self, cause: Cause) -> Call {
+        self.cause = Some(cause);
+        self
+    }
+
+    pub fn cause(&self) -> Option<Cause> {
+        self.cause
+    }
+
+    pub fn set_row(&mut self, row: i64) {
+        self.row = Some(row);
+    }
+
+    /// The Outbox wants to hear of its outcome.
+    fn tracked(&self) -> bool {
+        self.row.is_some() || self.cause.is_some()
     }
 
     /// Names the worker whose app made the call, so that backpressure can
@@ -151,6 +184,12 @@ pub struct CallDone {
     pub request_id: Value,
     pub outcome: Result<Value, Value>,
 }
+
+/// The journal recorded the answers of stored calls of these lanes (see
+/// [`Sender::finish`]): their next calls may go.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Marked(pub Vec<Option<String>>);
 
 /// Resolves once no call is queued or in flight (for shutdown).
 #[derive(Message)]
@@ -471,10 +510,14 @@ pub struct Sender {
     /// Workers that sent calls, for backpressure frames.
     workers: HashSet<Addr<Worker>>,
     drain_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// Told the final outcome of every call that came through it.
+    outbox: Option<Recipient<Sent>>,
+    /// Stored calls answered whose answer the journal has not recorded yet.
+    marking: usize,
 }
 
 impl Sender {
-    pub fn new(bot: Bot, settings: SenderSettings) -> Sender {
+    pub fn new(bot: Bot, settings: SenderSettings, outbox: Option<Recipient<Sent>>) -> Sender {
         Sender {
             bot,
             core: Core::new(&settings),
@@ -482,7 +525,42 @@ impl Sender {
             timer: None,
             workers: HashSet::new(),
             drain_waiters: Vec::new(),
+            outbox,
+            marking: 0,
         }
+    }
+
+    /// A call's final outcome: to the app if it asked, to the Outbox if it
+    /// tracks the call. A stored call's lane waits until the journal has
+    /// recorded the answer ([`Marked`]), so that a crash can leave at most
+    /// one call per chat whose fate the journal does not know.
+    fn finish(&mut self, lane: Option<String>, mut call: Call, outcome: Result<Value, Value>) {
+        let reply = call.reply.take();
+        let mut waits = false;
+        if let Some(outbox) = self.outbox.as_ref().filter(|_| call.tracked()) {
+            waits = call.row.is_some();
+            outbox.do_send(Sent {
+                row: call.row,
+                cause: call.cause,
+                outcome: reply.as_ref().map(|_| outcome.clone()),
+                lane: lane.clone(),
+            });
+        }
+        if let Some(reply) = reply {
+            reply.to.do_send(CallDone {
+                request_id: reply.request_id,
+                outcome,
+            });
+        }
+        if waits {
+            self.marking += 1;
+        } else {
+            self.core.done(lane.as_deref());
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.core.is_idle() && self.marking == 0
     }
 
     /// Starts what may start now and sets the timer for what waits.
@@ -512,7 +590,7 @@ impl Sender {
             }
         }
         self.apply_backpressure();
-        if self.core.is_idle() {
+        if self.is_idle() {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -621,17 +699,7 @@ impl Sender {
                 call.attempts
             );
         }
-        report(call, Err(envelope));
-        self.core.done(lane.as_deref());
-    }
-}
-
-fn report(call: Call, outcome: Result<Value, Value>) {
-    if let Some(reply) = call.reply {
-        reply.to.do_send(CallDone {
-            request_id: reply.request_id,
-            outcome,
-        });
+        self.finish(lane, call, Err(envelope));
     }
 }
 
@@ -654,11 +722,22 @@ impl Handler<Call> for Sender {
     }
 }
 
+impl Handler<Marked> for Sender {
+    type Result = ();
+    fn handle(&mut self, msg: Marked, ctx: &mut Context<Self>) {
+        for lane in msg.0 {
+            self.marking = self.marking.saturating_sub(1);
+            self.core.done(lane.as_deref());
+        }
+        self.pump(ctx);
+    }
+}
+
 impl Handler<Drained> for Sender {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: Drained, _: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.core.is_idle() {
+        if self.is_idle() {
             let _ = tx.send(());
         } else {
             self.drain_waiters.push(tx);
@@ -687,8 +766,7 @@ impl Handler<Finished> for Sender {
                     call.method,
                     call.chat_for_log()
                 );
-                report(call, Ok(result));
-                self.core.done(lane.as_deref());
+                self.finish(lane, call, Ok(result));
             }
             Err(TelegramError::RetryAfter { retry_after, .. }) => {
                 let delay = Duration::from_secs(retry_after);

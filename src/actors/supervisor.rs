@@ -17,11 +17,10 @@ use actix::prelude::*;
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
-use crate::actors::scope::{Close, Enqueue, ScopeActor, ScopeReport, Terminate};
-use crate::actors::sender::Sender;
+use crate::actors::outbox::{Done, Outbox};
+use crate::actors::scope::{Close, Enqueue, ScopeActor, ScopeReport, Terminate, SHUTDOWN};
 use crate::actors::worker::{describe, ShutdownWorker, Worker, WorkerEvent};
 use crate::backoff::Backoff;
-use crate::journal::{Handled, JournalActor};
 use crate::metrics::metrics;
 use crate::routing::{self, Lane, Route, ScopeKey, Unroutable};
 use crate::settings::Settings;
@@ -42,16 +41,6 @@ pub struct Dispatch(pub Vec<Update>);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetBot(pub Value);
-
-/// How often handled update ids are written to the journal, batched.
-/// Short, because an update received but not yet written is received again
-/// after a crash; each write is one small SQLite transaction.
-const HANDLED_FLUSH: Duration = Duration::from_millis(5);
-
-/// Shutdown phase: write the handled ids still buffered to the journal.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct FlushHandled;
 
 /// Resolves when every worker is ready, or with the first worker's error.
 #[derive(Message)]
@@ -117,7 +106,9 @@ impl WorkerSlot {
 
 pub struct Supervisor {
     settings: Settings,
-    sender: Addr<Sender>,
+    /// Where scopes send their calls and finished updates; skipped and
+    /// poison updates are finished here.
+    outbox: Addr<Outbox>,
     bot: Value,
     scopes: HashMap<ScopeKey, ScopeEntry>,
     /// Scopes told to close that have not stopped yet: scope_id -> worker index.
@@ -132,11 +123,8 @@ pub struct Supervisor {
     exit_waiters: Vec<oneshot::Sender<()>>,
     stopping_workers: bool,
     shutting_down: bool,
-    journal: Option<Addr<JournalActor>>,
     /// update_id -> worker deaths while it was on hand (see `drop_poison`).
     deaths: HashMap<i64, u32>,
-    /// Update ids received by the apps (or skipped), not yet written.
-    handled: Vec<i64>,
     /// Updates dispatched that no app has received yet; the Poller reads it.
     undelivered: Rc<Cell<usize>>,
     /// Every worker has been ready once: later failures are restarts.
@@ -148,17 +136,14 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(
         settings: Settings,
-        sender: Addr<Sender>,
-        journal: Option<Addr<JournalActor>>,
+        outbox: Addr<Outbox>,
         undelivered: Rc<Cell<usize>>,
     ) -> Supervisor {
         Supervisor {
-            journal,
             deaths: HashMap::new(),
-            handled: Vec::new(),
             undelivered,
             settings,
-            sender,
+            outbox,
             bot: Value::Null,
             scopes: HashMap::new(),
             closing: HashMap::new(),
@@ -228,6 +213,7 @@ impl Supervisor {
         // Group by scope, keeping update order within each scope.
         let mut batches: Vec<(Route, Vec<Value>)> = Vec::new();
         let mut index: HashMap<ScopeKey, usize> = HashMap::new();
+        let mut skipped = Vec::new();
         for update in updates {
             metrics()
                 .updates_received
@@ -237,7 +223,7 @@ impl Supervisor {
             match routed {
                 Ok(route) => {
                     let Some(event) = Self::event_for(update) else {
-                        self.handled.push(id);
+                        skipped.push(id);
                         continue;
                     };
                     self.undelivered.set(self.undelivered.get() + 1);
@@ -251,9 +237,12 @@ impl Supervisor {
                 }
                 Err(why) => {
                     self.skip(id, why);
-                    self.handled.push(id);
+                    skipped.push(id);
                 }
             }
+        }
+        if !skipped.is_empty() {
+            self.outbox.do_send(Done(skipped));
         }
         for (route, events) in batches {
             self.deliver(route, events, ctx);
@@ -314,7 +303,7 @@ impl Supervisor {
             self.scope_dict(&route),
             worker_addr,
             ctx.address().recipient(),
-            self.sender.clone(),
+            self.outbox.clone(),
             self.settings.scopes.disconnect_grace,
         );
         let addr = actor.start();
@@ -459,7 +448,7 @@ impl Supervisor {
             );
             self.deaths.remove(&id);
             leftover.remove(0);
-            self.handled.push(id);
+            self.outbox.do_send(Done(vec![id]));
             self.undelivered
                 .set(self.undelivered.get().saturating_sub(1));
             if let Some(e) = self.scopes.get_mut(key) {
@@ -486,14 +475,6 @@ impl Supervisor {
         for (route, event) in parked {
             self.deliver(route, vec![event], ctx);
         }
-    }
-
-    fn flush_handled(&mut self) -> Option<Request<JournalActor, Handled>> {
-        if self.handled.is_empty() {
-            return None;
-        }
-        let ids = std::mem::take(&mut self.handled);
-        self.journal.as_ref().map(|j| j.send(Handled(ids)))
     }
 
     fn all_ready(&self) -> bool {
@@ -532,14 +513,6 @@ impl Actor for Supervisor {
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         ctx.run_interval(stall_tick, |act, _| act.report_stalls());
         ctx.run_interval(METRICS_TICK, |act, _| act.publish_metrics());
-        ctx.run_interval(HANDLED_FLUSH, |act, _| {
-            if let Some(request) = act.flush_handled() {
-                // The journal logs its own failures; nothing to wait for.
-                actix::spawn(async move {
-                    let _ = request.await;
-                });
-            }
-        });
     }
 }
 
@@ -554,18 +527,6 @@ impl Handler<SetBot> for Supervisor {
     type Result = ();
     fn handle(&mut self, msg: SetBot, _: &mut Context<Self>) {
         self.bot = msg.0;
-    }
-}
-
-impl Handler<FlushHandled> for Supervisor {
-    type Result = ResponseFuture<()>;
-    fn handle(&mut self, _: FlushHandled, _: &mut Context<Self>) -> Self::Result {
-        let request = self.flush_handled();
-        Box::pin(async move {
-            if let Some(request) = request {
-                let _ = request.await;
-            }
-        })
     }
 }
 
@@ -593,7 +554,7 @@ impl Handler<CloseAll> for Supervisor {
         let keys: Vec<ScopeKey> = self.scopes.keys().cloned().collect();
         log::info!("closing {} scope(s)", keys.len());
         for key in keys {
-            self.close(&key, "shutdown");
+            self.close(&key, SHUTDOWN);
         }
         self.check_closed();
         MessageResult(rx)
@@ -625,7 +586,7 @@ impl Handler<ScopeReport> for Supervisor {
     type Result = ();
     fn handle(&mut self, msg: ScopeReport, ctx: &mut Context<Self>) {
         match msg {
-            ScopeReport::Handled { scope_id, key, ids } => {
+            ScopeReport::Received { scope_id, key, ids } => {
                 if let Some(e) = self.scopes.get_mut(&key).filter(|e| e.scope_id == scope_id) {
                     if e.stall_reported {
                         // Moving again: its queue counts again.
@@ -639,7 +600,6 @@ impl Handler<ScopeReport> for Supervisor {
                 }
                 self.undelivered
                     .set(self.undelivered.get().saturating_sub(ids.len()));
-                self.handled.extend(ids);
             }
             ScopeReport::InstanceEnded { scope_id, key } => {
                 // Events may be on their way to it; then it restarts instead.

@@ -27,6 +27,9 @@ use crate::settings::AppSettings;
 pub enum InstanceMsg {
     /// The instance's `receive()` returned event `seq`.
     Received { sid: Sid, seq: u64 },
+    /// The instance's `receive()` found nothing queued: it is done with what
+    /// it received.
+    Idle { sid: Sid },
     /// The instance called `send(event)`.
     Send { sid: Sid, event: serde_json::Value },
     /// The instance's coroutine finished.
@@ -130,6 +133,7 @@ impl Worker {
             FromWorker::Received { sid, seq } => {
                 self.route(sid, InstanceMsg::Received { sid, seq })
             }
+            FromWorker::Idle { sid } => self.route(sid, InstanceMsg::Idle { sid }),
             FromWorker::Send { sid, event } => self.route(sid, InstanceMsg::Send { sid, event }),
             FromWorker::Ended {
                 sid,

@@ -104,6 +104,11 @@ def received_frame(sid, seq):
     return _HEADER.pack(len(body)) + body
 
 
+def idle_frame(sid):
+    body = b'{"op":"idle","sid":%d}' % sid
+    return _HEADER.pack(len(body)) + body
+
+
 # ---------------------------------------------------------------------------
 # Outgoing event validation (docs/worker-protocol.md, "Outgoing event validation")
 
@@ -413,7 +418,8 @@ class Channel:
 class Instance:
     """One scope: its task, its event queue, and the receive/send it hands the app."""
 
-    __slots__ = ("worker", "channel", "sid", "scope", "queue", "disconnect", "ended", "task", "_cancel_at")
+    __slots__ = ("worker", "channel", "sid", "scope", "queue", "disconnect", "ended", "task", "_cancel_at",
+                 "_in_hand")
 
     def __init__(self, worker, sid, scope):
         self.worker = worker
@@ -425,13 +431,20 @@ class Instance:
         self.ended = False
         self.task = None
         self._cancel_at = None  # TimerHandle of a pending `close`
+        self._in_hand = False  # received an event and not asked for another since
 
     async def receive(self):
         # Once the app saw the disconnect, the scope is over: keep telling it so
         # instead of blocking on a queue nothing will feed again.
         if self.disconnect is not None:
             return self.disconnect
+        # Asking for the next event means the app is done with the last one.
+        # With one queued, its `received` says so; with none, `idle` does,
+        # so the daemon need not wait for the chat's next message.
+        if self._in_hand and self.queue.empty():
+            self.channel.write_raw(idle_frame(self.sid))
         seq, event = await self.queue.get()
+        self._in_hand = True
         self.channel.write_raw(received_frame(self.sid, seq))
         if event.get("type") == "telegram.disconnect":
             self.disconnect = event

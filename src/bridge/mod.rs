@@ -81,6 +81,10 @@ pub enum FromWorker {
         sid: Sid,
         seq: u64,
     },
+    /// `receive()` was called with nothing queued.
+    Idle {
+        sid: Sid,
+    },
     Send {
         sid: Sid,
         event: Value,
@@ -218,6 +222,10 @@ mod tests {
 
     #[test]
     fn worker_frames_decode_and_garbage_is_an_error() {
+        assert_eq!(
+            FromWorker::decode(br#"{"op":"idle","sid":1}"#).unwrap(),
+            FromWorker::Idle { sid: 1 }
+        );
         assert_eq!(
             FromWorker::decode(br#"{"op":"received","sid":1,"seq":2}"#).unwrap(),
             FromWorker::Received { sid: 1, seq: 2 }

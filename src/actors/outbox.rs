@@ -1,0 +1,356 @@
+//! Outbox: where the apps' calls and the updates they finished meet the
+//! journal, so that a reply outlives the daemon and an update delivered
+//! twice is answered once.
+//!
+//! Scopes send it, in the order their app acted, the calls the app made
+//! ([`Call`], each keyed by its cause and ordinal) and the updates the app is
+//! done with ([`Done`]). It writes them to the journal in one transaction
+//! per batch (rule 5 of [`crate::journal`]) and only then hands the calls to
+//! the Sender. While one batch is being written the next one gathers, so
+//! under load many calls share a write and at rest a call waits for one.
+//!
+//! A call whose key was made before, while its cause was not yet done, is a
+//! repeat: the cause was delivered again, after a crash or a worker's death.
+//! It is not made again; an app that asked for the outcome gets the first
+//! call's. Keys are kept from a call until its cause is done; after a restart
+//! they come from the journal ([`Recover`]).
+//!
+//! Without a journal (`--check`) calls pass straight to the Sender and
+//! repeats are still recognised.
+
+use std::collections::HashMap;
+
+use actix::prelude::*;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::actors::sender::{Call, CallDone, Cause, Marked, ReplyTo, Sender};
+use crate::journal::{JournalActor, NewCall, Recovered, SentCall};
+use crate::metrics::metrics;
+
+/// The app is done with these updates: they may leave the journal.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Done(pub Vec<i64>);
+
+/// A stored call has its final outcome (from the Sender).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Sent {
+    pub row: Option<i64>,
+    pub cause: Option<Cause>,
+    /// Kept when the app asked for it: a repeat gets the same answer.
+    pub outcome: Option<Result<Value, Value>>,
+    /// The Sender's lane, released once a stored call's answer is written.
+    pub lane: Option<String>,
+}
+
+/// After a restart: the calls to send again and the keys of calls made.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Recover(pub Recovered);
+
+/// Resolves once everything received so far is written.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Flush;
+
+/// One batch for the journal; its calls come back with their outbox ids.
+#[derive(Message)]
+#[rtype(result = "Written")]
+struct Record {
+    calls: Vec<Call>,
+    handled: Vec<i64>,
+    sent: Vec<SentCall>,
+}
+
+struct Written {
+    calls: Vec<Call>,
+    error: Option<String>,
+}
+
+impl Handler<Record> for JournalActor {
+    type Result = MessageResult<Record>;
+    fn handle(&mut self, msg: Record, _: &mut SyncContext<Self>) -> Self::Result {
+        let Record {
+            mut calls,
+            handled,
+            sent,
+        } = msg;
+        let rows: Vec<NewCall<'_>> = calls
+            .iter()
+            .map(|c| NewCall {
+                cause: c.cause().map(|c| c.update_id),
+                ordinal: c.cause().map_or(0, |c| c.ordinal),
+                method: &c.method,
+                params: &c.params,
+            })
+            .collect();
+        let result = self.journal().record(&rows, &handled, &sent);
+        drop(rows);
+        let error = match result {
+            Ok(ids) => {
+                for (call, id) in calls.iter_mut().zip(ids) {
+                    call.set_row(id);
+                }
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        MessageResult(Written { calls, error })
+    }
+}
+
+/// What became of a call made while its cause was in hand.
+enum Made {
+    /// In the journal or with the Sender; repeats that want the outcome wait.
+    Pending(Vec<ReplyTo>),
+    /// Answered; the outcome when the first call wanted it.
+    Answered(Option<Result<Value, Value>>),
+}
+
+pub struct Outbox {
+    journal: Option<Addr<JournalActor>>,
+    sender: Addr<Sender>,
+    /// Gathered for the next write, in arrival order.
+    calls: Vec<Call>,
+    handled: Vec<i64>,
+    sent: Vec<SentCall>,
+    /// Lanes of the `sent` calls, in the same order.
+    releasing: Vec<Option<String>>,
+    writing: bool,
+    /// cause -> ordinal -> what became of that call; until the cause is done.
+    made: HashMap<i64, HashMap<u32, Made>>,
+    flush_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Outbox {
+    pub fn new(journal: Option<Addr<JournalActor>>, sender: Addr<Sender>) -> Outbox {
+        Outbox {
+            journal,
+            sender,
+            calls: Vec::new(),
+            handled: Vec::new(),
+            sent: Vec::new(),
+            releasing: Vec::new(),
+            writing: false,
+            made: HashMap::new(),
+            flush_waiters: Vec::new(),
+        }
+    }
+
+    /// Starts a write of what has gathered, unless one is under way (its
+    /// completion starts the next).
+    fn write(&mut self, ctx: &mut Context<Self>) {
+        if self.writing {
+            return;
+        }
+        if self.calls.is_empty() && self.handled.is_empty() && self.sent.is_empty() {
+            for w in self.flush_waiters.drain(..) {
+                let _ = w.send(());
+            }
+            return;
+        }
+        let Some(journal) = self.journal.clone() else {
+            for call in self.calls.drain(..) {
+                self.sender.do_send(call);
+            }
+            self.handled.clear();
+            self.sent.clear();
+            if !self.releasing.is_empty() {
+                self.sender
+                    .do_send(Marked(std::mem::take(&mut self.releasing)));
+            }
+            return self.write(ctx);
+        };
+        self.writing = true;
+        let record = Record {
+            calls: std::mem::take(&mut self.calls),
+            handled: std::mem::take(&mut self.handled),
+            sent: std::mem::take(&mut self.sent),
+        };
+        let (calls, handled) = (record.calls.len(), record.handled.len());
+        let releasing = std::mem::take(&mut self.releasing);
+        journal
+            .send(record)
+            .into_actor(self)
+            .map(move |written, act, ctx| {
+                act.writing = false;
+                // Written or not, the lanes go on: a failed write is logged,
+                // and holding the chats would not make it succeed.
+                if !releasing.is_empty() {
+                    act.sender.do_send(Marked(releasing));
+                }
+                match written {
+                    Ok(Written { calls, error }) => {
+                        if let Some(e) = error {
+                            // The calls still go: a reply without a durable
+                            // copy beats none. The updates stay journaled
+                            // and are delivered again after a restart.
+                            log::error!(
+                                "journal: recording {} call(s) and {handled} handled update(s) failed: {e}; the calls are sent without a durable copy",
+                                calls.len()
+                            );
+                        }
+                        for call in calls {
+                            act.sender.do_send(call);
+                        }
+                    }
+                    // The journal thread is gone (the daemon is stopping
+                    // after a panic there); the batch went with it.
+                    Err(e) => log::error!(
+                        "journal: recording {calls} call(s) and {handled} handled update(s) failed: {e}"
+                    ),
+                }
+                act.write(ctx);
+            })
+            .spawn(ctx);
+    }
+
+    /// A repeat of a call made before is answered from the first one's
+    /// outcome; returns the call when it is not a repeat.
+    fn repeat(&mut self, call: Call) -> Option<Call> {
+        let Some(cause) = call.cause() else {
+            return Some(call);
+        };
+        let made = self.made.entry(cause.update_id).or_default();
+        let Some(first) = made.get_mut(&cause.ordinal) else {
+            made.insert(cause.ordinal, Made::Pending(Vec::new()));
+            return Some(call);
+        };
+        metrics().calls_repeated.inc();
+        log::debug!(
+            "update={} call #{} method={} repeated after a redelivery; not made again",
+            cause.update_id,
+            cause.ordinal,
+            call.method
+        );
+        if let Some(reply) = call.reply {
+            match first {
+                Made::Pending(waiters) => waiters.push(reply),
+                Made::Answered(outcome) => answer(reply, outcome.clone()),
+            }
+        }
+        None
+    }
+}
+
+/// Tells a repeat that wanted the outcome what the first call got.
+fn answer(reply: ReplyTo, outcome: Option<Result<Value, Value>>) {
+    let outcome = outcome.unwrap_or_else(|| {
+        Err(json!({
+            "ok": false,
+            "error_code": 0,
+            "description": "this call was already made while handling the same update, and its outcome was not kept",
+        }))
+    });
+    reply.to.do_send(CallDone {
+        request_id: reply.request_id,
+        outcome,
+    });
+}
+
+impl Actor for Outbox {
+    type Context = Context<Self>;
+}
+
+impl Handler<Call> for Outbox {
+    type Result = ();
+    fn handle(&mut self, call: Call, ctx: &mut Context<Self>) {
+        if let Some(call) = self.repeat(call) {
+            self.calls.push(call);
+            self.write(ctx);
+        }
+    }
+}
+
+impl Handler<Done> for Outbox {
+    type Result = ();
+    fn handle(&mut self, msg: Done, ctx: &mut Context<Self>) {
+        for id in &msg.0 {
+            self.made.remove(id);
+        }
+        self.handled.extend(msg.0);
+        self.write(ctx);
+    }
+}
+
+impl Handler<Sent> for Outbox {
+    type Result = ();
+    fn handle(&mut self, msg: Sent, ctx: &mut Context<Self>) {
+        if let Some(cause) = msg.cause {
+            if let Some(made) = self
+                .made
+                .get_mut(&cause.update_id)
+                .and_then(|m| m.get_mut(&cause.ordinal))
+            {
+                if let Made::Pending(waiters) = made {
+                    for reply in waiters.drain(..) {
+                        answer(reply, msg.outcome.clone());
+                    }
+                }
+                *made = Made::Answered(msg.outcome.clone());
+            }
+        }
+        if let Some(id) = msg.row {
+            self.releasing.push(msg.lane);
+            self.sent.push(SentCall {
+                id,
+                outcome: msg.outcome.map(|o| match o {
+                    Ok(result) => json!({"ok": true, "result": result}),
+                    Err(envelope) => envelope,
+                }),
+            });
+            self.write(ctx);
+        }
+    }
+}
+
+impl Handler<Recover> for Outbox {
+    type Result = ();
+    fn handle(&mut self, msg: Recover, _: &mut Context<Self>) {
+        let Recovered { resend, answered } = msg.0;
+        for a in answered {
+            let outcome = a.outcome.map(|o| {
+                if o.get("ok") == Some(&Value::Bool(true)) {
+                    Ok(o.get("result").cloned().unwrap_or(Value::Null))
+                } else {
+                    Err(o)
+                }
+            });
+            self.made
+                .entry(a.cause)
+                .or_default()
+                .insert(a.ordinal, Made::Answered(outcome));
+        }
+        if !resend.is_empty() {
+            log::info!(
+                "journal: sending {} call(s) the apps made before the restart",
+                resend.len()
+            );
+        }
+        for stored in resend {
+            let mut call = Call::new(stored.method, stored.params, None);
+            if let Some(update_id) = stored.cause {
+                call = call.caused_by(Cause {
+                    update_id,
+                    ordinal: stored.ordinal,
+                });
+            }
+            call.set_row(stored.id);
+            self.sender.do_send(call);
+        }
+    }
+}
+
+impl Handler<Flush> for Outbox {
+    type Result = ResponseFuture<()>;
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.flush_waiters.push(tx);
+        self.write(ctx);
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
