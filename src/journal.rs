@@ -479,6 +479,88 @@ mod tests {
         );
     }
 
+    fn call<'a>(cause: Option<i64>, ordinal: u32, params: &'a Map<String, Value>) -> NewCall<'a> {
+        NewCall {
+            cause,
+            ordinal,
+            method: "sendMessage",
+            params,
+        }
+    }
+
+    fn sent(id: i64) -> SentCall {
+        SentCall { id, outcome: None }
+    }
+
+    #[test]
+    fn calls_of_an_unhandled_update_are_made_again_by_its_redelivery_not_resent() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = serde_json::json!({"chat_id": 1, "text": "hi"});
+        let params = params.as_object().unwrap();
+        {
+            let mut j = Journal::open(dir.path(), "j").unwrap();
+            j.append(&batch(&[1]), None).unwrap();
+            let ids = j
+                .record(
+                    &[call(Some(1), 0, params), call(Some(1), 1, params)],
+                    &[],
+                    &[],
+                )
+                .unwrap();
+            j.sent(&[SentCall {
+                id: ids[0],
+                outcome: Some(serde_json::json!({"ok": true, "result": 7})),
+            }])
+            .unwrap();
+            // Killed here: update 1 not handled, its second call unsent.
+        }
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        let r = j.recover().unwrap();
+        assert_eq!(r.resend, vec![], "update 1 is delivered again and makes it");
+        assert_eq!(
+            r.answered,
+            vec![Answered {
+                cause: 1,
+                ordinal: 0,
+                outcome: Some(serde_json::json!({"ok": true, "result": 7})),
+            }],
+            "the sent one recognises its repeat"
+        );
+    }
+
+    #[test]
+    fn unsent_calls_of_a_handled_update_are_resent_and_sent_ones_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = serde_json::json!({"chat_id": 1, "text": "hi"});
+        let params = params.as_object().unwrap();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        j.append(&batch(&[1, 2]), None).unwrap();
+        let ids = j
+            .record(
+                &[call(Some(1), 0, params), call(Some(1), 1, params)],
+                &[],
+                &[],
+            )
+            .unwrap();
+        j.sent(&[sent(ids[0])]).unwrap();
+        // Handled in the same transaction as a call of the next update.
+        let more = j.record(&[call(None, 0, params)], &[1], &[]).unwrap();
+        assert_eq!(j.len().unwrap(), 1, "update 2 is still pending");
+        let r = j.recover().unwrap();
+        let resend: Vec<_> = r
+            .resend
+            .iter()
+            .map(|c| (c.id, c.cause, c.ordinal))
+            .collect();
+        assert_eq!(resend, vec![(ids[1], Some(1), 1), (more[0], None, 0)]);
+        assert_eq!(r.resend[0].params, *params);
+        assert!(r.answered.is_empty());
+        // Once sent, calls with a handled cause (or none) leave at once.
+        j.sent(&[sent(ids[1]), sent(more[0])]).unwrap();
+        let r = j.recover().unwrap();
+        assert!(r.resend.is_empty() && r.answered.is_empty(), "{r:?}");
+    }
+
     #[test]
     fn an_unwritable_state_dir_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();

@@ -13,6 +13,7 @@
 //! - [`limits`]: Telegram's flood limits as data and the pure pacer the Sender uses.
 //! - [`routing`]: which scope an update goes to; one pure function.
 //! - [`bridge`]: the worker channel protocol and starting a worker process.
+//! - [`journal`]: the durable store: updates until handled, calls until sent.
 //! - [`actors`]: the daemon itself, one file per actor.
 //! - [`sandbox`]: a local Bot API emulator for trying and testing bots.
 //! - [`chat`]: `--sandbox`: the terminal as a chat with the bot.
@@ -29,13 +30,18 @@
 //!                                                  ▼
 //!                      ScopeActor (chat:123) ──Attach/Write──▶ Worker ══fd 3══▶ python worker
 //!                      ScopeActor (user:456) ◀──InstanceMsg───   │              (bridge + instances)
-//!                           │ app's send()                        └─ stdout/stderr lines ─▶ log
+//!                           │ app's send() (Call), finished updates (Done)
+//!                           ▼                                     └─ stdout/stderr lines ─▶ log
+//!                         Outbox ══Record══▶ journal thread (calls + handled, one transaction)
+//!                           │ stored calls
 //!                           ▼
 //!  Bot API ◀──sendMessage── Sender (limits, per-chat order, retries) ──CallDone──▶ ScopeActor
+//!                             ├── Sent ──▶ Outbox (answer recorded) ──Marked──▶ Sender
 //!                             └── pause / resume (backpressure) ──▶ Worker
 //! ```
 //!
-//! Every actor runs on one thread, the actix `System` that [`run`] is driven by.
+//! Every actor runs on one thread, the actix `System` that [`run`] is driven
+//! by; the [`journal`]'s SQLite calls run on two `SyncArbiter` threads.
 
 pub mod actors;
 pub mod backoff;

@@ -363,11 +363,3 @@ fn a_killed_worker_is_restarted_and_its_chats_lose_nothing() {
         d.log()
     );
 }
-
-/// Worker pids in start order, from the "worker=N started pid=P" lines.
-fn worker_pids(log: &str) -> Vec<i32> {
-    log.lines()
-        .filter_map(|l| l.split(" started pid=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
-        .collect()
-}

@@ -351,3 +351,79 @@ fn backpressure_pauses_polling_and_a_stalled_chat_does_not_hold_the_others() {
     assert_eq!(wait_texts(&sb, 2, 1, &d), vec!["ok:other chat"]);
     assert!(d.log().contains("polling resumed"), "{}", d.log());
 }
+
+#[test]
+fn a_worker_killed_mid_stream_loses_nothing_and_answers_each_update_once() {
+    let sb = sandbox();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (state, record) = (dir.path().join("state"), dir.path().join("record"));
+    let total = 600;
+    let d = start(&sb, &state, &record, "0.002");
+    for i in 0..total {
+        sb.inject_text(400 + (i % 20) as i64, &format!("m{i}"));
+    }
+    assert!(
+        wait_for(DEADLINE, || received(&record) >= total / 3),
+        "{}",
+        d.log()
+    );
+    let pid = worker_pids(&d.log())[0];
+    // SAFETY: kill(2) on the worker process this test's daemon started.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    assert!(
+        wait_for(DEADLINE, || received(&record) >= total),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("restarting it"), "{}", d.log());
+    // The updates the instances had in hand are delivered again; the calls
+    // they had made are recognised, so each update is answered once. The
+    // Sender is unaffected by a worker's death: nothing is in doubt.
+    let texts: Vec<String> = (0..total).map(|i| format!("m{i}")).collect();
+    assert!(
+        wait_for(DEADLINE, || replies(&sb, 400..420).len() >= total),
+        "{}",
+        d.log()
+    );
+    let sent = replies(&sb, 400..420);
+    let wrong: Vec<_> = texts
+        .iter()
+        .filter(|t| sent.get(*t) != Some(&1))
+        .map(|t| (t, sent.get(t)))
+        .collect();
+    assert!(wrong.is_empty(), "not answered exactly once: {wrong:?}");
+    let received_twice = receipts(&record).values().filter(|&&n| n > 1).count();
+    eprintln!(
+        "worker SIGKILL: {total} updates, {received_twice} received twice, each answered once"
+    );
+}
+
+#[test]
+fn a_repeated_call_gets_the_first_calls_outcome_instead_of_being_made_again() {
+    let sb = sandbox();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let marker = dir.path().join("died");
+    let d = Daemon::start(
+        &config_for(&sb, "dies_once:app", ""),
+        &[("DIE_MARKER", marker.to_str().expect("utf-8 temp path"))],
+    );
+    sb.inject_text(31, "die");
+    let texts = wait_texts(&sb, 31, 2, &d);
+    // One "die" message: the fresh instance's repeat of the call was answered
+    // from the first call's outcome, with the same message_id.
+    let first = sb
+        .calls()
+        .into_iter()
+        .find(|c| c.method == "sendMessage" && c.params["text"] == "die")
+        .expect("the first call was made");
+    let id = first.response["result"]["message_id"].clone();
+    assert_eq!(
+        texts,
+        vec!["die".to_string(), format!("die -> message_id {id}")]
+    );
+    assert!(d.log().contains("restarting it"), "{}", d.log());
+    sb.inject_text(31, "after");
+    assert_eq!(wait_texts(&sb, 31, 4, &d)[2], "after");
+}

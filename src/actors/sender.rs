@@ -1,9 +1,10 @@
 //! Sender: every Bot API call an application asks for goes through here.
 //!
-//! Takes [`Call`]s from scopes; makes them over one connection pool, under
-//! Telegram's flood limits ([`crate::limits`]); reports the outcome to the
-//! scope when the app asked for it ([`CallDone`]), else logs failures in one
-//! line.
+//! Takes [`Call`]s from the Outbox (once stored in the journal); makes them
+//! over one connection pool, under Telegram's flood limits
+//! ([`crate::limits`]); reports the outcome to the scope when the app asked
+//! for it ([`CallDone`]), else logs failures in one line, and to the Outbox,
+//! which records it.
 //!
 //! # The algorithm
 //!
@@ -11,7 +12,9 @@
 //!    of a lane is in flight, and the next starts only once the previous has
 //!    a final outcome, so a chat's calls reach Telegram in the order the app
 //!    sent them — edits and deletes included, so an edit never overtakes the
-//!    message it edits.
+//!    message it edits. For a stored call, "final" includes the journal
+//!    having recorded the answer ([`Marked`]): a crash then leaves at most
+//!    one call per chat whose fate is unknown.
 //! 2. Calls without a chat (answerCallbackQuery, answerInlineQuery, ...) have
 //!    no order to keep, are not messages, and go out at once.
 //! 3. Lanes whose head call may go wait in `ready`, ordered by when the app

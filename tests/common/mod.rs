@@ -185,3 +185,11 @@ pub fn call_api(sandbox: &Sandbox, method: &str, params: serde_json::Value) -> s
     let json = answer.split("\r\n\r\n").nth(1).unwrap_or("null");
     serde_json::from_str(json).unwrap_or(serde_json::Value::Null)
 }
+
+/// Worker pids in start order, from the "worker=N started pid=P" lines.
+pub fn worker_pids(log: &str) -> Vec<i32> {
+    log.lines()
+        .filter_map(|l| l.split(" started pid=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
