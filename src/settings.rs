@@ -137,6 +137,9 @@ pub struct AppSettings {
     pub workers: usize,
     pub lifespan: LifespanMode,
     pub startup_timeout: Duration,
+    /// How long a worker's event loop may leave pings unanswered before the
+    /// worker is killed and replaced.
+    pub hang_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -291,6 +294,7 @@ struct RawApp {
     workers: u64,
     lifespan: LifespanMode,
     startup_timeout: u64,
+    hang_timeout: f64,
 }
 
 #[derive(Deserialize)]
@@ -457,6 +461,12 @@ impl Settings {
                 "must be at least 1 second",
             ));
         }
+        if !(raw.app.hang_timeout >= 0.5 && raw.app.hang_timeout <= 86_400.0) {
+            return Err(SettingsError::key(
+                "app.hang_timeout",
+                "must be between 0.5 and 86400 seconds",
+            ));
+        }
 
         if raw.scopes.idle_timeout == 0 {
             return Err(SettingsError::key(
@@ -550,6 +560,7 @@ impl Settings {
                 workers: raw.app.workers as usize,
                 lifespan: raw.app.lifespan,
                 startup_timeout: Duration::from_secs(raw.app.startup_timeout),
+                hang_timeout: Duration::from_secs_f64(raw.app.hang_timeout),
             },
             scopes: ScopeSettings {
                 idle_timeout: Duration::from_secs(raw.scopes.idle_timeout),
@@ -890,6 +901,20 @@ mod tests {
         ] {
             let err = load(Some(file.clone()), &[(key, value)]).unwrap_err();
             assert!(err.to_string().contains(named), "{err}");
+        }
+    }
+
+    #[test]
+    fn hang_timeout_defaults_to_30s_and_rejects_nonsense() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        let s = load(Some(file.clone()), &[]).unwrap();
+        assert_eq!(s.app.hang_timeout, Duration::from_secs(30));
+        let s = load(Some(file.clone()), &[("ASGIGRAM_APP__HANG_TIMEOUT", "1.5")]).unwrap();
+        assert_eq!(s.app.hang_timeout, Duration::from_millis(1500));
+        for bad in ["0", "-3", "nan"] {
+            let err = load(Some(file.clone()), &[("ASGIGRAM_APP__HANG_TIMEOUT", bad)]).unwrap_err();
+            assert!(err.to_string().contains("app.hang_timeout"), "{bad}: {err}");
         }
     }
 

@@ -427,3 +427,30 @@ fn a_repeated_call_gets_the_first_calls_outcome_instead_of_being_made_again() {
     sb.inject_text(31, "after");
     assert_eq!(wait_texts(&sb, 31, 4, &d)[2], "after");
 }
+
+#[test]
+fn a_worker_whose_loop_hangs_is_killed_and_its_update_answered_by_the_next() {
+    let sb = sandbox();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let marker = dir.path().join("hung");
+    let d = Daemon::start(
+        &config_for(&sb, "hangs_once:app", ""),
+        &[
+            ("ASGIGRAM_APP__HANG_TIMEOUT", "1"),
+            ("HANG_MARKER", marker.to_str().expect("utf-8 temp path")),
+        ],
+    );
+    sb.inject_text(41, "hang");
+    sb.inject_text(41, "next");
+    sb.inject_text(42, "other chat");
+    // The hung worker answers nothing, for any chat, until it is replaced;
+    // then the update it hung on goes to a fresh instance, and the rest follow.
+    assert_eq!(wait_texts(&sb, 41, 2, &d), vec!["ok:hang", "ok:next"]);
+    assert_eq!(wait_texts(&sb, 42, 1, &d), vec!["ok:other chat"]);
+    let log = d.log();
+    assert!(
+        log.contains("has not answered pings for 1.0s (app.hang_timeout); killing it"),
+        "{log}"
+    );
+    assert!(log.contains("restarting it"), "{log}");
+}

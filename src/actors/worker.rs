@@ -85,12 +85,11 @@ pub struct ShutdownWorker {
 #[rtype(result = "()")]
 struct ProcessExited(Option<ExitStatus>);
 
-/// How often a ready worker is pinged.
-const PING_INTERVAL: Duration = Duration::from_secs(5);
-/// A worker whose event loop has not answered a ping for this long is hung
-/// (an app blocking the loop, a deadlock) and is killed, so the Supervisor
-/// replaces it and its scopes' events go to a fresh instance.
-const PING_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a ready worker is pinged: several pings per `app.hang_timeout`,
+/// so that one delayed by a busy loop is not yet a hang, at most every 5 s.
+fn ping_interval(hang_timeout: Duration) -> Duration {
+    (hang_timeout / 6).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
 
 pub struct Worker {
     index: usize,
@@ -207,17 +206,19 @@ impl Worker {
         self.ready = false;
     }
 
-    /// Pings a ready worker; kills it when it stopped answering.
+    /// Pings a ready worker; kills it when it stopped answering for
+    /// `app.hang_timeout` (an app blocking the loop, a deadlock), so the
+    /// Supervisor replaces it and its scopes' events go to fresh instances.
     fn check_alive(&mut self) {
         if !self.ready || self.writer.is_none() {
             return;
         }
-        if self.last_pong.elapsed() > PING_TIMEOUT {
+        if self.last_pong.elapsed() > self.app.hang_timeout {
             log::error!(
-                "worker={} pid={} has not answered pings for {}s; killing it",
+                "worker={} pid={} has not answered pings for {:.1}s (app.hang_timeout); killing it",
                 self.index,
                 self.pid,
-                PING_TIMEOUT.as_secs()
+                self.app.hang_timeout.as_secs_f64()
             );
             self.kill();
             return;
@@ -281,7 +282,9 @@ impl Actor for Worker {
             let status = child.wait().await.ok();
             me.do_send(ProcessExited(status));
         });
-        ctx.run_interval(PING_INTERVAL, |act, _| act.check_alive());
+        ctx.run_interval(ping_interval(self.app.hang_timeout), |act, _| {
+            act.check_alive()
+        });
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
