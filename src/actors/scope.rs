@@ -54,8 +54,7 @@ pub struct Close {
     pub reason: &'static str,
 }
 
-/// The reason a daemon stop gives; an update in hand when a stop cancels its
-/// instance stays in the journal for the next start.
+/// The reason a daemon stop gives.
 pub const SHUTDOWN: &str = "shutdown";
 
 /// Reports to the Supervisor.
@@ -70,12 +69,15 @@ pub enum ScopeReport {
     },
     /// The instance returned by itself and nothing is queued.
     InstanceEnded { scope_id: u64, key: ScopeKey },
-    /// The scope is done; `leftover` holds events no instance received. The
-    /// actor waits for [`Terminate`], bouncing what still reaches it.
+    /// The scope is done; `leftover` holds the events no instance finished:
+    /// first the one in hand, if `in_hand` (it was received, so it no longer
+    /// counts as undelivered), then those never received. The actor waits for
+    /// [`Terminate`], bouncing what still reaches it.
     Stopped {
         scope_id: u64,
         key: ScopeKey,
         leftover: Vec<Value>,
+        in_hand: bool,
         addr: Addr<ScopeActor>,
     },
     /// Events that reached the scope after it reported `Stopped`.
@@ -97,7 +99,6 @@ enum Instance {
     },
     Closing {
         sid: Sid,
-        reason: &'static str,
     },
 }
 
@@ -207,7 +208,7 @@ impl ScopeActor {
 
     fn current_sid(&self) -> Option<Sid> {
         match self.instance {
-            Instance::Running { sid } | Instance::Closing { sid, .. } => Some(sid),
+            Instance::Running { sid } | Instance::Closing { sid } => Some(sid),
             Instance::None => None,
         }
     }
@@ -220,6 +221,7 @@ impl ScopeActor {
     }
 
     fn stop_with_leftovers(&mut self, ctx: &mut Context<Self>) {
+        let in_hand = self.in_hand.is_some();
         let leftover = self
             .in_hand
             .take()
@@ -232,6 +234,7 @@ impl ScopeActor {
             scope_id: self.scope_id,
             key: self.key.clone(),
             leftover,
+            in_hand,
             addr: ctx.address(),
         });
         // Not ctx.stop(): an Enqueue the Supervisor sent before it read the
@@ -356,7 +359,7 @@ impl Handler<Enqueue> for ScopeActor {
             // Events for a closing scope: the Supervisor sends new events to a
             // new scope, so these can only be API responses; the closing
             // instance may still read them.
-            Instance::Closing { sid, .. } => self.flush(sid),
+            Instance::Closing { sid } => self.flush(sid),
         }
     }
 }
@@ -386,10 +389,7 @@ impl Handler<Close> for ScopeActor {
                     }
                     .encode(),
                 ));
-                self.instance = Instance::Closing {
-                    sid,
-                    reason: msg.reason,
-                };
+                self.instance = Instance::Closing { sid };
             }
             Instance::Closing { .. } => {}
             Instance::None => self.stop_with_leftovers(ctx),
@@ -466,21 +466,19 @@ impl Handler<InstanceMsg> for ScopeActor {
                         self.key
                     );
                 }
-                let closing = match self.instance {
-                    Instance::Closing { reason, .. } => Some(reason),
-                    _ => None,
-                };
-                // An instance a stop cancelled mid-update leaves that update
-                // in the journal (it goes with the leftovers, which a stop
-                // keeps there); any other end means the app is done with it
-                // (one that raised would raise again).
-                if !(cancelled && closing == Some(SHUTDOWN)) {
+                let closing = matches!(self.instance, Instance::Closing { .. });
+                // An instance cancelled in the middle of an update did not
+                // finish it: it goes with the leftovers (to a fresh instance,
+                // or on a stop to the journal for the next start). Any other
+                // end means the app is done with it (one that raised would
+                // raise again).
+                if !cancelled {
                     self.finish_in_hand();
                 }
                 self.instance = Instance::None;
                 // Daemon-made events die with the instance they were for.
                 self.queue.retain(|(_, e)| !is_local_event(e));
-                if closing.is_some() {
+                if closing {
                     self.stop_with_leftovers(ctx);
                 } else if self.queue.is_empty() {
                     self.supervisor.do_send(ScopeReport::InstanceEnded {

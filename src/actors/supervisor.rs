@@ -398,17 +398,23 @@ impl Supervisor {
         scope_id: u64,
         key: ScopeKey,
         mut leftover: Vec<Value>,
+        in_hand: bool,
         ctx: &mut Context<Self>,
     ) {
+        if in_hand && !self.shutting_down {
+            // Counted out when it was received; undelivered again.
+            self.undelivered.set(self.undelivered.get() + 1);
+        }
         let worker = match self.closing.remove(&scope_id) {
             Some(w) => Some(w),
             // Stopped without being closed (its worker died): drop its entry.
             None => match self.scopes.get(&key) {
                 Some(e) if e.scope_id == scope_id => self.scopes.remove(&key).map(|e| {
                     if e.stall_reported && !self.shutting_down {
-                        // Its leftovers go to a fresh scope and count again.
-                        self.undelivered
-                            .set(self.undelivered.get() + leftover.len());
+                        // Its leftovers go to a fresh scope and count again
+                        // (the one in hand already does, above).
+                        let unreceived = leftover.len() - usize::from(in_hand);
+                        self.undelivered.set(self.undelivered.get() + unreceived);
                     }
                     e.worker
                 }),
@@ -615,9 +621,10 @@ impl Handler<ScopeReport> for Supervisor {
                 scope_id,
                 key,
                 leftover,
+                in_hand,
                 addr,
             } => {
-                self.scope_stopped(scope_id, key, leftover, ctx);
+                self.scope_stopped(scope_id, key, leftover, in_hand, ctx);
                 // Whatever it bounces was sent before this, so arrives next.
                 addr.do_send(Terminate);
             }
