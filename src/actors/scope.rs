@@ -467,12 +467,12 @@ impl Handler<InstanceMsg> for ScopeActor {
                     );
                 }
                 let closing = matches!(self.instance, Instance::Closing { .. });
-                // An instance cancelled in the middle of an update did not
-                // finish it: it goes with the leftovers (to a fresh instance,
-                // or on a stop to the journal for the next start). Any other
-                // end means the app is done with it (one that raised would
-                // raise again).
-                if !cancelled {
+                // An instance a close cancelled in the middle of an update did
+                // not finish it: it goes with the leftovers (to a fresh
+                // instance, or on a stop to the journal for the next start).
+                // Any other end means the app is done with it (one that raised
+                // would raise again).
+                if !(cancelled && closing) {
                     self.finish_in_hand();
                 }
                 self.instance = Instance::None;
