@@ -341,6 +341,29 @@ class Instances(BridgeTestCase):
         b.expect("pong", n=1)
         self.assertEqual([f["seq"] for f in b.frames if f["op"] == "received"], [1])
 
+    def test_idle_says_the_app_asked_for_more_with_nothing_queued(self):
+        b = self.bridge("""
+            async def app(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    return
+                while True:
+                    event = await receive()
+                    await send({"type": "telegram.send_message", "text": event["text"]})
+        """)
+        b.ready()
+        b.start(1)
+        b.event(1, 1, {"type": "telegram.message", "text": "a"})
+        b.expect("send", sid=1)
+        # Done with "a" and waiting: one idle, after the send it made.
+        self.assertEqual(b.expect("idle", sid=1), {"op": "idle", "sid": 1})
+        ops = [f["op"] for f in b.frames if f.get("sid") == 1]
+        self.assertEqual(ops, ["received", "send", "idle"])
+        b.event(1, 2, {"type": "telegram.message", "text": "b"})
+        b.expect("received", sid=1, seq=2)
+        b.expect("idle", sid=1)
+        ops = [f["op"] for f in b.frames if f.get("sid") == 1]
+        self.assertEqual(ops, ["received", "send", "idle", "received", "send", "idle"])
+
     def test_close_with_grace_cancels_app_ignoring_disconnect(self):
         b = self.bridge("""
             import asyncio
