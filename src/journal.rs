@@ -2,8 +2,9 @@
 //! confirms them goes to Telegram, and leave once the application received them.
 //!
 //! Rules, in order:
-//! 1. [`Journal::append`] stores a batch in one transaction (fsync'd), and
-//!    only then may the Poller confirm the batch's offset.
+//! 1. [`Journal::append`] stores a batch in one transaction (fsync'd unless
+//!    `journal.fsync = false`), and only then may the Poller confirm the
+//!    batch's offset.
 //! 2. The journal remembers the highest update_id it ever stored (the
 //!    watermark). Telegram resends what was not confirmed, so an id from the
 //!    offset the batch was fetched with up to the watermark has been seen:
@@ -67,6 +68,8 @@ pub enum JournalError {
 pub struct Journal {
     conn: Connection,
     path: PathBuf,
+    /// Appends wait for the disk (`journal.fsync`, on by default).
+    fsync: bool,
 }
 
 impl Journal {
@@ -80,7 +83,11 @@ impl Journal {
         let conn = Connection::open(&path).map_err(|e| sqlite_err(&path, e))?;
         // The first journal opened is the daemon's; tests may open more.
         let _ = metrics().journal_path.set(path.clone());
-        let journal = Journal { conn, path };
+        let journal = Journal {
+            conn,
+            path,
+            fsync: true,
+        };
         journal
             .conn
             .execute_batch(
@@ -112,6 +119,17 @@ impl Journal {
 
     fn err(&self, e: rusqlite::Error) -> JournalError {
         sqlite_err(&self.path, e)
+    }
+
+    /// `journal.fsync = false`: appends stop waiting for the disk. A commit
+    /// then survives the daemon being killed but not the machine losing
+    /// power, and an update Telegram was told arrived could be lost with it.
+    pub fn set_fsync(&mut self, on: bool) -> Result<(), JournalError> {
+        self.fsync = on;
+        let level = if on { "FULL" } else { "NORMAL" };
+        self.conn
+            .execute_batch(&format!("PRAGMA synchronous = {level}"))
+            .map_err(|e| self.err(e))
     }
 
     /// The highest update_id ever stored, if any.
@@ -183,16 +201,20 @@ impl Journal {
         &mut self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
-        self.conn
-            .execute_batch("PRAGMA synchronous = NORMAL")
-            .map_err(|e| self.err(e))?;
+        if self.fsync {
+            self.conn
+                .execute_batch("PRAGMA synchronous = NORMAL")
+                .map_err(|e| self.err(e))?;
+        }
         let result = self.conn.transaction().and_then(|tx| {
             let value = f(&tx)?;
             tx.commit().map(|()| value)
         });
-        self.conn
-            .execute_batch("PRAGMA synchronous = FULL")
-            .map_err(|e| self.err(e))?;
+        if self.fsync {
+            self.conn
+                .execute_batch("PRAGMA synchronous = FULL")
+                .map_err(|e| self.err(e))?;
+        }
         result.map_err(|e| self.err(e))
     }
 

@@ -111,6 +111,9 @@ fn start_journal(settings: &Settings) -> Result<(JournalThreads, Recovery), RunE
     let name = journal_name(settings);
     let fail = |e: journal::JournalError| RunError::Other(e.to_string());
     let mut journal = Journal::open(&dir, &name).map_err(fail)?;
+    if !settings.journal.fsync {
+        journal.set_fsync(false).map_err(fail)?;
+    }
     let outbox = journal.recover().map_err(fail)?;
     let offset = journal.watermark().map_err(fail)?.map(|w| w + 1);
     let mut pending = Vec::new();

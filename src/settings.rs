@@ -87,6 +87,8 @@ pub struct JournalSettings {
     pub dir: Option<PathBuf>,
     /// Undelivered updates held at most before polling pauses.
     pub max_undelivered: usize,
+    /// Appends wait for the disk before the offset is confirmed.
+    pub fsync: bool,
 }
 
 impl JournalSettings {
@@ -263,6 +265,7 @@ struct RawSettings {
 struct RawJournal {
     dir: String,
     max_undelivered: u64,
+    fsync: bool,
 }
 
 #[derive(Deserialize)]
@@ -496,6 +499,7 @@ impl Settings {
         let journal = JournalSettings {
             dir: (!raw.journal.dir.is_empty()).then(|| base_dir.join(&raw.journal.dir)),
             max_undelivered: raw.journal.max_undelivered as usize,
+            fsync: raw.journal.fsync,
         };
         let seconds = |key: &'static str, v: f64| {
             if v.is_finite() && v >= 0.0 {
@@ -916,6 +920,17 @@ mod tests {
             let err = load(Some(file.clone()), &[("ASGIGRAM_APP__HANG_TIMEOUT", bad)]).unwrap_err();
             assert!(err.to_string().contains("app.hang_timeout"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn journal_fsync_is_on_unless_turned_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        assert!(load(Some(file.clone()), &[]).unwrap().journal.fsync);
+        let s = load(Some(file.clone()), &[("ASGIGRAM_JOURNAL__FSYNC", "false")]).unwrap();
+        assert!(!s.journal.fsync);
+        let err = load(Some(file), &[("ASGIGRAM_JOURNAL__FSYNC", "sometimes")]).unwrap_err();
+        assert!(err.to_string().contains("fsync"), "{err}");
     }
 
     #[test]
