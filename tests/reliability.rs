@@ -454,3 +454,54 @@ fn a_worker_whose_loop_hangs_is_killed_and_its_update_answered_by_the_next() {
     );
     assert!(log.contains("restarting it"), "{log}");
 }
+
+#[test]
+fn calls_executed_but_unanswered_are_repeated_once_each_and_nothing_else_is() {
+    let sb = sandbox();
+    // 5% of sends are executed and then lose their answer: the daemon cannot
+    // know they went, and by default (sender.ambiguous = "retry") sends them
+    // again. Documented rule: exactly those are duplicated.
+    sb.set_faults(FaultPlan::random(0.05, vec![Fault::DropAfterExecute]).only(&["sendMessage"]));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (state, record) = (dir.path().join("state"), dir.path().join("record"));
+    let total = 400;
+    let d = start(&sb, &state, &record, "0");
+    for i in 0..total {
+        sb.inject_text(500 + (i % 20) as i64, &format!("m{i}"));
+    }
+    let executed = || {
+        sb.calls()
+            .into_iter()
+            .filter(|c| c.method == "sendMessage" && !c.response.is_null())
+            .count()
+    };
+    let unanswered = || {
+        sb.calls()
+            .iter()
+            .filter(|c| c.fault == Some(Fault::DropAfterExecute))
+            .count()
+    };
+    assert!(
+        wait_for(DEADLINE, || executed() >= total + unanswered()),
+        "{} executed, {} unanswered; log:\n{}",
+        executed(),
+        unanswered(),
+        d.log()
+    );
+    // Settled: nothing more is sent.
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = replies(&sb, 500..520);
+    let texts: Vec<String> = (0..total).map(|i| format!("m{i}")).collect();
+    assert!(
+        texts.iter().all(|t| sent.contains_key(t)),
+        "a reply was lost"
+    );
+    let extra: usize = sent.values().map(|n| n - 1).sum();
+    assert!(unanswered() > 0, "the plan injected no fault");
+    assert_eq!(
+        extra,
+        unanswered(),
+        "duplicates must be exactly the calls whose answer was lost"
+    );
+    assert_eq!(executed(), total + unanswered());
+}
