@@ -24,10 +24,12 @@
 //! back what is still queued in [`ScopeStopped`].
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::actors::outbox::{Done, Outbox};
@@ -110,15 +112,25 @@ struct InHand {
     calls: u32,
 }
 
+/// What every scope on one worker talks to. Shared rather than held per
+/// scope: each actix address clone allocates its own sender record, which
+/// would be paid again by every live scope.
+pub struct ScopeLinks {
+    pub worker: Addr<Worker>,
+    pub supervisor: Recipient<ScopeReport>,
+    pub outbox: Addr<Outbox>,
+    /// How long a closed instance may take to end before it is cancelled.
+    pub grace: Duration,
+}
+
 pub struct ScopeActor {
     scope_id: u64,
     key: ScopeKey,
-    /// The scope dict given to every instance of this scope.
-    scope: Value,
-    worker: Addr<Worker>,
-    supervisor: Recipient<ScopeReport>,
-    outbox: Addr<Outbox>,
-    grace: Duration,
+    /// The scope dict given to every instance of this scope, kept encoded:
+    /// it is only ever written to the worker, and as a JSON tree it would
+    /// take several times the memory for every live scope.
+    scope: Box<RawValue>,
+    links: Rc<ScopeLinks>,
     /// Events not yet received, oldest first, each with its sequence number.
     queue: VecDeque<(u64, Value)>,
     next_seq: u64,
@@ -137,24 +149,17 @@ pub struct ScopeActor {
 }
 
 impl ScopeActor {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         scope_id: u64,
         key: ScopeKey,
-        scope: Value,
-        worker: Addr<Worker>,
-        supervisor: Recipient<ScopeReport>,
-        outbox: Addr<Outbox>,
-        grace: Duration,
+        scope: Box<RawValue>,
+        links: Rc<ScopeLinks>,
     ) -> ScopeActor {
         ScopeActor {
             scope_id,
             key,
             scope,
-            worker,
-            supervisor,
-            outbox,
-            grace,
+            links,
             queue: VecDeque::new(),
             next_seq: 0,
             unsent_from: 0,
@@ -178,9 +183,13 @@ impl ScopeActor {
         self.awaiting = 0;
         self.unsent_from = self.queue.front().map_or(self.next_seq, |(seq, _)| *seq);
         log::debug!("scope={} instance sid={sid} starting", self.key);
-        self.worker.do_send(Attach {
+        self.links.worker.do_send(Attach {
             sid,
-            scope: self.scope.clone(),
+            start: ToWorker::Start {
+                sid,
+                scope: &self.scope,
+            }
+            .encode(),
             to: ctx.address().recipient(),
         });
         self.flush(sid);
@@ -193,7 +202,7 @@ impl ScopeActor {
             .iter()
             .skip_while(|(seq, _)| *seq < self.unsent_from)
         {
-            self.worker.do_send(Write(
+            self.links.worker.do_send(Write(
                 ToWorker::Event {
                     sid,
                     seq: *seq,
@@ -215,7 +224,7 @@ impl ScopeActor {
     /// The instance is done with the update in hand.
     fn finish_in_hand(&mut self) {
         if let Some(h) = self.in_hand.take() {
-            self.outbox.do_send(Done(vec![h.update_id]));
+            self.links.outbox.do_send(Done(vec![h.update_id]));
         }
     }
 
@@ -228,7 +237,7 @@ impl ScopeActor {
             .chain(self.queue.drain(..).map(|(_, e)| e))
             .filter(|e| !is_local_event(e))
             .collect();
-        self.supervisor.do_send(ScopeStopped {
+        self.links.supervisor.do_send(ScopeStopped {
             scope_id: self.scope_id,
             key: self.key.clone(),
             leftover,
@@ -290,7 +299,7 @@ impl ScopeActor {
         if reply.is_some() {
             self.awaiting += 1;
         }
-        let mut call = Call::new(method, params, reply).from_worker(self.worker.clone());
+        let mut call = Call::new(method, params, reply).from_worker(self.links.worker.clone());
         if let Some(h) = &mut self.in_hand {
             call = call.caused_by(Cause {
                 update_id: h.update_id,
@@ -298,7 +307,7 @@ impl ScopeActor {
             });
             h.calls += 1;
         }
-        self.outbox.do_send(call);
+        self.links.outbox.do_send(call);
     }
 
     /// `chat_id` (and a business lane's `business_connection_id`) default to
@@ -341,7 +350,7 @@ impl Handler<Enqueue> for ScopeActor {
     type Result = ();
     fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) {
         if self.stopped {
-            self.supervisor.do_send(ScopeReport::Bounced {
+            self.links.supervisor.do_send(ScopeReport::Bounced {
                 key: self.key.clone(),
                 events: msg.0,
             });
@@ -379,10 +388,10 @@ impl Handler<Close> for ScopeActor {
                 log::debug!("scope={} closing ({})", self.key, msg.reason);
                 self.push(json!({"type": "telegram.disconnect", "reason": msg.reason}));
                 self.flush(sid);
-                self.worker.do_send(Write(
+                self.links.worker.do_send(Write(
                     ToWorker::Close {
                         sid,
-                        grace: self.grace.as_secs_f64(),
+                        grace: self.links.grace.as_secs_f64(),
                     }
                     .encode(),
                 ));
@@ -436,8 +445,13 @@ impl Handler<InstanceMsg> for ScopeActor {
                         });
                     }
                 }
+                if self.queue.is_empty() {
+                    // A drained queue keeps its capacity, which an idle scope
+                    // would otherwise hold for as long as it lives.
+                    self.queue = VecDeque::new();
+                }
                 if !ids.is_empty() {
-                    self.supervisor.do_send(ScopeReport::Received {
+                    self.links.supervisor.do_send(ScopeReport::Received {
                         scope_id: self.scope_id,
                         key: self.key.clone(),
                         ids,
@@ -483,7 +497,7 @@ impl Handler<InstanceMsg> for ScopeActor {
                 if closing.is_some() {
                     self.stop_with_leftovers(ctx);
                 } else if self.queue.is_empty() {
-                    self.supervisor.do_send(ScopeReport::InstanceEnded {
+                    self.links.supervisor.do_send(ScopeReport::InstanceEnded {
                         scope_id: self.scope_id,
                         key: self.key.clone(),
                     });

@@ -13,6 +13,7 @@ use std::process::Stdio;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::settings::{AppSettings, ENV_PREFIX};
@@ -34,9 +35,11 @@ pub type Sid = u64;
 #[derive(Debug, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ToWorker<'a> {
+    /// `scope` is the scope dict, kept encoded by its scope: it is written
+    /// once per instance and never read back.
     Start {
         sid: Sid,
-        scope: &'a Value,
+        scope: &'a RawValue,
     },
     Event {
         sid: Sid,
@@ -202,9 +205,10 @@ mod tests {
     #[test]
     fn frames_encode_with_their_op() {
         let scope = json!({"type": "telegram", "chat": {"id": 1}});
+        let raw = serde_json::value::to_raw_value(&scope).unwrap();
         let f = ToWorker::Start {
             sid: 4,
-            scope: &scope,
+            scope: &raw,
         }
         .encode();
         let v: Value = serde_json::from_slice(&f).unwrap();
