@@ -35,7 +35,7 @@ use serde_json::{json, Map, Value};
 use crate::actors::outbox::{Done, Outbox};
 use crate::actors::sender::{Call, CallDone, Cause, ReplyTo};
 use crate::actors::worker::{Attach, InstanceMsg, Worker, Write};
-use crate::bridge::{Sid, ToWorker};
+use crate::bridge::{ScopeDict, Sid, ToWorker};
 use crate::methods;
 use crate::routing::{Lane, ScopeKey};
 
@@ -126,10 +126,13 @@ pub struct ScopeLinks {
 pub struct ScopeActor {
     scope_id: u64,
     key: ScopeKey,
-    /// The scope dict given to every instance of this scope, kept encoded:
-    /// it is only ever written to the worker, and as a JSON tree it would
-    /// take several times the memory for every live scope.
-    scope: Box<RawValue>,
+    /// The scope's Chat or User object and the bot's User, for the scope
+    /// dict of every instance. Kept encoded: they are only ever written to
+    /// the worker, and as JSON trees they would take several times the memory
+    /// of every live scope.
+    subject: Box<RawValue>,
+    /// The same for every scope.
+    bot: Rc<RawValue>,
     links: Rc<ScopeLinks>,
     /// Events not yet received, oldest first, each with its sequence number.
     queue: VecDeque<(u64, Value)>,
@@ -152,13 +155,15 @@ impl ScopeActor {
     pub fn new(
         scope_id: u64,
         key: ScopeKey,
-        scope: Box<RawValue>,
+        subject: Box<RawValue>,
+        bot: Rc<RawValue>,
         links: Rc<ScopeLinks>,
     ) -> ScopeActor {
         ScopeActor {
             scope_id,
             key,
-            scope,
+            subject,
+            bot,
             links,
             queue: VecDeque::new(),
             next_seq: 0,
@@ -187,7 +192,7 @@ impl ScopeActor {
             sid,
             start: ToWorker::Start {
                 sid,
-                scope: &self.scope,
+                scope: ScopeDict::new(&self.key, &self.subject, &self.bot),
             }
             .encode(),
             to: ctx.address().recipient(),

@@ -14,9 +14,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use serde::Serialize;
 use serde_json::value::RawValue;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::actors::outbox::{Done, Outbox};
@@ -26,7 +25,7 @@ use crate::actors::scope::{
 use crate::actors::worker::{describe, ShutdownWorker, Worker, WorkerEvent};
 use crate::backoff::Backoff;
 use crate::metrics::metrics;
-use crate::routing::{self, Lane, Route, ScopeKey, Unroutable};
+use crate::routing::{self, Route, ScopeKey, Unroutable};
 use crate::settings::Settings;
 use crate::telegram::Update;
 
@@ -115,7 +114,8 @@ pub struct Supervisor {
     /// Where scopes send their calls and finished updates; skipped and
     /// poison updates are finished here.
     outbox: Addr<Outbox>,
-    bot: Value,
+    /// The bot's User object, encoded once for every scope dict.
+    bot: Rc<RawValue>,
     scopes: HashMap<ScopeKey, ScopeEntry>,
     /// Scopes told to close that have not stopped yet: scope_id -> worker index.
     closing: HashMap<u64, usize>,
@@ -150,7 +150,7 @@ impl Supervisor {
             undelivered,
             settings,
             outbox,
-            bot: Value::Null,
+            bot: Rc::from(RawValue::NULL.to_owned()),
             scopes: HashMap::new(),
             closing: HashMap::new(),
             next_scope_id: 1,
@@ -199,30 +199,6 @@ impl Supervisor {
         fields.insert("type".into(), Value::String(format!("telegram.{kind}")));
         fields.insert("update_id".into(), json!(id));
         Some(Value::Object(fields))
-    }
-
-    /// The scope dict, encoded straight from the route and the bot.
-    fn scope_dict(&self, route: &Route) -> Box<RawValue> {
-        let (chat, user, business_connection_id) = match &route.key {
-            ScopeKey::Chat { lane, .. } => {
-                let conn = match lane {
-                    Lane::Business(conn) => Some(conn.as_str()),
-                    Lane::Plain | Lane::Guest => None,
-                };
-                (Some(&route.subject), None, conn)
-            }
-            ScopeKey::User { .. } => (None, Some(&route.subject), None),
-        };
-        let dict = ScopeDict {
-            kind: "telegram",
-            chat,
-            user,
-            business_connection_id,
-            bot: &self.bot,
-            extensions: Map::new(),
-        };
-        // JSON values, strings and an empty map always serialize.
-        serde_json::value::to_raw_value(&dict).expect("the scope dict is plain JSON")
     }
 
     fn dispatch(&mut self, updates: Vec<Update>) {
@@ -313,7 +289,16 @@ impl Supervisor {
         let Some(links) = self.workers[worker].links.clone() else {
             unreachable!("pick_worker only returns workers with an address")
         };
-        let actor = ScopeActor::new(scope_id, route.key.clone(), self.scope_dict(&route), links);
+        // A Chat or User object from an update is plain JSON.
+        let subject =
+            serde_json::value::to_raw_value(&route.subject).expect("the subject is plain JSON");
+        let actor = ScopeActor::new(
+            scope_id,
+            route.key.clone(),
+            subject,
+            self.bot.clone(),
+            links,
+        );
         let addr = actor.start();
         self.workers[worker].scopes += 1;
         metrics().scopes_started.inc();
@@ -490,21 +475,6 @@ impl Supervisor {
     }
 }
 
-/// The scope dict (docs/protocol.md), borrowing its parts.
-#[derive(Serialize)]
-struct ScopeDict<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    chat: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user: Option<&'a Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    business_connection_id: Option<&'a str>,
-    bot: &'a Value,
-    extensions: Map<String, Value>,
-}
-
 /// Recovers a route from an event already built from an update.
 fn route_of_event(event: &Value) -> Option<Route> {
     let kind = event.get("type")?.as_str()?.strip_prefix("telegram.")?;
@@ -543,7 +513,9 @@ impl Handler<Dispatch> for Supervisor {
 impl Handler<SetBot> for Supervisor {
     type Result = ();
     fn handle(&mut self, msg: SetBot, _: &mut Context<Self>) {
-        self.bot = msg.0;
+        // A User object from getMe is plain JSON.
+        let bot = serde_json::value::to_raw_value(&msg.0).expect("getMe's User is plain JSON");
+        self.bot = Rc::from(bot);
     }
 }
 
