@@ -14,15 +14,18 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use serde_json::{json, Map, Value};
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::actors::outbox::{Done, Outbox};
-use crate::actors::scope::{Close, Enqueue, ScopeActor, ScopeReport, Terminate, SHUTDOWN};
+use crate::actors::scope::{
+    Close, Enqueue, ScopeActor, ScopeLinks, ScopeReport, Terminate, SHUTDOWN,
+};
 use crate::actors::worker::{describe, ShutdownWorker, Worker, WorkerEvent};
 use crate::backoff::Backoff;
 use crate::metrics::metrics;
-use crate::routing::{self, Lane, Route, ScopeKey, Unroutable};
+use crate::routing::{self, Route, ScopeKey, Unroutable};
 use crate::settings::Settings;
 use crate::telegram::Update;
 
@@ -80,7 +83,9 @@ impl ScopeEntry {
 }
 
 struct WorkerSlot {
-    addr: Option<Addr<Worker>>,
+    /// The worker's address and the rest of what its scopes talk to; `None`
+    /// while no worker runs in the slot.
+    links: Option<Rc<ScopeLinks>>,
     ready: bool,
     scopes: usize,
     /// Consecutive failures before reaching ready.
@@ -94,7 +99,7 @@ impl WorkerSlot {
     /// A slot whose worker is not started yet.
     fn empty() -> WorkerSlot {
         WorkerSlot {
-            addr: None,
+            links: None,
             ready: false,
             scopes: 0,
             failures: 0,
@@ -109,7 +114,8 @@ pub struct Supervisor {
     /// Where scopes send their calls and finished updates; skipped and
     /// poison updates are finished here.
     outbox: Addr<Outbox>,
-    bot: Value,
+    /// The bot's User object, encoded once for every scope dict.
+    bot: Rc<RawValue>,
     scopes: HashMap<ScopeKey, ScopeEntry>,
     /// Scopes told to close that have not stopped yet: scope_id -> worker index.
     closing: HashMap<u64, usize>,
@@ -144,7 +150,7 @@ impl Supervisor {
             undelivered,
             settings,
             outbox,
-            bot: Value::Null,
+            bot: Rc::from(RawValue::NULL.to_owned()),
             scopes: HashMap::new(),
             closing: HashMap::new(),
             next_scope_id: 1,
@@ -164,7 +170,12 @@ impl Supervisor {
     fn start_worker(&mut self, index: usize, ctx: &mut Context<Self>) {
         let worker = Worker::new(index, self.settings.app.clone(), ctx.address().recipient());
         let slot = &mut self.workers[index];
-        slot.addr = Some(worker.start());
+        slot.links = Some(Rc::new(ScopeLinks {
+            worker: worker.start(),
+            supervisor: ctx.address().recipient(),
+            outbox: self.outbox.clone(),
+            grace: self.settings.scopes.disconnect_grace,
+        }));
         slot.ready = false;
     }
 
@@ -173,7 +184,7 @@ impl Supervisor {
         self.workers
             .iter()
             .enumerate()
-            .filter(|(_, w)| w.addr.is_some() && !w.retired)
+            .filter(|(_, w)| w.links.is_some() && !w.retired)
             .min_by_key(|(_, w)| (!w.ready, w.scopes))
             .map(|(i, _)| i)
     }
@@ -190,26 +201,7 @@ impl Supervisor {
         Some(Value::Object(fields))
     }
 
-    fn scope_dict(&self, route: &Route) -> Value {
-        let mut scope = Map::new();
-        scope.insert("type".into(), json!("telegram"));
-        match &route.key {
-            ScopeKey::Chat { lane, .. } => {
-                scope.insert("chat".into(), route.subject.clone());
-                if let Lane::Business(conn) = lane {
-                    scope.insert("business_connection_id".into(), json!(conn));
-                }
-            }
-            ScopeKey::User { .. } => {
-                scope.insert("user".into(), route.subject.clone());
-            }
-        }
-        scope.insert("bot".into(), self.bot.clone());
-        scope.insert("extensions".into(), json!({}));
-        Value::Object(scope)
-    }
-
-    fn dispatch(&mut self, updates: Vec<Update>, ctx: &mut Context<Self>) {
+    fn dispatch(&mut self, updates: Vec<Update>) {
         // Group by scope, keeping update order within each scope.
         let mut batches: Vec<(Route, Vec<Value>)> = Vec::new();
         let mut index: HashMap<ScopeKey, usize> = HashMap::new();
@@ -245,7 +237,7 @@ impl Supervisor {
             self.outbox.do_send(Done(skipped));
         }
         for (route, events) in batches {
-            self.deliver(route, events, ctx);
+            self.deliver(route, events);
         }
     }
 
@@ -270,7 +262,7 @@ impl Supervisor {
         metrics().updates_skipped.inc(&[&kind]);
     }
 
-    fn deliver(&mut self, route: Route, events: Vec<Value>, ctx: &mut Context<Self>) {
+    fn deliver(&mut self, route: Route, events: Vec<Value>) {
         let Some(events) = self.hold_for_reload(&route, events) else {
             return;
         };
@@ -294,17 +286,18 @@ impl Supervisor {
         }
         let scope_id = self.next_scope_id;
         self.next_scope_id += 1;
-        let Some(worker_addr) = self.workers[worker].addr.clone() else {
+        let Some(links) = self.workers[worker].links.clone() else {
             unreachable!("pick_worker only returns workers with an address")
         };
+        // A Chat or User object from an update is plain JSON.
+        let subject =
+            serde_json::value::to_raw_value(&route.subject).expect("the subject is plain JSON");
         let actor = ScopeActor::new(
             scope_id,
             route.key.clone(),
-            self.scope_dict(&route),
-            worker_addr,
-            ctx.address().recipient(),
-            self.outbox.clone(),
-            self.settings.scopes.disconnect_grace,
+            subject,
+            self.bot.clone(),
+            links,
         );
         let addr = actor.start();
         self.workers[worker].scopes += 1;
@@ -399,7 +392,6 @@ impl Supervisor {
         key: ScopeKey,
         mut leftover: Vec<Value>,
         in_hand: bool,
-        ctx: &mut Context<Self>,
     ) {
         if in_hand && !self.shutting_down {
             // Counted out when it was received; undelivered again.
@@ -431,10 +423,10 @@ impl Supervisor {
             // Fresh scope for what the old instance never received; the chat
             // object comes from the events themselves.
             if let Some(route) = leftover.iter().find_map(route_of_event) {
-                self.deliver(route, leftover, ctx);
+                self.deliver(route, leftover);
             }
         }
-        self.release_held(&key, ctx);
+        self.release_held(&key);
         self.check_closed();
     }
 
@@ -476,10 +468,10 @@ impl Supervisor {
         }
     }
 
-    fn unpark(&mut self, ctx: &mut Context<Self>) {
+    fn unpark(&mut self) {
         let parked: Vec<(Route, Value)> = self.parked.drain(..).collect();
         for (route, event) in parked {
-            self.deliver(route, vec![event], ctx);
+            self.deliver(route, vec![event]);
         }
     }
 
@@ -524,15 +516,17 @@ impl Actor for Supervisor {
 
 impl Handler<Dispatch> for Supervisor {
     type Result = ();
-    fn handle(&mut self, msg: Dispatch, ctx: &mut Context<Self>) {
-        self.dispatch(msg.0, ctx);
+    fn handle(&mut self, msg: Dispatch, _: &mut Context<Self>) {
+        self.dispatch(msg.0);
     }
 }
 
 impl Handler<SetBot> for Supervisor {
     type Result = ();
     fn handle(&mut self, msg: SetBot, _: &mut Context<Self>) {
-        self.bot = msg.0;
+        // A User object from getMe is plain JSON.
+        let bot = serde_json::value::to_raw_value(&msg.0).expect("getMe's User is plain JSON");
+        self.bot = Rc::from(bot);
     }
 }
 
@@ -572,14 +566,14 @@ impl Handler<StopWorkers> for Supervisor {
     fn handle(&mut self, msg: StopWorkers, _: &mut Context<Self>) -> Self::Result {
         self.stopping_workers = true;
         let (tx, rx) = oneshot::channel();
-        if self.workers.iter().all(|w| w.addr.is_none()) {
+        if self.workers.iter().all(|w| w.links.is_none()) {
             let _ = tx.send(());
         } else {
             self.exit_waiters.push(tx);
         }
         for w in &self.workers {
-            if let Some(addr) = &w.addr {
-                addr.do_send(ShutdownWorker {
+            if let Some(links) = &w.links {
+                links.worker.do_send(ShutdownWorker {
                     grace: msg.grace.as_secs_f64(),
                 });
             }
@@ -590,7 +584,7 @@ impl Handler<StopWorkers> for Supervisor {
 
 impl Handler<ScopeReport> for Supervisor {
     type Result = ();
-    fn handle(&mut self, msg: ScopeReport, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: ScopeReport, _: &mut Context<Self>) {
         match msg {
             ScopeReport::Received { scope_id, key, ids } => {
                 if let Some(e) = self.scopes.get_mut(&key).filter(|e| e.scope_id == scope_id) {
@@ -624,7 +618,7 @@ impl Handler<ScopeReport> for Supervisor {
                 in_hand,
                 addr,
             } => {
-                self.scope_stopped(scope_id, key, leftover, in_hand, ctx);
+                self.scope_stopped(scope_id, key, leftover, in_hand);
                 // Whatever it bounces was sent before this, so arrives next.
                 addr.do_send(Terminate);
             }
@@ -635,7 +629,7 @@ impl Handler<ScopeReport> for Supervisor {
                         events.len()
                     );
                     if let Some(route) = events.iter().find_map(route_of_event) {
-                        self.deliver(route, events, ctx);
+                        self.deliver(route, events);
                     }
                 }
             }
@@ -657,7 +651,7 @@ impl Handler<WorkerEvent> for Supervisor {
                     self.started_up = true;
                     self.resolve_ready(Ok(()));
                 }
-                self.unpark(ctx);
+                self.unpark();
                 self.reload_worker_ready(index, ctx);
             }
             WorkerEvent::Failed { index, error } => {
@@ -675,13 +669,13 @@ impl Handler<WorkerEvent> for Supervisor {
             }
             WorkerEvent::Exited { index, pid, status } => {
                 let slot = &mut self.workers[index];
-                slot.addr = None;
+                slot.links = None;
                 slot.ready = false;
                 slot.scopes = 0;
                 self.publish_metrics();
                 if self.stopping_workers {
                     log::info!("worker={index} pid={pid} exited ({})", describe(status));
-                    if self.workers.iter().all(|w| w.addr.is_none()) {
+                    if self.workers.iter().all(|w| w.links.is_none()) {
                         for w in self.exit_waiters.drain(..) {
                             let _ = w.send(());
                         }
@@ -794,7 +788,7 @@ impl Handler<ReloadWorkers> for Supervisor {
 impl Supervisor {
     fn live_workers(&self) -> VecDeque<usize> {
         (0..self.workers.len())
-            .filter(|&i| self.workers[i].addr.is_some() && !self.workers[i].retired)
+            .filter(|&i| self.workers[i].links.is_some() && !self.workers[i].retired)
             .collect()
     }
 
@@ -814,14 +808,14 @@ impl Supervisor {
             }
             return;
         };
-        if self.workers[old].addr.is_none() || self.workers[old].retired {
+        if self.workers[old].links.is_none() || self.workers[old].retired {
             // Died meanwhile: the ordinary restart already loads the new code.
             return self.reload_next(ctx);
         }
         // Reuse a slot whose retired worker has exited; else add one. At most
         // one worker is being replaced at a time, so slots stay under 2x.
         let new = match (0..self.workers.len())
-            .find(|&i| self.workers[i].retired && self.workers[i].addr.is_none())
+            .find(|&i| self.workers[i].retired && self.workers[i].links.is_none())
         {
             Some(i) => i,
             None => {
@@ -861,7 +855,7 @@ impl Supervisor {
         let slot = &mut self.workers[old];
         slot.retired = true;
         slot.ready = false;
-        let Some(addr) = slot.addr.clone() else {
+        let Some(addr) = slot.links.as_ref().map(|l| l.worker.clone()) else {
             // Exited already; `reload_worker_exited` moved on.
             return;
         };
@@ -943,7 +937,7 @@ impl Supervisor {
     /// The scope `key` stopped: deliver what was held for it, in order, after
     /// its leftovers (already delivered). During shutdown they stay undelivered,
     /// like the leftovers: the journal gives them to the next start.
-    fn release_held(&mut self, key: &ScopeKey, ctx: &mut Context<Self>) {
+    fn release_held(&mut self, key: &ScopeKey) {
         let Some(held) = self.reload.held.remove(key) else {
             return;
         };
@@ -951,7 +945,7 @@ impl Supervisor {
             return;
         }
         for (route, events) in held {
-            self.deliver(route, events, ctx);
+            self.deliver(route, events);
         }
     }
 }

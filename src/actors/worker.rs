@@ -60,12 +60,13 @@ pub enum WorkerEvent {
     },
 }
 
-/// Start an instance: register where its frames go, then send `start`.
+/// Start an instance: register where its frames go, then send `start` (its
+/// encoded `start` frame).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Attach {
     pub sid: Sid,
-    pub scope: serde_json::Value,
+    pub start: Bytes,
     pub to: Recipient<InstanceMsg>,
 }
 
@@ -358,13 +359,7 @@ impl Handler<Attach> for Worker {
             return;
         }
         self.instances.insert(msg.sid, msg.to);
-        self.write(
-            ToWorker::Start {
-                sid: msg.sid,
-                scope: &msg.scope,
-            }
-            .encode(),
-        );
+        self.write(msg.start);
     }
 }
 

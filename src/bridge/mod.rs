@@ -13,8 +13,10 @@ use std::process::Stdio;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
+use crate::routing::{Lane, ScopeKey};
 use crate::settings::{AppSettings, ENV_PREFIX};
 
 /// Source of the Python bridge, run in every worker process.
@@ -36,7 +38,7 @@ pub type Sid = u64;
 pub enum ToWorker<'a> {
     Start {
         sid: Sid,
-        scope: &'a Value,
+        scope: ScopeDict<'a>,
     },
     Event {
         sid: Sid,
@@ -53,6 +55,48 @@ pub enum ToWorker<'a> {
     Shutdown {
         grace: f64,
     },
+}
+
+/// The scope dict an instance starts with (docs/protocol.md; the worker adds
+/// `asgi` and `state`). Its parts stay encoded while the scope lives: they
+/// are only ever written to the worker, and the bot is the same in every
+/// scope.
+#[derive(Debug, Serialize)]
+pub struct ScopeDict<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chat: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    business_connection_id: Option<&'a str>,
+    bot: &'a RawValue,
+    extensions: Map<String, Value>,
+}
+
+impl<'a> ScopeDict<'a> {
+    /// `subject` is the scope's Chat or User object, as the key says.
+    pub fn new(key: &'a ScopeKey, subject: &'a RawValue, bot: &'a RawValue) -> ScopeDict<'a> {
+        let (chat, user, business_connection_id) = match key {
+            ScopeKey::Chat { lane, .. } => {
+                let conn = match lane {
+                    Lane::Business(conn) => Some(conn.as_str()),
+                    Lane::Plain | Lane::Guest => None,
+                };
+                (Some(subject), None, conn)
+            }
+            ScopeKey::User { .. } => (None, Some(subject), None),
+        };
+        ScopeDict {
+            kind: "telegram",
+            chat,
+            user,
+            business_connection_id,
+            bot,
+            extensions: Map::new(),
+        }
+    }
 }
 
 impl ToWorker<'_> {
@@ -201,14 +245,37 @@ mod tests {
 
     #[test]
     fn frames_encode_with_their_op() {
-        let scope = json!({"type": "telegram", "chat": {"id": 1}});
+        let raw = |v: Value| serde_json::value::to_raw_value(&v).unwrap();
+        let (chat, bot) = (raw(json!({"id": 1})), raw(json!({"id": 2, "is_bot": true})));
+        let key = ScopeKey::chat(1);
         let f = ToWorker::Start {
             sid: 4,
-            scope: &scope,
+            scope: ScopeDict::new(&key, &chat, &bot),
         }
         .encode();
         let v: Value = serde_json::from_slice(&f).unwrap();
+        let scope = json!({"type": "telegram", "chat": {"id": 1}, "bot": {"id": 2, "is_bot": true}, "extensions": {}});
         assert_eq!(v, json!({"op": "start", "sid": 4, "scope": scope}));
+        let key = ScopeKey::Chat {
+            id: 1,
+            lane: Lane::Business("c".into()),
+        };
+        let f = ToWorker::Start {
+            sid: 5,
+            scope: ScopeDict::new(&key, &chat, &bot),
+        }
+        .encode();
+        let v: Value = serde_json::from_slice(&f).unwrap();
+        assert_eq!(v["scope"]["business_connection_id"], "c");
+        let key = ScopeKey::User { id: 1 };
+        let f = ToWorker::Start {
+            sid: 6,
+            scope: ScopeDict::new(&key, &chat, &bot),
+        }
+        .encode();
+        let v: Value = serde_json::from_slice(&f).unwrap();
+        assert_eq!(v["scope"]["user"], json!({"id": 1}));
+        assert!(v["scope"].get("chat").is_none());
         let ev = json!({"type": "telegram.message"});
         let f = ToWorker::Event {
             sid: 4,
