@@ -202,6 +202,22 @@ pub struct Metrics {
 /// long-poll timeout (30 s by default, at most 50) when the bot is quiet.
 const POLL_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
+/// The `method` label: a Bot API method's canonical name, or `other`. Apps
+/// choose the method of `telegram.api`; unchecked names would let them grow
+/// the label set without bound.
+fn method_label(method: &str) -> &'static str {
+    let methods = crate::methods::ALL_METHODS;
+    match methods.binary_search(&method) {
+        Ok(i) => methods[i],
+        // Telegram takes method names in any case.
+        Err(_) => methods
+            .iter()
+            .find(|m| m.eq_ignore_ascii_case(method))
+            .copied()
+            .unwrap_or("other"),
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means a thread panicked while bumping a counter;
     // the map itself is still valid.
@@ -250,7 +266,7 @@ impl Metrics {
             Ok(()) => "ok",
             Err(e) => outcome_of(e),
         };
-        self.api_calls.inc(&[method, outcome]);
+        self.api_calls.inc(&[method_label(method), outcome]);
         if matches!(result, Err(TelegramError::RetryAfter { .. })) {
             self.rate_limited.inc();
         }
@@ -609,6 +625,20 @@ mod tests {
                 .expect("split yields at least one part");
             assert!(value.parse::<f64>().is_ok(), "bad sample line {line:?}");
         }
+    }
+
+    #[test]
+    fn the_method_label_is_a_known_method_or_other() {
+        let m = Metrics::new();
+        let ok: Result<(), &TelegramError> = Ok(());
+        m.api_call("sendMessage", Duration::ZERO, &ok);
+        m.api_call("SENDMESSAGE", Duration::ZERO, &ok);
+        for i in 0..100 {
+            m.api_call(&format!("madeUp{i}"), Duration::ZERO, &ok);
+        }
+        assert_eq!(m.api_calls.get(&["sendMessage", "ok"]), 2);
+        assert_eq!(m.api_calls.get(&["other", "ok"]), 100);
+        assert!(!m.render().contains("madeUp"));
     }
 
     #[test]
