@@ -235,14 +235,6 @@ fn json_logs_parse_carry_fields_and_never_the_token() {
         .is_some_and(|m| m.starts_with("[worker ")));
 }
 
-/// Worker pids in start order, from the "worker=N started pid=P" lines.
-fn worker_pids(log: &str) -> Vec<i32> {
-    log.lines()
-        .filter_map(|l| l.split(" started pid=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
-        .collect()
-}
-
 #[test]
 fn sighup_replaces_every_worker_and_loses_nothing() {
     let sb = sandbox();
@@ -366,4 +358,44 @@ fn bad_operations_settings_name_their_key() {
         assert_eq!(status.code(), Some(1), "{extra}: {}", d.log());
         assert!(d.log().contains(key), "{extra}: {}", d.log());
     }
+}
+
+#[test]
+fn a_reload_whose_new_worker_hangs_on_import_is_aborted_and_the_old_one_stays() {
+    let sb = sandbox();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let marker = dir.path().join("hang");
+    let d = Daemon::start(
+        &config_for(&sb, "hangs_on_import:app", ""),
+        &[
+            ("ASGIGRAM_APP__STARTUP_TIMEOUT", "2"),
+            (
+                "HANG_IMPORT_MARKER",
+                marker.to_str().expect("utf-8 temp path"),
+            ),
+        ],
+    );
+    assert!(d.wait_log("Polling Telegram as @"), "{}", d.log());
+    sb.inject_text(95, "before");
+    assert_eq!(wait_texts(&sb, 95, 1, &d), vec!["ok:before"]);
+    // The new code hangs while it is imported.
+    std::fs::write(&marker, "").expect("marker written");
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe {
+        libc::kill(d.pid(), libc::SIGHUP);
+    }
+    assert!(
+        d.wait_log("not ready within 2s (app.startup_timeout); killing it"),
+        "{}",
+        d.log()
+    );
+    assert!(d.wait_log("reload aborted"), "{}", d.log());
+    sb.inject_text(95, "after");
+    assert_eq!(wait_texts(&sb, 95, 2, &d)[1], "ok:after");
+    assert_eq!(
+        worker_pids(&d.log()).len(),
+        2,
+        "no restart loop:\n{}",
+        d.log()
+    );
 }

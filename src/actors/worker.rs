@@ -98,6 +98,8 @@ pub struct Worker {
     supervisor: Recipient<WorkerEvent>,
     pid: u32,
     ready: bool,
+    /// Reached ready once (a later kill clears `ready`, not this).
+    was_ready: bool,
     writer: Option<actix::io::FramedWrite<Bytes, OwnedWriteHalf, LengthDelimitedCodec>>,
     instances: HashMap<Sid, Recipient<InstanceMsg>>,
     /// The first `fatal` message, reported when the process exits.
@@ -114,6 +116,7 @@ impl Worker {
             supervisor,
             pid: 0,
             ready: false,
+            was_ready: false,
             writer: None,
             instances: HashMap::new(),
             fatal: None,
@@ -155,6 +158,7 @@ impl Worker {
                 python,
             } => {
                 self.ready = true;
+                self.was_ready = true;
                 self.last_pong = Instant::now();
                 log::info!(
                     "worker={} pid={pid} ready: ASGI {asgi_version}, lifespan {}, Python {python}",
@@ -285,6 +289,20 @@ impl Actor for Worker {
         });
         ctx.run_interval(ping_interval(self.app.hang_timeout), |act, _| {
             act.check_alive()
+        });
+        // A worker stuck importing the app (or in lifespan startup) would
+        // otherwise hold a restart or a reload forever; its exit is then
+        // handled like any failure to start.
+        ctx.run_later(self.app.startup_timeout, |act, _| {
+            if !act.was_ready && act.fatal.is_none() {
+                log::error!(
+                    "worker={} pid={} not ready within {}s (app.startup_timeout); killing it",
+                    act.index,
+                    act.pid,
+                    act.app.startup_timeout.as_secs()
+                );
+                act.kill();
+            }
         });
     }
 
