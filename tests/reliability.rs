@@ -41,6 +41,30 @@ fn replies(
     seen
 }
 
+/// Waits for the replies "m0".."m{total-1}" (the recorder echoes) in `chats`
+/// and asserts each arrived exactly once.
+fn assert_each_answered_once(
+    sb: &asgigramd::sandbox::Sandbox,
+    chats: std::ops::Range<i64>,
+    total: usize,
+    d: &Daemon,
+) {
+    assert!(
+        wait_for(DEADLINE, || replies(sb, chats.clone()).len() >= total),
+        "{}",
+        d.log()
+    );
+    let sent = replies(sb, chats);
+    let wrong: Vec<_> = (0..total)
+        .map(|i| format!("m{i}"))
+        .filter_map(|t| match sent.get(&t) {
+            Some(1) => None,
+            n => Some((t, n.copied())),
+        })
+        .collect();
+    assert!(wrong.is_empty(), "not answered exactly once: {wrong:?}");
+}
+
 fn start(sb: &asgigramd::sandbox::Sandbox, state: &Path, record: &Path, delay: &str) -> Daemon {
     let config = config_for(sb, "recorder:app", "[sender]\nlimits = false\n");
     Daemon::start(
@@ -164,19 +188,7 @@ fn sigterm_under_load_exits_cleanly_and_the_next_start_delivers_the_rest_once() 
         "received twice beyond one per chat: {twice:?}"
     );
     // And every update is answered exactly once across the two runs.
-    let texts: Vec<String> = (0..total).map(|i| format!("m{i}")).collect();
-    assert!(
-        wait_for(DEADLINE, || replies(&sb, 200..205).len() >= total),
-        "{}",
-        d.log()
-    );
-    let sent = replies(&sb, 200..205);
-    let wrong: Vec<_> = texts
-        .iter()
-        .filter(|t| sent.get(*t) != Some(&1))
-        .map(|t| (t, sent.get(t)))
-        .collect();
-    assert!(wrong.is_empty(), "not answered exactly once: {wrong:?}");
+    assert_each_answered_once(&sb, 200..205, total, &d);
     assert!(
         d.log().contains("update(s) left in the journal"),
         "{}",
@@ -381,19 +393,7 @@ fn a_worker_killed_mid_stream_loses_nothing_and_answers_each_update_once() {
     // The updates the instances had in hand are delivered again; the calls
     // they had made are recognised, so each update is answered once. The
     // Sender is unaffected by a worker's death: nothing is in doubt.
-    let texts: Vec<String> = (0..total).map(|i| format!("m{i}")).collect();
-    assert!(
-        wait_for(DEADLINE, || replies(&sb, 400..420).len() >= total),
-        "{}",
-        d.log()
-    );
-    let sent = replies(&sb, 400..420);
-    let wrong: Vec<_> = texts
-        .iter()
-        .filter(|t| sent.get(*t) != Some(&1))
-        .map(|t| (t, sent.get(t)))
-        .collect();
-    assert!(wrong.is_empty(), "not answered exactly once: {wrong:?}");
+    assert_each_answered_once(&sb, 400..420, total, &d);
     let received_twice = receipts(&record).values().filter(|&&n| n > 1).count();
     eprintln!(
         "worker SIGKILL: {total} updates, {received_twice} received twice, each answered once"
