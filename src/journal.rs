@@ -12,7 +12,7 @@
 //!    again. An id below that offset cannot be a resend (Telegram forgot
 //!    those); it means Telegram restarted its id sequence (it does after a
 //!    week without updates) and is new.
-//! 3. [`Journal::handled`] deletes updates the app received. It need not be
+//! 3. [`Journal::record`] deletes updates the app is done with. It need not be
 //!    durable at once: a delete lost in a crash means the update is delivered
 //!    again, which is allowed, because the journal never said it was handled.
 //! 4. On start, [`Journal::pending`] gives back every update not handled, in
@@ -26,7 +26,7 @@
 //!    of that handling). [`Journal::record`] stores calls and handled updates
 //!    in one transaction, in the order the apps made them, so an update is
 //!    never recorded handled without the calls its handling made.
-//! 6. A call Telegram answered is marked sent ([`Journal::sent`]) and leaves
+//! 6. A call Telegram answered is marked sent (by [`Journal::record`]) and leaves
 //!    the outbox once its cause is handled too: while the cause may still be
 //!    delivered again, the sent row is what recognises its repeated call.
 //! 7. On start ([`Journal::recover`]): unsent calls whose cause is handled
@@ -190,11 +190,6 @@ impl Journal {
         Ok(fresh)
     }
 
-    /// Forgets updates the application is done with (rule 3).
-    pub fn handled(&mut self, ids: &[i64]) -> Result<(), JournalError> {
-        self.record(&[], ids, &[]).map(drop)
-    }
-
     /// Runs `f` in one transaction that does not wait for the disk (see
     /// the module doc); appends do.
     fn unsynced<T>(
@@ -255,11 +250,6 @@ impl Journal {
         })?;
         metrics().journal_entries.add(-(deleted as i64));
         Ok(ids)
-    }
-
-    /// Marks calls Telegram answered (rule 6).
-    pub fn sent(&mut self, sent: &[SentCall]) -> Result<(), JournalError> {
-        self.unsynced(|tx| mark_sent(tx, sent))
     }
 
     /// What the outbox holds after a restart (rule 7).
@@ -452,7 +442,7 @@ mod tests {
         {
             let mut j = Journal::open(dir.path(), "j").unwrap();
             assert_eq!(j.append(&batch(&[1, 2, 3]), None).unwrap(), vec![1, 2, 3]);
-            j.handled(&[2]).unwrap();
+            j.record(&[], &[2], &[]).unwrap();
         }
         let j = Journal::open(dir.path(), "j").unwrap();
         let pending: Vec<i64> = j.pending().unwrap().into_iter().map(|(i, _)| i).collect();
@@ -465,7 +455,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path(), "j").unwrap();
         j.append(&batch(&[10, 11]), None).unwrap();
-        j.handled(&[10, 11]).unwrap();
+        j.record(&[], &[10, 11], &[]).unwrap();
         // Telegram resends 11 (offset 11 not confirmed) along with a new one.
         assert_eq!(j.append(&batch(&[11, 12]), Some(11)).unwrap(), vec![12]);
         assert_eq!(j.len().unwrap(), 1);
@@ -529,11 +519,11 @@ mod tests {
                     &[],
                 )
                 .unwrap();
-            j.sent(&[SentCall {
+            let answer = SentCall {
                 id: ids[0],
                 outcome: Some(serde_json::json!({"ok": true, "result": 7})),
-            }])
-            .unwrap();
+            };
+            j.record(&[], &[], &[answer]).unwrap();
             // Killed here: update 1 not handled, its second call unsent.
         }
         let mut j = Journal::open(dir.path(), "j").unwrap();
@@ -564,7 +554,7 @@ mod tests {
                 &[],
             )
             .unwrap();
-        j.sent(&[sent(ids[0])]).unwrap();
+        j.record(&[], &[], &[sent(ids[0])]).unwrap();
         // Handled in the same transaction as a call of the next update.
         let more = j.record(&[call(None, 0, params)], &[1], &[]).unwrap();
         assert_eq!(j.len().unwrap(), 1, "update 2 is still pending");
@@ -578,7 +568,7 @@ mod tests {
         assert_eq!(r.resend[0].params, *params);
         assert!(r.answered.is_empty());
         // Once sent, calls with a handled cause (or none) leave at once.
-        j.sent(&[sent(ids[1]), sent(more[0])]).unwrap();
+        j.record(&[], &[], &[sent(ids[1]), sent(more[0])]).unwrap();
         let r = j.recover().unwrap();
         assert!(r.resend.is_empty() && r.answered.is_empty(), "{r:?}");
     }
