@@ -4,14 +4,19 @@
 //! Rules, in order:
 //! 1. [`Journal::append`] stores a batch in one transaction (fsync'd unless
 //!    `journal.fsync = false`), and only then may the Poller confirm the
-//!    batch's offset.
+//!    batch's offset. The batch is dispatched to the apps while it is being
+//!    written: until the offset is confirmed Telegram keeps the updates, so
+//!    a crash before the commit loses nothing (they come again), and every
+//!    record that names them (rules 3, 5, 6) is written after the append
+//!    (see "One thread" below).
 //! 2. The journal remembers the highest update_id it ever stored (the
 //!    watermark). Telegram resends what was not confirmed, so an id from the
 //!    offset the batch was fetched with up to the watermark has been seen:
 //!    it is still pending here or was handled, and is not stored or delivered
 //!    again. An id below that offset cannot be a resend (Telegram forgot
 //!    those); it means Telegram restarted its id sequence (it does after a
-//!    week without updates) and is new.
+//!    week without updates) and is new. [`admit`] is that test; the Poller
+//!    applies it too, so it can dispatch before the append returns.
 //! 3. [`Journal::record`] deletes updates the app is done with. It need not be
 //!    durable at once: a delete lost in a crash means the update is delivered
 //!    again, which is allowed, because the journal never said it was handled.
@@ -21,11 +26,16 @@
 //! The outbox holds what the apps sent (Bot API calls), so that a reply
 //! survives the daemon too:
 //!
-//! 5. A call is stored before it goes to Telegram, with its *cause* (the
-//!    update whose handling made it) and its *ordinal* (the how-manieth call
-//!    of that handling). [`Journal::record`] stores calls and handled updates
-//!    in one transaction, in the order the apps made them, so an update is
-//!    never recorded handled without the calls its handling made.
+//! 5. Each call has a row keyed by its *cause* (the update whose handling
+//!    made it) and its *ordinal* (the how-manieth call of that handling).
+//!    The call goes to the Sender at once and its row is written with the
+//!    next record, never later than the call's answer, and the chat's next
+//!    call waits until both are written (the Sender's rule 1). A crash
+//!    therefore leaves at most one call per chat that Telegram may have
+//!    executed without the journal knowing. [`Journal::record`] stores
+//!    calls and handled updates in one transaction, in the order the apps
+//!    made them, so an update is never recorded handled without the calls
+//!    its handling made.
 //! 6. A call Telegram answered is marked sent (by [`Journal::record`]) and leaves
 //!    the outbox once its cause is handled too: while the cause may still be
 //!    delivered again, the sent row is what recognises its repeated call.
@@ -38,13 +48,13 @@
 //! survive the process being killed, and a power loss rolls back whole
 //! transactions, which can repeat a reply but never loses an update.
 //!
-//! SQLite (bundled) in WAL mode. It is blocking, so the daemon runs it on
-//! `SyncArbiter` threads ([`JournalActor`]), never on the actor thread: one
-//! thread appends, another records handled updates, so that records do not
-//! queue behind a burst of appends (their delay decides how much a crash
-//! makes the apps receive twice). Both use one connection behind a mutex:
-//! two connections would contend for SQLite's write lock, whose busy
-//! handler sleeps in steps of milliseconds.
+//! SQLite (bundled) in WAL mode. It is blocking, so the daemon runs it on a
+//! `SyncArbiter` thread ([`JournalActor`]), never on the actor thread. One
+//! thread for appends and records alike: it takes its messages in the order
+//! the actor thread sent them, which is what puts an update's append before
+//! every record about it (rule 1). Nothing on an update's way to its reply
+//! waits for that thread; only the offset (rule 1) and a chat's next call
+//! (rule 5) do.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -150,9 +160,6 @@ impl Journal {
         fetched_with: Option<i64>,
     ) -> Result<Vec<i64>, JournalError> {
         let mut watermark = self.watermark()?;
-        let seen = |id: i64, watermark: Option<i64>| {
-            watermark.is_some_and(|w| id <= w) && fetched_with.is_none_or(|o| id >= o)
-        };
         let tx = self
             .conn
             .transaction()
@@ -163,17 +170,12 @@ impl Journal {
                 .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")
                 .map_err(|e| sqlite_err(&self.path, e))?;
             for (id, body) in batch {
-                if seen(*id, watermark) {
+                if !admit(&mut watermark, *id, fetched_with) {
                     continue;
                 }
                 insert
                     .execute(params![id, body])
                     .map_err(|e| sqlite_err(&self.path, e))?;
-                // After a sequence restart the new, lower ids set the mark.
-                watermark = Some(match watermark {
-                    Some(w) if fetched_with.is_none_or(|o| w >= o) => w.max(*id),
-                    _ => *id,
-                });
                 fresh.push(*id);
             }
         }
@@ -213,29 +215,32 @@ impl Journal {
         result.map_err(|e| self.err(e))
     }
 
-    /// Stores `calls` in the outbox and forgets `handled` updates, in one
-    /// transaction (rule 5), after marking `sent` calls (rule 6). Returns the
-    /// calls' outbox ids, in order.
+    /// Stores `calls` in the outbox, marks `sent` calls (rule 6) and forgets
+    /// `handled` updates, in one transaction and in that order (rule 5): a
+    /// call may be answered before its row was ever written, and then both
+    /// come in the same batch.
     pub fn record(
         &mut self,
-        calls: &[NewCall<'_>],
+        calls: &[NewCall],
         handled: &[i64],
         sent: &[SentCall],
-    ) -> Result<Vec<i64>, JournalError> {
-        let (ids, deleted) = self.unsynced(|tx| {
-            mark_sent(tx, sent)?;
-            let mut ids = Vec::with_capacity(calls.len());
+    ) -> Result<(), JournalError> {
+        let deleted = self.unsynced(|tx| {
             {
                 let mut insert = tx.prepare_cached(
-                    "INSERT INTO outbox (cause, ordinal, method, params) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO outbox (id, cause, ordinal, method, params) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
                 for call in calls {
-                    let params = serde_json::to_string(call.params)
-                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                    insert.execute(params![call.cause, call.ordinal, call.method, params])?;
-                    ids.push(tx.last_insert_rowid());
+                    insert.execute(params![
+                        call.id,
+                        call.cause,
+                        call.ordinal,
+                        call.method,
+                        call.params
+                    ])?;
                 }
             }
+            mark_sent(tx, sent)?;
             let mut deleted = 0;
             {
                 let mut forget = tx.prepare_cached("DELETE FROM updates WHERE update_id = ?1")?;
@@ -246,10 +251,10 @@ impl Journal {
                     answered.execute(params![id])?;
                 }
             }
-            Ok((ids, deleted))
+            Ok(deleted)
         })?;
         metrics().journal_entries.add(-(deleted as i64));
-        Ok(ids)
+        Ok(())
     }
 
     /// What the outbox holds after a restart (rule 7).
@@ -298,7 +303,14 @@ impl Journal {
                     });
                 }
             }
-            Ok(Recovered { resend, answered })
+            let next_id = tx.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM outbox", [], |r| {
+                r.get(0)
+            })?;
+            Ok(Recovered {
+                resend,
+                answered,
+                next_id,
+            })
         })
     }
 
@@ -327,13 +339,17 @@ impl Journal {
 }
 
 /// A call to store in the outbox.
-pub struct NewCall<'a> {
+pub struct NewCall {
+    /// Its row id, given by the Outbox (from [`Recovered::next_id`] on), so
+    /// that the call can go before its row is written.
+    pub id: i64,
     /// The update whose handling made it; `None` when the app had none in
     /// hand (lifespan, a background task).
     pub cause: Option<i64>,
     pub ordinal: u32,
-    pub method: &'a str,
-    pub params: &'a Map<String, Value>,
+    pub method: String,
+    /// The parameters, encoded as JSON.
+    pub params: String,
 }
 
 /// A stored call Telegram answered, with the outcome when the app asked for
@@ -367,6 +383,23 @@ pub struct Answered {
 pub struct Recovered {
     pub resend: Vec<StoredCall>,
     pub answered: Vec<Answered>,
+    /// The first row id no stored call has.
+    pub next_id: i64,
+}
+
+/// Rule 2: whether update `id`, fetched with offset `fetched_with`, is new;
+/// if so the watermark moves to it.
+pub fn admit(watermark: &mut Option<i64>, id: i64, fetched_with: Option<i64>) -> bool {
+    let seen = watermark.is_some_and(|w| id <= w) && fetched_with.is_none_or(|o| id >= o);
+    if seen {
+        return false;
+    }
+    // After a sequence restart the new, lower ids set the mark.
+    *watermark = Some(match *watermark {
+        Some(w) if fetched_with.is_none_or(|o| w >= o) => w.max(id),
+        _ => id,
+    });
+    true
 }
 
 /// Rule 6: a sent call whose cause is handled (or that has none) is
@@ -409,11 +442,11 @@ impl Actor for JournalActor {
 }
 
 /// Store a batch fetched with the given offset; answers with the ids that
-/// are new.
-#[derive(Message)]
+/// are new. Shared, so that a failed store can be sent again as it was.
+#[derive(Message, Clone)]
 #[rtype(result = "Result<Vec<i64>, String>")]
 pub struct Append {
-    pub batch: Vec<(i64, String)>,
+    pub batch: Arc<[(i64, String)]>,
     pub fetched_with: Option<i64>,
 }
 
@@ -491,12 +524,13 @@ mod tests {
         );
     }
 
-    fn call<'a>(cause: Option<i64>, ordinal: u32, params: &'a Map<String, Value>) -> NewCall<'a> {
+    fn call(id: i64, cause: Option<i64>, ordinal: u32, params: &Map<String, Value>) -> NewCall {
         NewCall {
+            id,
             cause,
             ordinal,
-            method: "sendMessage",
-            params,
+            method: "sendMessage".into(),
+            params: Value::Object(params.clone()).to_string(),
         }
     }
 
@@ -512,15 +546,15 @@ mod tests {
         {
             let mut j = Journal::open(dir.path(), "j").unwrap();
             j.append(&batch(&[1]), None).unwrap();
-            let ids = j
-                .record(
-                    &[call(Some(1), 0, params), call(Some(1), 1, params)],
-                    &[],
-                    &[],
-                )
-                .unwrap();
+            assert_eq!(j.recover().unwrap().next_id, 1, "an empty outbox");
+            j.record(
+                &[call(1, Some(1), 0, params), call(2, Some(1), 1, params)],
+                &[],
+                &[],
+            )
+            .unwrap();
             let answer = SentCall {
-                id: ids[0],
+                id: 1,
                 outcome: Some(serde_json::json!({"ok": true, "result": 7})),
             };
             j.record(&[], &[], &[answer]).unwrap();
@@ -538,6 +572,7 @@ mod tests {
             }],
             "the sent one recognises its repeat"
         );
+        assert_eq!(r.next_id, 2, "new rows come after the one kept");
     }
 
     #[test]
@@ -547,16 +582,15 @@ mod tests {
         let params = params.as_object().unwrap();
         let mut j = Journal::open(dir.path(), "j").unwrap();
         j.append(&batch(&[1, 2]), None).unwrap();
-        let ids = j
-            .record(
-                &[call(Some(1), 0, params), call(Some(1), 1, params)],
-                &[],
-                &[],
-            )
-            .unwrap();
-        j.record(&[], &[], &[sent(ids[0])]).unwrap();
+        j.record(
+            &[call(1, Some(1), 0, params), call(2, Some(1), 1, params)],
+            &[],
+            &[],
+        )
+        .unwrap();
+        j.record(&[], &[], &[sent(1)]).unwrap();
         // Handled in the same transaction as a call of the next update.
-        let more = j.record(&[call(None, 0, params)], &[1], &[]).unwrap();
+        j.record(&[call(3, None, 0, params)], &[1], &[]).unwrap();
         assert_eq!(j.len().unwrap(), 1, "update 2 is still pending");
         let r = j.recover().unwrap();
         let resend: Vec<_> = r
@@ -564,13 +598,59 @@ mod tests {
             .iter()
             .map(|c| (c.id, c.cause, c.ordinal))
             .collect();
-        assert_eq!(resend, vec![(ids[1], Some(1), 1), (more[0], None, 0)]);
+        assert_eq!(resend, vec![(2, Some(1), 1), (3, None, 0)]);
         assert_eq!(r.resend[0].params, *params);
         assert!(r.answered.is_empty());
         // Once sent, calls with a handled cause (or none) leave at once.
-        j.record(&[], &[], &[sent(ids[1]), sent(more[0])]).unwrap();
+        j.record(&[], &[], &[sent(2), sent(3)]).unwrap();
         let r = j.recover().unwrap();
         assert!(r.resend.is_empty() && r.answered.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn a_call_answered_before_its_row_was_written_is_stored_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = serde_json::json!({"chat_id": 1, "text": "hi"});
+        let params = params.as_object().unwrap();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        j.append(&batch(&[1, 2]), None).unwrap();
+        let answer = SentCall {
+            id: 5,
+            outcome: Some(serde_json::json!({"ok": true, "result": 9})),
+        };
+        // Row, answer and (for update 2) handling, all in one batch.
+        j.record(
+            &[call(5, Some(1), 0, params), call(6, Some(2), 0, params)],
+            &[2],
+            &[answer, sent(6)],
+        )
+        .unwrap();
+        let r = j.recover().unwrap();
+        assert!(r.resend.is_empty(), "both were answered: {r:?}");
+        assert_eq!(
+            r.answered,
+            vec![Answered {
+                cause: 1,
+                ordinal: 0,
+                outcome: Some(serde_json::json!({"ok": true, "result": 9})),
+            }],
+            "update 1 may come again and must find its call made; update 2's is gone with it"
+        );
+    }
+
+    #[test]
+    fn admit_is_rule_2() {
+        let mut w = None;
+        assert!(admit(&mut w, 10, None), "nothing seen yet");
+        assert!(!admit(&mut w, 10, Some(10)), "a resend");
+        assert!(admit(&mut w, 11, Some(10)));
+        assert_eq!(w, Some(11));
+        assert!(
+            admit(&mut w, 3, Some(12)),
+            "below the offset: a new sequence"
+        );
+        assert_eq!(w, Some(3));
+        assert!(!admit(&mut w, 3, Some(3)));
     }
 
     #[test]

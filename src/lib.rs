@@ -26,14 +26,15 @@
 //!
 //! ```text
 //!  Bot API ──getUpdates──▶ Poller ──Dispatch──▶ Supervisor
+//!                            └══Append══▶ journal thread (offset confirmed once stored)
 //!                                                  │ spawns / reaps
 //!                                                  ▼
 //!                      ScopeActor (chat:123) ──Attach/Write──▶ Worker ══fd 3══▶ python worker
 //!                      ScopeActor (user:456) ◀──InstanceMsg───   │              (bridge + instances)
 //!                           │ app's send() (Call), finished updates (Done)
 //!                           ▼                                     └─ stdout/stderr lines ─▶ log
-//!                         Outbox ══Record══▶ journal thread (calls + handled, one transaction)
-//!                           │ stored calls
+//!                         Outbox ══Record══▶ journal thread (calls, answers, handled: one transaction)
+//!                           │ calls, each with its outbox row id
 //!                           ▼
 //!  Bot API ◀──sendMessage── Sender (limits, per-chat order, retries) ──CallDone──▶ ScopeActor
 //!                             ├── Sent ──▶ Outbox (answer recorded) ──Marked──▶ Sender
@@ -41,7 +42,8 @@
 //! ```
 //!
 //! Every actor runs on one thread, the actix `System` that [`run`] is driven
-//! by; the [`journal`]'s SQLite calls run on two `SyncArbiter` threads.
+//! by; the [`journal`]'s SQLite calls run on one `SyncArbiter` thread, off
+//! the path from an update to its reply.
 
 pub mod actors;
 pub mod backoff;
@@ -89,24 +91,17 @@ pub enum RunError {
     Other(String),
 }
 
-/// This bot's journal, on two threads (see [`journal`]): the one that
-/// appends and the one that records the outbox and handled updates.
-struct JournalThreads {
-    append: Addr<JournalActor>,
-    record: Addr<JournalActor>,
-}
-
 /// What the journal held at start.
 struct Recovery {
     /// Updates not handled, oldest first.
     updates: Vec<telegram::Update>,
-    /// The offset that confirms everything it ever stored.
-    offset: Option<i64>,
+    /// The highest update_id it ever stored.
+    watermark: Option<i64>,
     outbox: journal::Recovered,
 }
 
-/// Opens this bot's journal and starts its threads.
-fn start_journal(settings: &Settings) -> Result<(JournalThreads, Recovery), RunError> {
+/// Opens this bot's journal and starts its thread.
+fn start_journal(settings: &Settings) -> Result<(Addr<JournalActor>, Recovery), RunError> {
     let dir = settings.journal.resolved_dir();
     let name = journal_name(settings);
     let fail = |e: journal::JournalError| RunError::Other(e.to_string());
@@ -115,7 +110,7 @@ fn start_journal(settings: &Settings) -> Result<(JournalThreads, Recovery), RunE
         journal.set_fsync(false).map_err(fail)?;
     }
     let outbox = journal.recover().map_err(fail)?;
-    let offset = journal.watermark().map_err(fail)?.map(|w| w + 1);
+    let watermark = journal.watermark().map_err(fail)?;
     let mut pending = Vec::new();
     for (id, body) in journal.pending().map_err(fail)? {
         match serde_json::from_str(&body)
@@ -134,16 +129,13 @@ fn start_journal(settings: &Settings) -> Result<(JournalThreads, Recovery), RunE
     );
     metrics::metrics().journal_entries.set_count(pending.len());
     let journal = Arc::new(std::sync::Mutex::new(journal));
-    let threads = JournalThreads {
-        append: journal_thread(journal.clone()),
-        record: journal_thread(journal),
-    };
+    let thread = SyncArbiter::start(1, move || JournalActor(journal.clone()));
     let recovery = Recovery {
         updates: pending,
-        offset,
+        watermark,
         outbox,
     };
-    Ok((threads, recovery))
+    Ok((thread, recovery))
 }
 
 /// The Sender and the Outbox in front of it; each needs the other's address.
@@ -161,10 +153,6 @@ fn start_sending(
     .start();
     let outbox = outbox_ctx.run(Outbox::new(journal, sender.clone()));
     (sender, outbox)
-}
-
-fn journal_thread(journal: Arc<std::sync::Mutex<Journal>>) -> Addr<JournalActor> {
-    SyncArbiter::start(1, move || JournalActor(journal.clone()))
 }
 
 /// One journal per bot and Bot API server: `<bot id>@<host>`. The bot id is
@@ -217,11 +205,11 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     let (journal, recovery) = start_journal(&settings)?;
     let Recovery {
         updates: replay,
-        offset,
+        watermark,
         outbox: unsent,
     } = recovery;
     let undelivered = Rc::new(Cell::new(0));
-    let (sender, outbox) = start_sending(bot.clone(), &settings, Some(journal.record.clone()));
+    let (sender, outbox) = start_sending(bot.clone(), &settings, Some(journal.clone()));
     // First in the Outbox's mailbox: repeats of calls made before the
     // restart must be known before any app runs.
     outbox.do_send(Recover(unsent));
@@ -281,7 +269,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         let (fatal, notify) = (fatal.clone(), fatal_notify.clone());
         let delivery = Delivery {
             supervisor: supervisor.clone(),
-            journal: Some(journal.append),
+            journal: Some(journal),
             undelivered,
             max_undelivered: settings.journal.max_undelivered,
         };
@@ -289,7 +277,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
             bot.clone(),
             delivery,
             &settings.telegram,
-            offset,
+            watermark,
             Box::new(move |e| {
                 *fatal.borrow_mut() = Some(e);
                 notify.notify_one();

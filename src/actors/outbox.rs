@@ -4,10 +4,12 @@
 //!
 //! Scopes send it, in the order their app acted, the calls the app made
 //! ([`Call`], each keyed by its cause and ordinal) and the updates the app is
-//! done with ([`Done`]). It writes them to the journal in one transaction
-//! per batch (rule 5 of [`crate::journal`]) and only then hands the calls to
-//! the Sender. While one batch is being written the next one gathers, so
-//! under load many calls share a write and at rest a call waits for one.
+//! done with ([`Done`]). It hands each call to the Sender at once, with the
+//! row id it will have, and writes the rows, the answers the Sender reports
+//! ([`Sent`]) and the finished updates to the journal in one transaction per
+//! batch (rule 5 of [`crate::journal`]). While one batch is being written the
+//! next one gathers, so under load many share a write; a reply never waits
+//! for one, only the chat's next call does (until its answer is written).
 //!
 //! A call whose key was made before, while its cause was not yet done, is a
 //! repeat: the cause was delivered again, after a crash or a worker's death.
@@ -55,49 +57,21 @@ pub struct Recover(pub Recovered);
 #[rtype(result = "()")]
 pub struct Flush;
 
-/// One batch for the journal; its calls come back with their outbox ids.
+/// One batch for the journal.
 #[derive(Message)]
-#[rtype(result = "Written")]
+#[rtype(result = "Result<(), String>")]
 struct Record {
-    calls: Vec<Call>,
+    calls: Vec<NewCall>,
     handled: Vec<i64>,
     sent: Vec<SentCall>,
 }
 
-struct Written {
-    calls: Vec<Call>,
-    error: Option<String>,
-}
-
 impl Handler<Record> for JournalActor {
-    type Result = MessageResult<Record>;
+    type Result = Result<(), String>;
     fn handle(&mut self, msg: Record, _: &mut SyncContext<Self>) -> Self::Result {
-        let Record {
-            mut calls,
-            handled,
-            sent,
-        } = msg;
-        let rows: Vec<NewCall<'_>> = calls
-            .iter()
-            .map(|c| NewCall {
-                cause: c.cause().map(|c| c.update_id),
-                ordinal: c.cause().map_or(0, |c| c.ordinal),
-                method: &c.method,
-                params: &c.params,
-            })
-            .collect();
-        let result = self.journal().record(&rows, &handled, &sent);
-        drop(rows);
-        let error = match result {
-            Ok(ids) => {
-                for (call, id) in calls.iter_mut().zip(ids) {
-                    call.set_row(id);
-                }
-                None
-            }
-            Err(e) => Some(e.to_string()),
-        };
-        MessageResult(Written { calls, error })
+        self.journal()
+            .record(&msg.calls, &msg.handled, &msg.sent)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -112,8 +86,10 @@ enum Made {
 pub struct Outbox {
     journal: Option<Addr<JournalActor>>,
     sender: Addr<Sender>,
+    /// The row id of the next call stored.
+    next_id: i64,
     /// Gathered for the next write, in arrival order.
-    calls: Vec<Call>,
+    calls: Vec<NewCall>,
     handled: Vec<i64>,
     sent: Vec<SentCall>,
     /// Lanes of the `sent` calls, in the same order.
@@ -129,6 +105,7 @@ impl Outbox {
         Outbox {
             journal,
             sender,
+            next_id: 1,
             calls: Vec::new(),
             handled: Vec::new(),
             sent: Vec::new(),
@@ -152,15 +129,8 @@ impl Outbox {
             return;
         }
         let Some(journal) = self.journal.clone() else {
-            for call in self.calls.drain(..) {
-                self.sender.do_send(call);
-            }
+            // Nothing to store: calls went straight on and have no rows.
             self.handled.clear();
-            self.sent.clear();
-            if !self.releasing.is_empty() {
-                self.sender
-                    .do_send(Marked(std::mem::take(&mut self.releasing)));
-            }
             return self.write(ctx);
         };
         self.writing = true;
@@ -181,30 +151,36 @@ impl Outbox {
                 if !releasing.is_empty() {
                     act.sender.do_send(Marked(releasing));
                 }
-                match written {
-                    Ok(Written { calls, error }) => {
-                        if let Some(e) = error {
-                            // The calls still go: a reply without a durable
-                            // copy beats none. The updates stay journaled
-                            // and are delivered again after a restart.
-                            log::error!(
-                                "journal: recording {} call(s) and {handled} handled update(s) failed: {e}; the calls are sent without a durable copy",
-                                calls.len()
-                            );
-                        }
-                        for call in calls {
-                            act.sender.do_send(call);
-                        }
-                    }
-                    // The journal thread is gone (the daemon is stopping
-                    // after a panic there); the batch went with it.
+                match written.map_err(|e| e.to_string()).and_then(|r| r) {
+                    Ok(()) => {}
+                    // The calls went anyway: a reply without a durable copy
+                    // beats none. The updates stay journaled and are
+                    // delivered again after a restart.
                     Err(e) => log::error!(
-                        "journal: recording {calls} call(s) and {handled} handled update(s) failed: {e}"
+                        "journal: recording {calls} call(s) and {handled} handled update(s) failed: {e}; the calls went without a durable copy"
                     ),
                 }
                 act.write(ctx);
             })
             .spawn(ctx);
+    }
+
+    /// Gives the call its row, queued for the next write, and sends it.
+    fn store_and_send(&mut self, mut call: Call, ctx: &mut Context<Self>) {
+        if self.journal.is_some() {
+            let id = self.next_id;
+            self.next_id += 1;
+            call.set_row(id);
+            self.calls.push(NewCall {
+                id,
+                cause: call.cause().map(|c| c.update_id),
+                ordinal: call.cause().map_or(0, |c| c.ordinal),
+                method: call.method.clone(),
+                params: encode(&call.params),
+            });
+            self.write(ctx);
+        }
+        self.sender.do_send(call);
     }
 
     /// A repeat of a call made before is answered from the first one's
@@ -235,6 +211,11 @@ impl Outbox {
     }
 }
 
+fn encode(params: &serde_json::Map<String, Value>) -> String {
+    // A map of `Value`s has string keys and finite numbers: it always encodes.
+    serde_json::to_string(params).unwrap_or_default()
+}
+
 /// Tells a repeat that wanted the outcome what the first call got.
 fn answer(reply: ReplyTo, outcome: Option<Result<Value, Value>>) {
     let outcome = outcome.unwrap_or_else(|| {
@@ -258,8 +239,7 @@ impl Handler<Call> for Outbox {
     type Result = ();
     fn handle(&mut self, call: Call, ctx: &mut Context<Self>) {
         if let Some(call) = self.repeat(call) {
-            self.calls.push(call);
-            self.write(ctx);
+            self.store_and_send(call, ctx);
         }
     }
 }
@@ -309,7 +289,12 @@ impl Handler<Sent> for Outbox {
 impl Handler<Recover> for Outbox {
     type Result = ();
     fn handle(&mut self, msg: Recover, _: &mut Context<Self>) {
-        let Recovered { resend, answered } = msg.0;
+        let Recovered {
+            resend,
+            answered,
+            next_id,
+        } = msg.0;
+        self.next_id = next_id;
         for a in answered {
             let outcome = a.outcome.map(|o| {
                 if o.get("ok") == Some(&Value::Bool(true)) {

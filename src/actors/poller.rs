@@ -1,10 +1,13 @@
 //! Poller: long-polls `getUpdates` and hands each batch to the Supervisor.
 //!
 //! 1. Exactly one getUpdates is in flight; the next starts when it answered.
-//! 2. A batch is stored in the journal before anything else; only then does
-//!    the offset move one past its highest update_id, so the next call
-//!    confirms to Telegram only what is on disk. Updates the journal has seen
-//!    before (Telegram resends what was not confirmed) are dropped there.
+//! 2. Updates the journal has seen before (Telegram resends what was not
+//!    confirmed) are dropped, by the journal's own rule against a copy of its
+//!    watermark. The new ones go to the journal and, without waiting for it,
+//!    to the Supervisor; once the journal has stored them the offset moves
+//!    one past the batch's highest update_id, so the next call confirms to
+//!    Telegram only what is on disk. A failed store is retried, not polled
+//!    past.
 //! 3. An element that is not an update (no object, no integer update_id) is
 //!    logged and skipped; the ids around it still move the offset.
 //! 4. While the daemon holds `max_undelivered` updates the apps have not
@@ -19,7 +22,6 @@
 //! Stops on [`StopPolling`], answering with the offset to confirm.
 
 use std::cell::Cell;
-use std::collections::HashSet;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -28,7 +30,7 @@ use serde_json::{json, Value};
 
 use crate::actors::supervisor::{Dispatch, Supervisor};
 use crate::backoff::Backoff;
-use crate::journal::{Append, JournalActor};
+use crate::journal::{admit, Append, JournalActor};
 use crate::telegram::{Bot, TelegramError, Update};
 
 /// How often a paused Poller looks again at the undelivered count.
@@ -62,6 +64,8 @@ pub struct Poller {
     allowed_updates: Vec<String>,
     /// The offset of the next getUpdates: one past everything stored.
     offset: Option<i64>,
+    /// The journal's watermark (its rule 2), as of the batches sent to it.
+    watermark: Option<i64>,
     failures: u32,
     fatal: Option<FatalHook>,
     in_flight: Option<SpawnHandle>,
@@ -73,7 +77,7 @@ impl Poller {
         bot: Bot,
         delivery: Delivery,
         telegram: &crate::settings::TelegramSettings,
-        offset: Option<i64>,
+        watermark: Option<i64>,
         fatal: FatalHook,
     ) -> Poller {
         Poller {
@@ -82,7 +86,8 @@ impl Poller {
             poll_timeout: telegram.poll_timeout,
             limit: telegram.poll_limit,
             allowed_updates: telegram.allowed_updates.clone(),
-            offset,
+            offset: watermark.map(|w| w + 1),
+            watermark,
             failures: 0,
             fatal: Some(fatal),
             in_flight: None,
@@ -112,19 +117,15 @@ impl Poller {
         self.poll(ctx);
     }
 
-    /// Stores a batch (rule 2), then hands the new updates to the Supervisor.
+    /// Hands the new updates of a batch to the journal and the Supervisor,
+    /// and polls again once they are stored (rule 2).
     fn store_and_dispatch(
         &mut self,
-        updates: Vec<Update>,
+        mut updates: Vec<Update>,
         next: Option<i64>,
         ctx: &mut Context<Self>,
     ) {
-        let Some(journal) = self
-            .delivery
-            .journal
-            .clone()
-            .filter(|_| !updates.is_empty())
-        else {
+        let Some(journal) = self.delivery.journal.clone() else {
             self.offset = next;
             if !updates.is_empty() {
                 self.delivery.supervisor.do_send(Dispatch(updates));
@@ -132,40 +133,67 @@ impl Poller {
             self.poll_when_ready(ctx);
             return;
         };
-        let batch = updates
-            .iter()
-            .map(|u| (u.id.0, serde_json::to_string(&u.raw).unwrap_or_default()))
-            .collect();
         let fetched_with = self.offset;
-        let stored = journal.send(Append {
-            batch,
+        let count = updates.len();
+        updates.retain(|u| admit(&mut self.watermark, u.id.0, fetched_with));
+        if updates.len() < count {
+            log::info!(
+                "{} update(s) already in the journal skipped (sent again by Telegram)",
+                count - updates.len()
+            );
+        }
+        if updates.is_empty() {
+            self.offset = next;
+            self.poll_when_ready(ctx);
+            return;
+        }
+        let append = Append {
+            batch: updates
+                .iter()
+                .map(|u| (u.id.0, serde_json::to_string(&u.raw).unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .into(),
             fetched_with,
-        });
+        };
+        // Sent before the Dispatch: the journal's one thread takes messages
+        // in the order they were sent, so every record about these updates
+        // (from the Outbox) is written after their append.
+        self.store(journal, append, next, ctx);
+        self.delivery.supervisor.do_send(Dispatch(updates));
+    }
+
+    fn store(
+        &mut self,
+        journal: Addr<JournalActor>,
+        append: Append,
+        next: Option<i64>,
+        ctx: &mut Context<Self>,
+    ) {
+        // The journal's mailbox never nears its capacity (the Poller and the
+        // Outbox each keep one message in flight), so `send` queues at once.
+        let stored = journal.send(append.clone());
         self.in_flight = Some(ctx.spawn(stored.into_actor(self).map(move |result, act, ctx| {
             act.in_flight = None;
             match result.map_err(|e| e.to_string()).and_then(|r| r) {
-                Ok(fresh) => {
+                Ok(_) => {
+                    act.failures = 0;
                     act.offset = next;
-                    let fresh: HashSet<i64> = fresh.into_iter().collect();
-                    let count = updates.len();
-                    let updates: Vec<Update> = updates.into_iter().filter(|u| fresh.contains(&u.id.0)).collect();
-                    if updates.len() < count {
-                        log::info!("{} update(s) already in the journal skipped (sent again by Telegram)", count - updates.len());
-                    }
-                    if !updates.is_empty() {
-                        act.delivery.supervisor.do_send(Dispatch(updates));
-                    }
                     act.poll_when_ready(ctx);
                 }
                 Err(e) => {
-                    // Not stored means not confirmed: Telegram keeps them.
+                    // Not stored means not confirmed: Telegram keeps them,
+                    // and the apps have them already, so the same batch is
+                    // stored again rather than fetched again.
                     let delay = BACKOFF.delay(act.failures);
+                    act.failures = act.failures.saturating_add(1);
                     log::error!(
                         "journal: cannot store {count} update(s): {e}; they stay unconfirmed, retrying in {:.1}s",
                         delay.as_secs_f64(),
-                        count = updates.len()
+                        count = append.batch.len()
                     );
-                    act.retry(delay, ctx);
+                    act.in_flight = Some(ctx.run_later(delay, move |act, ctx| {
+                        act.store(journal, append, next, ctx);
+                    }));
                 }
             }
         })));
