@@ -94,6 +94,11 @@ pub struct Outbox {
     sent: Vec<SentCall>,
     /// Lanes of the `sent` calls, in the same order.
     releasing: Vec<Option<String>>,
+    /// Calls that go once their rows are written (see `store_and_send`):
+    /// those whose rows gather for the next write, and those of the write
+    /// under way.
+    held: Vec<Call>,
+    held_writing: Vec<Call>,
     writing: bool,
     /// cause -> ordinal -> what became of that call; until the cause is done.
     made: HashMap<i64, HashMap<u32, Made>>,
@@ -110,6 +115,8 @@ impl Outbox {
             handled: Vec::new(),
             sent: Vec::new(),
             releasing: Vec::new(),
+            held: Vec::new(),
+            held_writing: Vec::new(),
             writing: false,
             made: HashMap::new(),
             flush_waiters: Vec::new(),
@@ -141,6 +148,7 @@ impl Outbox {
         };
         let (calls, handled) = (record.calls.len(), record.handled.len());
         let releasing = std::mem::take(&mut self.releasing);
+        self.held_writing = std::mem::take(&mut self.held);
         journal
             .send(record)
             .into_actor(self)
@@ -160,12 +168,22 @@ impl Outbox {
                         "journal: recording {calls} call(s) and {handled} handled update(s) failed: {e}; the calls went without a durable copy"
                     ),
                 }
+                for call in act.held_writing.drain(..) {
+                    act.sender.do_send(call);
+                }
                 act.write(ctx);
             })
             .spawn(ctx);
     }
 
     /// Gives the call its row, queued for the next write, and sends it.
+    ///
+    /// A call made while handling an update goes at once: if the daemon dies
+    /// before its row is written, its cause is not recorded handled either
+    /// and makes it again. A call with no cause (lifespan, a background
+    /// task) has nothing to bring it back, so it waits for its row, and so
+    /// does every call after it, to keep the order in which the apps made
+    /// them.
     fn store_and_send(&mut self, mut call: Call, ctx: &mut Context<Self>) {
         if self.journal.is_some() {
             let id = self.next_id;
@@ -178,6 +196,10 @@ impl Outbox {
                 method: call.method.clone(),
                 params: encode(&call.params),
             });
+            if call.cause().is_none() || !self.held.is_empty() || !self.held_writing.is_empty() {
+                self.held.push(call);
+                return self.write(ctx);
+            }
             self.write(ctx);
         }
         self.sender.do_send(call);
