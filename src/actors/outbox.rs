@@ -100,6 +100,8 @@ pub struct Outbox {
     held: Vec<Call>,
     held_writing: Vec<Call>,
     writing: bool,
+    /// A write is due once the messages queued now are handled.
+    write_due: bool,
     /// cause -> ordinal -> what became of that call; until the cause is done.
     made: HashMap<i64, HashMap<u32, Made>>,
     flush_waiters: Vec<oneshot::Sender<()>>,
@@ -118,6 +120,7 @@ impl Outbox {
             held: Vec::new(),
             held_writing: Vec::new(),
             writing: false,
+            write_due: false,
             made: HashMap::new(),
             flush_waiters: Vec::new(),
         }
@@ -176,6 +179,20 @@ impl Outbox {
             .spawn(ctx);
     }
 
+    /// Writes once the mailbox is drained: a scope reports an app's calls
+    /// and the update it finished in one go, and they share a transaction.
+    fn write_soon(&mut self, ctx: &mut Context<Self>) {
+        if !self.write_due {
+            self.write_due = true;
+            ctx.spawn(
+                fut::wrap_future::<_, Self>(std::future::ready(())).map(|(), act, ctx| {
+                    act.write_due = false;
+                    act.write(ctx);
+                }),
+            );
+        }
+    }
+
     /// Gives the call its row, queued for the next write, and sends it.
     ///
     /// A call made while handling an update goes at once: if the daemon dies
@@ -198,9 +215,9 @@ impl Outbox {
             });
             if call.cause().is_none() || !self.held.is_empty() || !self.held_writing.is_empty() {
                 self.held.push(call);
-                return self.write(ctx);
+                return self.write_soon(ctx);
             }
-            self.write(ctx);
+            self.write_soon(ctx);
         }
         self.sender.do_send(call);
     }
@@ -273,7 +290,7 @@ impl Handler<Done> for Outbox {
             self.made.remove(id);
         }
         self.handled.extend(msg.0);
-        self.write(ctx);
+        self.write_soon(ctx);
     }
 }
 
@@ -303,7 +320,7 @@ impl Handler<Sent> for Outbox {
                     Err(envelope) => envelope,
                 }),
             });
-            self.write(ctx);
+            self.write_soon(ctx);
         }
     }
 }
