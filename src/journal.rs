@@ -428,6 +428,29 @@ fn sqlite_err(path: &Path, e: rusqlite::Error) -> JournalError {
     }
 }
 
+/// Makes the calling thread (the journal's) `SCHED_BATCH`: it no longer
+/// preempts the thread that wakes it.
+///
+/// The Poller wakes the journal thread with each batch, just before the
+/// batch's events go to the workers. Linux tends to run a woken thread on
+/// the waker's CPU, at once: the journal's SQLite work then ran first, and
+/// the events reached the workers about 100 us later, a fifth of the
+/// daemon's whole added latency at 200 updates/s (docs/performance.md).
+/// Nothing waits on the journal that cannot wait that long. Failure (a
+/// seccomp profile that denies it) only costs that latency.
+pub fn yield_to_latency() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the duration of the call;
+    // pid 0 is the calling thread, and SCHED_BATCH needs no privilege.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc != 0 {
+        log::debug!(
+            "journal thread: SCHED_BATCH refused ({}); it keeps the default policy",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// The journal on a thread of its own, sharing the connection.
 pub struct JournalActor(pub Arc<Mutex<Journal>>);
 
@@ -638,6 +661,21 @@ mod tests {
             }],
             "update 1 may come again and must find its call made; update 2's is gone with it"
         );
+    }
+
+    #[test]
+    fn the_journal_thread_gives_way_to_the_actor_thread() {
+        let policy = std::thread::spawn(|| {
+            yield_to_latency();
+            // SAFETY: no arguments; pid 0 is the calling thread.
+            unsafe { libc::sched_getscheduler(0) }
+        })
+        .join()
+        .expect("the thread does not panic");
+        assert_eq!(policy, libc::SCHED_BATCH);
+        // SAFETY: as above.
+        let here = unsafe { libc::sched_getscheduler(0) };
+        assert_eq!(here, libc::SCHED_OTHER, "only the calling thread changes");
     }
 
     #[test]

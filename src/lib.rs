@@ -129,7 +129,10 @@ fn start_journal(settings: &Settings) -> Result<(Addr<JournalActor>, Recovery), 
     );
     metrics::metrics().journal_entries.set_count(pending.len());
     let journal = Arc::new(std::sync::Mutex::new(journal));
-    let thread = SyncArbiter::start(1, move || JournalActor(journal.clone()));
+    let thread = SyncArbiter::start(1, move || {
+        journal::yield_to_latency();
+        JournalActor(journal.clone())
+    });
     let recovery = Recovery {
         updates: pending,
         watermark,

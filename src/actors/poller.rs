@@ -155,11 +155,13 @@ impl Poller {
                 .into(),
             fetched_with,
         };
-        // Sent before the Dispatch: the journal's one thread takes messages
-        // in the order they were sent, so every record about these updates
-        // (from the Outbox) is written after their append.
-        self.store(journal, append, next, ctx);
+        // The journal's one thread takes messages in the order they were
+        // sent, and a record about these updates can only come once an app
+        // has had them, so their append, queued in this same turn, is written
+        // first. Dispatched first: waking the journal thread costs the actor
+        // thread a system call that the update need not wait for.
         self.delivery.supervisor.do_send(Dispatch(updates));
+        self.store(journal, append, next, ctx);
     }
 
     fn store(
