@@ -4,60 +4,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-
 use common::*;
 use serde_json::{json, Value};
-
-/// `[http]` on an ephemeral port: the daemon logs the address it bound.
-const HTTP: &str = "[http]\nbind = \"127.0.0.1:0\"\n";
-
-/// The endpoint's address, from the "http endpoint listening addr=..." line.
-fn endpoint(d: &Daemon) -> String {
-    let mut addr = None;
-    let found = wait_for(DEADLINE, || {
-        addr = d
-            .log()
-            .lines()
-            .find_map(|l| l.split("http endpoint listening addr=").nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-            .map(str::to_string);
-        addr.is_some()
-    });
-    assert!(found, "no endpoint address in the log:\n{}", d.log());
-    addr.expect("found above")
-}
-
-/// GET `path`: (status, body). A plain HTTP/1.1 request over a socket.
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("the endpoint accepts connections");
-    s.set_read_timeout(Some(DEADLINE)).expect("set timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request written");
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("response read");
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
-}
-
-/// The value of one sample line (`name{labels} value`) in a scrape.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
 
 fn wait_ready(addr: &str, d: &Daemon) {
     assert!(

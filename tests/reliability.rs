@@ -406,9 +406,12 @@ fn a_repeated_call_gets_the_first_calls_outcome_instead_of_being_made_again() {
     let dir = tempfile::tempdir().expect("temp dir");
     let marker = dir.path().join("died");
     let d = Daemon::start(
-        &config_for(&sb, "dies_once:app", ""),
+        &config_for(&sb, "dies_once:app", HTTP),
         &[("DIE_MARKER", marker.to_str().expect("utf-8 temp path"))],
     );
+    let addr = endpoint(&d);
+    let repeated = || sample(&get(&addr, "/metrics").1, "asgigram_calls_repeated_total");
+    assert_eq!(repeated(), Some(0.0));
     sb.inject_text(31, "die");
     let texts = wait_texts(&sb, 31, 2, &d);
     // One "die" message: the fresh instance's repeat of the call was answered
@@ -424,8 +427,10 @@ fn a_repeated_call_gets_the_first_calls_outcome_instead_of_being_made_again() {
         vec!["die".to_string(), format!("die -> message_id {id}")]
     );
     assert!(d.log().contains("restarting it"), "{}", d.log());
+    assert_eq!(repeated(), Some(1.0), "the one repeat is counted");
     sb.inject_text(31, "after");
     assert_eq!(wait_texts(&sb, 31, 4, &d)[2], "after");
+    assert_eq!(repeated(), Some(1.0), "a new update's call is no repeat");
 }
 
 #[test]
