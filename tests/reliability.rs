@@ -510,3 +510,80 @@ fn calls_executed_but_unanswered_are_repeated_once_each_and_nothing_else_is() {
     );
     assert_eq!(executed(), total + unanswered());
 }
+
+#[test]
+fn an_update_goes_to_the_app_while_it_is_stored_and_a_failed_store_is_retried_before_confirming() {
+    let sb = sandbox();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("state");
+    let d = Daemon::start(
+        &config_for(&sb, "echo3:app", ""),
+        &[(
+            "ASGIGRAM_JOURNAL__DIR",
+            state.to_str().expect("utf-8 temp path"),
+        )],
+    );
+    sb.inject_text(71, "warm");
+    wait_texts(&sb, 71, 1, &d);
+    let file = std::fs::read_dir(&state)
+        .expect("the journal's directory exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "sqlite3"))
+        .expect("the journal file exists");
+
+    let mut other = rusqlite::Connection::open(&file).expect("journal opens");
+    // Once "warm" and its reply have left the journal, the daemon has
+    // nothing more to write...
+    let rows = |c: &rusqlite::Connection| -> i64 {
+        c.query_row(
+            "SELECT (SELECT COUNT(*) FROM updates) + (SELECT COUNT(*) FROM outbox)",
+            [],
+            |r| r.get(0),
+        )
+        .expect("journal readable")
+    };
+    assert!(wait_for(DEADLINE, || rows(&other) == 0), "{}", d.log());
+    // ...so the next thing to meet the write lock that another connection
+    // now holds is the append of "held": it waits SQLite's busy timeout
+    // (10 s), and fails.
+    let lock = other
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .expect("write lock taken");
+    let held = sb.inject_text(71, "held");
+    assert_eq!(
+        wait_texts(&sb, 71, 2, &d)[1],
+        "held",
+        "answered while its store waits"
+    );
+    assert!(
+        sb.confirmed_offset() <= held,
+        "confirmed to Telegram before it was stored"
+    );
+    assert!(
+        wait_for(Duration::from_secs(40), || d
+            .log()
+            .contains("journal: cannot store 1 update(s)")),
+        "{}",
+        d.log()
+    );
+    assert!(
+        sb.confirmed_offset() <= held,
+        "confirmed after a failed store"
+    );
+    drop(lock);
+    drop(other);
+
+    // The same batch is stored again, and only then confirmed.
+    assert!(
+        wait_for(DEADLINE, || sb.confirmed_offset() > held),
+        "never confirmed; log:\n{}",
+        d.log()
+    );
+    sb.inject_text(71, "after");
+    assert_eq!(wait_texts(&sb, 71, 3, &d), ["warm", "held", "after"]);
+    assert_eq!(
+        sb.sent_texts(71).iter().filter(|t| *t == "held").count(),
+        1,
+        "the retried store does not deliver it again"
+    );
+}
