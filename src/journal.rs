@@ -8,7 +8,9 @@
 //!    written: until the offset is confirmed Telegram keeps the updates, so
 //!    a crash before the commit loses nothing (they come again), and every
 //!    record that names them (rules 3, 5, 6) is written after the append
-//!    (see "One thread" below).
+//!    (the last paragraph). A failed append is retried by the Poller
+//!    behind the records queued meanwhile; an update they recorded handled
+//!    is not stored by the retry.
 //! 2. The journal remembers the highest update_id it ever stored (the
 //!    watermark). Telegram resends what was not confirmed, so an id from the
 //!    offset the batch was fetched with up to the watermark has been seen:
@@ -56,6 +58,7 @@
 //! waits for that thread; only the offset (rule 1) and a chat's next call
 //! (rule 5) do.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -80,6 +83,10 @@ pub struct Journal {
     path: PathBuf,
     /// Appends wait for the disk (`journal.fsync`, on by default).
     fsync: bool,
+    /// Updates recorded handled before their append was written: only
+    /// after a failed append, whose retry comes behind the records (rule 1).
+    /// Their retried append must not store them again.
+    handled_early: HashSet<i64>,
 }
 
 impl Journal {
@@ -97,6 +104,7 @@ impl Journal {
             conn,
             path,
             fsync: true,
+            handled_early: HashSet::new(),
         };
         journal
             .conn
@@ -170,7 +178,7 @@ impl Journal {
                 .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")
                 .map_err(|e| sqlite_err(&self.path, e))?;
             for (id, body) in batch {
-                if !admit(&mut watermark, *id, fetched_with) {
+                if !admit(&mut watermark, *id, fetched_with) || self.handled_early.remove(id) {
                     continue;
                 }
                 insert
@@ -227,7 +235,7 @@ impl Journal {
         handled: &[i64],
         sent: &[SentCall],
     ) -> Result<(), JournalError> {
-        let deleted = self.unsynced(|tx| {
+        let (deleted, missing) = self.unsynced(|tx| {
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO outbox (id, cause, ordinal, method, params) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -243,19 +251,31 @@ impl Journal {
                 }
             }
             mark_sent(tx, sent)?;
-            let mut deleted = 0;
+            let (mut deleted, mut missing) = (0, Vec::new());
             {
                 let mut forget = tx.prepare_cached("DELETE FROM updates WHERE update_id = ?1")?;
                 let mut answered =
                     tx.prepare_cached("DELETE FROM outbox WHERE cause = ?1 AND sent = 1")?;
                 for id in handled {
-                    deleted += forget.execute(params![id])?;
+                    match forget.execute(params![id])? {
+                        0 => missing.push(*id),
+                        n => deleted += n,
+                    }
                     answered.execute(params![id])?;
                 }
             }
-            Ok(deleted)
+            Ok((deleted, missing))
         })?;
         metrics().journal_entries.add(-(deleted as i64));
+        if !missing.is_empty() {
+            // Above the watermark: its append has not been written yet.
+            let watermark = self.watermark()?;
+            self.handled_early.extend(
+                missing
+                    .into_iter()
+                    .filter(|id| watermark.is_none_or(|w| *id > w)),
+            );
+        }
         Ok(())
     }
 
@@ -676,6 +696,26 @@ mod tests {
         // SAFETY: as above.
         let here = unsafe { libc::sched_getscheduler(0) };
         assert_eq!(here, libc::SCHED_OTHER, "only the calling thread changes");
+    }
+
+    #[test]
+    fn an_update_handled_before_its_retried_append_is_not_stored_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        j.append(&batch(&[1]), None).unwrap();
+        // Update 2's append failed; it was handled meanwhile.
+        j.record(&[], &[1, 2], &[]).unwrap();
+        assert_eq!(j.append(&batch(&[2, 3]), Some(2)).unwrap(), vec![3]);
+        assert_eq!(j.watermark().unwrap(), Some(3));
+        let pending: Vec<i64> = j.pending().unwrap().into_iter().map(|(i, _)| i).collect();
+        assert_eq!(
+            pending,
+            vec![3],
+            "2 is not left behind to be delivered again"
+        );
+        // A handled id the journal had stored and forgotten is not remembered.
+        j.record(&[], &[1], &[]).unwrap();
+        assert!(j.handled_early.is_empty());
     }
 
     #[test]
