@@ -277,53 +277,44 @@ async fn final_errors_are_reported_once_and_the_lane_moves_on() {
     assert_eq!(sb.calls().len(), 3);
 }
 
+/// One message to chat 1 whose first attempt meets `fault`, under `policy`:
+/// whether the app was told it succeeded, and the texts the chat got.
+async fn one_message_meeting(fault: Fault, policy: AmbiguousPolicy) -> (bool, Vec<String>) {
+    let sb = sandbox();
+    register(&sb, 1);
+    sb.set_faults(FaultPlan::scripted(vec![fault]).only(&["sendMessage"]));
+    let s = sender(
+        &sb,
+        SenderSettings {
+            ambiguous: policy,
+            ..settings(Limits::off())
+        },
+    );
+    let (to, done) = collector();
+    s.do_send(asking(message(1, "once?"), &to, 1));
+    wait_for("the answer", || done.borrow().len() == 1).await;
+    let ok = done.borrow()[0].outcome.is_ok();
+    (ok, sb.sent_texts(1))
+}
+
 #[actix_rt::test]
 async fn ambiguous_failures_follow_the_policy() {
     let _ = env_logger::builder().is_test(true).try_init();
     // Retry (default): the message is delivered; a duplicate is possible.
-    let sb = sandbox();
-    register(&sb, 1);
-    sb.set_faults(FaultPlan::scripted(vec![Fault::DropAfterExecute]).only(&["sendMessage"]));
-    let s = sender(&sb, settings(Limits::off()));
-    let (to, done) = collector();
-    s.do_send(asking(message(1, "once?"), &to, 1));
-    wait_for("the answer", || done.borrow().len() == 1).await;
-    assert!(done.borrow()[0].outcome.is_ok());
-    assert_eq!(sb.sent_texts(1), vec!["once?", "once?"]);
-
+    assert_eq!(
+        one_message_meeting(Fault::DropAfterExecute, AmbiguousPolicy::Retry).await,
+        (true, vec!["once?".to_string(), "once?".to_string()])
+    );
     // Fail: reported, never resent.
-    let sb = sandbox();
-    register(&sb, 1);
-    sb.set_faults(FaultPlan::scripted(vec![Fault::DropAfterExecute]).only(&["sendMessage"]));
-    let s = sender(
-        &sb,
-        SenderSettings {
-            ambiguous: AmbiguousPolicy::Fail,
-            ..settings(Limits::off())
-        },
+    assert_eq!(
+        one_message_meeting(Fault::DropAfterExecute, AmbiguousPolicy::Fail).await,
+        (false, vec!["once?".to_string()])
     );
-    let (to, done) = collector();
-    s.do_send(asking(message(1, "once"), &to, 1));
-    wait_for("the answer", || done.borrow().len() == 1).await;
-    assert!(done.borrow()[0].outcome.is_err());
-    assert_eq!(sb.sent_texts(1), vec!["once"]);
-
     // A failure that surely did not execute is retried under either policy.
-    let sb = sandbox();
-    register(&sb, 1);
-    sb.set_faults(FaultPlan::scripted(vec![Fault::BadGatewayJson]).only(&["sendMessage"]));
-    let s = sender(
-        &sb,
-        SenderSettings {
-            ambiguous: AmbiguousPolicy::Fail,
-            ..settings(Limits::off())
-        },
+    assert_eq!(
+        one_message_meeting(Fault::BadGatewayJson, AmbiguousPolicy::Fail).await,
+        (true, vec!["once?".to_string()])
     );
-    let (to, done) = collector();
-    s.do_send(asking(message(1, "x"), &to, 1));
-    wait_for("the answer", || done.borrow().len() == 1).await;
-    assert!(done.borrow()[0].outcome.is_ok());
-    assert_eq!(sb.sent_texts(1), vec!["x"]);
 }
 
 /// End to end, with the real daemon and a Python app: a queue over
