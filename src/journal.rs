@@ -471,7 +471,9 @@ pub fn yield_to_latency() {
     }
 }
 
-/// The journal on a thread of its own, sharing the connection.
+/// The journal on a thread of its own. The connection is shared with the
+/// actor the `SyncArbiter` builds anew if this one panics, so that it keeps
+/// the connection and what it remembers (`handled_early`).
 pub struct JournalActor(pub Arc<Mutex<Journal>>);
 
 impl JournalActor {
@@ -579,6 +581,11 @@ mod tests {
         }
     }
 
+    fn hi() -> Map<String, Value> {
+        let params = serde_json::json!({"chat_id": 1, "text": "hi"});
+        params.as_object().expect("an object literal").clone()
+    }
+
     fn sent(id: i64) -> SentCall {
         SentCall { id, outcome: None }
     }
@@ -586,8 +593,7 @@ mod tests {
     #[test]
     fn calls_of_an_unhandled_update_are_made_again_by_its_redelivery_not_resent() {
         let dir = tempfile::tempdir().unwrap();
-        let params = serde_json::json!({"chat_id": 1, "text": "hi"});
-        let params = params.as_object().unwrap();
+        let params = &hi();
         {
             let mut j = Journal::open(dir.path(), "j").unwrap();
             j.append(&batch(&[1]), None).unwrap();
@@ -623,8 +629,7 @@ mod tests {
     #[test]
     fn unsent_calls_of_a_handled_update_are_resent_and_sent_ones_forgotten() {
         let dir = tempfile::tempdir().unwrap();
-        let params = serde_json::json!({"chat_id": 1, "text": "hi"});
-        let params = params.as_object().unwrap();
+        let params = &hi();
         let mut j = Journal::open(dir.path(), "j").unwrap();
         j.append(&batch(&[1, 2]), None).unwrap();
         j.record(
@@ -655,8 +660,7 @@ mod tests {
     #[test]
     fn a_call_answered_before_its_row_was_written_is_stored_sent() {
         let dir = tempfile::tempdir().unwrap();
-        let params = serde_json::json!({"chat_id": 1, "text": "hi"});
-        let params = params.as_object().unwrap();
+        let params = &hi();
         let mut j = Journal::open(dir.path(), "j").unwrap();
         j.append(&batch(&[1, 2]), None).unwrap();
         let answer = SentCall {

@@ -213,11 +213,11 @@ impl Outbox {
                 method: call.method.clone(),
                 params: encode(&call.params),
             });
+            self.write_soon(ctx);
             if call.cause().is_none() || !self.held.is_empty() || !self.held_writing.is_empty() {
                 self.held.push(call);
-                return self.write_soon(ctx);
+                return;
             }
-            self.write_soon(ctx);
         }
         self.sender.do_send(call);
     }
