@@ -172,6 +172,9 @@ pub struct Metrics {
     /// Calls not made again because an update delivered again after a crash
     /// or a worker's death repeated them (see `actors::outbox`).
     pub calls_repeated: Counter,
+    /// Updates dropped because they killed the isolation worker every time
+    /// they ran alone in it (see `actors::quarantine`).
+    pub updates_dropped: Counter,
     pub scopes_live: Gauge,
     pub scopes_started: Counter,
     /// Worker processes the daemon should have running.
@@ -244,6 +247,7 @@ impl Metrics {
             rate_limited: Counter::default(),
             retries: Counter::default(),
             calls_repeated: Counter::default(),
+            updates_dropped: Counter::default(),
             scopes_live: Gauge::default(),
             scopes_started: Counter::default(),
             workers_configured: Gauge::default(),
@@ -435,6 +439,13 @@ impl Metrics {
             "Calls an update delivered again repeated, answered from the outbox instead of made twice.",
             "counter",
             self.calls_repeated.get().to_string(),
+        );
+        single(
+            &mut out,
+            "asgigram_updates_dropped_total",
+            "Updates dropped because their worker died each time they ran alone in it.",
+            "counter",
+            self.updates_dropped.get().to_string(),
         );
         single(
             &mut out,

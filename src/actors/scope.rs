@@ -34,7 +34,7 @@ use serde_json::{json, Map, Value};
 
 use crate::actors::outbox::{Done, Outbox};
 use crate::actors::sender::{Call, CallDone, Cause, ReplyTo};
-use crate::actors::worker::{Attach, InstanceMsg, Worker, Write};
+use crate::actors::worker::{Attach, Death, InstanceMsg, Worker, Write};
 use crate::bridge::{ScopeDict, Sid, ToWorker};
 use crate::methods;
 use crate::routing::{Lane, ScopeKey};
@@ -69,17 +69,38 @@ pub enum ScopeReport {
         key: ScopeKey,
         ids: Vec<i64>,
     },
-    /// The instance returned by itself and nothing is queued.
-    InstanceEnded { scope_id: u64, key: ScopeKey },
+    /// The instance returned by itself and nothing is queued. `through`
+    /// counts the events the scope had been given then (as [`Idle`]).
+    ///
+    /// [`Idle`]: ScopeReport::Idle
+    InstanceEnded {
+        scope_id: u64,
+        key: ScopeKey,
+        through: u64,
+    },
+    /// The instance is done with every event the scope had been given, the
+    /// first `through` of them: nothing in hand, nothing queued. Sent once per
+    /// such moment; it is idle unless more were sent since.
+    Idle {
+        scope_id: u64,
+        key: ScopeKey,
+        through: u64,
+    },
     /// The scope is done; `leftover` holds the events no instance finished:
     /// first the one in hand, if `in_hand` (it was received, so it no longer
-    /// counts as undelivered), then those never received. The actor waits for
-    /// [`Terminate`], bouncing what still reaches it.
+    /// counts as undelivered), then those never received. `accepted` counts
+    /// the events it was given before it stopped: any sent after come back
+    /// as [`Bounced`](ScopeReport::Bounced). `lost` says why its worker
+    /// ended, when that is why it stopped. The actor waits for [`Terminate`].
     Stopped {
         scope_id: u64,
         key: ScopeKey,
         leftover: Vec<Value>,
         in_hand: bool,
+        accepted: u64,
+        lost: Option<Death>,
+        /// The scope's Chat or User object, for the scope that takes over.
+        subject: Box<RawValue>,
         addr: Addr<ScopeActor>,
     },
     /// Events that reached the scope after it reported `Stopped`.
@@ -151,6 +172,10 @@ pub struct ScopeActor {
     /// Calls of the current instance whose outcome it asked for and has not
     /// been given yet.
     awaiting: u32,
+    /// Events taken from the Supervisor, and that count when the Supervisor
+    /// was last told the instance is idle.
+    accepted: u64,
+    idle_reported: u64,
     /// Reported `Stopped`; waiting for `Terminate`.
     stopped: bool,
 }
@@ -176,6 +201,8 @@ impl ScopeActor {
             progressed: false,
             in_hand: None,
             awaiting: 0,
+            accepted: 0,
+            idle_reported: 0,
             stopped: false,
         }
     }
@@ -192,6 +219,13 @@ impl ScopeActor {
         self.awaiting = 0;
         self.unsent_from = self.queue.front().map_or(self.next_seq, |(seq, _)| *seq);
         log::debug!("scope={} instance sid={sid} starting", self.key);
+        if !self.links.worker.connected() {
+            // Its worker died and the Supervisor has released it: nothing was
+            // in hand (an instance that ended finished it), so no suspicion.
+            self.instance = Instance::None;
+            self.stop_with_leftovers(Some(Death::Asked), ctx);
+            return;
+        }
         self.links.worker.do_send(Attach {
             sid,
             start: ToWorker::Start {
@@ -237,7 +271,24 @@ impl ScopeActor {
         }
     }
 
-    fn stop_with_leftovers(&mut self, ctx: &mut Context<Self>) {
+    /// Tells the Supervisor the instance is idle, once per idle moment.
+    fn report_idle(&mut self) {
+        if self.in_hand.is_some()
+            || !self.queue.is_empty()
+            || self.idle_reported == self.accepted
+            || !matches!(self.instance, Instance::Running { .. })
+        {
+            return;
+        }
+        self.idle_reported = self.accepted;
+        self.links.supervisor.do_send(ScopeReport::Idle {
+            scope_id: self.scope_id,
+            key: self.key.clone(),
+            through: self.accepted,
+        });
+    }
+
+    fn stop_with_leftovers(&mut self, lost: Option<Death>, ctx: &mut Context<Self>) {
         let in_hand = self.in_hand.is_some();
         let leftover = self
             .in_hand
@@ -252,6 +303,9 @@ impl ScopeActor {
             key: self.key.clone(),
             leftover,
             in_hand,
+            accepted: self.accepted,
+            lost,
+            subject: std::mem::replace(&mut self.subject, RawValue::NULL.to_owned()),
             addr: ctx.address(),
         });
         // Not ctx.stop(): an Enqueue the Supervisor sent before it read the
@@ -367,6 +421,7 @@ impl Handler<Enqueue> for ScopeActor {
             });
             return;
         }
+        self.accepted += msg.0.len() as u64;
         for event in msg.0 {
             self.push(event);
         }
@@ -409,7 +464,7 @@ impl Handler<Close> for ScopeActor {
                 self.instance = Instance::Closing { sid };
             }
             Instance::Closing { .. } => {}
-            Instance::None => self.stop_with_leftovers(ctx),
+            Instance::None => self.stop_with_leftovers(None, ctx),
         }
     }
 }
@@ -422,7 +477,7 @@ impl Handler<InstanceMsg> for ScopeActor {
             | InstanceMsg::Idle { sid }
             | InstanceMsg::Send { sid, .. }
             | InstanceMsg::Ended { sid, .. }
-            | InstanceMsg::WorkerLost { sid } => *sid,
+            | InstanceMsg::WorkerLost { sid, .. } => *sid,
         };
         if self.current_sid() != Some(sid) {
             return;
@@ -470,6 +525,7 @@ impl Handler<InstanceMsg> for ScopeActor {
             InstanceMsg::Idle { .. } => {
                 if self.awaiting == 0 {
                     self.finish_in_hand();
+                    self.report_idle();
                 }
             }
             InstanceMsg::Send { event, .. } => self.outgoing(event, ctx),
@@ -501,11 +557,12 @@ impl Handler<InstanceMsg> for ScopeActor {
                 // Daemon-made events die with the instance they were for.
                 self.queue.retain(|(_, e)| !is_local_event(e));
                 if closing {
-                    self.stop_with_leftovers(ctx);
+                    self.stop_with_leftovers(None, ctx);
                 } else if self.queue.is_empty() {
                     self.links.supervisor.do_send(ScopeReport::InstanceEnded {
                         scope_id: self.scope_id,
                         key: self.key.clone(),
+                        through: self.accepted,
                     });
                 } else if self.progressed {
                     self.start_instance(ctx);
@@ -517,14 +574,15 @@ impl Handler<InstanceMsg> for ScopeActor {
                     );
                 }
             }
-            InstanceMsg::WorkerLost { .. } => {
-                log::warn!(
-                    "scope={} worker lost; {} unfinished event(s) go to a new instance",
+            InstanceMsg::WorkerLost { death, .. } => {
+                // The Supervisor logs the worker's death once for all its scopes.
+                log::debug!(
+                    "scope={} worker lost ({death:?}); {} unfinished event(s) go to a new instance",
                     self.key,
                     self.queue.len() + usize::from(self.in_hand.is_some())
                 );
                 self.instance = Instance::None;
-                self.stop_with_leftovers(ctx);
+                self.stop_with_leftovers(Some(death), ctx);
             }
         }
     }

@@ -1,15 +1,36 @@
 //! Supervisor: owns the scopes and the workers.
 //!
 //! Takes batches of updates from the Poller ([`Dispatch`]), routes each to its
-//! scope (creating the ScopeActor on the first update), and keeps the scope
-//! table within `max_scopes` by closing the longest-idle scope that has nothing
-//! left to receive. Closes scopes idle for `idle_timeout`, and scopes whose
-//! instance ended by itself. Starts the Worker actors, reports when all are
-//! ready, restarts a worker that dies (a worker that keeps failing before it is
-//! ready stops the daemon), and gives each new scope the least-loaded worker.
+//! scope (creating the ScopeActor on the first update), and keeps at most
+//! `max_scopes` scopes alive: when full, the longest-idle scope (one whose
+//! instance is done with everything it was given) is closed to make room, and
+//! a new chat waits for the room. Closes scopes idle for `idle_timeout`, and
+//! scopes whose instance ended by itself. Starts the Worker actors, reports
+//! when all are ready, restarts a worker that dies (a worker that keeps
+//! failing before it is ready stops the daemon), gives each new scope the
+//! least-loaded worker, and replaces every worker on a reload.
+//!
+//! # Where a scope's events are
+//!
+//! Every event the Supervisor holds for a scope key is in exactly one place,
+//! in update order: given to the key's live scope, or in its [`Pending`]
+//! queue while the key has no live scope. A key's pending events wait while
+//! its previous scope is still closing (an instance per key at a time), while
+//! events sent to a scope that stopped by itself are on their way back, while
+//! the chat is held for isolation, or while no worker or no room for a scope
+//! is free. What a stopped scope hands back goes in front of them.
+//!
+//! # When a worker dies
+//!
+//! Its scopes stop and hand back what their instances did not finish. When it
+//! died of the app's doing, the chats whose update was in hand are suspects
+//! and are run again one at a time on the isolation worker (see
+//! [`quarantine`](super::quarantine)); the other chats go on at once on the
+//! other workers. Only an update that killed the isolation worker on its own,
+//! repeatedly, is dropped.
 
 use std::cell::Cell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -19,21 +40,22 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::actors::outbox::{Done, Outbox};
+use crate::actors::quarantine::{Quarantine, Verdict, ISOLATED_DEATHS};
 use crate::actors::scope::{
     Close, Enqueue, ScopeActor, ScopeLinks, ScopeReport, Terminate, SHUTDOWN,
 };
-use crate::actors::worker::{describe, ShutdownWorker, Worker, WorkerEvent};
+use crate::actors::worker::{describe, Death, Release, ShutdownWorker, Worker, WorkerEvent};
 use crate::backoff::Backoff;
 use crate::metrics::metrics;
-use crate::routing::{self, Route, ScopeKey, Unroutable};
+use crate::routing::{self, ScopeKey, Unroutable};
 use crate::settings::Settings;
 use crate::telegram::Update;
 
-/// Worker deaths with the same update on hand after which it is dropped.
-const POISON_LIMIT: u32 = 3;
-
 /// Consecutive start failures of one worker after which the daemon gives up.
 const CRASH_LOOP_LIMIT: u32 = 5;
+
+/// The reason a scope gets when it leaves the isolation worker.
+const MOVED: &str = "moved";
 
 /// New updates from the Poller, in update order.
 #[derive(Message)]
@@ -70,16 +92,51 @@ struct ScopeEntry {
     /// Events given to the scope, and how many it reported received.
     dispatched: u64,
     acked: u64,
-    last_active: Instant,
     /// When its app last received an event (or the scope started).
     last_progress: Instant,
     stall_reported: bool,
+    /// While its instance is idle: its place in `Supervisor::idle`, and since
+    /// when.
+    idle: Option<(u64, Instant)>,
+    /// Runs on the isolation worker.
+    isolated: bool,
 }
 
 impl ScopeEntry {
     fn busy(&self) -> bool {
         self.dispatched > self.acked
     }
+}
+
+/// A scope told to close that has not stopped yet.
+struct Closing {
+    key: ScopeKey,
+    worker: usize,
+    /// Closed to make room for a waiting chat.
+    for_room: bool,
+    isolated: bool,
+}
+
+/// Events for a key that has no live scope, oldest first.
+struct Pending {
+    /// The scope's Chat or User object, encoded, for its next scope dict.
+    subject: Box<RawValue>,
+    events: VecDeque<Value>,
+    /// Events sent to a scope that stopped by itself before it took them;
+    /// they come back (`Bounced`) and go in at `bounce_at`, ahead of newer
+    /// ones. The key waits for them.
+    bounces: u64,
+    bounce_at: usize,
+    /// In `Supervisor::admit`.
+    queued: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// One of the `app.workers`.
+    Regular,
+    /// Runs one suspect chat at a time; started only while there are any.
+    Isolation,
 }
 
 struct WorkerSlot {
@@ -90,53 +147,79 @@ struct WorkerSlot {
     scopes: usize,
     /// Consecutive failures before reaching ready.
     failures: u32,
+    /// Consecutive deaths that were not asked for (the isolation worker's
+    /// crash-loop guard: each restart waits longer).
+    deaths: u32,
     pid: u32,
     /// Replaced by a reload: takes no new scopes, is not restarted.
     retired: bool,
+    role: Role,
 }
 
 impl WorkerSlot {
     /// A slot whose worker is not started yet.
-    fn empty() -> WorkerSlot {
+    fn empty(role: Role) -> WorkerSlot {
         WorkerSlot {
             links: None,
             ready: false,
             scopes: 0,
             failures: 0,
+            deaths: 0,
             pid: 0,
             retired: false,
+            role,
         }
     }
+}
+
+/// Counts for the one log line that stands for many similar events.
+#[derive(Default)]
+struct Tally {
+    suspects: usize,
+    scheduled: bool,
 }
 
 pub struct Supervisor {
     settings: Settings,
     /// Where scopes send their calls and finished updates; skipped and
-    /// poison updates are finished here.
+    /// dropped updates are finished here.
     outbox: Addr<Outbox>,
     /// The bot's User object, encoded once for every scope dict.
     bot: Rc<RawValue>,
     scopes: HashMap<ScopeKey, ScopeEntry>,
-    /// Scopes told to close that have not stopped yet: scope_id -> worker index.
-    closing: HashMap<u64, usize>,
+    closing: HashMap<u64, Closing>,
+    /// Keys whose closing scope has not stopped yet: scope_id.
+    closing_keys: HashMap<ScopeKey, u64>,
     next_scope_id: u64,
+    pending: HashMap<ScopeKey, Pending>,
+    /// Keys with pending events that wait for a worker or for room, in the
+    /// order they began to wait.
+    admit: VecDeque<ScopeKey>,
+    /// Idle scopes, longest idle first: tick -> key.
+    idle: BTreeMap<u64, ScopeKey>,
+    next_tick: u64,
+    /// Scopes closed to make room that have not stopped yet.
+    evicting: usize,
+    /// Since when chats have been waiting for room with no idle scope to
+    /// close, and how many have waited (logged once per such stretch).
+    full: Option<(Instant, usize)>,
+    quarantine: Quarantine,
+    /// The isolation worker's slot, while one runs or starts.
+    isolation: Option<usize>,
     workers: Vec<WorkerSlot>,
-    /// Updates waiting for a worker (none is up right now).
-    parked: VecDeque<(Route, Value)>,
     ready_waiters: Vec<oneshot::Sender<Result<(), String>>>,
     startup_error: Option<String>,
     close_waiters: Vec<oneshot::Sender<()>>,
     exit_waiters: Vec<oneshot::Sender<()>>,
     stopping_workers: bool,
     shutting_down: bool,
-    /// update_id -> worker deaths while it was on hand (see `drop_poison`).
-    deaths: HashMap<i64, u32>,
     /// Updates dispatched that no app has received yet; the Poller reads it.
     undelivered: Rc<Cell<usize>>,
     /// Every worker has been ready once: later failures are restarts.
     started_up: bool,
     /// A reload in progress (SIGHUP, --reload).
     reload: Reload,
+    tally: Tally,
 }
 
 impl Supervisor {
@@ -146,16 +229,23 @@ impl Supervisor {
         undelivered: Rc<Cell<usize>>,
     ) -> Supervisor {
         Supervisor {
-            deaths: HashMap::new(),
             undelivered,
             settings,
             outbox,
             bot: Rc::from(RawValue::NULL.to_owned()),
             scopes: HashMap::new(),
             closing: HashMap::new(),
+            closing_keys: HashMap::new(),
             next_scope_id: 1,
+            pending: HashMap::new(),
+            admit: VecDeque::new(),
+            idle: BTreeMap::new(),
+            next_tick: 0,
+            evicting: 0,
+            full: None,
+            quarantine: Quarantine::default(),
+            isolation: None,
             workers: Vec::new(),
-            parked: VecDeque::new(),
             ready_waiters: Vec::new(),
             startup_error: None,
             close_waiters: Vec::new(),
@@ -164,6 +254,7 @@ impl Supervisor {
             shutting_down: false,
             started_up: false,
             reload: Reload::default(),
+            tally: Tally::default(),
         }
     }
 
@@ -179,12 +270,12 @@ impl Supervisor {
         slot.ready = false;
     }
 
-    /// The live worker with the fewest scopes.
+    /// The live regular worker with the fewest scopes.
     fn pick_worker(&self) -> Option<usize> {
         self.workers
             .iter()
             .enumerate()
-            .filter(|(_, w)| w.links.is_some() && !w.retired)
+            .filter(|(_, w)| w.links.is_some() && !w.retired && w.role == Role::Regular)
             .min_by_key(|(_, w)| (!w.ready, w.scopes))
             .map(|(i, _)| i)
     }
@@ -203,7 +294,7 @@ impl Supervisor {
 
     fn dispatch(&mut self, updates: Vec<Update>) {
         // Group by scope, keeping update order within each scope.
-        let mut batches: Vec<(Route, Vec<Value>)> = Vec::new();
+        let mut batches: Vec<(ScopeKey, Value, Vec<Value>)> = Vec::new();
         let mut index: HashMap<ScopeKey, usize> = HashMap::new();
         let mut skipped = Vec::new();
         for update in updates {
@@ -220,10 +311,10 @@ impl Supervisor {
                     };
                     self.undelivered.set(self.undelivered.get() + 1);
                     match index.get(&route.key) {
-                        Some(&i) => batches[i].1.push(event),
+                        Some(&i) => batches[i].2.push(event),
                         None => {
                             index.insert(route.key.clone(), batches.len());
-                            batches.push((route, vec![event]));
+                            batches.push((route.key, route.subject, vec![event]));
                         }
                     }
                 }
@@ -236,8 +327,8 @@ impl Supervisor {
         if !skipped.is_empty() {
             self.outbox.do_send(Done(skipped));
         }
-        for (route, events) in batches {
-            self.deliver(route, events);
+        for (key, subject, events) in batches {
+            self.deliver(key, || encode_subject(&subject), events);
         }
     }
 
@@ -262,92 +353,198 @@ impl Supervisor {
         metrics().updates_skipped.inc(&[&kind]);
     }
 
-    fn deliver(&mut self, route: Route, events: Vec<Value>) {
-        let Some(events) = self.hold_for_reload(&route, events) else {
-            return;
-        };
-        if let Some(entry) = self.scopes.get_mut(&route.key) {
+    /// New events for `key`, after every event it already has.
+    fn deliver(
+        &mut self,
+        key: ScopeKey,
+        subject: impl FnOnce() -> Box<RawValue>,
+        events: Vec<Value>,
+    ) {
+        if let Some(entry) = self.scopes.get_mut(&key).filter(|e| !e.isolated) {
             if entry.stall_reported {
                 self.undelivered
                     .set(self.undelivered.get().saturating_sub(events.len()));
             }
             entry.dispatched += events.len() as u64;
-            entry.last_active = Instant::now();
+            if let Some((tick, _)) = entry.idle.take() {
+                self.idle.remove(&tick);
+            }
             entry.addr.do_send(Enqueue(events));
             return;
         }
-        let Some(worker) = self.pick_worker() else {
-            self.parked
-                .extend(events.into_iter().map(|e| (route.clone(), e)));
+        match self.pending.get_mut(&key) {
+            Some(p) => p.events.extend(events),
+            None => {
+                self.pending.insert(
+                    key.clone(),
+                    Pending {
+                        subject: subject(),
+                        events: events.into(),
+                        bounces: 0,
+                        bounce_at: 0,
+                        queued: false,
+                    },
+                );
+            }
+        }
+        self.try_start(&key);
+    }
+
+    /// Whether `key`'s pending events must wait for something other than a
+    /// worker or room.
+    fn blocked(&self, key: &ScopeKey) -> bool {
+        self.closing_keys.contains_key(key)
+            || self.scopes.contains_key(key)
+            || self.quarantine.holds(key)
+            || self.pending.get(key).is_some_and(|p| p.bounces > 0)
+    }
+
+    fn live_scopes(&self) -> usize {
+        self.scopes.len() + self.closing.len()
+    }
+
+    fn has_room(&self) -> bool {
+        self.live_scopes() < self.settings.scopes.max_scopes
+    }
+
+    /// Starts a scope for `key`'s pending events if nothing holds them, else
+    /// leaves them to whatever does.
+    fn try_start(&mut self, key: &ScopeKey) {
+        if self.shutting_down || !self.pending.contains_key(key) || self.blocked(key) {
+            return;
+        }
+        match self.pick_worker() {
+            Some(worker) if self.has_room() && self.admit.is_empty() => {
+                self.start_scope(key, worker, false)
+            }
+            _ => {
+                if let Some(p) = self.pending.get_mut(key).filter(|p| !p.queued) {
+                    p.queued = true;
+                    self.admit.push_back(key.clone());
+                }
+                self.make_room();
+            }
+        }
+    }
+
+    /// Starts scopes for waiting keys while there is a worker and room.
+    fn admit_waiting(&mut self) {
+        while let Some(key) = self.admit.front().cloned() {
+            let Some(worker) = self.pick_worker().filter(|_| self.has_room()) else {
+                break;
+            };
+            self.admit.pop_front();
+            let Some(p) = self.pending.get_mut(&key) else {
+                continue;
+            };
+            p.queued = false;
+            if !self.blocked(&key) && !self.shutting_down {
+                self.start_scope(&key, worker, false);
+            }
+        }
+        if self.admit.is_empty() {
+            if let Some((since, waited)) = self.full.take() {
+                log::info!(
+                    "max_scopes: room again after {:.1}s; {waited} chat(s) waited for it",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+        } else {
+            self.make_room();
+        }
+    }
+
+    /// Closes idle scopes, longest idle first, while chats wait for room and
+    /// the scopes already closing will not make enough.
+    fn make_room(&mut self) {
+        if self.pick_worker().is_none() {
+            return;
+        }
+        while self.admit.len() > self.evicting
+            && self.live_scopes() >= self.settings.scopes.max_scopes
+        {
+            let Some((_, key)) = self.idle.pop_first() else {
+                let waiting = self.admit.len();
+                match &mut self.full {
+                    Some((_, waited)) => *waited = (*waited).max(waiting),
+                    None => {
+                        log::warn!(
+                            "max_scopes={} reached and no instance is idle: {waiting} chat(s) wait for a scope to end (raise scopes.max_scopes?)",
+                            self.settings.scopes.max_scopes
+                        );
+                        self.full = Some((Instant::now(), waiting));
+                    }
+                }
+                return;
+            };
+            if let Some(e) = self.scopes.get_mut(&key) {
+                e.idle = None;
+            }
+            log::debug!(
+                "scope={key} evicted: max_scopes={} reached",
+                self.settings.scopes.max_scopes
+            );
+            self.close_for(&key, "evicted", true);
+            self.evicting += 1;
+        }
+    }
+
+    /// A scope on `worker` for `key`, given all its pending events.
+    fn start_scope(&mut self, key: &ScopeKey, worker: usize, isolated: bool) {
+        let Some(p) = self.pending.remove(key) else {
             return;
         };
-        if self.scopes.len() >= self.settings.scopes.max_scopes {
-            self.evict_one();
-        }
+        let Some(links) = self.workers[worker].links.clone() else {
+            unreachable!("scopes are only started on workers with an address")
+        };
         let scope_id = self.next_scope_id;
         self.next_scope_id += 1;
-        let Some(links) = self.workers[worker].links.clone() else {
-            unreachable!("pick_worker only returns workers with an address")
-        };
-        // A Chat or User object from an update is plain JSON.
-        let subject =
-            serde_json::value::to_raw_value(&route.subject).expect("the subject is plain JSON");
-        let actor = ScopeActor::new(
-            scope_id,
-            route.key.clone(),
-            subject,
-            self.bot.clone(),
-            links,
-        );
+        let actor = ScopeActor::new(scope_id, key.clone(), p.subject, self.bot.clone(), links);
         let addr = actor.start();
         self.workers[worker].scopes += 1;
         metrics().scopes_started.inc();
+        let events: Vec<Value> = p.events.into();
         let dispatched = events.len() as u64;
         addr.do_send(Enqueue(events));
-        log::debug!("scope={} started on worker={worker}", route.key);
+        log::debug!("scope={key} started on worker={worker}");
         self.scopes.insert(
-            route.key,
+            key.clone(),
             ScopeEntry {
                 scope_id,
                 addr,
                 worker,
                 dispatched,
                 acked: 0,
-                last_active: Instant::now(),
                 last_progress: Instant::now(),
                 stall_reported: false,
+                idle: None,
+                isolated,
             },
         );
     }
 
-    /// Closes the longest-idle scope with nothing left to receive.
-    fn evict_one(&mut self) {
-        let victim = self
-            .scopes
-            .iter()
-            .filter(|(_, e)| !e.busy())
-            .min_by_key(|(_, e)| e.last_active)
-            .map(|(k, _)| k.clone());
-        match victim {
-            Some(key) => {
-                log::debug!(
-                    "scope={key} evicted: max_scopes={} reached",
-                    self.settings.scopes.max_scopes
-                );
-                self.close(&key, "evicted");
-            }
-            None => log::warn!(
-                "max_scopes={} reached and every scope is busy; going over the limit",
-                self.settings.scopes.max_scopes
-            ),
-        }
+    fn close(&mut self, key: &ScopeKey, reason: &'static str) {
+        self.close_for(key, reason, false);
     }
 
-    fn close(&mut self, key: &ScopeKey, reason: &'static str) {
-        if let Some(entry) = self.scopes.remove(key) {
-            self.closing.insert(entry.scope_id, entry.worker);
-            entry.addr.do_send(Close { reason });
+    fn close_for(&mut self, key: &ScopeKey, reason: &'static str, for_room: bool) {
+        let Some(entry) = self.scopes.remove(key) else {
+            return;
+        };
+        if let Some((tick, _)) = entry.idle {
+            self.idle.remove(&tick);
         }
+        self.closing_keys.insert(key.clone(), entry.scope_id);
+        self.closing.insert(
+            entry.scope_id,
+            Closing {
+                key: key.clone(),
+                worker: entry.worker,
+                for_room,
+                isolated: entry.isolated,
+            },
+        );
+        entry.addr.do_send(Close { reason });
     }
 
     /// Logs, once per stall, scopes whose app stopped receiving.
@@ -371,93 +568,322 @@ impl Supervisor {
         }
     }
 
+    /// Closes scopes idle for `idle_timeout`: the front of the idle list.
     fn reap_idle(&mut self) {
-        let idle = self.settings.scopes.idle_timeout;
+        let timeout = self.settings.scopes.idle_timeout;
         let now = Instant::now();
-        let expired: Vec<ScopeKey> = self
-            .scopes
-            .iter()
-            .filter(|(_, e)| !e.busy() && now.duration_since(e.last_active) >= idle)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let mut expired = Vec::new();
+        for key in self.idle.values() {
+            match self.scopes.get(key).and_then(|e| e.idle) {
+                Some((_, since)) if now.duration_since(since) >= timeout => {
+                    expired.push(key.clone())
+                }
+                _ => break,
+            }
+        }
         for key in expired {
-            log::debug!("scope={key} idle for {}s; closing", idle.as_secs());
+            log::debug!("scope={key} idle for {}s; closing", timeout.as_secs());
             self.close(&key, "idle");
         }
     }
 
-    fn scope_stopped(
-        &mut self,
-        scope_id: u64,
-        key: ScopeKey,
-        mut leftover: Vec<Value>,
-        in_hand: bool,
-    ) {
+    /// The instance of `key`'s scope is done with the first `through` events
+    /// it was given.
+    fn scope_idle(&mut self, scope_id: u64, key: &ScopeKey, through: u64) {
+        let Some(e) = self.scopes.get_mut(key).filter(|e| e.scope_id == scope_id) else {
+            return;
+        };
+        if e.dispatched != through || e.idle.is_some() {
+            // More were given since: not idle after all.
+            return;
+        }
+        if e.isolated {
+            // Done with what it held without killing its worker: the chat
+            // goes back to the ordinary workers once this scope has stopped.
+            self.close(key, MOVED);
+            return;
+        }
+        let tick = self.next_tick;
+        self.next_tick += 1;
+        e.idle = Some((tick, Instant::now()));
+        self.idle.insert(tick, key.clone());
+        if !self.admit.is_empty() {
+            self.make_room();
+        }
+    }
+
+    fn scope_stopped(&mut self, report: Stopped, ctx: &mut Context<Self>) {
+        let Stopped {
+            scope_id,
+            key,
+            mut leftover,
+            in_hand,
+            accepted,
+            lost,
+            subject,
+        } = report;
         if in_hand && !self.shutting_down {
             // Counted out when it was received; undelivered again.
             self.undelivered.set(self.undelivered.get() + 1);
         }
-        let worker = match self.closing.remove(&scope_id) {
-            Some(w) => Some(w),
-            // Stopped without being closed (its worker died): drop its entry.
-            None => match self.scopes.get(&key) {
-                Some(e) if e.scope_id == scope_id => self.scopes.remove(&key).map(|e| {
+        let (worker, isolated, bounces) = if let Some(c) = self.closing.remove(&scope_id) {
+            if self.closing_keys.get(&c.key) == Some(&scope_id) {
+                self.closing_keys.remove(&c.key);
+            }
+            if c.for_room {
+                self.evicting = self.evicting.saturating_sub(1);
+            }
+            (c.worker, c.isolated, 0)
+        } else {
+            // Stopped without being closed: its worker died.
+            match self.scopes.get(&key) {
+                Some(e) if e.scope_id == scope_id => {
+                    let Some(e) = self.scopes.remove(&key) else {
+                        unreachable!("looked up just above")
+                    };
+                    if let Some((tick, _)) = e.idle {
+                        self.idle.remove(&tick);
+                    }
                     if e.stall_reported && !self.shutting_down {
                         // Its leftovers go to a fresh scope and count again
                         // (the one in hand already does, above).
                         let unreceived = leftover.len() - usize::from(in_hand);
                         self.undelivered.set(self.undelivered.get() + unreceived);
                     }
-                    e.worker
-                }),
-                _ => None,
-            },
+                    (e.worker, e.isolated, e.dispatched.saturating_sub(accepted))
+                }
+                _ => return,
+            }
         };
-        if let Some(w) = worker.and_then(|w| self.workers.get_mut(w)) {
+        if let Some(w) = self.workers.get_mut(worker) {
             w.scopes = w.scopes.saturating_sub(1);
         }
-        if !leftover.is_empty() && !self.shutting_down {
-            self.drop_poison(&key, &mut leftover);
+        if self.shutting_down {
+            // What it did not finish stays in the journal for the next start.
+            self.check_closed();
+            return;
         }
-        if !leftover.is_empty() && !self.shutting_down {
-            // Fresh scope for what the old instance never received; the chat
-            // object comes from the events themselves.
-            if let Some(route) = leftover.iter().find_map(route_of_event) {
-                self.deliver(route, leftover);
-            }
+        let in_hand_id = if in_hand {
+            leftover.first().and_then(|e| e.get("update_id")).and_then(Value::as_i64)
+        } else {
+            None
+        };
+        if isolated {
+            self.isolated_stopped(&key, lost, in_hand_id, &mut leftover);
+        } else if lost == Some(Death::App) && in_hand_id.is_some() {
+            self.quarantine.suspect(key.clone());
+            self.count_suspect(ctx);
         }
-        self.release_held(&key);
+        self.hand_back(&key, subject, leftover, bounces);
+        self.try_start(&key);
+        self.pump_isolation(ctx);
+        self.admit_waiting();
         self.check_closed();
     }
 
-    /// Leftovers outside shutdown mean the worker died; the first of them is
-    /// the one its instance was on. An update that was on hand at
-    /// `POISON_LIMIT` worker deaths is taken to be their cause and dropped,
-    /// so that it cannot kill workers forever.
-    fn drop_poison(&mut self, key: &ScopeKey, leftover: &mut Vec<Value>) {
-        let Some(id) = leftover[0].get("update_id").and_then(Value::as_i64) else {
+    /// Puts a stopped scope's leftovers in front of the key's pending events.
+    fn hand_back(
+        &mut self,
+        key: &ScopeKey,
+        subject: Box<RawValue>,
+        leftover: Vec<Value>,
+        bounces: u64,
+    ) {
+        if leftover.is_empty() && bounces == 0 {
             return;
-        };
-        let deaths = self.deaths.entry(id).or_default();
-        *deaths += 1;
-        if *deaths >= POISON_LIMIT {
-            log::error!(
-                "scope={key} update={id} dropped: {POISON_LIMIT} workers died while it was being delivered"
-            );
-            self.deaths.remove(&id);
-            leftover.remove(0);
-            self.outbox.do_send(Done(vec![id]));
-            self.undelivered
-                .set(self.undelivered.get().saturating_sub(1));
-            if let Some(e) = self.scopes.get_mut(key) {
-                e.acked += 1;
+        }
+        let n = leftover.len();
+        match self.pending.get_mut(key) {
+            Some(p) => {
+                for event in leftover.into_iter().rev() {
+                    p.events.push_front(event);
+                }
+                p.bounces += bounces;
+                p.bounce_at = n;
+            }
+            None => {
+                self.pending.insert(
+                    key.clone(),
+                    Pending {
+                        subject,
+                        events: leftover.into(),
+                        bounces,
+                        bounce_at: n,
+                        queued: false,
+                    },
+                );
             }
         }
-        // Only worker deaths add entries; a bound keeps a long life's worth
-        // of unrelated ones from piling up.
-        if self.deaths.len() > 10_000 {
-            self.deaths.clear();
+    }
+
+    /// Events that reached a scope after it stopped by itself.
+    fn bounced(&mut self, key: &ScopeKey, events: Vec<Value>, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            return;
         }
+        let Some(p) = self.pending.get_mut(key) else {
+            log::error!(
+                "scope={key} {} bounced event(s) with nowhere to go; dropped",
+                events.len()
+            );
+            return;
+        };
+        let n = events.len();
+        for (i, event) in events.into_iter().enumerate() {
+            p.events.insert(p.bounce_at + i, event);
+        }
+        p.bounce_at += n;
+        p.bounces = p.bounces.saturating_sub(n as u64);
+        if p.bounces == 0 {
+            self.try_start(key);
+            self.pump_isolation(ctx);
+        }
+    }
+
+    /// The isolated chat's scope stopped: because its worker died (blame the
+    /// update in hand, if the app did it), or because it was closed.
+    fn isolated_stopped(
+        &mut self,
+        key: &ScopeKey,
+        lost: Option<Death>,
+        in_hand: Option<i64>,
+        leftover: &mut Vec<Value>,
+    ) {
+        if self.quarantine.current() != Some(key) {
+            return;
+        }
+        match lost {
+            Some(Death::App) => match self.quarantine.died(in_hand) {
+                Verdict::Drop(id) => {
+                    log::error!(
+                        "scope={key} update={id} dropped: it was being handled, alone in the isolation worker, each of the {} times that worker died (and at the death that made it a suspect)",
+                        ISOLATED_DEATHS
+                    );
+                    leftover.remove(0);
+                    self.outbox.do_send(Done(vec![id]));
+                    self.undelivered
+                        .set(self.undelivered.get().saturating_sub(1));
+                    metrics().updates_dropped.inc();
+                }
+                Verdict::Retry => {
+                    if let Some(id) = in_hand {
+                        log::warn!(
+                            "scope={key} update={id} was in hand when the isolation worker died; it runs once more, alone"
+                        );
+                    }
+                }
+            },
+            // Killed from outside, or stopped for a reload: nothing to blame.
+            Some(Death::Outside | Death::Asked) => {}
+            None => {
+                self.quarantine.release();
+                log::info!("scope={key} cleared in isolation; back on the regular workers");
+            }
+        }
+    }
+
+    /// Runs the next suspect chat on the isolation worker, starting one if
+    /// needed; ends the isolation worker when nothing is left to isolate.
+    fn pump_isolation(&mut self, ctx: &mut Context<Self>) {
+        if self.shutting_down || self.stopping_workers {
+            return;
+        }
+        if self.quarantine.is_empty() {
+            if let Some(index) = self.isolation {
+                let slot = &mut self.workers[index];
+                if let Some(links) = slot.links.as_ref().filter(|_| !slot.retired) {
+                    slot.retired = true;
+                    log::info!("isolation worker={index} pid={} no longer needed; stopping it", slot.pid);
+                    links.worker.do_send(ShutdownWorker {
+                        grace: self.settings.scopes.disconnect_grace.as_secs_f64(),
+                    });
+                }
+            }
+            return;
+        }
+        let Some(index) = self.isolation else {
+            let index = match (0..self.workers.len()).find(|&i| {
+                self.workers[i].links.is_none() && self.workers[i].role == Role::Isolation
+            }) {
+                Some(i) => {
+                    self.workers[i] = WorkerSlot::empty(Role::Isolation);
+                    i
+                }
+                None => {
+                    self.workers.push(WorkerSlot::empty(Role::Isolation));
+                    self.workers.len() - 1
+                }
+            };
+            self.isolation = Some(index);
+            log::info!(
+                "starting isolation worker={index}: {} chat(s) to run one at a time",
+                self.quarantine.len()
+            );
+            return self.start_isolation_worker(index, Duration::ZERO, ctx);
+        };
+        let slot = &self.workers[index];
+        if !slot.ready || slot.retired || slot.links.is_none() {
+            return;
+        }
+        let current = self.quarantine.current().cloned();
+        if let Some(key) = &current {
+            if self.scopes.contains_key(key) || self.closing_keys.contains_key(key) {
+                return;
+            }
+        }
+        // The current chat (after a death), or the next one.
+        let mut tries = self.quarantine.len();
+        while tries > 0 {
+            tries -= 1;
+            let Some(key) = self.quarantine.next().cloned() else {
+                return;
+            };
+            let startable = self.pending.get(&key).is_some_and(|p| p.bounces == 0)
+                && !self.closing_keys.contains_key(&key)
+                && !self.scopes.contains_key(&key);
+            if startable {
+                log::debug!("scope={key} runs alone on isolation worker={index}");
+                self.start_scope(&key, index, true);
+                return;
+            }
+            if !self.pending.contains_key(&key)
+                && !self.closing_keys.contains_key(&key)
+                && !self.scopes.contains_key(&key)
+            {
+                // Nothing left to run for it (its only update was dropped).
+                self.quarantine.release();
+                continue;
+            }
+            return;
+        }
+    }
+
+    fn start_isolation_worker(&mut self, index: usize, delay: Duration, ctx: &mut Context<Self>) {
+        if delay.is_zero() {
+            return self.start_worker(index, ctx);
+        }
+        ctx.run_later(delay, move |act, ctx| {
+            if act.isolation == Some(index) && !act.stopping_workers && !act.shutting_down {
+                act.start_worker(index, ctx);
+            }
+        });
+    }
+
+    /// One line per burst of suspects (a worker's death makes them all at
+    /// once), not one per chat.
+    fn count_suspect(&mut self, ctx: &mut Context<Self>) {
+        self.tally.suspects += 1;
+        if std::mem::replace(&mut self.tally.scheduled, true) {
+            return;
+        }
+        ctx.run_later(Duration::from_millis(100), |act, _| {
+            let n = std::mem::take(&mut act.tally.suspects);
+            act.tally.scheduled = false;
+            log::warn!(
+                "{n} chat(s) had an update in hand when their worker died: each runs again alone on the isolation worker, one chat at a time ({} waiting in all); the other chats go on",
+                act.quarantine.len()
+            );
+        });
     }
 
     fn check_closed(&mut self) {
@@ -468,15 +894,10 @@ impl Supervisor {
         }
     }
 
-    fn unpark(&mut self) {
-        let parked: Vec<(Route, Value)> = self.parked.drain(..).collect();
-        for (route, event) in parked {
-            self.deliver(route, vec![event]);
-        }
-    }
-
     fn all_ready(&self) -> bool {
-        self.workers.iter().all(|w| w.ready || w.retired)
+        self.workers
+            .iter()
+            .all(|w| w.ready || w.retired || w.role == Role::Isolation)
     }
 
     fn resolve_ready(&mut self, result: Result<(), String>) {
@@ -486,14 +907,20 @@ impl Supervisor {
     }
 }
 
-/// Recovers a route from an event already built from an update.
-fn route_of_event(event: &Value) -> Option<Route> {
-    let kind = event.get("type")?.as_str()?.strip_prefix("telegram.")?;
-    let mut fields = event.as_object()?.clone();
-    fields.remove("type");
-    let id = fields.remove("update_id").unwrap_or(json!(0));
-    let update = Update::from_value(json!({"update_id": id, kind: fields})).ok()?;
-    routing::route(&update).ok()
+/// A Chat or User object from an update is plain JSON.
+fn encode_subject(subject: &Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(subject).expect("a Chat or User object is plain JSON")
+}
+
+/// What a stopped scope reports, unpacked.
+struct Stopped {
+    scope_id: u64,
+    key: ScopeKey,
+    leftover: Vec<Value>,
+    in_hand: bool,
+    accepted: u64,
+    lost: Option<Death>,
+    subject: Box<RawValue>,
 }
 
 impl Actor for Supervisor {
@@ -501,7 +928,7 @@ impl Actor for Supervisor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         for index in 0..self.settings.app.workers {
-            self.workers.push(WorkerSlot::empty());
+            self.workers.push(WorkerSlot::empty(Role::Regular));
             self.start_worker(index, ctx);
         }
         let tick = (self.settings.scopes.idle_timeout / 4)
@@ -549,6 +976,10 @@ impl Handler<CloseAll> for Supervisor {
     type Result = MessageResult<CloseAll>;
     fn handle(&mut self, _: CloseAll, _: &mut Context<Self>) -> Self::Result {
         self.shutting_down = true;
+        // What waits (for room, a worker, or isolation) stays in the journal.
+        self.pending.clear();
+        self.admit.clear();
+        self.quarantine.clear();
         let (tx, rx) = oneshot::channel();
         self.close_waiters.push(tx);
         let keys: Vec<ScopeKey> = self.scopes.keys().cloned().collect();
@@ -584,7 +1015,7 @@ impl Handler<StopWorkers> for Supervisor {
 
 impl Handler<ScopeReport> for Supervisor {
     type Result = ();
-    fn handle(&mut self, msg: ScopeReport, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: ScopeReport, ctx: &mut Context<Self>) {
         match msg {
             ScopeReport::Received { scope_id, key, ids } => {
                 if let Some(e) = self.scopes.get_mut(&key).filter(|e| e.scope_id == scope_id) {
@@ -596,17 +1027,25 @@ impl Handler<ScopeReport> for Supervisor {
                     }
                     e.acked += ids.len() as u64;
                     e.last_progress = Instant::now();
-                    e.last_active = e.last_progress;
                 }
                 self.undelivered
                     .set(self.undelivered.get().saturating_sub(ids.len()));
             }
-            ScopeReport::InstanceEnded { scope_id, key } => {
+            ScopeReport::Idle {
+                scope_id,
+                key,
+                through,
+            } => self.scope_idle(scope_id, &key, through),
+            ScopeReport::InstanceEnded {
+                scope_id,
+                key,
+                through,
+            } => {
                 // Events may be on their way to it; then it restarts instead.
                 if self
                     .scopes
                     .get(&key)
-                    .is_some_and(|e| e.scope_id == scope_id && !e.busy())
+                    .is_some_and(|e| e.scope_id == scope_id && e.dispatched == through)
                 {
                     self.close(&key, "ended");
                 }
@@ -616,23 +1055,25 @@ impl Handler<ScopeReport> for Supervisor {
                 key,
                 leftover,
                 in_hand,
+                accepted,
+                lost,
+                subject,
                 addr,
             } => {
-                self.scope_stopped(scope_id, key, leftover, in_hand);
+                let report = Stopped {
+                    scope_id,
+                    key,
+                    leftover,
+                    in_hand,
+                    accepted,
+                    lost,
+                    subject,
+                };
+                self.scope_stopped(report, ctx);
                 // Whatever it bounces was sent before this, so arrives next.
                 addr.do_send(Terminate);
             }
-            ScopeReport::Bounced { key, events } => {
-                if !self.shutting_down {
-                    log::debug!(
-                        "scope={key} {} event(s) bounced by a stopped scope; redelivered",
-                        events.len()
-                    );
-                    if let Some(route) = events.iter().find_map(route_of_event) {
-                        self.deliver(route, events);
-                    }
-                }
-            }
+            ScopeReport::Bounced { key, events } => self.bounced(&key, events, ctx),
         }
     }
 }
@@ -646,12 +1087,17 @@ impl Handler<WorkerEvent> for Supervisor {
                 slot.ready = true;
                 slot.failures = 0;
                 slot.pid = pid;
+                let role = slot.role;
                 self.publish_metrics();
+                if role == Role::Isolation {
+                    self.pump_isolation(ctx);
+                    return;
+                }
                 if self.all_ready() {
                     self.started_up = true;
                     self.resolve_ready(Ok(()));
                 }
-                self.unpark();
+                self.admit_waiting();
                 self.reload_worker_ready(index, ctx);
             }
             WorkerEvent::Failed { index, error } => {
@@ -667,41 +1113,103 @@ impl Handler<WorkerEvent> for Supervisor {
                     self.resolve_ready(Err(error));
                 }
             }
-            WorkerEvent::Exited { index, pid, status } => {
-                let slot = &mut self.workers[index];
-                slot.links = None;
-                slot.ready = false;
-                slot.scopes = 0;
-                self.publish_metrics();
-                if self.stopping_workers {
-                    log::info!("worker={index} pid={pid} exited ({})", describe(status));
-                    if self.workers.iter().all(|w| w.links.is_none()) {
-                        for w in self.exit_waiters.drain(..) {
-                            let _ = w.send(());
-                        }
-                    }
-                    return;
-                }
-                if self.startup_error.is_some() {
-                    return;
-                }
-                if self.reload_worker_exited(index, pid, status, ctx) {
-                    return;
-                }
-                log::error!(
-                    "worker={index} pid={pid} died ({}); restarting it",
-                    describe(status)
-                );
-                metrics().worker_restarts.inc();
-                let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
-                    .delay(self.workers[index].failures);
-                ctx.run_later(delay, move |act, ctx| {
-                    if !act.stopping_workers {
-                        act.start_worker(index, ctx);
-                    }
-                });
-            }
+            WorkerEvent::Exited {
+                index,
+                pid,
+                status,
+                death,
+                instances,
+            } => self.worker_exited(index, pid, status, death, instances, ctx),
         }
+    }
+}
+
+impl Supervisor {
+    fn worker_exited(
+        &mut self,
+        index: usize,
+        pid: u32,
+        status: Option<std::process::ExitStatus>,
+        death: Death,
+        instances: usize,
+        ctx: &mut Context<Self>,
+    ) {
+        let slot = &mut self.workers[index];
+        if let Some(links) = slot.links.take() {
+            // Forgotten here first, so no new scope is attached to it.
+            links.worker.do_send(Release);
+        }
+        slot.ready = false;
+        slot.scopes = 0;
+        let role = slot.role;
+        if death == Death::Asked {
+            slot.deaths = 0;
+        } else {
+            slot.deaths += 1;
+        }
+        self.publish_metrics();
+        if self.stopping_workers {
+            log::info!("worker={index} pid={pid} exited ({})", describe(status));
+            if self.workers.iter().all(|w| w.links.is_none()) {
+                for w in self.exit_waiters.drain(..) {
+                    let _ = w.send(());
+                }
+            }
+            return;
+        }
+        if self.startup_error.is_some() {
+            return;
+        }
+        if role == Role::Isolation {
+            return self.isolation_exited(index, pid, status, death, ctx);
+        }
+        if self.reload_worker_exited(index, pid, status, ctx) {
+            return;
+        }
+        let why = match death {
+            Death::Outside => "; killed from outside, so no update is suspected",
+            Death::App | Death::Asked => "",
+        };
+        log::error!(
+            "worker={index} pid={pid} died ({}){why}; restarting it; the {instances} instance(s) it ran get their unfinished updates again",
+            describe(status)
+        );
+        metrics().worker_restarts.inc();
+        let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
+            .delay(self.workers[index].failures);
+        ctx.run_later(delay, move |act, ctx| {
+            if !act.stopping_workers {
+                act.start_worker(index, ctx);
+            }
+        });
+    }
+
+    fn isolation_exited(
+        &mut self,
+        index: usize,
+        pid: u32,
+        status: Option<std::process::ExitStatus>,
+        death: Death,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.workers[index].retired || death == Death::Asked {
+            log::info!("isolation worker={index} pid={pid} exited ({})", describe(status));
+            self.isolation = None;
+            // Suspects may have come meanwhile.
+            return self.pump_isolation(ctx);
+        }
+        let deaths = self.workers[index].deaths;
+        let failures = self.workers[index].failures;
+        // Crash-loop guard: each death in a row waits longer, never drops.
+        let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
+            .delay(deaths.max(failures).saturating_sub(1));
+        log::warn!(
+            "isolation worker={index} pid={pid} died ({}); restarting it in {:.1}s",
+            describe(status),
+            delay.as_secs_f64()
+        );
+        metrics().worker_restarts.inc();
+        self.start_isolation_worker(index, delay, ctx);
     }
 }
 
@@ -721,7 +1229,7 @@ impl Supervisor {
         m.workers_ready.set_count(
             self.workers
                 .iter()
-                .filter(|w| w.ready && !w.retired)
+                .filter(|w| w.ready && !w.retired && w.role == Role::Regular)
                 .count(),
         );
     }
@@ -744,10 +1252,6 @@ struct Reload {
     current: Option<ReloadStep>,
     /// Another reload was asked for while this one ran: run it after.
     again: bool,
-    /// New events for scopes of a retiring worker, held until that scope has
-    /// stopped and handed back what it did not receive, then delivered after
-    /// it: order kept, and nothing sent to a scope that is going away.
-    held: HashMap<ScopeKey, Vec<(Route, Vec<Value>)>>,
 }
 
 struct ReloadStep {
@@ -788,7 +1292,10 @@ impl Handler<ReloadWorkers> for Supervisor {
 impl Supervisor {
     fn live_workers(&self) -> VecDeque<usize> {
         (0..self.workers.len())
-            .filter(|&i| self.workers[i].links.is_some() && !self.workers[i].retired)
+            .filter(|&i| {
+                let w = &self.workers[i];
+                w.links.is_some() && !w.retired && w.role == Role::Regular
+            })
             .collect()
     }
 
@@ -814,12 +1321,13 @@ impl Supervisor {
         }
         // Reuse a slot whose retired worker has exited; else add one. At most
         // one worker is being replaced at a time, so slots stay under 2x.
-        let new = match (0..self.workers.len())
-            .find(|&i| self.workers[i].retired && self.workers[i].links.is_none())
-        {
+        let new = match (0..self.workers.len()).find(|&i| {
+            let w = &self.workers[i];
+            w.retired && w.links.is_none() && w.role == Role::Regular
+        }) {
             Some(i) => i,
             None => {
-                self.workers.push(WorkerSlot::empty());
+                self.workers.push(WorkerSlot::empty(Role::Regular));
                 self.workers.len() - 1
             }
         };
@@ -840,9 +1348,9 @@ impl Supervisor {
     }
 
     /// The replacement is ready: retire the worker it replaces. Its scopes
-    /// get `telegram.disconnect` and stay routed until they stop, so events
-    /// that arrive meanwhile queue behind the disconnect, come back unreceived
-    /// and go, in order, to a fresh scope on a live worker.
+    /// get `telegram.disconnect`; events that arrive meanwhile wait, and go
+    /// with what the scopes hand back, in order, to fresh scopes on live
+    /// workers.
     fn reload_worker_ready(&mut self, index: usize, _: &mut Context<Self>) {
         let Some(step) = self.reload.current.as_mut() else {
             return;
@@ -861,14 +1369,19 @@ impl Supervisor {
         };
         metrics().worker_reloads.inc();
         self.publish_metrics();
-        let scopes: Vec<&ScopeEntry> = self.scopes.values().filter(|e| e.worker == old).collect();
+        let keys: Vec<ScopeKey> = self
+            .scopes
+            .iter()
+            .filter(|(_, e)| e.worker == old)
+            .map(|(k, _)| k.clone())
+            .collect();
         log::info!(
             "worker={old} pid={} retiring: scopes={} move to the new workers",
             self.workers[old].pid,
-            scopes.len()
+            keys.len()
         );
-        for entry in scopes {
-            entry.addr.do_send(Close { reason: "reload" });
+        for key in keys {
+            self.close(&key, "reload");
         }
         addr.do_send(ShutdownWorker {
             grace: self.settings.scopes.disconnect_grace.as_secs_f64(),
@@ -906,46 +1419,6 @@ impl Supervisor {
                 true
             }
             _ => false,
-        }
-    }
-}
-
-impl Supervisor {
-    /// `Some(events)` to deliver now; `None` when they were held because
-    /// their scope lives on a retiring worker.
-    fn hold_for_reload(&mut self, route: &Route, events: Vec<Value>) -> Option<Vec<Value>> {
-        let retiring = self
-            .scopes
-            .get(&route.key)
-            .is_some_and(|e| self.workers.get(e.worker).is_some_and(|w| w.retired));
-        if !retiring {
-            return Some(events);
-        }
-        log::debug!(
-            "scope={} events={} held until its retiring instance stopped",
-            route.key,
-            events.len()
-        );
-        self.reload
-            .held
-            .entry(route.key.clone())
-            .or_default()
-            .push((route.clone(), events));
-        None
-    }
-
-    /// The scope `key` stopped: deliver what was held for it, in order, after
-    /// its leftovers (already delivered). During shutdown they stay undelivered,
-    /// like the leftovers: the journal gives them to the next start.
-    fn release_held(&mut self, key: &ScopeKey) {
-        let Some(held) = self.reload.held.remove(key) else {
-            return;
-        };
-        if self.shutting_down {
-            return;
-        }
-        for (route, events) in held {
-            self.deliver(route, events);
         }
     }
 }

@@ -39,7 +39,22 @@ pub enum InstanceMsg {
         cancelled: bool,
     },
     /// The worker process is gone; the instance with it.
-    WorkerLost { sid: Sid },
+    WorkerLost { sid: Sid, death: Death },
+}
+
+/// Why a worker process ended, as far as the daemon can tell. It decides
+/// whether the updates its instances had in hand are suspects (see the
+/// Supervisor's isolation of suspects).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Death {
+    /// It was asked to stop (shutdown, reload, an idle isolation worker).
+    Asked,
+    /// The app's doing: it exited or crashed by itself, or the daemon killed
+    /// it for hanging or for breaking its channel.
+    App,
+    /// A signal the daemon did not send ended it (the OOM killer, an
+    /// operator's kill): nothing points at any update.
+    Outside,
 }
 
 /// Lifecycle reports to the Supervisor.
@@ -57,6 +72,9 @@ pub enum WorkerEvent {
         index: usize,
         pid: u32,
         status: Option<ExitStatus>,
+        death: Death,
+        /// Instances that were running in it.
+        instances: usize,
     },
 }
 
@@ -86,6 +104,23 @@ pub struct ShutdownWorker {
 #[rtype(result = "()")]
 struct ProcessExited(Option<ExitStatus>);
 
+/// The Supervisor has forgotten this worker: nothing new will be attached, so
+/// the actor may stop. Until then an `Attach` is answered with `WorkerLost`,
+/// so a scope that starts an instance on a worker that just died is told so
+/// instead of waiting forever.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Release;
+
+/// Longest line of a worker's stdout or stderr that is logged whole; the rest
+/// of a longer line is counted, not kept, so an app printing without newlines
+/// cannot grow the daemon.
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// How long a worker whose channel failed may take to be seen exiting before
+/// it is taken to live on without one.
+const CHANNEL_GRACE: Duration = Duration::from_secs(1);
+
 /// How often a ready worker is pinged: several pings per `app.hang_timeout`,
 /// so that one delayed by a busy loop is not yet a hang, at most every 5 s.
 fn ping_interval(hang_timeout: Duration) -> Duration {
@@ -106,6 +141,16 @@ pub struct Worker {
     fatal: Option<String>,
     pings_sent: u64,
     last_pong: Instant,
+    /// Why the daemon killed the process, if it did.
+    killed: Option<&'static str>,
+    /// Asked to shut down: its channel closing is expected.
+    stopping: bool,
+    /// The channel can no longer be written (broken, or the process exited);
+    /// frames for it are counted and dropped.
+    broken: bool,
+    unwritten: u64,
+    /// The process has exited; waiting for `Release`.
+    exited: Option<Death>,
 }
 
 impl Worker {
@@ -122,12 +167,57 @@ impl Worker {
             fatal: None,
             pings_sent: 0,
             last_pong: Instant::now(),
+            killed: None,
+            stopping: false,
+            broken: false,
+            unwritten: 0,
+            exited: None,
         }
     }
 
     fn write(&mut self, frame: Bytes) {
-        if let Some(w) = &mut self.writer {
-            w.write(frame);
+        match &mut self.writer {
+            Some(w) if !self.broken => w.write(frame),
+            _ => self.unwritten += 1,
+        }
+    }
+
+    /// The channel failed (`what`): nothing more can reach the app. A
+    /// process that exits closes its channel too, a moment before its exit is
+    /// seen, so only one still running after [`CHANNEL_GRACE`] is killed (its
+    /// scopes' events then go to new instances).
+    fn channel_broken(&mut self, what: String, ctx: &mut Context<Self>) {
+        if self.broken {
+            return;
+        }
+        self.broken = true;
+        log::debug!("worker={} pid={} {what}", self.index, self.pid);
+        ctx.run_later(CHANNEL_GRACE, move |act, _| {
+            if act.exited.is_none() && !act.stopping {
+                log::error!(
+                    "worker={} pid={} {what} and is still running; killing it",
+                    act.index,
+                    act.pid
+                );
+                act.kill("broke its channel");
+            }
+        });
+    }
+
+    /// What the exit means for the updates in hand.
+    fn death(&self, status: Option<ExitStatus>) -> Death {
+        use std::os::unix::process::ExitStatusExt;
+        if self.killed.is_some() {
+            return Death::App;
+        }
+        if self.stopping {
+            return Death::Asked;
+        }
+        match status.and_then(|s| s.signal()) {
+            Some(libc::SIGKILL | libc::SIGTERM | libc::SIGINT | libc::SIGHUP | libc::SIGQUIT) => {
+                Death::Outside
+            }
+            _ => Death::App,
         }
     }
 
@@ -198,10 +288,11 @@ impl Worker {
         }
     }
 
-    fn kill(&mut self) {
-        if self.writer.is_none() || self.pid == 0 {
+    fn kill(&mut self, why: &'static str) {
+        if self.exited.is_some() || self.pid == 0 {
             return;
         }
+        self.killed.get_or_insert(why);
         // SAFETY: kill(2) on the pid of the child this actor started. The pid
         // stays ours until the exit watcher reaps the child, and then `writer`
         // is cleared before any further kill can run.
@@ -225,7 +316,7 @@ impl Worker {
                 self.pid,
                 self.app.hang_timeout.as_secs_f64()
             );
-            self.kill();
+            self.kill("hung");
             return;
         }
         self.pings_sent += 1;
@@ -301,31 +392,90 @@ impl Actor for Worker {
                     act.pid,
                     act.app.startup_timeout.as_secs()
                 );
-                act.kill();
+                act.kill("not ready in time");
             }
         });
     }
+}
 
-    fn stopped(&mut self, _: &mut Context<Self>) {
-        for (sid, to) in self.instances.drain() {
-            to.do_send(InstanceMsg::WorkerLost { sid });
-        }
+/// Logs each line a worker prints, prefixed with its pid. A line longer than
+/// [`MAX_LINE`] is logged cut, saying how much was left out.
+async fn forward_lines(stream: impl AsyncRead + Unpin, pid: u32, name: &'static str) {
+    let mut reader = BufReader::new(stream);
+    let mut lines = LineCutter::default();
+    loop {
+        let chunk = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(chunk) => chunk,
+        };
+        let used = chunk.len();
+        lines.feed(chunk, |line| log_line(pid, name, line));
+        reader.consume(used);
+    }
+    lines.finish(|line| log_line(pid, name, line));
+}
+
+fn log_line(pid: u32, name: &str, line: Line<'_>) {
+    let text = String::from_utf8_lossy(line.text);
+    let text = text.trim_end();
+    if line.cut > 0 {
+        log::info!(target: "asgigramd::app", "[worker {pid} {name}] {text} [line cut at {MAX_LINE} bytes; {} more byte(s) not logged]", line.cut);
+    } else {
+        log::info!(target: "asgigramd::app", "[worker {pid} {name}] {text}");
     }
 }
 
-/// Logs each line a worker prints, prefixed with its pid.
-async fn forward_lines(stream: impl AsyncRead + Unpin, pid: u32, name: &'static str) {
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let text = String::from_utf8_lossy(&line);
-                log::info!(target: "asgigramd::app", "[worker {pid} {name}] {}", text.trim_end());
+/// One line of output, as logged: its first [`MAX_LINE`] bytes and how many
+/// bytes after them were dropped.
+pub struct Line<'a> {
+    pub text: &'a [u8],
+    pub cut: u64,
+}
+
+/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes kept.
+#[derive(Default)]
+pub struct LineCutter {
+    kept: Vec<u8>,
+    cut: u64,
+}
+
+impl LineCutter {
+    pub fn feed(&mut self, mut bytes: &[u8], mut emit: impl FnMut(Line<'_>)) {
+        while !bytes.is_empty() {
+            let end = bytes.iter().position(|&b| b == b'\n');
+            let part = &bytes[..end.unwrap_or(bytes.len())];
+            let room = MAX_LINE - self.kept.len();
+            if part.len() > room {
+                self.kept.extend_from_slice(&part[..room]);
+                self.cut += (part.len() - room) as u64;
+            } else {
+                self.kept.extend_from_slice(part);
+            }
+            match end {
+                Some(i) => {
+                    emit(Line {
+                        text: &self.kept,
+                        cut: self.cut,
+                    });
+                    self.kept.clear();
+                    self.cut = 0;
+                    bytes = &bytes[i + 1..];
+                }
+                None => bytes = &[],
             }
         }
+    }
+
+    /// The stream ended: a last line without a newline is logged too.
+    pub fn finish(&mut self, mut emit: impl FnMut(Line<'_>)) {
+        if !self.kept.is_empty() || self.cut > 0 {
+            emit(Line {
+                text: &self.kept,
+                cut: self.cut,
+            });
+        }
+        self.kept = Vec::new();
+        self.cut = 0;
     }
 }
 
@@ -346,34 +496,40 @@ impl StreamHandler<Result<BytesMut, io::Error>> for Worker {
                     self.index,
                     self.pid
                 );
-                self.kill();
+                self.kill("corrupted its channel");
             }
         }
     }
 
-    fn finished(&mut self, _: &mut Context<Self>) {
-        // Channel closed: the process is exiting; ProcessExited follows.
-        log::debug!("worker={} pid={} channel closed", self.index, self.pid);
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        // The worker's end of the channel closed: the process is exiting, or
+        // the app closed fd 3 and lives on, unreachable.
+        self.channel_broken("closed its channel (fd 3)".into(), ctx);
     }
 }
 
 impl actix::io::WriteHandler<io::Error> for Worker {
-    fn error(&mut self, err: io::Error, _: &mut Context<Self>) -> Running {
-        log::warn!(
-            "worker={} pid={} channel write failed: {err}",
-            self.index,
-            self.pid
-        );
-        // Keep running: the exit watcher decides when the worker is gone.
-        Running::Continue
+    fn error(&mut self, err: io::Error, ctx: &mut Context<Self>) -> Running {
+        self.channel_broken(format!("channel write failed ({err})"), ctx);
+        // Stop: the writer would otherwise retry the same bytes at once, an
+        // error each time, for as long as the process lives.
+        Running::Stop
+    }
+
+    fn finished(&mut self, _: &mut Context<Self>) {
+        // The default stops the actor; it must live on until the process has
+        // exited and the Supervisor released it.
     }
 }
 
 impl Handler<Attach> for Worker {
     type Result = ();
     fn handle(&mut self, msg: Attach, _: &mut Context<Self>) {
-        if self.writer.is_none() {
-            msg.to.do_send(InstanceMsg::WorkerLost { sid: msg.sid });
+        if let Some(death) = self.exited {
+            msg.to.do_send(InstanceMsg::WorkerLost {
+                sid: msg.sid,
+                death,
+            });
             return;
         }
         self.instances.insert(msg.sid, msg.to);
@@ -391,14 +547,17 @@ impl Handler<Write> for Worker {
 impl Handler<ShutdownWorker> for Worker {
     type Result = ();
     fn handle(&mut self, msg: ShutdownWorker, _: &mut Context<Self>) {
+        self.stopping = true;
         self.write(ToWorker::Shutdown { grace: msg.grace }.encode());
     }
 }
 
 impl Handler<ProcessExited> for Worker {
     type Result = ();
-    fn handle(&mut self, msg: ProcessExited, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: ProcessExited, _: &mut Context<Self>) {
         let status = msg.0;
+        let death = self.death(status);
+        self.exited = Some(death);
         match (self.fatal.take(), self.ready) {
             (Some(error), _) => self.supervisor.do_send(WorkerEvent::Failed {
                 index: self.index,
@@ -413,12 +572,32 @@ impl Handler<ProcessExited> for Worker {
             }),
             (None, true) => {}
         }
+        if self.unwritten > 0 {
+            log::debug!(
+                "worker={} pid={} {} frame(s) not written: its channel was closed",
+                self.index,
+                self.pid,
+                self.unwritten
+            );
+        }
+        let instances = self.instances.len();
+        for (sid, to) in self.instances.drain() {
+            to.do_send(InstanceMsg::WorkerLost { sid, death });
+        }
         self.supervisor.do_send(WorkerEvent::Exited {
             index: self.index,
             pid: self.pid,
             status,
+            death,
+            instances,
         });
         self.writer = None;
+    }
+}
+
+impl Handler<Release> for Worker {
+    type Result = ();
+    fn handle(&mut self, _: Release, ctx: &mut Context<Self>) {
         ctx.stop();
     }
 }
