@@ -97,6 +97,8 @@ pub enum ScopeReport {
         key: ScopeKey,
         leftover: Vec<Value>,
         in_hand: bool,
+        /// Events not acked had been written to its worker.
+        flushed: bool,
         accepted: u64,
         lost: Option<Death>,
         /// The scope's Chat or User object, for the scope that takes over.
@@ -178,6 +180,8 @@ pub struct ScopeActor {
     idle_reported: u64,
     /// Reported `Stopped`; waiting for `Terminate`.
     stopped: bool,
+    /// Runs on the isolation worker: its instances ack eagerly.
+    isolated: bool,
 }
 
 impl ScopeActor {
@@ -187,6 +191,7 @@ impl ScopeActor {
         subject: Box<RawValue>,
         bot: Rc<RawValue>,
         links: Rc<ScopeLinks>,
+        isolated: bool,
     ) -> ScopeActor {
         ScopeActor {
             scope_id,
@@ -204,6 +209,7 @@ impl ScopeActor {
             accepted: 0,
             idle_reported: 0,
             stopped: false,
+            isolated,
         }
     }
 
@@ -231,6 +237,7 @@ impl ScopeActor {
             start: ToWorker::Start {
                 sid,
                 scope: ScopeDict::new(&self.key, &self.subject, &self.bot),
+                eager: self.isolated,
             }
             .encode(),
             to: ctx.address().recipient(),
@@ -290,6 +297,12 @@ impl ScopeActor {
 
     fn stop_with_leftovers(&mut self, lost: Option<Death>, ctx: &mut Context<Self>) {
         let in_hand = self.in_hand.is_some();
+        // An event written to the worker may have been received by the app
+        // even though its ack never arrived (acks are batched).
+        let flushed = self
+            .queue
+            .iter()
+            .any(|(seq, e)| *seq < self.unsent_from && !is_local_event(e));
         let leftover = self
             .in_hand
             .take()
@@ -303,6 +316,7 @@ impl ScopeActor {
             key: self.key.clone(),
             leftover,
             in_hand,
+            flushed,
             accepted: self.accepted,
             lost,
             subject: std::mem::replace(&mut self.subject, RawValue::NULL.to_owned()),

@@ -499,7 +499,14 @@ impl Supervisor {
         };
         let scope_id = self.next_scope_id;
         self.next_scope_id += 1;
-        let actor = ScopeActor::new(scope_id, key.clone(), p.subject, self.bot.clone(), links);
+        let actor = ScopeActor::new(
+            scope_id,
+            key.clone(),
+            p.subject,
+            self.bot.clone(),
+            links,
+            isolated,
+        );
         let addr = actor.start();
         self.workers[worker].scopes += 1;
         metrics().scopes_started.inc();
@@ -618,6 +625,7 @@ impl Supervisor {
             key,
             mut leftover,
             in_hand,
+            flushed,
             accepted,
             lost,
             subject,
@@ -670,7 +678,7 @@ impl Supervisor {
         };
         if isolated {
             self.isolated_stopped(&key, lost, in_hand_id, &mut leftover);
-        } else if lost == Some(Death::App) && in_hand_id.is_some() {
+        } else if lost == Some(Death::App) && (in_hand || flushed) {
             self.quarantine.suspect(key.clone());
             self.count_suspect(ctx);
         }
@@ -918,6 +926,7 @@ struct Stopped {
     key: ScopeKey,
     leftover: Vec<Value>,
     in_hand: bool,
+    flushed: bool,
     accepted: u64,
     lost: Option<Death>,
     subject: Box<RawValue>,
@@ -1055,6 +1064,7 @@ impl Handler<ScopeReport> for Supervisor {
                 key,
                 leftover,
                 in_hand,
+                flushed,
                 accepted,
                 lost,
                 subject,
@@ -1065,6 +1075,7 @@ impl Handler<ScopeReport> for Supervisor {
                     key,
                     leftover,
                     in_hand,
+                    flushed,
                     accepted,
                     lost,
                     subject,
@@ -1167,11 +1178,11 @@ impl Supervisor {
             return;
         }
         let why = match death {
-            Death::Outside => "; killed from outside, so no update is suspected",
+            Death::Outside => " (killed from outside: no update is suspected)",
             Death::App | Death::Asked => "",
         };
         log::error!(
-            "worker={index} pid={pid} died ({}){why}; restarting it; the {instances} instance(s) it ran get their unfinished updates again",
+            "worker={index} pid={pid} died ({}); restarting it; the {instances} instance(s) it ran get their unfinished updates again{why}",
             describe(status)
         );
         metrics().worker_restarts.inc();

@@ -149,7 +149,11 @@ pub struct Worker {
     /// frames for it are counted and dropped.
     broken: bool,
     unwritten: u64,
-    /// The process has exited; waiting for `Release`.
+    /// The process's exit status, once it exited.
+    status: Option<Option<ExitStatus>>,
+    /// The channel reached its end: every frame the worker wrote is read.
+    eof: bool,
+    /// The exit has been reported; waiting for `Release`.
     exited: Option<Death>,
 }
 
@@ -171,6 +175,8 @@ impl Worker {
             stopping: false,
             broken: false,
             unwritten: 0,
+            status: None,
+            eof: false,
             exited: None,
         }
     }
@@ -193,7 +199,7 @@ impl Worker {
         self.broken = true;
         log::debug!("worker={} pid={} {what}", self.index, self.pid);
         ctx.run_later(CHANNEL_GRACE, move |act, _| {
-            if act.exited.is_none() && !act.stopping {
+            if act.status.is_none() && !act.stopping {
                 log::error!(
                     "worker={} pid={} {what} and is still running; killing it",
                     act.index,
@@ -289,7 +295,7 @@ impl Worker {
     }
 
     fn kill(&mut self, why: &'static str) {
-        if self.exited.is_some() || self.pid == 0 {
+        if self.status.is_some() || self.pid == 0 {
             return;
         }
         self.killed.get_or_insert(why);
@@ -504,6 +510,10 @@ impl StreamHandler<Result<BytesMut, io::Error>> for Worker {
     fn finished(&mut self, ctx: &mut Context<Self>) {
         // The worker's end of the channel closed: the process is exiting, or
         // the app closed fd 3 and lives on, unreachable.
+        self.eof = true;
+        if self.status.is_some() {
+            return self.finish();
+        }
         self.channel_broken("closed its channel (fd 3)".into(), ctx);
     }
 }
@@ -554,11 +564,31 @@ impl Handler<ShutdownWorker> for Worker {
 
 impl Handler<ProcessExited> for Worker {
     type Result = ();
-    fn handle(&mut self, msg: ProcessExited, _: &mut Context<Self>) {
-        let status = msg.0;
+    fn handle(&mut self, msg: ProcessExited, ctx: &mut Context<Self>) {
+        self.status = Some(msg.0);
+        if self.eof {
+            return self.finish();
+        }
+        // Frames the worker wrote before it died may still be unread: the
+        // last ack says which event an instance was on. They are read up to
+        // the channel's end, unless something else holds it open.
+        ctx.run_later(CHANNEL_GRACE, |act, _| act.finish());
+    }
+}
+
+impl Worker {
+    /// The process has exited and its frames are read: tell the instances
+    /// and the Supervisor, once.
+    fn finish(&mut self) {
+        let Some(status) = self.status else {
+            return;
+        };
+        if self.exited.is_some() {
+            return;
+        }
         let death = self.death(status);
         self.exited = Some(death);
-        match (self.fatal.take(), self.ready) {
+        match (self.fatal.take(), self.was_ready) {
             (Some(error), _) => self.supervisor.do_send(WorkerEvent::Failed {
                 index: self.index,
                 error,

@@ -419,9 +419,9 @@ class Instance:
     """One scope: its task, its event queue, and the receive/send it hands the app."""
 
     __slots__ = ("worker", "channel", "sid", "scope", "queue", "disconnect", "ended", "task", "_cancel_at",
-                 "_in_hand")
+                 "_in_hand", "eager")
 
-    def __init__(self, worker, sid, scope):
+    def __init__(self, worker, sid, scope, eager=False):
         self.worker = worker
         self.channel = worker.channel
         self.sid = sid
@@ -432,6 +432,9 @@ class Instance:
         self.task = None
         self._cancel_at = None  # TimerHandle of a pending `close`
         self._in_hand = False  # received an event and not asked for another since
+        # Acks written before receive() returns (not batched), so that if the
+        # app then kills the worker the daemon knows which event it had.
+        self.eager = eager
 
     async def receive(self):
         # Once the app saw the disconnect, the scope is over: keep telling it so
@@ -446,6 +449,8 @@ class Instance:
         seq, event = await self.queue.get()
         self._in_hand = True
         self.channel.write_raw(received_frame(self.sid, seq))
+        if self.eager:
+            self.channel.flush()
         if event.get("type") == "telegram.disconnect":
             self.disconnect = event
         return event
@@ -775,7 +780,7 @@ class Worker:
         scope["asgi"] = self.asgi_info()
         if self.state is not None:
             scope["state"] = dict(self.state)
-        inst = Instance(self, sid, scope)
+        inst = Instance(self, sid, scope, eager=msg.get("eager") is True)
         self.instances[sid] = inst
         inst.task = self.loop.create_task(inst.run())
 

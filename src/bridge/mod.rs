@@ -39,6 +39,10 @@ pub enum ToWorker<'a> {
     Start {
         sid: Sid,
         scope: ScopeDict<'a>,
+        /// Acks unbatched: set on the isolation worker, where the daemon must
+        /// know exactly which event an instance had when the worker died.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        eager: bool,
     },
     Event {
         sid: Sid,
@@ -251,6 +255,7 @@ mod tests {
         let f = ToWorker::Start {
             sid: 4,
             scope: ScopeDict::new(&key, &chat, &bot),
+            eager: false,
         }
         .encode();
         let v: Value = serde_json::from_slice(&f).unwrap();
@@ -263,14 +268,17 @@ mod tests {
         let f = ToWorker::Start {
             sid: 5,
             scope: ScopeDict::new(&key, &chat, &bot),
+            eager: true,
         }
         .encode();
         let v: Value = serde_json::from_slice(&f).unwrap();
         assert_eq!(v["scope"]["business_connection_id"], "c");
+        assert_eq!(v["eager"], true);
         let key = ScopeKey::User { id: 1 };
         let f = ToWorker::Start {
             sid: 6,
             scope: ScopeDict::new(&key, &chat, &bot),
+            eager: false,
         }
         .encode();
         let v: Value = serde_json::from_slice(&f).unwrap();
