@@ -105,9 +105,10 @@ fn a_chat_that_kills_its_worker_costs_other_chats_nothing(how: &str, extra_env: 
             "poison update {id} dropped and said so:\n{}",
             tail(&log)
         );
+        // Alone on the isolation worker, it killed it twice.
         assert!(
-            receipts(&record).get(id).copied().unwrap_or(0) >= 3,
-            "it ran at three deaths before it was dropped"
+            receipts(&record).get(id).copied().unwrap_or(0) >= 2,
+            "it ran at two deaths before it was dropped"
         );
     }
     assert_eq!(count(&log, " dropped: "), poison_ids.len(), "{}", tail(&log));
