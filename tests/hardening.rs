@@ -32,16 +32,18 @@ fn expected(chat: i64, n: usize) -> Vec<String> {
 /// answered exactly once and in order.
 fn assert_all_answered_in_order(sb: &Sandbox, chats: &[i64], per_chat: usize, d: &Daemon) {
     let done = wait_for(Duration::from_secs(120), || {
-        chats
-            .iter()
-            .all(|&c| sb.sent_texts(c).len() >= per_chat)
+        chats.iter().all(|&c| sb.sent_texts(c).len() >= per_chat)
     });
     let short: Vec<(i64, usize)> = chats
         .iter()
         .map(|&c| (c, sb.sent_texts(c).len()))
         .filter(|&(_, n)| n < per_chat)
         .collect();
-    assert!(done, "chats short of replies: {short:?}\n{}", tail(&d.log()));
+    assert!(
+        done,
+        "chats short of replies: {short:?}\n{}",
+        tail(&d.log())
+    );
     for &chat in chats {
         assert_eq!(
             sb.sent_texts(chat),
@@ -76,6 +78,25 @@ fn burst(sb: &Sandbox, chats: &[i64], per_chat: usize, poison: &HashMap<i64, usi
     ids
 }
 
+/// The recorder app `poison:app` with `workers`, recording into `record`.
+fn start_poison(
+    sb: &Sandbox,
+    record: &Path,
+    workers: usize,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Daemon {
+    let config = config_for(
+        sb,
+        "poison:app",
+        &format!("[sender]\nlimits = false\n\n{extra}"),
+    )
+    .replace("[app]\n", &format!("[app]\nworkers = {workers}\n"));
+    let mut all = vec![("RECORD_FILE", record.to_str().expect("utf-8 temp path"))];
+    all.extend_from_slice(env);
+    Daemon::start(&config, &all)
+}
+
 /// 20 chats share one worker; two of them each send one message whose
 /// handler kills the worker. Only those two updates may be lost: every other
 /// update of every chat is answered once and in order.
@@ -83,16 +104,9 @@ fn a_chat_that_kills_its_worker_costs_other_chats_nothing(how: &str, extra_env: 
     let sb = sandbox();
     let dir = tempfile::tempdir().expect("temp dir");
     let record = dir.path().join("record");
-    let mut env = vec![
-        ("RECORD_FILE", record.to_str().expect("utf-8 temp path")),
-        ("POISON", how),
-        ("RECORD_DELAY", "0.005"),
-    ];
+    let mut env = vec![("POISON", how), ("RECORD_DELAY", "0.005")];
     env.extend_from_slice(extra_env);
-    let d = Daemon::start(
-        &config_for(&sb, "poison:app", "[sender]\nlimits = false\n"),
-        &env,
-    );
+    let d = start_poison(&sb, &record, 1, "", &env);
     let chats: Vec<i64> = (500..520).collect();
     let per_chat = 15;
     let poison = HashMap::from([(503, 4), (507, 9)]);
@@ -111,7 +125,12 @@ fn a_chat_that_kills_its_worker_costs_other_chats_nothing(how: &str, extra_env: 
             "it ran at two deaths before it was dropped"
         );
     }
-    assert_eq!(count(&log, " dropped: "), poison_ids.len(), "{}", tail(&log));
+    assert_eq!(
+        count(&log, " dropped: "),
+        poison_ids.len(),
+        "{}",
+        tail(&log)
+    );
     assert!(log.contains("isolation worker"), "{}", tail(&log));
     let (status, log) = d.stop();
     assert!(status.success(), "{}", tail(&log));
@@ -147,7 +166,11 @@ fn worker_pids_now(daemon: i32) -> Vec<i32> {
         return pids;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -177,15 +200,7 @@ fn workers_killed_repeatedly_during_a_burst_lose_nothing_and_keep_each_chats_ord
     let sb = sandbox();
     let dir = tempfile::tempdir().expect("temp dir");
     let record = dir.path().join("record");
-    let config = config_for(&sb, "poison:app", "[sender]\nlimits = false\n")
-        .replace("[app]\n", "[app]\nworkers = 2\n");
-    let d = Daemon::start(
-        &config,
-        &[
-            ("RECORD_FILE", record.to_str().expect("utf-8 temp path")),
-            ("RECORD_DELAY", "0.002"),
-        ],
-    );
+    let d = start_poison(&sb, &record, 2, "", &[("RECORD_DELAY", "0.002")]);
     assert!(d.wait_log("Polling Telegram"), "{}", d.log());
     let chats: Vec<i64> = (600..660).collect();
     let per_chat = 50;
@@ -224,18 +239,8 @@ fn a_burst_over_many_more_chats_than_max_scopes_makes_progress_within_the_bound(
     let sb = sandbox();
     let dir = tempfile::tempdir().expect("temp dir");
     let record = dir.path().join("record");
-    let config = config_for(
-        &sb,
-        "poison:app",
-        &format!("[sender]\nlimits = false\n\n[scopes]\nmax_scopes = 50\n\n{HTTP}"),
-    );
-    let d = Daemon::start(
-        &config,
-        &[
-            ("RECORD_FILE", record.to_str().expect("utf-8 temp path")),
-            ("RECORD_DELAY", "0.02"),
-        ],
-    );
+    let extra = format!("[scopes]\nmax_scopes = 50\n\n{HTTP}");
+    let d = start_poison(&sb, &record, 1, &extra, &[("RECORD_DELAY", "0.02")]);
     let addr = endpoint(&d);
     let chats: Vec<i64> = (10_000..11_000).collect();
     burst(&sb, &chats, 2, &HashMap::new());
@@ -250,7 +255,12 @@ fn a_burst_over_many_more_chats_than_max_scopes_makes_progress_within_the_bound(
     assert_all_answered_in_order(&sb, &chats, 2, &d);
     assert!(most <= 50.0, "at most max_scopes live at once, saw {most}");
     let log = d.log();
-    assert_eq!(count(&log, "cancelled after the grace period"), 0, "{}", tail(&log));
+    assert_eq!(
+        count(&log, "cancelled after the grace period"),
+        0,
+        "{}",
+        tail(&log)
+    );
     assert!(
         count(&log, "max_scopes") <= 4,
         "waiting for room is logged once, not per chat:\n{}",
@@ -292,12 +302,7 @@ fn a_clean_stop_with_many_scopes_logs_no_line_per_scope() {
     let sb = sandbox();
     let dir = tempfile::tempdir().expect("temp dir");
     let record = dir.path().join("record");
-    let config = config_for(&sb, "poison:app", "[sender]\nlimits = false\n")
-        .replace("[app]\n", "[app]\nworkers = 2\n");
-    let d = Daemon::start(
-        &config,
-        &[("RECORD_FILE", record.to_str().expect("utf-8 temp path"))],
-    );
+    let d = start_poison(&sb, &record, 2, "", &[]);
     let chats: Vec<i64> = (700..1_000).collect();
     burst(&sb, &chats, 1, &HashMap::new());
     assert_all_answered_in_order(&sb, &chats, 1, &d);
@@ -334,5 +339,8 @@ fn output_without_newlines_is_cut_into_a_bounded_line() {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or(0);
-    assert!(peak_kb > 0 && peak_kb < 60_000, "daemon peak RSS {peak_kb} kB");
+    assert!(
+        peak_kb > 0 && peak_kb < 60_000,
+        "daemon peak RSS {peak_kb} kB"
+    );
 }

@@ -21,7 +21,7 @@
 //!
 //! Stops when the Supervisor closes it (idle, evicted, shutdown) and the
 //! instance has ended, or at once when its worker is gone; either way it hands
-//! back what is still queued in [`ScopeStopped`].
+//! back what is still queued in [`Stopped`].
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -86,35 +86,37 @@ pub enum ScopeReport {
         key: ScopeKey,
         through: u64,
     },
-    /// The scope is done; `leftover` holds the events no instance finished:
-    /// first the one in hand, if `in_hand` (it was received, so it no longer
-    /// counts as undelivered), then those never received. `accepted` counts
-    /// the events it was given before it stopped: any sent after come back
-    /// as [`Bounced`](ScopeReport::Bounced). `lost` says why its worker
-    /// ended, when that is why it stopped. The actor waits for [`Terminate`].
-    Stopped {
-        scope_id: u64,
-        key: ScopeKey,
-        leftover: Vec<Value>,
-        in_hand: bool,
-        /// Events not acked had been written to its worker.
-        flushed: bool,
-        accepted: u64,
-        lost: Option<Death>,
-        /// The scope's Chat or User object, for the scope that takes over.
-        subject: Box<RawValue>,
-        addr: Addr<ScopeActor>,
-    },
+    /// The scope is done and hands back what it did not finish. The actor
+    /// waits for [`Terminate`].
+    Stopped(Box<Stopped>, Addr<ScopeActor>),
     /// Events that reached the scope after it reported `Stopped`.
     Bounced { key: ScopeKey, events: Vec<Value> },
+}
+
+/// What a stopped scope hands back: `leftover` holds the events no instance
+/// finished: first the one in hand, if `in_hand` (it was received, so it no
+/// longer counts as undelivered), then those never received. `accepted`
+/// counts the events it was given before it stopped: any sent after come
+/// back as [`Bounced`](ScopeReport::Bounced). `lost` says why its worker
+/// ended, when that is why it stopped.
+#[derive(Debug)]
+pub struct Stopped {
+    pub scope_id: u64,
+    pub key: ScopeKey,
+    pub leftover: Vec<Value>,
+    pub in_hand: bool,
+    /// Events not acked had been written to its worker.
+    pub flushed: bool,
+    pub accepted: u64,
+    pub lost: Option<Death>,
+    /// The scope's Chat or User object, for the scope that takes over.
+    pub subject: Box<RawValue>,
 }
 
 /// The Supervisor has forgotten this scope: nothing more will be sent to it.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Terminate;
-
-pub use ScopeReport::Stopped as ScopeStopped;
 
 enum Instance {
     /// No instance: none started yet, or the last one ended.
@@ -311,7 +313,7 @@ impl ScopeActor {
             .chain(self.queue.drain(..).map(|(_, e)| e))
             .filter(|e| !is_local_event(e))
             .collect();
-        self.links.supervisor.do_send(ScopeStopped {
+        let stopped = Stopped {
             scope_id: self.scope_id,
             key: self.key.clone(),
             leftover,
@@ -320,8 +322,10 @@ impl ScopeActor {
             accepted: self.accepted,
             lost,
             subject: std::mem::replace(&mut self.subject, RawValue::NULL.to_owned()),
-            addr: ctx.address(),
-        });
+        };
+        self.links
+            .supervisor
+            .do_send(ScopeReport::Stopped(Box::new(stopped), ctx.address()));
         // Not ctx.stop(): an Enqueue the Supervisor sent before it read the
         // report would die in a stopped mailbox. Such events are bounced
         // until the Supervisor answers with Terminate (rule: nothing lost).

@@ -42,7 +42,7 @@ use tokio::sync::oneshot;
 use crate::actors::outbox::{Done, Outbox};
 use crate::actors::quarantine::{Quarantine, Verdict, ISOLATED_DEATHS};
 use crate::actors::scope::{
-    Close, Enqueue, ScopeActor, ScopeLinks, ScopeReport, Terminate, SHUTDOWN,
+    Close, Enqueue, ScopeActor, ScopeLinks, ScopeReport, Stopped, Terminate, SHUTDOWN,
 };
 use crate::actors::worker::{describe, Death, Release, ShutdownWorker, Worker, WorkerEvent};
 use crate::backoff::Backoff;
@@ -672,7 +672,10 @@ impl Supervisor {
             return;
         }
         let in_hand_id = if in_hand {
-            leftover.first().and_then(|e| e.get("update_id")).and_then(Value::as_i64)
+            leftover
+                .first()
+                .and_then(|e| e.get("update_id"))
+                .and_then(Value::as_i64)
         } else {
             None
         };
@@ -801,7 +804,10 @@ impl Supervisor {
                 let slot = &mut self.workers[index];
                 if let Some(links) = slot.links.as_ref().filter(|_| !slot.retired) {
                     slot.retired = true;
-                    log::info!("isolation worker={index} pid={} no longer needed; stopping it", slot.pid);
+                    log::info!(
+                        "isolation worker={index} pid={} no longer needed; stopping it",
+                        slot.pid
+                    );
                     links.worker.do_send(ShutdownWorker {
                         grace: self.settings.scopes.disconnect_grace.as_secs_f64(),
                     });
@@ -918,18 +924,6 @@ impl Supervisor {
 /// A Chat or User object from an update is plain JSON.
 fn encode_subject(subject: &Value) -> Box<RawValue> {
     serde_json::value::to_raw_value(subject).expect("a Chat or User object is plain JSON")
-}
-
-/// What a stopped scope reports, unpacked.
-struct Stopped {
-    scope_id: u64,
-    key: ScopeKey,
-    leftover: Vec<Value>,
-    in_hand: bool,
-    flushed: bool,
-    accepted: u64,
-    lost: Option<Death>,
-    subject: Box<RawValue>,
 }
 
 impl Actor for Supervisor {
@@ -1059,28 +1053,8 @@ impl Handler<ScopeReport> for Supervisor {
                     self.close(&key, "ended");
                 }
             }
-            ScopeReport::Stopped {
-                scope_id,
-                key,
-                leftover,
-                in_hand,
-                flushed,
-                accepted,
-                lost,
-                subject,
-                addr,
-            } => {
-                let report = Stopped {
-                    scope_id,
-                    key,
-                    leftover,
-                    in_hand,
-                    flushed,
-                    accepted,
-                    lost,
-                    subject,
-                };
-                self.scope_stopped(report, ctx);
+            ScopeReport::Stopped(report, addr) => {
+                self.scope_stopped(*report, ctx);
                 // Whatever it bounces was sent before this, so arrives next.
                 addr.do_send(Terminate);
             }
@@ -1204,7 +1178,10 @@ impl Supervisor {
         ctx: &mut Context<Self>,
     ) {
         if self.workers[index].retired || death == Death::Asked {
-            log::info!("isolation worker={index} pid={pid} exited ({})", describe(status));
+            log::info!(
+                "isolation worker={index} pid={pid} exited ({})",
+                describe(status)
+            );
             self.isolation = None;
             // Suspects may have come meanwhile.
             return self.pump_isolation(ctx);
