@@ -1,5 +1,6 @@
 //! Process hygiene, end to end with the real binary: bad numbers in the
-//! configuration are errors (never panics), a port in use is one clear error.
+//! configuration are errors (never panics), a port in use is one clear error,
+//! processes an app forks end with its worker.
 
 mod common;
 
@@ -151,4 +152,143 @@ fn http_bind_on_a_port_in_use_is_one_clear_error_and_starts_nothing() {
     assert!(errors[0].contains(&addr), "{log}");
     assert!(!log.contains("worker="), "a worker was started:\n{log}");
     drop(held);
+}
+
+/// A process the test saw alive, told apart from a later one with its pid
+/// by its start time. Dropping it kills it if it is still that process, so
+/// a failing run leaves no sleeper behind.
+struct Forked {
+    pid: i32,
+    start: u64,
+}
+
+/// (state, process group, start time) from /proc/PID/stat; `None`: no such pid.
+fn proc_stat(pid: i32) -> Option<(char, i32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after "pid (comm) ": comm may hold spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let pgrp = fields.get(2)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, pgrp, start))
+}
+
+impl Forked {
+    /// The pid the forker app wrote, once it is there.
+    fn read(path: &std::path::Path) -> Forked {
+        Self::read_new(path, 0)
+    }
+
+    /// The pid the forker app wrote, once it is there and not `old`.
+    fn read_new(path: &std::path::Path, old: i32) -> Forked {
+        let mut pid = None;
+        let found = wait_for(DEADLINE, || {
+            pid = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .filter(|&p| p != old);
+            pid.is_some()
+        });
+        assert!(found, "the app wrote no pid to {}", path.display());
+        let pid = pid.expect("found above");
+        let (_, _, start) = proc_stat(pid).expect("the forked child runs");
+        Forked { pid, start }
+    }
+
+    /// Still the same process, and not a zombie: a zombie has ended, it only
+    /// waits for whoever inherited it to reap it.
+    fn running(&self) -> bool {
+        proc_stat(self.pid)
+            .is_some_and(|(state, _, start)| start == self.start && state != 'Z' && state != 'X')
+    }
+
+    fn pgrp(&self) -> i32 {
+        proc_stat(self.pid).expect("the forked child runs").1
+    }
+}
+
+impl Drop for Forked {
+    fn drop(&mut self) {
+        if self.running() {
+            // SAFETY: kill(2) on a pid just checked to be the app's child.
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// A daemon running the forker app, the child its first instance forked,
+/// the worker's pid, and the directory of the pid file (alive as long as the
+/// app may write to it).
+fn daemon_with_a_forked_child(
+    sb: &asgigramd::sandbox::Sandbox,
+) -> (Daemon, Forked, i32, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pid_file = dir.path().join("child.pid");
+    let d = Daemon::start(
+        &config_for(sb, "forker:app", ""),
+        &[(
+            "FORKER_PID_FILE",
+            pid_file.to_str().expect("utf-8 temp path"),
+        )],
+    );
+    sb.inject_text(31, "fork");
+    wait_texts(sb, 31, 1, &d);
+    let child = Forked::read(&pid_file);
+    let worker = worker_pids(&d.log())[0];
+    assert!(child.running());
+    assert_eq!(
+        child.pgrp(),
+        worker,
+        "the app's child is in its worker's process group"
+    );
+    (d, child, worker, dir)
+}
+
+#[test]
+fn processes_an_app_forks_end_when_its_worker_is_killed() {
+    let sb = sandbox();
+    let (d, child, worker, dir) = daemon_with_a_forked_child(&sb);
+    // SAFETY: kill(2) on the worker process this test's daemon started.
+    unsafe {
+        libc::kill(worker, libc::SIGKILL);
+    }
+    assert!(
+        d.wait_log("died (killed by signal 9); restarting it"),
+        "{}",
+        d.log()
+    );
+    assert!(
+        wait_for(DEADLINE, || !child.running()),
+        "pid {} forked by the app outlived its killed worker {worker}",
+        child.pid
+    );
+    // The daemon goes on with a new worker, in a group of its own too.
+    sb.inject_text(31, "again");
+    wait_texts(&sb, 31, 2, &d);
+    let second = Forked::read_new(&dir.path().join("child.pid"), child.pid);
+    assert!(second.running());
+    assert_ne!(second.pgrp(), worker);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        wait_for(DEADLINE, || !second.running()),
+        "pid {} forked by the app outlived the daemon:\n{log}",
+        second.pid
+    );
+}
+
+#[test]
+fn processes_an_app_forks_end_when_the_daemon_stops() {
+    let sb = sandbox();
+    let (d, child, _, _dir) = daemon_with_a_forked_child(&sb);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        wait_for(DEADLINE, || !child.running()),
+        "pid {} forked by the app outlived the daemon:\n{log}",
+        child.pid
+    );
 }

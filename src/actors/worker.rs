@@ -202,11 +202,12 @@ impl Worker {
         if self.writer.is_none() || self.pid == 0 {
             return;
         }
-        // SAFETY: kill(2) on the pid of the child this actor started. The pid
-        // stays ours until the exit watcher reaps the child, and then `writer`
-        // is cleared before any further kill can run.
+        // The whole process group: the worker and whatever the app forked.
+        // SAFETY: killpg(2) on the group of the child this actor started (its
+        // pid, see spawn_worker). The id stays ours while the child is not
+        // reaped, and then `writer` is cleared before any further kill can run.
         unsafe {
-            libc::kill(self.pid as i32, libc::SIGKILL);
+            libc::killpg(self.pid as i32, libc::SIGKILL);
         }
         self.ready = false;
     }
@@ -399,6 +400,17 @@ impl Handler<ProcessExited> for Worker {
     type Result = ();
     fn handle(&mut self, msg: ProcessExited, ctx: &mut Context<Self>) {
         let status = msg.0;
+        if self.pid != 0 {
+            // What the app forked is still in the worker's process group and
+            // would outlive it. The kernel keeps a group's id from being
+            // reused while any member lives; with none left, the id would
+            // have had to come round again in the moment since the reap.
+            // SAFETY: killpg(2) on the group spawn_worker made for this
+            // worker; never 0, which would be the daemon's own group.
+            unsafe {
+                libc::killpg(self.pid as i32, libc::SIGKILL);
+            }
+        }
         match (self.fatal.take(), self.ready) {
             (Some(error), _) => self.supervisor.do_send(WorkerEvent::Failed {
                 index: self.index,
