@@ -1,9 +1,11 @@
 //! Process hygiene, end to end with the real binary: bad numbers in the
 //! configuration are errors (never panics), a port in use is one clear error,
-//! processes an app forks end with its worker.
+//! processes an app forks end with its worker, and a token given on the
+//! command line does not stay readable in /proc/PID/cmdline.
 
 mod common;
 
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use common::*;
@@ -291,4 +293,77 @@ fn processes_an_app_forks_end_when_the_daemon_stops() {
         "pid {} forked by the app outlived the daemon:\n{log}",
         child.pid
     );
+}
+
+/// SIGTERM and wait for it on drop, so a failing assertion stops it too.
+struct Stopping(std::process::Child);
+
+impl Drop for Stopping {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let end = Instant::now() + DEADLINE;
+        while self.0.try_wait().ok().flatten().is_none() && Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_token_on_the_command_line_is_overwritten_in_proc_cmdline() {
+    let sb = sandbox();
+    let state = tempfile::tempdir().expect("temp dir");
+    let log_path = state.path().join("daemon.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let api_url = sb.api_url();
+    let child = Command::new(binary())
+        .args([sb.token(), "echo3:app", "--api-url", &api_url])
+        .env("ASGIGRAM_JOURNAL__DIR", state.path().join("state"))
+        .env_remove("RUST_LOG")
+        .current_dir(apps_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("runs");
+    let pid = child.id();
+    let child = Stopping(child);
+    sb.inject_text(41, "started");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        sb.wait_until(DEADLINE, |v| v.sent_texts(41).len() == 1),
+        "{}",
+        log()
+    );
+
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline readable");
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    assert!(
+        !args.iter().any(|a| a.contains("SECRET")),
+        "the token is readable in /proc/{pid}/cmdline: {args:?}"
+    );
+    assert_eq!(args[1], "x".repeat(TOKEN.len()), "{args:?}");
+    assert_eq!(args[2..], ["echo3:app", "--api-url", &api_url], "{args:?}");
+
+    drop(child);
+    let log = log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("command line"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning about the token:\n{log}");
+    assert!(
+        warnings[0].contains("ASGIGRAM_TELEGRAM__TOKEN")
+            && warnings[0].contains("telegram.token_file"),
+        "{log}"
+    );
+    assert!(!log.contains("SECRET"), "the token leaked into the log");
 }
