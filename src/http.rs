@@ -10,7 +10,7 @@
 //!   with the reason in the body (readiness).
 //! - `/metrics`: the Prometheus text format.
 
-use std::net::SocketAddr;
+use std::net::TcpListener;
 
 use actix_web::dev::ServerHandle;
 use actix_web::http::header::ContentType;
@@ -41,10 +41,21 @@ async fn prometheus() -> HttpResponse {
         .body(metrics().render())
 }
 
-/// Binds `bind` and serves the endpoint on the current actix System until
-/// the returned handle stops it (or the process ends). Logs the bound
-/// address, so `127.0.0.1:0` can be used and the port read from the log.
-pub fn start(bind: SocketAddr) -> std::io::Result<ServerHandle> {
+/// Binds `http.bind`, if it is set. Called before anything else starts: a
+/// port in use must stop the daemon while there is nothing to stop yet.
+pub fn bind(settings: &crate::settings::Settings) -> Result<Option<TcpListener>, crate::RunError> {
+    let Some(addr) = settings.http.bind else {
+        return Ok(None);
+    };
+    TcpListener::bind(addr)
+        .map(Some)
+        .map_err(|e| crate::RunError::Other(format!("http.bind: cannot listen on {addr}: {e}")))
+}
+
+/// Serves the endpoint on `listener` on the current actix System until the
+/// returned handle stops it (or the process ends). Logs the bound address,
+/// so `127.0.0.1:0` can be used and the port read from the log.
+pub fn start(listener: TcpListener) -> std::io::Result<ServerHandle> {
     let server = HttpServer::new(|| {
         App::new()
             .route("/healthz", web::get().to(healthz))
@@ -57,7 +68,7 @@ pub fn start(bind: SocketAddr) -> std::io::Result<ServerHandle> {
     // endpoint must not shut itself down on them first.
     .disable_signals()
     .shutdown_timeout(1)
-    .bind(bind)?;
+    .listen(listener)?;
     let addrs = server
         .addrs()
         .iter()
@@ -91,16 +102,22 @@ impl Drop for Operations {
     }
 }
 
-/// Starts what `settings` asks for: the HTTP endpoint (`http.bind`), the
-/// stats line (`log.stats_interval`), SIGHUP and `--reload`.
+/// Starts what `settings` asks for: the HTTP endpoint on `listener` (from
+/// [`bind`]), the stats line (`log.stats_interval`), SIGHUP and `--reload`.
 pub fn start_operations(
+    listener: Option<TcpListener>,
     settings: &crate::settings::Settings,
     supervisor: &actix::Addr<crate::actors::supervisor::Supervisor>,
 ) -> Result<Operations, crate::RunError> {
-    let endpoint = match settings.http.bind {
-        Some(bind) => Some(start(bind).map_err(|e| {
-            crate::RunError::Startup(format!("http.bind: cannot listen on {bind}: {e}"))
-        })?),
+    let endpoint = match listener {
+        Some(listener) => {
+            let addr = listener
+                .local_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string());
+            Some(start(listener).map_err(|e| {
+                crate::RunError::Other(format!("http.bind: cannot serve on {addr}: {e}"))
+            })?)
+        }
         None => None,
     };
     crate::metrics::spawn_stats_logger(settings.log.stats_interval);

@@ -205,6 +205,8 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         settings.app.workers,
         settings.app.python
     );
+    // First: a port in use stops the daemon before anything else runs.
+    let listener = http::bind(&settings)?;
     let (journal, recovery) = start_journal(&settings)?;
     let Recovery {
         updates: replay,
@@ -218,7 +220,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     outbox.do_send(Recover(unsent));
     let supervisor = Supervisor::new(settings.clone(), outbox.clone(), undelivered.clone()).start();
     let shutdown = ShutdownSignal::install(stop)?;
-    let _operations = http::start_operations(&settings, &supervisor)?;
+    let _operations = http::start_operations(listener, &settings, &supervisor)?;
 
     log::info!("Waiting for application startup.");
     wait_ready(&supervisor, settings.app.startup_timeout)

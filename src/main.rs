@@ -47,6 +47,7 @@ struct Cli {
     api_url: Option<String>,
 
     /// Bot token (original form: `asgigramd TOKEN module:application`).
+    /// Other users can read arguments: prefer ASGIGRAM_TELEGRAM__TOKEN.
     /// With --sandbox, a single positional argument is the application.
     #[arg(value_name = "TOKEN")]
     token: Option<String>,
@@ -92,8 +93,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         (true, Some(app), None) => (None, Some(app)),
         (_, token, app) => (token, app),
     };
+    // Some(outcome) when the token came from argv: the warning goes out once
+    // logging is set up.
+    let mut token_in_argv = None;
     if let Some(token) = token {
         logging::register_secret(&token);
+        token_in_argv = Some(argv::overwrite(&token));
         sources.overrides.push(("telegram.token", token));
     }
     if let Some(app) = application {
@@ -130,6 +135,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
         settings.log.level
     };
     logging::init_with(level, settings.log.format);
+    if let Some(outcome) = token_in_argv {
+        let pid = std::process::id();
+        let how = match outcome {
+            Ok(()) => format!(
+                "it is now overwritten in /proc/{pid}/cmdline but was readable there until then"
+            ),
+            Err(e) => {
+                format!("it stays readable in /proc/{pid}/cmdline, overwriting it failed: {e}")
+            }
+        };
+        log::warn!(
+            "the bot token was given on the command line, where every user of this machine can read it ({how}); \
+             give it in ASGIGRAM_TELEGRAM__TOKEN or a telegram.token_file instead"
+        );
+    }
     if cli.reload {
         asgigramd::reload::watch_app_files();
     }
@@ -145,4 +165,98 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
     actix::System::new().block_on(asgigramd::run(settings, None))?;
     Ok(())
+}
+
+/// Hiding a secret given on the command line from other users.
+///
+/// `/proc/PID/cmdline`, readable by everyone, is the process's own argument
+/// strings, read live from its memory: the kernel copied them to the
+/// initial stack at exec, between the addresses `/proc/self/stat` gives as
+/// `arg_start` and `arg_end`. Overwriting the bytes there hides them.
+mod argv {
+    use std::io;
+    use std::ops::Range;
+    use std::os::unix::fs::FileExt;
+
+    /// Overwrites with 'x' every argument (but the program name) that is
+    /// exactly `secret`. Call it before any thread starts: `std::env::args`
+    /// reads the same memory.
+    pub fn overwrite(secret: &str) -> io::Result<()> {
+        let stat = std::fs::read_to_string("/proc/self/stat")?;
+        let area = arg_area(&stat)
+            .ok_or_else(|| io::Error::other("no arg_start/arg_end in /proc/self/stat"))?;
+        // Read through /proc/self/mem, which fails cleanly rather than faulting
+        // if the addresses were wrong, and must match what others see.
+        let mut bytes = vec![0; area.len()];
+        std::fs::File::open("/proc/self/mem")?.read_exact_at(&mut bytes, area.start as u64)?;
+        if bytes != std::fs::read("/proc/self/cmdline")? {
+            return Err(io::Error::other(
+                "the argument area does not hold what /proc/self/cmdline shows",
+            ));
+        }
+        let found = secret_ranges(&bytes, secret.as_bytes());
+        if found.is_empty() {
+            return Err(io::Error::other("the token is not one of the arguments"));
+        }
+        for range in found {
+            // SAFETY: `range` lies within [arg_start, arg_end), memory the
+            // kernel mapped writable for the process's whole life, just read
+            // back above. No Rust reference points into it: std keeps only
+            // raw pointers (for env::args), and no other thread runs yet.
+            unsafe {
+                std::ptr::write_bytes((area.start + range.start) as *mut u8, b'x', range.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// `arg_start..arg_end` from the text of /proc/PID/stat (fields 48, 49).
+    pub fn arg_area(stat: &str) -> Option<Range<usize>> {
+        // The command name (field 2) is in parentheses and may itself hold
+        // spaces and parentheses; the fields after its last ')' start at 3.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let mut fields = rest.split_whitespace().skip(48 - 3);
+        let start: usize = fields.next()?.parse().ok()?;
+        let end: usize = fields.next()?.parse().ok()?;
+        (start > 0 && start < end).then_some(start..end)
+    }
+
+    /// Where `secret` is a whole argument (after the first, the program) in
+    /// NUL-separated `args`.
+    pub fn secret_ranges(args: &[u8], secret: &[u8]) -> Vec<Range<usize>> {
+        let mut found = Vec::new();
+        let mut offset = 0;
+        for (i, arg) in args.split(|&b| b == 0).enumerate() {
+            if i > 0 && !secret.is_empty() && arg == secret {
+                found.push(offset..offset + arg.len());
+            }
+            offset += arg.len() + 1;
+        }
+        found
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_argument_area_is_read_past_a_command_name_with_parentheses() {
+            let mut fields: Vec<String> = (3..=52).map(|n| n.to_string()).collect();
+            fields[48 - 3] = "140737488347000".into();
+            fields[49 - 3] = "140737488347100".into();
+            let stat = format!("1234 (a) b (c)) {}\n", fields.join(" "));
+            assert_eq!(arg_area(&stat), Some(140737488347000..140737488347100));
+            assert_eq!(arg_area("1234 (short) S 1 2"), None);
+            fields[49 - 3] = "0".into();
+            assert_eq!(arg_area(&format!("1 (a) {}", fields.join(" "))), None);
+        }
+
+        #[test]
+        fn only_whole_arguments_after_the_program_name_match() {
+            let args = b"asgigramd\x0042:tok\x00echo:app\x00--x=42:tok\x0042:tok\x00";
+            assert_eq!(secret_ranges(args, b"42:tok"), vec![10..16, 37..43]);
+            assert!(secret_ranges(b"42:tok\x00a\x00", b"42:tok").is_empty());
+            assert!(secret_ranges(args, b"").is_empty());
+        }
+    }
 }

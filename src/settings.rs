@@ -18,6 +18,15 @@ pub const DEFAULTS: &str = include_str!("../config/default.toml");
 /// Telegram refuses long-poll timeouts above this many seconds.
 pub const MAX_POLL_TIMEOUT: u64 = 50;
 
+/// The longest duration any key accepts, in seconds (365 days): far beyond
+/// any useful timeout, and far enough from `Duration`'s and `Instant`'s
+/// limits that adding two of them cannot overflow.
+pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
+
+/// The largest value of the counts that have no natural limit
+/// (`scopes.max_scopes`, `sender.queue_limit`, `journal.max_undelivered`).
+pub const MAX_COUNT: u64 = 1_000_000_000;
+
 /// Prefix of the environment variables that override settings.
 pub const ENV_PREFIX: &str = "ASGIGRAM";
 
@@ -264,15 +273,15 @@ struct RawSettings {
 #[serde(deny_unknown_fields)]
 struct RawJournal {
     dir: String,
-    max_undelivered: u64,
+    max_undelivered: Number,
     fsync: bool,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawShutdown {
-    drain_timeout: f64,
-    worker_timeout: f64,
+    drain_timeout: Number,
+    worker_timeout: Number,
 }
 
 #[derive(Deserialize)]
@@ -281,9 +290,9 @@ struct RawTelegram {
     token: String,
     token_file: String,
     api_url: String,
-    poll_timeout: u64,
-    http_timeout: u64,
-    poll_limit: u64,
+    poll_timeout: Number,
+    http_timeout: Number,
+    poll_limit: Number,
     allowed_updates: Vec<String>,
     delete_webhook: bool,
 }
@@ -294,35 +303,35 @@ struct RawApp {
     application: String,
     python: String,
     app_dir: String,
-    workers: u64,
+    workers: Number,
     lifespan: LifespanMode,
-    startup_timeout: u64,
-    hang_timeout: f64,
+    startup_timeout: Number,
+    hang_timeout: Number,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawScopes {
-    idle_timeout: u64,
-    max_scopes: u64,
-    disconnect_grace: f64,
-    stall_warning: u64,
+    idle_timeout: Number,
+    max_scopes: Number,
+    disconnect_grace: Number,
+    stall_warning: Number,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSender {
     limits: bool,
-    global_per_second: u64,
-    paid_broadcast_per_second: u64,
-    chat_per_second: f64,
-    chat_burst: u64,
-    group_per_minute: u64,
-    safety_margin: f64,
-    queue_limit: u64,
-    response_timeout: u64,
+    global_per_second: Number,
+    paid_broadcast_per_second: Number,
+    chat_per_second: Number,
+    chat_burst: Number,
+    group_per_minute: Number,
+    safety_margin: Number,
+    queue_limit: Number,
+    response_timeout: Number,
     ambiguous: AmbiguousPolicy,
-    max_attempts: u64,
+    max_attempts: Number,
 }
 
 #[derive(Deserialize)]
@@ -330,7 +339,7 @@ struct RawSender {
 struct RawLog {
     level: String,
     format: String,
-    stats_interval: u64,
+    stats_interval: Number,
 }
 
 #[derive(Deserialize)]
@@ -402,30 +411,19 @@ impl Settings {
                 format!("must start with http:// or https://, got {api_url:?}"),
             ));
         }
-        if raw.telegram.poll_timeout > MAX_POLL_TIMEOUT {
-            return Err(SettingsError::key(
-                "telegram.poll_timeout",
-                format!(
-                    "Telegram allows at most {MAX_POLL_TIMEOUT} seconds, got {}",
-                    raw.telegram.poll_timeout
-                ),
-            ));
-        }
-        if raw.telegram.http_timeout == 0 {
-            return Err(SettingsError::key(
-                "telegram.http_timeout",
-                "must be at least 1 second",
-            ));
-        }
-        let poll_limit = match raw.telegram.poll_limit {
-            n @ 1..=100 => n as u8,
-            n => {
-                return Err(SettingsError::key(
-                    "telegram.poll_limit",
-                    format!("must be 1-100, got {n}"),
-                ))
-            }
-        };
+        let poll_timeout = whole_seconds(
+            "telegram.poll_timeout",
+            raw.telegram.poll_timeout,
+            0,
+            MAX_POLL_TIMEOUT,
+        )?;
+        let http_timeout = whole_seconds(
+            "telegram.http_timeout",
+            raw.telegram.http_timeout,
+            1,
+            MAX_SECONDS,
+        )?;
+        let poll_limit = count("telegram.poll_limit", raw.telegram.poll_limit, 1, 100)? as u8;
 
         let application = raw.app.application.trim().to_string();
         if application.is_empty() {
@@ -441,12 +439,7 @@ impl Settings {
                 "must name a Python interpreter",
             ));
         }
-        if raw.app.workers == 0 || raw.app.workers > 256 {
-            return Err(SettingsError::key(
-                "app.workers",
-                format!("must be 1-256, got {}", raw.app.workers),
-            ));
-        }
+        let workers = count("app.workers", raw.app.workers, 1, 256)?;
         let app_dir = if raw.app.app_dir.is_empty() {
             base_dir.to_path_buf()
         } else {
@@ -458,62 +451,58 @@ impl Settings {
                 format!("{} is not a directory", app_dir.display()),
             ));
         }
-        if raw.app.startup_timeout == 0 {
-            return Err(SettingsError::key(
-                "app.startup_timeout",
-                "must be at least 1 second",
-            ));
-        }
-        if !(raw.app.hang_timeout >= 0.5 && raw.app.hang_timeout <= 86_400.0) {
-            return Err(SettingsError::key(
-                "app.hang_timeout",
-                "must be between 0.5 and 86400 seconds",
-            ));
-        }
+        let startup_timeout = whole_seconds(
+            "app.startup_timeout",
+            raw.app.startup_timeout,
+            1,
+            MAX_SECONDS,
+        )?;
+        let hang_timeout = seconds("app.hang_timeout", raw.app.hang_timeout, 0.5, 86_400.0)?;
 
-        if raw.scopes.idle_timeout == 0 {
-            return Err(SettingsError::key(
-                "scopes.idle_timeout",
-                "must be at least 1 second",
-            ));
-        }
-        if raw.scopes.max_scopes == 0 {
-            return Err(SettingsError::key(
-                "scopes.max_scopes",
-                "must be at least 1",
-            ));
-        }
-        if !(raw.scopes.disconnect_grace.is_finite() && raw.scopes.disconnect_grace >= 0.0) {
-            return Err(SettingsError::key(
-                "scopes.disconnect_grace",
-                "must be a non-negative number of seconds",
-            ));
-        }
+        let idle_timeout = whole_seconds(
+            "scopes.idle_timeout",
+            raw.scopes.idle_timeout,
+            1,
+            MAX_SECONDS,
+        )?;
+        let max_scopes = count("scopes.max_scopes", raw.scopes.max_scopes, 1, MAX_COUNT)?;
+        let disconnect_grace = seconds(
+            "scopes.disconnect_grace",
+            raw.scopes.disconnect_grace,
+            0.0,
+            MAX_SECONDS as f64,
+        )?;
+        let stall_warning = whole_seconds(
+            "scopes.stall_warning",
+            raw.scopes.stall_warning,
+            0,
+            MAX_SECONDS,
+        )?;
         let sender = validate_sender(&raw.sender)?;
-        if raw.journal.max_undelivered == 0 {
-            return Err(SettingsError::key(
-                "journal.max_undelivered",
-                "must be at least 1",
-            ));
-        }
+        let max_undelivered = count(
+            "journal.max_undelivered",
+            raw.journal.max_undelivered,
+            1,
+            MAX_COUNT,
+        )?;
         let journal = JournalSettings {
             dir: (!raw.journal.dir.is_empty()).then(|| base_dir.join(&raw.journal.dir)),
-            max_undelivered: raw.journal.max_undelivered as usize,
+            max_undelivered: max_undelivered as usize,
             fsync: raw.journal.fsync,
         };
-        let seconds = |key: &'static str, v: f64| {
-            if v.is_finite() && v >= 0.0 {
-                Ok(Duration::from_secs_f64(v))
-            } else {
-                Err(SettingsError::key(
-                    key,
-                    "must be a non-negative number of seconds",
-                ))
-            }
-        };
         let shutdown = ShutdownSettings {
-            drain_timeout: seconds("shutdown.drain_timeout", raw.shutdown.drain_timeout)?,
-            worker_timeout: seconds("shutdown.worker_timeout", raw.shutdown.worker_timeout)?,
+            drain_timeout: seconds(
+                "shutdown.drain_timeout",
+                raw.shutdown.drain_timeout,
+                0.0,
+                MAX_SECONDS as f64,
+            )?,
+            worker_timeout: seconds(
+                "shutdown.worker_timeout",
+                raw.shutdown.worker_timeout,
+                0.0,
+                MAX_SECONDS as f64,
+            )?,
         };
         let http = HttpSettings {
             bind: match raw.http.bind.trim() {
@@ -536,7 +525,8 @@ impl Settings {
                 ))
             }
         };
-        let stats_interval = Duration::from_secs(raw.log.stats_interval);
+        let stats_interval =
+            whole_seconds("log.stats_interval", raw.log.stats_interval, 0, MAX_SECONDS)?;
         let level = raw.log.level.parse::<log::LevelFilter>().map_err(|_| {
             SettingsError::key(
                 "log.level",
@@ -551,8 +541,8 @@ impl Settings {
             telegram: TelegramSettings {
                 token,
                 api_url,
-                poll_timeout: Duration::from_secs(raw.telegram.poll_timeout),
-                http_timeout: Duration::from_secs(raw.telegram.http_timeout),
+                poll_timeout,
+                http_timeout,
                 poll_limit,
                 allowed_updates: raw.telegram.allowed_updates,
                 delete_webhook: raw.telegram.delete_webhook,
@@ -561,16 +551,17 @@ impl Settings {
                 application,
                 python: raw.app.python,
                 app_dir,
-                workers: raw.app.workers as usize,
+                workers: workers as usize,
                 lifespan: raw.app.lifespan,
-                startup_timeout: Duration::from_secs(raw.app.startup_timeout),
-                hang_timeout: Duration::from_secs_f64(raw.app.hang_timeout),
+                startup_timeout,
+                hang_timeout,
             },
             scopes: ScopeSettings {
-                idle_timeout: Duration::from_secs(raw.scopes.idle_timeout),
-                max_scopes: raw.scopes.max_scopes as usize,
-                disconnect_grace: Duration::from_secs_f64(raw.scopes.disconnect_grace),
-                stall_warning: Duration::from_secs(raw.scopes.stall_warning.max(1)),
+                idle_timeout,
+                max_scopes: max_scopes as usize,
+                disconnect_grace,
+                // Zero would make the stall check spin; one second is as eager.
+                stall_warning: stall_warning.max(Duration::from_secs(1)),
             },
             sender,
             journal,
@@ -586,58 +577,175 @@ impl Settings {
 }
 
 fn validate_sender(raw: &RawSender) -> Result<SenderSettings, SettingsError> {
-    let count = |key: &'static str, value: u64, max: u64| match value {
-        n @ 1.. if n <= max => Ok(n as u32),
-        n => Err(SettingsError::key(key, format!("must be 1-{max}, got {n}"))),
-    };
-    let global_per_second = count("sender.global_per_second", raw.global_per_second, 100_000)?;
-    let paid_broadcast_per_second = count(
+    let rate = |key: &'static str, value: Number| count(key, value, 1, 100_000).map(|n| n as u32);
+    let global_per_second = rate("sender.global_per_second", raw.global_per_second)?;
+    let paid_broadcast_per_second = rate(
         "sender.paid_broadcast_per_second",
         raw.paid_broadcast_per_second,
-        100_000,
     )?;
-    let chat_burst = count("sender.chat_burst", raw.chat_burst, 1000)?;
-    let group_per_minute = count("sender.group_per_minute", raw.group_per_minute, 100_000)?;
-    let max_attempts = count("sender.max_attempts", raw.max_attempts, 1000)?;
-    if !(raw.chat_per_second.is_finite() && raw.chat_per_second > 0.0) {
-        return Err(SettingsError::key(
-            "sender.chat_per_second",
-            format!("must be a positive number, got {}", raw.chat_per_second),
-        ));
-    }
-    if !(raw.safety_margin.is_finite() && (0.0..=10.0).contains(&raw.safety_margin)) {
-        return Err(SettingsError::key(
-            "sender.safety_margin",
-            format!("must be 0-10 seconds, got {}", raw.safety_margin),
-        ));
-    }
-    if raw.queue_limit < 2 {
-        return Err(SettingsError::key(
-            "sender.queue_limit",
-            format!("must be at least 2, got {}", raw.queue_limit),
-        ));
-    }
-    if raw.response_timeout == 0 {
-        return Err(SettingsError::key(
-            "sender.response_timeout",
-            "must be at least 1 second",
-        ));
-    }
+    let group_per_minute = rate("sender.group_per_minute", raw.group_per_minute)?;
+    let chat_burst = count("sender.chat_burst", raw.chat_burst, 1, 1000)? as u32;
+    let max_attempts = count("sender.max_attempts", raw.max_attempts, 1, 1000)? as u32;
+    let chat_per_second = number("sender.chat_per_second", raw.chat_per_second, 0.001, 1000.0)?;
+    let safety_margin = seconds("sender.safety_margin", raw.safety_margin, 0.0, 10.0)?;
+    let queue_limit = count("sender.queue_limit", raw.queue_limit, 2, MAX_COUNT)?;
+    let response_timeout = whole_seconds(
+        "sender.response_timeout",
+        raw.response_timeout,
+        1,
+        MAX_SECONDS,
+    )?;
     Ok(SenderSettings {
         limits: crate::limits::Limits {
             enabled: raw.limits,
             global_per_second,
             paid_broadcast_per_second,
-            chat_per_second: raw.chat_per_second,
+            chat_per_second,
             chat_burst,
             group_per_minute,
-            safety_margin: Duration::from_secs_f64(raw.safety_margin),
+            safety_margin,
         },
-        queue_limit: raw.queue_limit as usize,
-        response_timeout: Duration::from_secs(raw.response_timeout),
+        queue_limit: queue_limit as usize,
+        response_timeout,
         ambiguous: raw.ambiguous,
         max_attempts,
     })
+}
+
+/// A number as a layer gave it, checked against its key's range in
+/// `validate`. Deserializing straight into `u64` would make 1e300 or `inf`
+/// `u64::MAX` and 2.5 a 3 without a word, and `f64` seconds past
+/// `Duration`'s range make it panic.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Number {
+    Int(i128),
+    Float(f64),
+}
+
+impl fmt::Display for Number {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Number::Int(n) => write!(f, "{n}"),
+            // Debug writes 1e300 rather than three hundred digits.
+            Number::Float(x) => write!(f, "{x:?}"),
+        }
+    }
+}
+
+impl Number {
+    fn as_f64(self) -> f64 {
+        match self {
+            Number::Int(n) => n as f64,
+            Number::Float(x) => x,
+        }
+    }
+
+    /// The value if it is a whole number (2.0 is; 2.5, NaN and inf are not).
+    fn whole(self) -> Option<i128> {
+        match self {
+            Number::Int(n) => Some(n),
+            // Whole floats beyond ±2^100 are out of every range anyway.
+            Number::Float(x) if x.fract() == 0.0 && x.abs() < 2f64.powi(100) => Some(x as i128),
+            Number::Float(_) => None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Number {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Number, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Number;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Number, E> {
+                Ok(Number::Int(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Number, E> {
+                Ok(Number::Int(v.into()))
+            }
+            fn visit_i128<E>(self, v: i128) -> Result<Number, E> {
+                Ok(Number::Int(v))
+            }
+            fn visit_u128<E>(self, v: u128) -> Result<Number, E> {
+                Ok(i128::try_from(v).map_or(Number::Float(v as f64), Number::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Number, E> {
+                Ok(Number::Float(v))
+            }
+            // Quoted numbers in the file and values set as text still count.
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Number, E> {
+                let t = v.trim();
+                t.parse()
+                    .map(Number::Int)
+                    .or_else(|_| t.parse().map(Number::Float))
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A whole number in `min..=max`.
+fn count(key: &'static str, value: Number, min: u64, max: u64) -> Result<u64, SettingsError> {
+    match value.whole() {
+        Some(n) if (i128::from(min)..=i128::from(max)).contains(&n) => Ok(n as u64),
+        _ => Err(SettingsError::key(
+            key,
+            format!("must be a whole number from {min} to {max}, got {value}"),
+        )),
+    }
+}
+
+/// Whole seconds in `min..=max`.
+fn whole_seconds(
+    key: &'static str,
+    value: Number,
+    min: u64,
+    max: u64,
+) -> Result<Duration, SettingsError> {
+    match value.whole() {
+        Some(n) if (i128::from(min)..=i128::from(max)).contains(&n) => {
+            Ok(Duration::from_secs(n as u64))
+        }
+        _ => Err(SettingsError::key(
+            key,
+            format!("must be a whole number of seconds from {min} to {max}, got {value}"),
+        )),
+    }
+}
+
+/// Seconds, fractions allowed, in `min..=max`.
+fn seconds(
+    key: &'static str,
+    value: Number,
+    min: f64,
+    max: f64,
+) -> Result<Duration, SettingsError> {
+    let x = value.as_f64();
+    if (min..=max).contains(&x) {
+        // In range, so finite and far below Duration's limit.
+        Ok(Duration::from_secs_f64(x))
+    } else {
+        Err(SettingsError::key(
+            key,
+            format!("must be a number of seconds from {min} to {max}, got {value}"),
+        ))
+    }
+}
+
+/// Any number in `min..=max`.
+fn number(key: &'static str, value: Number, min: f64, max: f64) -> Result<f64, SettingsError> {
+    let x = value.as_f64();
+    if (min..=max).contains(&x) {
+        Ok(x)
+    } else {
+        Err(SettingsError::key(
+            key,
+            format!("must be a number from {min} to {max}, got {value}"),
+        ))
+    }
 }
 
 /// The directory a relative `app_dir` / `token_file` is resolved against.
@@ -920,6 +1028,55 @@ mod tests {
             let err = load(Some(file.clone()), &[("ASGIGRAM_APP__HANG_TIMEOUT", bad)]).unwrap_err();
             assert!(err.to_string().contains("app.hang_timeout"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn numbers_are_checked_as_written_against_their_keys_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        let ok = |env: &[(&str, &str)]| load(Some(file.clone()), env).unwrap();
+        let err = |env: &[(&str, &str)]| load(Some(file.clone()), env).unwrap_err().to_string();
+        assert_eq!(ok(&[("ASGIGRAM_APP__WORKERS", "2.0")]).app.workers, 2);
+        assert_eq!(
+            ok(&[("ASGIGRAM_SENDER__QUEUE_LIMIT", "1e3")])
+                .sender
+                .queue_limit,
+            1000
+        );
+        assert_eq!(
+            ok(&[("ASGIGRAM_SHUTDOWN__DRAIN_TIMEOUT", "0.25")])
+                .shutdown
+                .drain_timeout,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            ok(&[("ASGIGRAM_SCOPES__IDLE_TIMEOUT", "31536000")])
+                .scopes
+                .idle_timeout,
+            Duration::from_secs(MAX_SECONDS)
+        );
+        // Saturating or rounding would hide these; the error shows each as given.
+        for (key, value, message) in [
+            ("APP__WORKERS", "2.5", "got 2.5"),
+            ("APP__WORKERS", "1e300", "got 1e300"),
+            ("SCOPES__IDLE_TIMEOUT", "31536001", "got 31536001"),
+            ("SCOPES__MAX_SCOPES", "99999999999999999999999", "got 1e23"),
+            ("SHUTDOWN__DRAIN_TIMEOUT", "inf", "got inf"),
+            ("SHUTDOWN__DRAIN_TIMEOUT", "nan", "got NaN"),
+            ("SHUTDOWN__WORKER_TIMEOUT", "-0.5", "got -0.5"),
+            ("TELEGRAM__POLL_LIMIT", "-1", "got -1"),
+            ("SENDER__CHAT_PER_SECOND", "1e-300", "got 1e-300"),
+        ] {
+            let env = format!("ASGIGRAM_{key}");
+            let e = err(&[(&env, value)]);
+            let named = key.to_lowercase().replace("__", ".");
+            assert!(e.contains(&format!("`{named}`")), "{env}={value}: {e}");
+            assert!(e.contains(message), "{env}={value}: {e}");
+            assert!(e.contains(" from "), "{env}={value}: no range in {e}");
+        }
+        let text = format!("{MINIMAL}[journal]\nmax_undelivered = \"lots\"\n");
+        let e = load(Some(write(dir.path(), "b.toml", &text)), &[]).unwrap_err();
+        assert!(e.to_string().contains("journal.max_undelivered"), "{e}");
     }
 
     #[test]

@@ -299,11 +299,12 @@ impl Worker {
             return;
         }
         self.killed.get_or_insert(why);
-        // SAFETY: kill(2) on the pid of the child this actor started. The pid
-        // stays ours until the exit watcher reaps the child, and then `writer`
-        // is cleared before any further kill can run.
+        // The whole process group: the worker and whatever the app forked.
+        // SAFETY: killpg(2) on the group of the child this actor started (its
+        // pid, see spawn_worker). The id stays ours while the child is not
+        // reaped, and once it is, `status` is set before any further kill.
         unsafe {
-            libc::kill(self.pid as i32, libc::SIGKILL);
+            libc::killpg(self.pid as i32, libc::SIGKILL);
         }
         self.ready = false;
     }
@@ -565,6 +566,18 @@ impl Handler<ShutdownWorker> for Worker {
 impl Handler<ProcessExited> for Worker {
     type Result = ();
     fn handle(&mut self, msg: ProcessExited, ctx: &mut Context<Self>) {
+        if self.pid != 0 {
+            // What the app forked is still in the worker's process group and
+            // would outlive it (and hold its channel open). The kernel keeps a
+            // group's id from being reused while any member lives; with none
+            // left, the id would have had to come round again in the moment
+            // since the reap.
+            // SAFETY: killpg(2) on the group spawn_worker made for this
+            // worker; never 0, which would be the daemon's own group.
+            unsafe {
+                libc::killpg(self.pid as i32, libc::SIGKILL);
+            }
+        }
         self.status = Some(msg.0);
         if self.eof {
             return self.finish();

@@ -207,13 +207,19 @@ pub fn spawn_worker(app: &AppSettings) -> io::Result<Spawned> {
         }
     }
     // SAFETY: between fork and exec only async-signal-safe calls (prctl,
-    // dup2, fcntl) are made, on fds owned by this function.
+    // setpgid, dup2, fcntl) are made, on fds owned by this function.
     unsafe {
         cmd.pre_exec(move || {
             // A worker must not outlive the daemon: whatever it did after the
             // daemon died could never be acknowledged, and the journal would
             // hand it to the next daemon's workers again.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Nor may what the app forks (PDEATHSIG is not inherited): its own
+            // process group, whose id is the worker's pid, lets the Worker
+            // actor end them all with one killpg.
+            if libc::setpgid(0, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
             if theirs_raw == CHANNEL_FD {
