@@ -313,6 +313,30 @@ fn a_clean_stop_with_many_scopes_logs_no_line_per_scope() {
     assert_eq!(count(&log, "Broken pipe"), 0, "{}", tail(&log));
 }
 
+/// Instances that refuse to end are still attached when the workers stop:
+/// their scopes learn it together, and the log says so once per worker, not
+/// once per scope.
+#[test]
+fn instances_left_when_the_workers_stop_are_not_logged_one_by_one() {
+    let sb = sandbox();
+    let config = config_for(
+        &sb,
+        "stubborn:app",
+        "[sender]\nlimits = false\n\n[scopes]\ndisconnect_grace = 0.2\n\n[shutdown]\nworker_timeout = 3\n",
+    )
+    .replace("[app]\n", "[app]\nworkers = 2\n");
+    let d = Daemon::start(&config, &[]);
+    let chats: Vec<i64> = (2_000..2_300).collect();
+    for &chat in &chats {
+        sb.inject_text(chat, &format!("c{chat}-0"));
+    }
+    assert_all_answered_in_order(&sb, &chats, 1, &d);
+    let (_, log) = d.stop();
+    assert_eq!(count(&log, "worker lost"), 0, "{}", tail(&log));
+    assert!(count(&log, "cancelled after the grace period") <= 2, "{}", tail(&log));
+    assert_eq!(count(&log, "Broken pipe"), 0, "{}", tail(&log));
+}
+
 /// 20 MB printed without a newline: one log line, cut, and the daemon does
 /// not grow by the size of the output.
 #[test]
