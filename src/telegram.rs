@@ -224,8 +224,8 @@ impl Bot {
     /// `api_url` is the server root, e.g. `https://api.telegram.org`.
     pub fn new(api_url: &str, token: &BotToken, http_timeout: Duration) -> Bot {
         let client = awc::Client::builder()
-            // Per-request timeouts are set on each call; this is only the
-            // connect phase.
+            // Each call has one deadline for its whole exchange (see
+            // `Bot::exchange`); this bounds only the connect phase within it.
             .connector(
                 awc::Connector::new()
                     .timeout(Duration::from_secs(10))
@@ -261,8 +261,35 @@ impl Bot {
         params: &Value,
         timeout: Duration,
     ) -> Result<Value, TelegramError> {
+        let (status, body) = self.exchange(method, params, timeout).await?;
+        parse_envelope(status, &body)
+    }
+
+    /// One request and its whole answer, status and body, within `timeout`.
+    ///
+    /// awc's own request timeout ends once the headers are in: a body that
+    /// stalls after them would be waited for forever. So the one deadline
+    /// covers connecting, sending, the headers and the body alike.
+    async fn exchange(
+        &self,
+        method: &str,
+        params: &Value,
+        timeout: Duration,
+    ) -> Result<(u16, bytes::Bytes), TelegramError> {
+        match tokio::time::timeout(timeout, self.exchange_unbounded(method, params)).await {
+            Ok(answer) => answer,
+            // Possibly sent, possibly executed: ambiguous, as the variant says.
+            Err(_) => Err(TelegramError::Timeout(timeout)),
+        }
+    }
+
+    async fn exchange_unbounded(
+        &self,
+        method: &str,
+        params: &Value,
+    ) -> Result<(u16, bytes::Bytes), TelegramError> {
         let url = format!("{}{}", self.base, method);
-        let request = self.client.post(url).timeout(timeout);
+        let request = self.client.post(url);
         let response = match params.as_object().filter(|_| upload::has_files(params)) {
             Some(map) => {
                 let (fields, files) = upload::split(map).map_err(|e| TelegramError::Api {
@@ -285,7 +312,7 @@ impl Bot {
             .limit(64 * 1024 * 1024)
             .await
             .map_err(|e| TelegramError::InvalidResponse(format!("reading the body: {e}")))?;
-        parse_envelope(status, &body)
+        Ok((status, body))
     }
 
     /// Calls a non-polling method with the configured HTTP timeout.
@@ -313,7 +340,6 @@ fn classify_send_error(err: awc::error::SendRequestError) -> TelegramError {
         // call surely did not execute.
         E::Connect(e) => TelegramError::Network(format!("connect: {e}")),
         E::Url(e) => TelegramError::Network(format!("invalid URL: {e}")),
-        E::Timeout => TelegramError::Timeout(Duration::ZERO),
         // Writing failed part-way, or the connection closed before an answer:
         // Telegram may have received and executed the request. Ambiguous, like
         // a timeout, and unlike `Network`.
