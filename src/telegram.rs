@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -63,7 +64,8 @@ impl Update {
 /// What went wrong with a Bot API call, split by what the caller does next.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TelegramError {
-    /// 429: wait exactly this long, then retry.
+    /// 429: wait exactly this long (clamped to [`RETRY_AFTER_SECS`]), then
+    /// retry.
     #[error("flood control: retry after {retry_after}s ({description})")]
     RetryAfter {
         retry_after: u64,
@@ -182,7 +184,7 @@ pub fn parse_envelope(status: u16, body: &[u8]) -> Result<Value, TelegramError> 
     };
     Err(match code {
         429 => TelegramError::RetryAfter {
-            retry_after: param("retry_after").unwrap_or(1).max(0) as u64,
+            retry_after: retry_after(parameters.as_ref().and_then(|p| p.get("retry_after"))),
             description,
         },
         401 => TelegramError::Unauthorized,
@@ -199,6 +201,30 @@ pub fn parse_envelope(status: u16, body: &[u8]) -> Result<Value, TelegramError> 
             parameters,
         },
     })
+}
+
+/// The seconds a 429's `retry_after` may ask for. Telegram's own answers
+/// range from 1 s to about an hour; 0 or less would make the caller retry in
+/// a tight loop, and a huge value would stop it for good.
+pub const RETRY_AFTER_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
+
+/// Whether an out-of-range `retry_after` was logged: once per process, so
+/// that a server answering 0 on every poll does not add a line per poll.
+static RETRY_AFTER_CLAMP_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// A 429's `retry_after`, clamped to [`RETRY_AFTER_SECS`]; an absent one is
+/// the shortest wait, a fractional one is rounded up.
+fn retry_after(asked: Option<&Value>) -> u64 {
+    let (min, max) = (*RETRY_AFTER_SECS.start(), *RETRY_AFTER_SECS.end());
+    let Some(asked) = asked else { return min };
+    let seconds = asked.as_f64().filter(|s| s.is_finite()).map(f64::ceil);
+    let used = seconds.map_or(min, |s| s.clamp(min as f64, max as f64) as u64);
+    if seconds != Some(used as f64) && !RETRY_AFTER_CLAMP_LOGGED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "the Bot API asked for retry_after={asked}, outside {min}..={max}s; waiting {used}s instead (said once: later values out of range are clamped silently)"
+        );
+    }
+    used
 }
 
 /// A Bot API client bound to one token. Cheap to clone (shared connection pool).
@@ -397,6 +423,33 @@ mod tests {
             e.to_envelope()["description"],
             "Forbidden: bot was blocked by the user"
         );
+    }
+
+    #[test]
+    fn retry_after_is_clamped_to_a_second_to_an_hour() {
+        let asked = |v: Value| {
+            let body = json!({"ok": false, "error_code": 429, "description": "Too Many Requests",
+                              "parameters": {"retry_after": v}});
+            match parse_envelope(429, body.to_string().as_bytes()) {
+                Err(TelegramError::RetryAfter { retry_after, .. }) => retry_after,
+                other => panic!("not a 429: {other:?}"),
+            }
+        };
+        assert_eq!(asked(json!(7)), 7, "in range: as asked");
+        assert_eq!(asked(json!(3600)), 3600);
+        assert_eq!(asked(json!(2.5)), 3, "a fraction rounds up");
+        assert_eq!(asked(json!(0)), 1);
+        assert_eq!(asked(json!(-5)), 1);
+        assert_eq!(asked(json!(0.2)), 1);
+        assert_eq!(asked(json!(1_000_000_000_000i64)), 3600);
+        assert_eq!(asked(json!(1e12)), 3600);
+        assert_eq!(asked(json!(u64::MAX)), 3600);
+        assert_eq!(asked(json!("soon")), 1, "not a number: the shortest wait");
+        let absent = parse_envelope(429, br#"{"ok":false,"error_code":429,"description":"x"}"#);
+        assert!(matches!(
+            absent,
+            Err(TelegramError::RetryAfter { retry_after: 1, .. })
+        ));
     }
 
     #[test]

@@ -168,3 +168,72 @@ async fn a_sent_call_whose_body_stalls_is_retried_under_the_retry_policy() {
     // which is what "retry" accepts rather than losing the message.
     assert_eq!(sb.sent_texts(7), vec!["stalled", "stalled"]);
 }
+
+// ----- 6: retry_after clamped to 1..=3600 s ----------------------------------
+
+#[test]
+fn get_updates_retry_after_of_zero_or_less_waits_a_second_said_once() {
+    let sb = sandbox();
+    sb.set_faults(FaultPlan::get_updates(vec![
+        Fault::RetryAfter(0),
+        Fault::RetryAfter(-5),
+        Fault::RetryAfter(0),
+    ]));
+    sb.inject_text(1, "after three 429s");
+    let d = echo(&sb, "");
+    assert_eq!(wait_texts(&sb, 1, 1, &d), vec!["after three 429s"]);
+    let (status, log) = d.stop();
+    assert!(status.success(), "exit {status:?}; log:\n{log}");
+    let waits = lines_with(&log, "getUpdates: 429 from Telegram; polling again in");
+    assert_eq!(waits.len(), 3, "{log}");
+    assert!(
+        waits.iter().all(|l| l.contains("polling again in 1s")),
+        "{waits:#?}"
+    );
+    assert_eq!(
+        lines_with(&log, "outside 1..=3600s").len(),
+        1,
+        "the clamping is said once:\n{log}"
+    );
+}
+
+#[test]
+fn get_updates_retry_after_of_1e12_waits_an_hour_not_forever() {
+    let sb = sandbox();
+    sb.set_faults(FaultPlan::get_updates(vec![Fault::RetryAfter(
+        1_000_000_000_000,
+    )]));
+    let d = echo(&sb, "");
+    assert!(
+        d.wait_log("getUpdates: 429 from Telegram; polling again in 3600s"),
+        "{}",
+        d.log()
+    );
+    let (status, log) = d.stop();
+    assert!(
+        status.success(),
+        "a waiting Poller stops: {status:?}; log:\n{log}"
+    );
+    assert_eq!(lines_with(&log, "outside 1..=3600s").len(), 1, "{log}");
+}
+
+#[actix_rt::test]
+async fn a_sent_call_with_retry_after_zero_or_less_waits_a_second_each() {
+    let sb = sandbox();
+    sb.set_faults(
+        FaultPlan::scripted(vec![Fault::RetryAfter(0), Fault::RetryAfter(-3)])
+            .only(&["sendMessage"]),
+    );
+    let (s, to, done) = sender(&sb, SenderSettings::default());
+    let started = Instant::now();
+    s.do_send(message("after two 429s", &to));
+    until("the call's outcome", || !done.borrow().is_empty()).await;
+    assert!(done.borrow()[0].outcome.is_ok());
+    // Two waits of at least the 1 s floor; unclamped, they were none.
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(sb.sent_texts(7), vec!["after two 429s"]);
+}

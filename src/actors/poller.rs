@@ -13,8 +13,10 @@
 //! 4. While the daemon holds `max_undelivered` updates the apps have not
 //!    received, no new getUpdates starts (backpressure): Telegram keeps the
 //!    rest, and memory stays bounded.
-//! 5. On 429 the next call waits exactly `retry_after`; on other failures it
-//!    waits a capped exponential backoff with jitter, reset by a success.
+//! 5. On 429 the next call waits exactly `retry_after` (clamped to 1 s..1 h
+//!    when it is parsed, [`crate::telegram::RETRY_AFTER_SECS`]); on other
+//!    failures, a timeout included, it waits a capped exponential backoff
+//!    with jitter, reset by a success.
 //! 6. 401 is fatal: the token was rejected and retrying cannot help.
 //! 7. 409 means another poller or a webhook holds the token: logged as such,
 //!    then backoff.
