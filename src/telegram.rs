@@ -5,11 +5,13 @@
 //! the routing fields, and hands everything else to the application untouched,
 //! so an update kind newer than this code still flows through.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::settings::BotToken;
@@ -34,6 +36,18 @@ pub enum UpdateError {
     NotAnObject,
     #[error("update has no integer update_id")]
     NoUpdateId,
+    /// Well-formed JSON that serde_json cannot make a value of: nested
+    /// deeper than its recursion limit (128).
+    #[error("update cannot be decoded: {0}")]
+    Undecodable(String),
+}
+
+/// An element of getUpdates' result that is skipped, with its update_id
+/// when one could be read, so the offset can still move past it.
+#[derive(Debug, PartialEq)]
+pub struct Skipped {
+    pub id: Option<i64>,
+    pub error: UpdateError,
 }
 
 impl Update {
@@ -49,6 +63,19 @@ impl Update {
             id: UpdateId(id),
             raw,
         })
+    }
+
+    /// Decodes one element of getUpdates' result, on its own: an element
+    /// that cannot be decoded spoils only itself, and its update_id is still
+    /// read if it has one.
+    pub fn from_raw(raw: &RawValue) -> Result<Update, Skipped> {
+        match serde_json::from_str::<Value>(raw.get()) {
+            Ok(value) => Update::from_value(value).map_err(|error| Skipped { id: None, error }),
+            Err(e) => Err(Skipped {
+                id: probe_update_id(raw),
+                error: UpdateError::Undecodable(e.to_string()),
+            }),
+        }
     }
 
     /// The update's kind (`message`, `callback_query`, ...) and its object:
@@ -148,9 +175,66 @@ impl TelegramError {
     }
 }
 
+/// The top-level `update_id` of an element that cannot be decoded whole.
+/// serde_json skips the other fields without recursing, however deep.
+fn probe_update_id(raw: &RawValue) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        update_id: Option<&'a RawValue>,
+    }
+    let probe = serde_json::from_str::<Probe<'_>>(raw.get()).ok()?;
+    serde_json::from_str(probe.update_id?.get()).ok()
+}
+
 /// Interprets a Bot API answer: status and body.
 pub fn parse_envelope(status: u16, body: &[u8]) -> Result<Value, TelegramError> {
-    let Ok(Value::Object(mut env)) = serde_json::from_slice::<Value>(body) else {
+    match open_envelope(status, body)? {
+        None => Ok(Value::Bool(true)),
+        Some(result) => serde_json::from_str(result.get()).map_err(|e| {
+            TelegramError::InvalidResponse(format!("the result cannot be decoded: {e}"))
+        }),
+    }
+}
+
+/// Interprets getUpdates' answer. Each element of the result is decoded on
+/// its own, so one that cannot be decoded is skipped rather than failing
+/// the batch (and every retry of it). Only an answer that is not an
+/// envelope, or whose result is not an array, fails whole.
+pub fn parse_updates(
+    status: u16,
+    body: &[u8],
+) -> Result<Vec<Result<Update, Skipped>>, TelegramError> {
+    let result = open_envelope(status, body)?;
+    let Some(Ok(items)) = result.map(|r| serde_json::from_str::<Vec<&RawValue>>(r.get())) else {
+        return Err(TelegramError::InvalidResponse(format!(
+            "getUpdates answered {}, not an array",
+            result.map_or("no result", kind_of_raw)
+        )));
+    };
+    Ok(items.into_iter().map(Update::from_raw).collect())
+}
+
+/// What a JSON text is, from its first character (it is well-formed).
+fn kind_of_raw(raw: &RawValue) -> &'static str {
+    match raw.get().trim_start().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// Reads the envelope's fields without decoding `result`, which is
+/// returned as it came (`None` when absent), or the error the envelope
+/// states.
+fn open_envelope(status: u16, body: &[u8]) -> Result<Option<&RawValue>, TelegramError> {
+    // Fields are kept raw first: serde_json skips a raw value without
+    // recursing, so a result nested beyond its recursion limit does not
+    // make the whole answer unreadable.
+    let Ok(mut fields) = serde_json::from_slice::<BTreeMap<String, &RawValue>>(body) else {
         return Err(if status >= 500 {
             TelegramError::Server {
                 code: status,
@@ -162,8 +246,15 @@ pub fn parse_envelope(status: u16, body: &[u8]) -> Result<Value, TelegramError> 
             ))
         });
     };
+    let result = fields.remove("result");
+    // The other fields are small; one that cannot be decoded counts as
+    // absent.
+    let mut env: Map<String, Value> = fields
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, serde_json::from_str(v.get()).ok()?)))
+        .collect();
     if env.get("ok").and_then(Value::as_bool) == Some(true) {
-        return Ok(env.remove("result").unwrap_or(Value::Bool(true)));
+        return Ok(result);
     }
     let code = env
         .get("error_code")
@@ -273,22 +364,25 @@ impl Bot {
         params: &Value,
         timeout: Duration,
     ) -> Result<Value, TelegramError> {
-        // Every call is counted here, by method and outcome: one place sees
-        // the Poller's, the Sender's and the daemon's own calls alike.
-        let started = std::time::Instant::now();
-        let result = self.call_unmetered(method, params, timeout).await;
-        crate::metrics::metrics().api_call(method, started.elapsed(), &result.as_ref().map(|_| ()));
-        result
+        metered(method, async {
+            let (status, body) = self.exchange(method, params, timeout).await?;
+            parse_envelope(status, &body)
+        })
+        .await
     }
 
-    async fn call_unmetered(
+    /// Calls getUpdates; `timeout` bounds the whole call. Each update is
+    /// decoded on its own ([`parse_updates`]).
+    pub async fn get_updates(
         &self,
-        method: &str,
         params: &Value,
         timeout: Duration,
-    ) -> Result<Value, TelegramError> {
-        let (status, body) = self.exchange(method, params, timeout).await?;
-        parse_envelope(status, &body)
+    ) -> Result<Vec<Result<Update, Skipped>>, TelegramError> {
+        metered("getUpdates", async {
+            let (status, body) = self.exchange("getUpdates", params, timeout).await?;
+            parse_updates(status, &body)
+        })
+        .await
     }
 
     /// One request and its whole answer, status and body, within `timeout`.
@@ -349,6 +443,18 @@ impl Bot {
     pub fn http_timeout(&self) -> Duration {
         self.http_timeout
     }
+}
+
+/// Every call is counted here, by method and outcome: one place sees the
+/// Poller's, the Sender's and the daemon's own calls alike.
+async fn metered<T>(
+    method: &str,
+    call: impl std::future::Future<Output = Result<T, TelegramError>>,
+) -> Result<T, TelegramError> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    crate::metrics::metrics().api_call(method, started.elapsed(), &result.as_ref().map(|_| ()));
+    result
 }
 
 /// awc's errors never carry the URL (and so never the token), but they are
@@ -449,6 +555,66 @@ mod tests {
         assert!(matches!(
             absent,
             Err(TelegramError::RetryAfter { retry_after: 1, .. })
+        ));
+    }
+
+    /// `{"update_id": id, "message": {"text": [[[...]]]}}`, `depth` arrays
+    /// deep, written as text: a value that deep cannot be built and dropped
+    /// on a test thread's stack.
+    fn nested(id: i64, depth: usize) -> String {
+        format!(
+            r#"{{"update_id":{id},"message":{{"text":{}"x"{}}}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        )
+    }
+
+    #[test]
+    fn one_undecodable_update_spoils_only_itself() {
+        let body = format!(
+            r#"{{"ok":true,"result":[{{"update_id":10,"message":{{}}}},{},{},{{"update_id":12,"message":{{}}}}]}}"#,
+            nested(11, 10_000),
+            // Not an object at all, so no id to find.
+            format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000)),
+        );
+        let items = parse_updates(200, body.as_bytes()).unwrap();
+        assert_eq!(items.len(), 4);
+        assert_eq!(items[0].as_ref().unwrap().id, UpdateId(10));
+        let bad = items[1].as_ref().unwrap_err();
+        assert_eq!(bad.id, Some(11));
+        assert!(
+            matches!(&bad.error, UpdateError::Undecodable(e) if e.contains("recursion limit")),
+            "{bad:?}"
+        );
+        assert_eq!(items[2].as_ref().unwrap_err().id, None);
+        assert_eq!(items[3].as_ref().unwrap().id, UpdateId(12));
+    }
+
+    #[test]
+    fn only_an_answer_that_is_no_envelope_fails_the_batch() {
+        assert!(matches!(
+            parse_updates(200, b"<html>oops</html>"),
+            Err(TelegramError::InvalidResponse(_))
+        ));
+        let e = parse_updates(200, br#"{"ok":true,"result":"x"}"#).unwrap_err();
+        assert!(e.to_string().contains("a string, not an array"), "{e}");
+        assert!(matches!(
+            parse_updates(
+                409,
+                br#"{"ok":false,"error_code":409,"description":"Conflict"}"#
+            ),
+            Err(TelegramError::Conflict { .. })
+        ));
+        // Other calls' results are decoded whole; one that cannot be is an
+        // invalid answer, not a panic or a hang.
+        let deep = format!(
+            r#"{{"ok":true,"result":{}1{}}}"#,
+            "[".repeat(500),
+            "]".repeat(500)
+        );
+        assert!(matches!(
+            parse_envelope(200, deep.as_bytes()),
+            Err(TelegramError::InvalidResponse(e)) if e.contains("cannot be decoded")
         ));
     }
 

@@ -237,3 +237,42 @@ async fn a_sent_call_with_retry_after_zero_or_less_waits_a_second_each() {
     );
     assert_eq!(sb.sent_texts(7), vec!["after two 429s"]);
 }
+
+// ----- 7: an undecodable update is skipped, not the whole batch ------------
+
+#[test]
+fn an_update_nested_too_deep_is_skipped_and_the_rest_delivered() {
+    let sb = sandbox();
+    // serde_json stops at 128 levels; Telegram never nests like this. (The
+    // Bot API parser is tested with 10,000 levels in telegram.rs; here the
+    // sandbox's own recursive handling of the value must stay in its stack.)
+    let mut deep = json!("bottom");
+    for _ in 0..1_000 {
+        deep = Value::Array(vec![deep]);
+    }
+    sb.inject_text(1, "before");
+    let bad =
+        sb.inject_update(json!({"message": {"chat": {"id": 1, "type": "private"}, "text": deep}}));
+    sb.inject_text(1, "after");
+    let d = echo(&sb, HTTP);
+    let addr = endpoint(&d);
+    assert_eq!(wait_texts(&sb, 1, 2, &d), vec!["before", "after"]);
+    assert!(
+        wait_for(DEADLINE, || sb.confirmed_offset() > bad),
+        "the offset never moved past the bad update"
+    );
+    let mut metrics = String::new();
+    let counted = wait_for(DEADLINE, || {
+        metrics = get(&addr, "/metrics").1;
+        sample(
+            &metrics,
+            "asgigram_updates_skipped_total{kind=\"(malformed)\"}",
+        ) == Some(1.0)
+    });
+    assert!(counted, "not counted as skipped:\n{metrics}");
+    let (status, log) = d.stop();
+    assert!(status.success(), "exit {status:?}; log:\n{log}");
+    let named = lines_with(&log, &format!("update={bad} "));
+    assert_eq!(named.len(), 1, "one line names the bad update:\n{log}");
+    assert!(named[0].contains("skipped"), "{}", named[0]);
+}

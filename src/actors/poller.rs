@@ -8,8 +8,11 @@
 //!    one past the batch's highest update_id, so the next call confirms to
 //!    Telegram only what is on disk. A failed store is retried, not polled
 //!    past.
-//! 3. An element that is not an update (no object, no integer update_id) is
-//!    logged and skipped; the ids around it still move the offset.
+//! 3. An element that is not an update (no object, no integer update_id, or
+//!    JSON serde_json cannot decode, such as one nested beyond its recursion
+//!    limit) is logged, counted as skipped (kind `(malformed)`) and skipped;
+//!    the rest of the batch is delivered, and the offset moves past its id
+//!    when it has one, so it is not fetched again.
 //! 4. While the daemon holds `max_undelivered` updates the apps have not
 //!    received, no new getUpdates starts (backpressure): Telegram keeps the
 //!    rest, and memory stays bounded.
@@ -33,7 +36,10 @@ use serde_json::{json, Value};
 use crate::actors::supervisor::{Dispatch, Supervisor};
 use crate::backoff::Backoff;
 use crate::journal::{admit, Append, JournalActor};
-use crate::telegram::{Bot, TelegramError, Update};
+use crate::telegram::{Bot, Skipped, TelegramError, Update};
+
+/// The kind label under which skipped malformed updates are counted.
+const MALFORMED: &str = "(malformed)";
 
 /// How often a paused Poller looks again at the undelivered count.
 const BACKPRESSURE_RECHECK: Duration = Duration::from_millis(50);
@@ -221,27 +227,20 @@ impl Poller {
         let bot = self.bot.clone();
         let params = self.params();
         let timeout = self.poll_timeout + bot.http_timeout();
-        let fut = async move { bot.call("getUpdates", &params, timeout).await };
+        let fut = async move { bot.get_updates(&params, timeout).await };
         self.in_flight = Some(ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
             act.in_flight = None;
             act.answered(result, ctx);
         })));
     }
 
-    fn answered(&mut self, result: Result<Value, TelegramError>, ctx: &mut Context<Self>) {
+    fn answered(&mut self, result: Result<Vec<Item>, TelegramError>, ctx: &mut Context<Self>) {
         match result {
-            Ok(Value::Array(items)) => {
+            Ok(items) => {
                 self.failures = 0;
                 let mut next = self.offset;
                 let updates = take_batch(&mut next, items);
                 self.store_and_dispatch(updates, next, ctx);
-            }
-            Ok(other) => {
-                log::warn!(
-                    "getUpdates answered a non-array result ({}); retrying",
-                    kind_of(&other)
-                );
-                self.retry(BACKOFF.delay(self.failures), ctx);
             }
             Err(TelegramError::RetryAfter { retry_after, .. }) => {
                 log::warn!("getUpdates: 429 from Telegram; polling again in {retry_after}s");
@@ -274,31 +273,35 @@ impl Poller {
     }
 }
 
+/// One element of getUpdates' result.
+type Item = Result<Update, Skipped>;
+
 /// Turns getUpdates' result into updates and moves the offset past them.
-fn take_batch(offset: &mut Option<i64>, items: Vec<Value>) -> Vec<Update> {
+fn take_batch(offset: &mut Option<i64>, items: Vec<Item>) -> Vec<Update> {
     let mut updates = Vec::with_capacity(items.len());
     for item in items {
         // Even a malformed element usually has an id; confirm past it.
-        if let Some(id) = item.get("update_id").and_then(Value::as_i64) {
+        let id = match &item {
+            Ok(update) => Some(update.id.0),
+            Err(skipped) => skipped.id,
+        };
+        if let Some(id) = id {
             *offset = Some(offset.map_or(id + 1, |o| o.max(id + 1)));
         }
-        match Update::from_value(item) {
-            Ok(u) => updates.push(u),
-            Err(e) => log::warn!("malformed update skipped: {e}"),
+        match item {
+            Ok(update) => updates.push(update),
+            Err(Skipped { id, error }) => {
+                match id {
+                    Some(id) => log::warn!("update={id} is malformed and skipped: {error}"),
+                    None => {
+                        log::warn!("a malformed element of getUpdates' result skipped: {error}")
+                    }
+                }
+                crate::metrics::metrics().updates_skipped.inc(&[MALFORMED]);
+            }
         }
     }
     updates
-}
-
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 impl Actor for Poller {
@@ -324,24 +327,31 @@ impl Handler<StopPolling> for Poller {
 mod tests {
     use super::*;
 
+    fn items(result: &str) -> Vec<Item> {
+        let body = format!(r#"{{"ok":true,"result":{result}}}"#);
+        crate::telegram::parse_updates(200, body.as_bytes()).expect("an envelope")
+    }
+
     #[test]
     fn offset_moves_past_every_id_including_malformed_ones() {
         let mut offset = None;
-        let items = vec![
-            json!({"update_id": 10, "message": {}}),
-            json!({"update_id": 11}),
-            json!({"update_id": "bad"}),
-            json!([1, 2]),
-            json!({"update_id": 12, "weird": 1}),
-        ];
-        let got = take_batch(&mut offset, items);
+        let deep = format!(
+            r#"{{"update_id":14,"message":{}0{}}}"#,
+            "[".repeat(1000),
+            "]".repeat(1000)
+        );
+        let batch = items(&format!(
+            r#"[{{"update_id":10,"message":{{}}}},{{"update_id":11}},{{"update_id":"bad"}},[1,2],
+                {{"update_id":12,"weird":1}},{deep}]"#
+        ));
+        let got = take_batch(&mut offset, batch);
         assert_eq!(
             got.iter().map(|u| u.id.0).collect::<Vec<_>>(),
             vec![10, 11, 12]
         );
-        assert_eq!(offset, Some(13));
+        assert_eq!(offset, Some(15), "past the undecodable 14 too");
         // An older id never moves the offset back.
-        take_batch(&mut offset, vec![json!({"update_id": 5, "message": {}})]);
-        assert_eq!(offset, Some(13));
+        take_batch(&mut offset, items(r#"[{"update_id":5,"message":{}}]"#));
+        assert_eq!(offset, Some(15));
     }
 }
