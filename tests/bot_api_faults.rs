@@ -276,3 +276,27 @@ fn an_update_nested_too_deep_is_skipped_and_the_rest_delivered() {
     assert_eq!(named.len(), 1, "one line names the bad update:\n{log}");
     assert!(named[0].contains("skipped"), "{}", named[0]);
 }
+
+// ----- 10: update ids that go backwards within a batch ----------------------
+
+#[test]
+fn ids_going_backwards_in_a_batch_are_all_delivered_in_id_order() {
+    let sb = sandbox();
+    sb.register_chat(json!({"id": 1, "type": "private", "first_name": "U"}));
+    let text = |id: i64| {
+        json!({"update_id": id, "message": {
+            "message_id": id, "date": 0, "text": format!("id {id}"),
+            "chat": {"id": 1, "type": "private", "first_name": "U"},
+            "from": {"id": 1, "is_bot": false, "first_name": "U"},
+        }})
+    };
+    for id in [52, 51, 50] {
+        sb.inject_update(text(id));
+    }
+    let d = echo(&sb, "");
+    assert_eq!(wait_texts(&sb, 1, 3, &d), vec!["id 50", "id 51", "id 52"]);
+    let (status, log) = d.stop();
+    assert!(status.success(), "exit {status:?}; log:\n{log}");
+    assert_eq!(lines_with(&log, "went backwards").len(), 1, "{log}");
+    assert!(!log.contains("already in the journal"), "{log}");
+}

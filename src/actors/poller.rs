@@ -13,15 +13,23 @@
 //!    limit) is logged, counted as skipped (kind `(malformed)`) and skipped;
 //!    the rest of the batch is delivered, and the offset moves past its id
 //!    when it has one, so it is not fetched again.
-//! 4. While the daemon holds `max_undelivered` updates the apps have not
+//! 4. A batch whose ids do not rise (Telegram never sends that) is put in
+//!    update_id order, repeated ids dropped, with one warning. Rule 2 tells
+//!    a resend by comparing each id, in batch order, with a watermark the
+//!    batch itself raises, so an id lower than one before it in the same
+//!    batch would be taken for a resend and never delivered; in id order
+//!    every new id is above the mark, in the Poller and in the journal
+//!    alike, and the apps get the order the journal would give back after
+//!    a restart.
+//! 5. While the daemon holds `max_undelivered` updates the apps have not
 //!    received, no new getUpdates starts (backpressure): Telegram keeps the
 //!    rest, and memory stays bounded.
-//! 5. On 429 the next call waits exactly `retry_after` (clamped to 1 s..1 h
+//! 6. On 429 the next call waits exactly `retry_after` (clamped to 1 s..1 h
 //!    when it is parsed, [`crate::telegram::RETRY_AFTER_SECS`]); on other
 //!    failures, a timeout included, it waits a capped exponential backoff
 //!    with jitter, reset by a success.
-//! 6. 401 is fatal: the token was rejected and retrying cannot help.
-//! 7. 409 means another poller or a webhook holds the token: logged as such,
+//! 7. 401 is fatal: the token was rejected and retrying cannot help.
+//! 8. 409 means another poller or a webhook holds the token: logged as such,
 //!    then backoff.
 //!
 //! Stops on [`StopPolling`], answering with the offset to confirm.
@@ -103,7 +111,7 @@ impl Poller {
         }
     }
 
-    /// Polls now, or once the apps have caught up (rule 4).
+    /// Polls now, or once the apps have caught up (rule 5).
     fn poll_when_ready(&mut self, ctx: &mut Context<Self>) {
         let held = self.delivery.undelivered.get();
         if held >= self.delivery.max_undelivered {
@@ -133,6 +141,7 @@ impl Poller {
         next: Option<i64>,
         ctx: &mut Context<Self>,
     ) {
+        in_id_order(&mut updates);
         let Some(journal) = self.delivery.journal.clone() else {
             self.offset = next;
             if !updates.is_empty() {
@@ -273,6 +282,36 @@ impl Poller {
     }
 }
 
+/// Puts a batch in update_id order and drops repeated ids (rule 4), saying
+/// so in one line when it had to.
+fn in_id_order(updates: &mut Vec<Update>) {
+    if updates.windows(2).all(|w| w[0].id < w[1].id) {
+        return;
+    }
+    const SHOWN: usize = 10;
+    let mut arrived = updates
+        .iter()
+        .take(SHOWN)
+        .map(|u| u.id.0.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if updates.len() > SHOWN {
+        arrived.push_str(", ...");
+    }
+    // Stable: of repeated ids, the first to arrive is kept.
+    updates.sort_by_key(|u| u.id);
+    let count = updates.len();
+    updates.dedup_by_key(|u| u.id);
+    let repeated = match count - updates.len() {
+        0 => String::new(),
+        n => format!("; {n} repeated id(s) dropped"),
+    };
+    log::warn!(
+        "getUpdates answered update ids that went backwards ({arrived}); delivering the {} update(s) in update_id order{repeated}",
+        updates.len()
+    );
+}
+
 /// One element of getUpdates' result.
 type Item = Result<Update, Skipped>;
 
@@ -326,6 +365,37 @@ impl Handler<StopPolling> for Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ids(updates: &[Update]) -> Vec<i64> {
+        updates.iter().map(|u| u.id.0).collect()
+    }
+
+    #[test]
+    fn a_batch_going_backwards_is_put_in_id_order_and_admitted_whole() {
+        let mut batch = take_batch(
+            &mut None,
+            items(
+                r#"[{"update_id":52,"message":{"text":"a"}},{"update_id":51,"message":{}},
+                    {"update_id":52,"message":{"text":"b"}},{"update_id":50,"message":{}}]"#,
+            ),
+        );
+        in_id_order(&mut batch);
+        assert_eq!(ids(&batch), vec![50, 51, 52]);
+        assert_eq!(batch[2].raw["message"]["text"], "a", "the first 52 is kept");
+        // Rule 2 as the Poller and the journal apply it, in batch order.
+        let mut watermark = Some(49);
+        assert!(batch
+            .iter()
+            .all(|u| admit(&mut watermark, u.id.0, Some(50))));
+        assert_eq!(watermark, Some(52));
+
+        let mut rising = take_batch(
+            &mut None,
+            items(r#"[{"update_id":7,"message":{}},{"update_id":9,"message":{}}]"#),
+        );
+        in_id_order(&mut rising);
+        assert_eq!(ids(&rising), vec![7, 9]);
+    }
 
     fn items(result: &str) -> Vec<Item> {
         let body = format!(r#"{{"ok":true,"result":{result}}}"#);
