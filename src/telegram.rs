@@ -571,11 +571,11 @@ mod tests {
 
     #[test]
     fn one_undecodable_update_spoils_only_itself() {
+        let deep = nested(11, 10_000);
+        // Not an object at all, so no id to find.
+        let (open, close) = ("[".repeat(10_000), "]".repeat(10_000));
         let body = format!(
-            r#"{{"ok":true,"result":[{{"update_id":10,"message":{{}}}},{},{},{{"update_id":12,"message":{{}}}}]}}"#,
-            nested(11, 10_000),
-            // Not an object at all, so no id to find.
-            format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000)),
+            r#"{{"ok":true,"result":[{{"update_id":10,"message":{{}}}},{deep},{open}1{close},{{"update_id":12,"message":{{}}}}]}}"#
         );
         let items = parse_updates(200, body.as_bytes()).unwrap();
         assert_eq!(items.len(), 4);
