@@ -5,10 +5,13 @@
 //! the routing fields, and hands everything else to the application untouched,
 //! so an update kind newer than this code still flows through.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::settings::BotToken;
@@ -33,6 +36,18 @@ pub enum UpdateError {
     NotAnObject,
     #[error("update has no integer update_id")]
     NoUpdateId,
+    /// Well-formed JSON that serde_json cannot make a value of: nested
+    /// deeper than its recursion limit (128).
+    #[error("update cannot be decoded: {0}")]
+    Undecodable(String),
+}
+
+/// An element of getUpdates' result that is skipped, with its update_id
+/// when one could be read, so the offset can still move past it.
+#[derive(Debug, PartialEq)]
+pub struct Skipped {
+    pub id: Option<i64>,
+    pub error: UpdateError,
 }
 
 impl Update {
@@ -50,6 +65,19 @@ impl Update {
         })
     }
 
+    /// Decodes one element of getUpdates' result, on its own: an element
+    /// that cannot be decoded spoils only itself, and its update_id is still
+    /// read if it has one.
+    pub fn from_raw(raw: &RawValue) -> Result<Update, Skipped> {
+        match serde_json::from_str::<Value>(raw.get()) {
+            Ok(value) => Update::from_value(value).map_err(|error| Skipped { id: None, error }),
+            Err(e) => Err(Skipped {
+                id: probe_update_id(raw),
+                error: UpdateError::Undecodable(e.to_string()),
+            }),
+        }
+    }
+
     /// The update's kind (`message`, `callback_query`, ...) and its object:
     /// the one field besides `update_id`.
     pub fn kind(&self) -> Option<(&str, &Value)> {
@@ -63,7 +91,8 @@ impl Update {
 /// What went wrong with a Bot API call, split by what the caller does next.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TelegramError {
-    /// 429: wait exactly this long, then retry.
+    /// 429: wait exactly this long (clamped to [`RETRY_AFTER_SECS`]), then
+    /// retry.
     #[error("flood control: retry after {retry_after}s ({description})")]
     RetryAfter {
         retry_after: u64,
@@ -146,9 +175,66 @@ impl TelegramError {
     }
 }
 
+/// The top-level `update_id` of an element that cannot be decoded whole.
+/// serde_json skips the other fields without recursing, however deep.
+fn probe_update_id(raw: &RawValue) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        update_id: Option<&'a RawValue>,
+    }
+    let probe = serde_json::from_str::<Probe<'_>>(raw.get()).ok()?;
+    serde_json::from_str(probe.update_id?.get()).ok()
+}
+
 /// Interprets a Bot API answer: status and body.
 pub fn parse_envelope(status: u16, body: &[u8]) -> Result<Value, TelegramError> {
-    let Ok(Value::Object(mut env)) = serde_json::from_slice::<Value>(body) else {
+    match open_envelope(status, body)? {
+        None => Ok(Value::Bool(true)),
+        Some(result) => serde_json::from_str(result.get()).map_err(|e| {
+            TelegramError::InvalidResponse(format!("the result cannot be decoded: {e}"))
+        }),
+    }
+}
+
+/// Interprets getUpdates' answer. Each element of the result is decoded on
+/// its own, so one that cannot be decoded is skipped rather than failing
+/// the batch (and every retry of it). Only an answer that is not an
+/// envelope, or whose result is not an array, fails whole.
+pub fn parse_updates(
+    status: u16,
+    body: &[u8],
+) -> Result<Vec<Result<Update, Skipped>>, TelegramError> {
+    let result = open_envelope(status, body)?;
+    let Some(Ok(items)) = result.map(|r| serde_json::from_str::<Vec<&RawValue>>(r.get())) else {
+        return Err(TelegramError::InvalidResponse(format!(
+            "getUpdates answered {}, not an array",
+            result.map_or("no result", kind_of_raw)
+        )));
+    };
+    Ok(items.into_iter().map(Update::from_raw).collect())
+}
+
+/// What a JSON text is, from its first character (it is well-formed).
+fn kind_of_raw(raw: &RawValue) -> &'static str {
+    match raw.get().trim_start().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// Reads the envelope's fields without decoding `result`, which is
+/// returned as it came (`None` when absent), or the error the envelope
+/// states.
+fn open_envelope(status: u16, body: &[u8]) -> Result<Option<&RawValue>, TelegramError> {
+    // Fields are kept raw first: serde_json skips a raw value without
+    // recursing, so a result nested beyond its recursion limit does not
+    // make the whole answer unreadable.
+    let Ok(mut fields) = serde_json::from_slice::<BTreeMap<String, &RawValue>>(body) else {
         return Err(if status >= 500 {
             TelegramError::Server {
                 code: status,
@@ -160,8 +246,15 @@ pub fn parse_envelope(status: u16, body: &[u8]) -> Result<Value, TelegramError> 
             ))
         });
     };
+    let result = fields.remove("result");
+    // The other fields are small; one that cannot be decoded counts as
+    // absent.
+    let mut env: Map<String, Value> = fields
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, serde_json::from_str(v.get()).ok()?)))
+        .collect();
     if env.get("ok").and_then(Value::as_bool) == Some(true) {
-        return Ok(env.remove("result").unwrap_or(Value::Bool(true)));
+        return Ok(result);
     }
     let code = env
         .get("error_code")
@@ -182,7 +275,7 @@ pub fn parse_envelope(status: u16, body: &[u8]) -> Result<Value, TelegramError> 
     };
     Err(match code {
         429 => TelegramError::RetryAfter {
-            retry_after: param("retry_after").unwrap_or(1).max(0) as u64,
+            retry_after: retry_after(parameters.as_ref().and_then(|p| p.get("retry_after"))),
             description,
         },
         401 => TelegramError::Unauthorized,
@@ -199,6 +292,30 @@ pub fn parse_envelope(status: u16, body: &[u8]) -> Result<Value, TelegramError> 
             parameters,
         },
     })
+}
+
+/// The seconds a 429's `retry_after` may ask for. Telegram's own answers
+/// range from 1 s to about an hour; 0 or less would make the caller retry in
+/// a tight loop, and a huge value would stop it for good.
+pub const RETRY_AFTER_SECS: std::ops::RangeInclusive<u64> = 1..=3600;
+
+/// Whether an out-of-range `retry_after` was logged: once per process, so
+/// that a server answering 0 on every poll does not add a line per poll.
+static RETRY_AFTER_CLAMP_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// A 429's `retry_after`, clamped to [`RETRY_AFTER_SECS`]; an absent one is
+/// the shortest wait, a fractional one is rounded up.
+fn retry_after(asked: Option<&Value>) -> u64 {
+    let (min, max) = (*RETRY_AFTER_SECS.start(), *RETRY_AFTER_SECS.end());
+    let Some(asked) = asked else { return min };
+    let seconds = asked.as_f64().filter(|s| s.is_finite()).map(f64::ceil);
+    let used = seconds.map_or(min, |s| s.clamp(min as f64, max as f64) as u64);
+    if seconds != Some(used as f64) && !RETRY_AFTER_CLAMP_LOGGED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "the Bot API asked for retry_after={asked}, outside {min}..={max}s; waiting {used}s instead (said once: later values out of range are clamped silently)"
+        );
+    }
+    used
 }
 
 /// A Bot API client bound to one token. Cheap to clone (shared connection pool).
@@ -224,8 +341,8 @@ impl Bot {
     /// `api_url` is the server root, e.g. `https://api.telegram.org`.
     pub fn new(api_url: &str, token: &BotToken, http_timeout: Duration) -> Bot {
         let client = awc::Client::builder()
-            // Per-request timeouts are set on each call; this is only the
-            // connect phase.
+            // Each call has one deadline for its whole exchange (see
+            // `Bot::exchange`); this bounds only the connect phase within it.
             .connector(
                 awc::Connector::new()
                     .timeout(Duration::from_secs(10))
@@ -247,22 +364,52 @@ impl Bot {
         params: &Value,
         timeout: Duration,
     ) -> Result<Value, TelegramError> {
-        // Every call is counted here, by method and outcome: one place sees
-        // the Poller's, the Sender's and the daemon's own calls alike.
-        let started = std::time::Instant::now();
-        let result = self.call_unmetered(method, params, timeout).await;
-        crate::metrics::metrics().api_call(method, started.elapsed(), &result.as_ref().map(|_| ()));
-        result
+        metered(method, async {
+            let (status, body) = self.exchange(method, params, timeout).await?;
+            parse_envelope(status, &body)
+        })
+        .await
     }
 
-    async fn call_unmetered(
+    /// Calls getUpdates; `timeout` bounds the whole call. Each update is
+    /// decoded on its own ([`parse_updates`]).
+    pub async fn get_updates(
+        &self,
+        params: &Value,
+        timeout: Duration,
+    ) -> Result<Vec<Result<Update, Skipped>>, TelegramError> {
+        metered("getUpdates", async {
+            let (status, body) = self.exchange("getUpdates", params, timeout).await?;
+            parse_updates(status, &body)
+        })
+        .await
+    }
+
+    /// One request and its whole answer, status and body, within `timeout`.
+    ///
+    /// awc's own request timeout ends once the headers are in: a body that
+    /// stalls after them would be waited for forever. So the one deadline
+    /// covers connecting, sending, the headers and the body alike.
+    async fn exchange(
         &self,
         method: &str,
         params: &Value,
         timeout: Duration,
-    ) -> Result<Value, TelegramError> {
+    ) -> Result<(u16, bytes::Bytes), TelegramError> {
+        match tokio::time::timeout(timeout, self.exchange_unbounded(method, params)).await {
+            Ok(answer) => answer,
+            // Possibly sent, possibly executed: ambiguous, as the variant says.
+            Err(_) => Err(TelegramError::Timeout(timeout)),
+        }
+    }
+
+    async fn exchange_unbounded(
+        &self,
+        method: &str,
+        params: &Value,
+    ) -> Result<(u16, bytes::Bytes), TelegramError> {
         let url = format!("{}{}", self.base, method);
-        let request = self.client.post(url).timeout(timeout);
+        let request = self.client.post(url);
         let response = match params.as_object().filter(|_| upload::has_files(params)) {
             Some(map) => {
                 let (fields, files) = upload::split(map).map_err(|e| TelegramError::Api {
@@ -285,7 +432,7 @@ impl Bot {
             .limit(64 * 1024 * 1024)
             .await
             .map_err(|e| TelegramError::InvalidResponse(format!("reading the body: {e}")))?;
-        parse_envelope(status, &body)
+        Ok((status, body))
     }
 
     /// Calls a non-polling method with the configured HTTP timeout.
@@ -296,6 +443,18 @@ impl Bot {
     pub fn http_timeout(&self) -> Duration {
         self.http_timeout
     }
+}
+
+/// Every call is counted here, by method and outcome: one place sees the
+/// Poller's, the Sender's and the daemon's own calls alike.
+async fn metered<T>(
+    method: &str,
+    call: impl std::future::Future<Output = Result<T, TelegramError>>,
+) -> Result<T, TelegramError> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    crate::metrics::metrics().api_call(method, started.elapsed(), &result.as_ref().map(|_| ()));
+    result
 }
 
 /// awc's errors never carry the URL (and so never the token), but they are
@@ -313,7 +472,6 @@ fn classify_send_error(err: awc::error::SendRequestError) -> TelegramError {
         // call surely did not execute.
         E::Connect(e) => TelegramError::Network(format!("connect: {e}")),
         E::Url(e) => TelegramError::Network(format!("invalid URL: {e}")),
-        E::Timeout => TelegramError::Timeout(Duration::ZERO),
         // Writing failed part-way, or the connection closed before an answer:
         // Telegram may have received and executed the request. Ambiguous, like
         // a timeout, and unlike `Network`.
@@ -371,6 +529,93 @@ mod tests {
             e.to_envelope()["description"],
             "Forbidden: bot was blocked by the user"
         );
+    }
+
+    #[test]
+    fn retry_after_is_clamped_to_a_second_to_an_hour() {
+        let asked = |v: Value| {
+            let body = json!({"ok": false, "error_code": 429, "description": "Too Many Requests",
+                              "parameters": {"retry_after": v}});
+            match parse_envelope(429, body.to_string().as_bytes()) {
+                Err(TelegramError::RetryAfter { retry_after, .. }) => retry_after,
+                other => panic!("not a 429: {other:?}"),
+            }
+        };
+        assert_eq!(asked(json!(7)), 7, "in range: as asked");
+        assert_eq!(asked(json!(3600)), 3600);
+        assert_eq!(asked(json!(2.5)), 3, "a fraction rounds up");
+        assert_eq!(asked(json!(0)), 1);
+        assert_eq!(asked(json!(-5)), 1);
+        assert_eq!(asked(json!(0.2)), 1);
+        assert_eq!(asked(json!(1_000_000_000_000i64)), 3600);
+        assert_eq!(asked(json!(1e12)), 3600);
+        assert_eq!(asked(json!(u64::MAX)), 3600);
+        assert_eq!(asked(json!("soon")), 1, "not a number: the shortest wait");
+        let absent = parse_envelope(429, br#"{"ok":false,"error_code":429,"description":"x"}"#);
+        assert!(matches!(
+            absent,
+            Err(TelegramError::RetryAfter { retry_after: 1, .. })
+        ));
+    }
+
+    /// `{"update_id": id, "message": {"text": [[[...]]]}}`, `depth` arrays
+    /// deep, written as text: a value that deep cannot be built and dropped
+    /// on a test thread's stack.
+    fn nested(id: i64, depth: usize) -> String {
+        format!(
+            r#"{{"update_id":{id},"message":{{"text":{}"x"{}}}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        )
+    }
+
+    #[test]
+    fn one_undecodable_update_spoils_only_itself() {
+        let deep = nested(11, 10_000);
+        // Not an object at all, so no id to find.
+        let (open, close) = ("[".repeat(10_000), "]".repeat(10_000));
+        let body = format!(
+            r#"{{"ok":true,"result":[{{"update_id":10,"message":{{}}}},{deep},{open}1{close},{{"update_id":12,"message":{{}}}}]}}"#
+        );
+        let items = parse_updates(200, body.as_bytes()).unwrap();
+        assert_eq!(items.len(), 4);
+        assert_eq!(items[0].as_ref().unwrap().id, UpdateId(10));
+        let bad = items[1].as_ref().unwrap_err();
+        assert_eq!(bad.id, Some(11));
+        assert!(
+            matches!(&bad.error, UpdateError::Undecodable(e) if e.contains("recursion limit")),
+            "{bad:?}"
+        );
+        assert_eq!(items[2].as_ref().unwrap_err().id, None);
+        assert_eq!(items[3].as_ref().unwrap().id, UpdateId(12));
+    }
+
+    #[test]
+    fn only_an_answer_that_is_no_envelope_fails_the_batch() {
+        assert!(matches!(
+            parse_updates(200, b"<html>oops</html>"),
+            Err(TelegramError::InvalidResponse(_))
+        ));
+        let e = parse_updates(200, br#"{"ok":true,"result":"x"}"#).unwrap_err();
+        assert!(e.to_string().contains("a string, not an array"), "{e}");
+        assert!(matches!(
+            parse_updates(
+                409,
+                br#"{"ok":false,"error_code":409,"description":"Conflict"}"#
+            ),
+            Err(TelegramError::Conflict { .. })
+        ));
+        // Other calls' results are decoded whole; one that cannot be is an
+        // invalid answer, not a panic or a hang.
+        let deep = format!(
+            r#"{{"ok":true,"result":{}1{}}}"#,
+            "[".repeat(500),
+            "]".repeat(500)
+        );
+        assert!(matches!(
+            parse_envelope(200, deep.as_bytes()),
+            Err(TelegramError::InvalidResponse(e)) if e.contains("cannot be decoded")
+        ));
     }
 
     #[test]

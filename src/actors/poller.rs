@@ -8,15 +8,28 @@
 //!    one past the batch's highest update_id, so the next call confirms to
 //!    Telegram only what is on disk. A failed store is retried, not polled
 //!    past.
-//! 3. An element that is not an update (no object, no integer update_id) is
-//!    logged and skipped; the ids around it still move the offset.
-//! 4. While the daemon holds `max_undelivered` updates the apps have not
+//! 3. An element that is not an update (no object, no integer update_id, or
+//!    JSON serde_json cannot decode, such as one nested beyond its recursion
+//!    limit) is logged, counted as skipped (kind `(malformed)`) and skipped;
+//!    the rest of the batch is delivered, and the offset moves past its id
+//!    when it has one, so it is not fetched again.
+//! 4. A batch whose ids do not rise (Telegram never sends that) is put in
+//!    update_id order, repeated ids dropped, with one warning. Rule 2 tells
+//!    a resend by comparing each id, in batch order, with a watermark the
+//!    batch itself raises, so an id lower than one before it in the same
+//!    batch would be taken for a resend and never delivered; in id order
+//!    every new id is above the mark, in the Poller and in the journal
+//!    alike, and the apps get the order the journal would give back after
+//!    a restart.
+//! 5. While the daemon holds `max_undelivered` updates the apps have not
 //!    received, no new getUpdates starts (backpressure): Telegram keeps the
 //!    rest, and memory stays bounded.
-//! 5. On 429 the next call waits exactly `retry_after`; on other failures it
-//!    waits a capped exponential backoff with jitter, reset by a success.
-//! 6. 401 is fatal: the token was rejected and retrying cannot help.
-//! 7. 409 means another poller or a webhook holds the token: logged as such,
+//! 6. On 429 the next call waits exactly `retry_after` (clamped to 1 s..1 h
+//!    when it is parsed, [`crate::telegram::RETRY_AFTER_SECS`]); on other
+//!    failures, a timeout included, it waits a capped exponential backoff
+//!    with jitter, reset by a success.
+//! 7. 401 is fatal: the token was rejected and retrying cannot help.
+//! 8. 409 means another poller or a webhook holds the token: logged as such,
 //!    then backoff.
 //!
 //! Stops on [`StopPolling`], answering with the offset to confirm.
@@ -31,7 +44,10 @@ use serde_json::{json, Value};
 use crate::actors::supervisor::{Dispatch, Supervisor};
 use crate::backoff::Backoff;
 use crate::journal::{admit, Append, JournalActor};
-use crate::telegram::{Bot, TelegramError, Update};
+use crate::telegram::{Bot, Skipped, TelegramError, Update};
+
+/// The kind label under which skipped malformed updates are counted.
+const MALFORMED: &str = "(malformed)";
 
 /// How often a paused Poller looks again at the undelivered count.
 const BACKPRESSURE_RECHECK: Duration = Duration::from_millis(50);
@@ -95,7 +111,7 @@ impl Poller {
         }
     }
 
-    /// Polls now, or once the apps have caught up (rule 4).
+    /// Polls now, or once the apps have caught up (rule 5).
     fn poll_when_ready(&mut self, ctx: &mut Context<Self>) {
         let held = self.delivery.undelivered.get();
         if held >= self.delivery.max_undelivered {
@@ -125,6 +141,7 @@ impl Poller {
         next: Option<i64>,
         ctx: &mut Context<Self>,
     ) {
+        in_id_order(&mut updates);
         let Some(journal) = self.delivery.journal.clone() else {
             self.offset = next;
             if !updates.is_empty() {
@@ -219,27 +236,20 @@ impl Poller {
         let bot = self.bot.clone();
         let params = self.params();
         let timeout = self.poll_timeout + bot.http_timeout();
-        let fut = async move { bot.call("getUpdates", &params, timeout).await };
+        let fut = async move { bot.get_updates(&params, timeout).await };
         self.in_flight = Some(ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
             act.in_flight = None;
             act.answered(result, ctx);
         })));
     }
 
-    fn answered(&mut self, result: Result<Value, TelegramError>, ctx: &mut Context<Self>) {
+    fn answered(&mut self, result: Result<Vec<Item>, TelegramError>, ctx: &mut Context<Self>) {
         match result {
-            Ok(Value::Array(items)) => {
+            Ok(items) => {
                 self.failures = 0;
                 let mut next = self.offset;
                 let updates = take_batch(&mut next, items);
                 self.store_and_dispatch(updates, next, ctx);
-            }
-            Ok(other) => {
-                log::warn!(
-                    "getUpdates answered a non-array result ({}); retrying",
-                    kind_of(&other)
-                );
-                self.retry(BACKOFF.delay(self.failures), ctx);
             }
             Err(TelegramError::RetryAfter { retry_after, .. }) => {
                 log::warn!("getUpdates: 429 from Telegram; polling again in {retry_after}s");
@@ -272,31 +282,65 @@ impl Poller {
     }
 }
 
+/// Puts a batch in update_id order and drops repeated ids (rule 4), saying
+/// so in one line when it had to.
+fn in_id_order(updates: &mut Vec<Update>) {
+    if updates.windows(2).all(|w| w[0].id < w[1].id) {
+        return;
+    }
+    const SHOWN: usize = 10;
+    let mut arrived = updates
+        .iter()
+        .take(SHOWN)
+        .map(|u| u.id.0.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if updates.len() > SHOWN {
+        arrived.push_str(", ...");
+    }
+    // Stable: of repeated ids, the first to arrive is kept.
+    updates.sort_by_key(|u| u.id);
+    let count = updates.len();
+    updates.dedup_by_key(|u| u.id);
+    let repeated = match count - updates.len() {
+        0 => String::new(),
+        n => format!("; {n} repeated id(s) dropped"),
+    };
+    log::warn!(
+        "getUpdates answered update ids that went backwards ({arrived}); delivering the {} update(s) in update_id order{repeated}",
+        updates.len()
+    );
+}
+
+/// One element of getUpdates' result.
+type Item = Result<Update, Skipped>;
+
 /// Turns getUpdates' result into updates and moves the offset past them.
-fn take_batch(offset: &mut Option<i64>, items: Vec<Value>) -> Vec<Update> {
+fn take_batch(offset: &mut Option<i64>, items: Vec<Item>) -> Vec<Update> {
     let mut updates = Vec::with_capacity(items.len());
     for item in items {
         // Even a malformed element usually has an id; confirm past it.
-        if let Some(id) = item.get("update_id").and_then(Value::as_i64) {
+        let id = match &item {
+            Ok(update) => Some(update.id.0),
+            Err(skipped) => skipped.id,
+        };
+        if let Some(id) = id {
             *offset = Some(offset.map_or(id + 1, |o| o.max(id + 1)));
         }
-        match Update::from_value(item) {
-            Ok(u) => updates.push(u),
-            Err(e) => log::warn!("malformed update skipped: {e}"),
+        match item {
+            Ok(update) => updates.push(update),
+            Err(Skipped { id, error }) => {
+                match id {
+                    Some(id) => log::warn!("update={id} is malformed and skipped: {error}"),
+                    None => {
+                        log::warn!("a malformed element of getUpdates' result skipped: {error}")
+                    }
+                }
+                crate::metrics::metrics().updates_skipped.inc(&[MALFORMED]);
+            }
         }
     }
     updates
-}
-
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 impl Actor for Poller {
@@ -322,24 +366,62 @@ impl Handler<StopPolling> for Poller {
 mod tests {
     use super::*;
 
+    fn ids(updates: &[Update]) -> Vec<i64> {
+        updates.iter().map(|u| u.id.0).collect()
+    }
+
+    #[test]
+    fn a_batch_going_backwards_is_put_in_id_order_and_admitted_whole() {
+        let mut batch = take_batch(
+            &mut None,
+            items(
+                r#"[{"update_id":52,"message":{"text":"a"}},{"update_id":51,"message":{}},
+                    {"update_id":52,"message":{"text":"b"}},{"update_id":50,"message":{}}]"#,
+            ),
+        );
+        in_id_order(&mut batch);
+        assert_eq!(ids(&batch), vec![50, 51, 52]);
+        assert_eq!(batch[2].raw["message"]["text"], "a", "the first 52 is kept");
+        // Rule 2 as the Poller and the journal apply it, in batch order.
+        let mut watermark = Some(49);
+        assert!(batch
+            .iter()
+            .all(|u| admit(&mut watermark, u.id.0, Some(50))));
+        assert_eq!(watermark, Some(52));
+
+        let mut rising = take_batch(
+            &mut None,
+            items(r#"[{"update_id":7,"message":{}},{"update_id":9,"message":{}}]"#),
+        );
+        in_id_order(&mut rising);
+        assert_eq!(ids(&rising), vec![7, 9]);
+    }
+
+    fn items(result: &str) -> Vec<Item> {
+        let body = format!(r#"{{"ok":true,"result":{result}}}"#);
+        crate::telegram::parse_updates(200, body.as_bytes()).expect("an envelope")
+    }
+
     #[test]
     fn offset_moves_past_every_id_including_malformed_ones() {
         let mut offset = None;
-        let items = vec![
-            json!({"update_id": 10, "message": {}}),
-            json!({"update_id": 11}),
-            json!({"update_id": "bad"}),
-            json!([1, 2]),
-            json!({"update_id": 12, "weird": 1}),
-        ];
-        let got = take_batch(&mut offset, items);
+        let deep = format!(
+            r#"{{"update_id":14,"message":{}0{}}}"#,
+            "[".repeat(1000),
+            "]".repeat(1000)
+        );
+        let batch = items(&format!(
+            r#"[{{"update_id":10,"message":{{}}}},{{"update_id":11}},{{"update_id":"bad"}},[1,2],
+                {{"update_id":12,"weird":1}},{deep}]"#
+        ));
+        let got = take_batch(&mut offset, batch);
         assert_eq!(
             got.iter().map(|u| u.id.0).collect::<Vec<_>>(),
             vec![10, 11, 12]
         );
-        assert_eq!(offset, Some(13));
+        assert_eq!(offset, Some(15), "past the undecodable 14 too");
         // An older id never moves the offset back.
-        take_batch(&mut offset, vec![json!({"update_id": 5, "message": {}})]);
-        assert_eq!(offset, Some(13));
+        take_batch(&mut offset, items(r#"[{"update_id":5,"message":{}}]"#));
+        assert_eq!(offset, Some(15));
     }
 }

@@ -43,8 +43,9 @@
 //! 4. When nothing more may start, a timer wakes the Sender at the earliest
 //!    instant a waiting call becomes allowed.
 //! 5. A 429 holds the lane for exactly `retry_after` (from the answer's
-//!    arrival), then the same call is retried at the head of its lane. A 429
-//!    to a call without a chat holds every message for that long.
+//!    arrival; clamped to 1 s..1 h, [`crate::telegram::RETRY_AFTER_SECS`]),
+//!    then the same call is retried at the head of its lane. A 429 to a call
+//!    without a chat holds every message for that long.
 //! 6. A call that surely did not execute (connect failed, Telegram's 5xx) is
 //!    retried with capped exponential backoff and jitter, up to
 //!    `max_attempts`. One whose fate is unknown (connection lost after the

@@ -19,12 +19,23 @@ pub enum Fault {
     DropAfterExecute,
     /// The call is executed at once but its answer comes this much later.
     Delay(Duration),
+    /// The call is executed and answered: the status line, the headers
+    /// (with the body's `Content-Length`) and the first half of the body go
+    /// out at once, the rest only this much later. The connection stays
+    /// open meanwhile, as with a stalled proxy.
+    StallBody(Duration),
+    /// 429 with this `retry_after`, taken as given (Telegram itself says 1 s
+    /// to about an hour, never 0 or less); the call is not executed.
+    RetryAfter(i64),
 }
 
 impl Fault {
     /// Whether the call still runs when this fault hits it.
     pub fn executes_call(&self) -> bool {
-        matches!(self, Fault::DropAfterExecute | Fault::Delay(_))
+        matches!(
+            self,
+            Fault::DropAfterExecute | Fault::Delay(_) | Fault::StallBody(_)
+        )
     }
 }
 
@@ -44,10 +55,17 @@ pub struct FaultPlan {
     /// Faults for the next eligible calls, in order, before `rate` applies.
     pub script: Vec<Fault>,
     /// Eligible methods (case-insensitive); empty means every method except
-    /// `getUpdates`, which is governed by `get_updates_bad_gateway` only.
+    /// `getUpdates`, which is governed by `get_updates` and
+    /// `get_updates_bad_gateway` only.
     pub methods: Vec<String>,
     /// Probability that a `getUpdates` request is answered 502 (HTML).
     pub get_updates_bad_gateway: f64,
+    /// Faults for the next `getUpdates` requests, in order, one each, before
+    /// `get_updates_bad_gateway` applies. One that does not execute the call
+    /// answers at once, confirming nothing; one that does (`Delay`,
+    /// `StallBody`, `DropAfterExecute`) hits the answer the request would
+    /// have had, confirmation and long poll included.
+    pub get_updates: Vec<Fault>,
 }
 
 impl FaultPlan {
@@ -69,6 +87,15 @@ impl FaultPlan {
         }
     }
 
+    /// A plan that applies `script` to the next `getUpdates` requests, one
+    /// fault each, and injects nothing else.
+    pub fn get_updates(script: Vec<Fault>) -> Self {
+        FaultPlan {
+            get_updates: script,
+            ..FaultPlan::default()
+        }
+    }
+
     /// Restricts the plan to the given methods.
     pub fn only(mut self, methods: &[&str]) -> Self {
         self.methods = methods.iter().map(ToString::to_string).collect();
@@ -80,6 +107,7 @@ impl FaultPlan {
 pub(crate) struct FaultInjector {
     plan: FaultPlan,
     script: VecDeque<Fault>,
+    get_updates_script: VecDeque<Fault>,
     rng: fastrand::Rng,
     seed: u64,
 }
@@ -89,6 +117,7 @@ impl FaultInjector {
         FaultInjector {
             plan: FaultPlan::default(),
             script: VecDeque::new(),
+            get_updates_script: VecDeque::new(),
             rng: fastrand::Rng::with_seed(seed),
             seed,
         }
@@ -96,6 +125,7 @@ impl FaultInjector {
 
     pub fn set_plan(&mut self, plan: FaultPlan) {
         self.script = plan.script.iter().copied().collect();
+        self.get_updates_script = plan.get_updates.iter().copied().collect();
         self.rng = fastrand::Rng::with_seed(self.seed);
         self.plan = plan;
     }
@@ -125,10 +155,16 @@ impl FaultInjector {
         Some(self.plan.faults[self.rng.usize(..self.plan.faults.len())])
     }
 
-    /// Whether this getUpdates request gets a 502.
-    pub fn for_get_updates(&mut self) -> bool {
-        self.plan.get_updates_bad_gateway > 0.0
-            && self.rng.f64() < self.plan.get_updates_bad_gateway
+    /// The fault for this getUpdates request: the next of the plan's
+    /// `get_updates` script, else a 502 page with probability
+    /// `get_updates_bad_gateway`.
+    pub fn for_get_updates(&mut self) -> Option<Fault> {
+        if let Some(fault) = self.get_updates_script.pop_front() {
+            return Some(fault);
+        }
+        (self.plan.get_updates_bad_gateway > 0.0
+            && self.rng.f64() < self.plan.get_updates_bad_gateway)
+            .then_some(Fault::BadGatewayHtml)
     }
 }
 

@@ -47,7 +47,9 @@
 //! is parked is forgotten (within 0.1 s) rather than answered 409 later.
 //!
 //! Failures that Telegram's network produces (502 pages, dropped connections,
-//! delays) are injected on demand through a [`FaultPlan`].
+//! delays, answers whose body stalls after the headers) and 429s with any
+//! `retry_after` are injected on demand through a [`FaultPlan`], for
+//! `getUpdates` as for every other method.
 
 mod envelope;
 mod fabricate;

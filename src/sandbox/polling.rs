@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::envelope::{ApiError, Outcome};
+use super::faults::Fault;
 use super::state::State;
 use super::Shared;
 
@@ -77,9 +78,12 @@ fn allowed_updates(value: Option<&Value>) -> Option<Value> {
 
 /// How a getUpdates request ends.
 pub(crate) enum PollAnswer {
-    Outcome(Outcome),
-    /// An injected 502 from the front proxy.
-    BadGateway,
+    /// The answer, and the injected fault that executes the call (a delay,
+    /// a stall, a drop) to apply to it, if any.
+    Outcome(Outcome, Option<Fault>),
+    /// An injected fault that does not execute the call (a 502, a 429, a
+    /// dropped connection): nothing was confirmed.
+    Refused(Fault),
     /// The caller closed the connection while parked; nobody will read an
     /// answer.
     HungUp,
@@ -89,8 +93,8 @@ pub(crate) enum PollAnswer {
 enum Start {
     Answer(PollAnswer),
     /// Wait for updates; the number identifies this request as the current
-    /// poller.
-    Park(u64),
+    /// poller. With the fault for its answer.
+    Park(u64, Option<Fault>),
 }
 
 /// What a parked request does after a change.
@@ -111,9 +115,9 @@ pub(crate) async fn get_updates(
 ) -> PollAnswer {
     let request = PollRequest::parse(params);
     // `update` wakes the request parked before, which then sees it lost.
-    let generation = match shared.update(|s| start(s, &request)) {
+    let (generation, fault) = match shared.update(|s| start(s, &request)) {
         Start::Answer(answer) => return answer,
-        Start::Park(generation) => generation,
+        Start::Park(generation, fault) => (generation, fault),
     };
     let _parked = ParkedGuard(shared);
     let deadline = tokio::time::Instant::now() + request.timeout;
@@ -130,7 +134,7 @@ pub(crate) async fn get_updates(
         tokio::pin!(notified);
         notified.as_mut().enable();
         match shared.update_quietly(|s| check_parked(s, generation, request.limit, batching)) {
-            Parked::Done(outcome) => return PollAnswer::Outcome(outcome),
+            Parked::Done(outcome) => return PollAnswer::Outcome(outcome, fault),
             Parked::Ready => {
                 batching = true;
                 tokio::time::sleep(BATCH_DELAY).await;
@@ -141,7 +145,9 @@ pub(crate) async fn get_updates(
         tokio::select! {
             _ = &mut notified => {}
             _ = tokio::time::sleep(HANGUP_CHECK) => {}
-            _ = tokio::time::sleep_until(deadline) => return PollAnswer::Outcome(Ok(Value::Array(Vec::new()).into())),
+            _ = tokio::time::sleep_until(deadline) => {
+                return PollAnswer::Outcome(Ok(Value::Array(Vec::new()).into()), fault);
+            }
         }
     }
 }
@@ -155,13 +161,20 @@ fn start(state: &mut State, request: &PollRequest) -> Start {
         .or_default() += 1;
     if state.webhook.is_some() {
         state.count_status(409);
-        return Start::Answer(PollAnswer::Outcome(Err(ApiError::conflict(
-            CONFLICT_WEBHOOK_ACTIVE,
-        ))));
+        return Start::Answer(PollAnswer::Outcome(
+            Err(ApiError::conflict(CONFLICT_WEBHOOK_ACTIVE)),
+            None,
+        ));
     }
-    if state.faults.for_get_updates() {
+    let fault = state.faults.for_get_updates();
+    if let Some(fault) = fault {
         state.stats.faults_injected += 1;
-        return Start::Answer(PollAnswer::BadGateway);
+        if !fault.executes_call() {
+            if matches!(fault, Fault::RetryAfter(_)) {
+                state.count_status(429);
+            }
+            return Start::Answer(PollAnswer::Refused(fault));
+        }
     }
     if let Some(allowed) = &request.allowed_updates {
         state.set_allowed_updates(allowed);
@@ -169,11 +182,11 @@ fn start(state: &mut State, request: &PollRequest) -> Start {
     state.confirm(request.offset);
     let batch = state.batch(request.limit);
     if !batch.is_empty() || request.timeout.is_zero() {
-        return Start::Answer(PollAnswer::Outcome(Ok(Value::Array(batch).into())));
+        return Start::Answer(PollAnswer::Outcome(Ok(Value::Array(batch).into()), fault));
     }
     state.poll_generation += 1;
     state.parked_polls += 1;
-    Start::Park(state.poll_generation)
+    Start::Park(state.poll_generation, fault)
 }
 
 fn check_parked(state: &mut State, generation: u64, limit: usize, batching: bool) -> Parked {

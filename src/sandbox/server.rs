@@ -3,16 +3,22 @@
 //! the caller is inside an actix runtime.
 
 use std::any::Any;
+use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
 use std::sync::{mpsc, Arc};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{Extensions, Server, ServerHandle};
 use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use bytes::Bytes;
 use serde_json::Value;
 
 use super::envelope::{ApiError, Reply};
@@ -148,8 +154,10 @@ async fn api_call(
         let socket = req.conn_data::<ConnectionSocket>().copied();
         let hung_up = || socket.is_some_and(|s| peer_closed(s.0));
         return match polling::get_updates(&shared, &call.params, hung_up).await {
-            PollAnswer::Outcome(outcome) => respond(&Reply::from(&outcome)),
-            PollAnswer::BadGateway => bad_gateway(Fault::BadGatewayHtml),
+            PollAnswer::Outcome(outcome, fault) => {
+                answer(&req, &Reply::from(&outcome), fault).await
+            }
+            PollAnswer::Refused(fault) => fail(&req, fault),
             PollAnswer::HungUp => {
                 log::debug!("a getUpdates caller hung up while parked");
                 HttpResponse::NoContent().finish()
@@ -193,10 +201,10 @@ async fn execute(req: &HttpRequest, shared: &Shared, call: Call, arrived: Instan
     let fault = shared.update_quietly(|s| s.faults.for_call(&call.method.name));
     if let Some(fault) = fault.filter(|f| !f.executes_call()) {
         log::debug!("{}: injected {fault:?}", call.method.name);
-        let status = if fault == Fault::DropBeforeExecute {
-            0
-        } else {
-            502
+        let status = match fault {
+            Fault::DropBeforeExecute => 0,
+            Fault::RetryAfter(_) => 429,
+            _ => 502,
         };
         shared.update(|s| s.record(recorded(call, arrived, status, Value::Null, Some(fault))));
         return fail(req, fault);
@@ -211,13 +219,19 @@ async fn execute(req: &HttpRequest, shared: &Shared, call: Call, arrived: Instan
         s.record(recorded(call, arrived, status, reply.body.clone(), fault));
         reply
     });
+    answer(req, &reply, fault).await
+}
+
+/// Sends the answer of an executed call, through the fault that hit it.
+async fn answer(req: &HttpRequest, reply: &Reply, fault: Option<Fault>) -> HttpResponse {
     match fault {
         Some(Fault::Delay(delay)) => {
             actix_rt::time::sleep(delay).await;
-            respond(&reply)
+            respond(reply)
         }
+        Some(Fault::StallBody(stall)) => stalled(reply, stall),
         Some(fault) => fail(req, fault),
-        None => respond(&reply),
+        None => respond(reply),
     }
 }
 
@@ -242,7 +256,69 @@ fn recorded(
 fn fail(req: &HttpRequest, fault: Fault) -> HttpResponse {
     match fault {
         Fault::DropBeforeExecute | Fault::DropAfterExecute => drop_connection(req),
+        Fault::RetryAfter(seconds) => respond(&Reply {
+            status: 429,
+            body: serde_json::json!({
+                "ok": false,
+                "error_code": 429,
+                "description": format!("Too Many Requests: retry after {seconds}"),
+                "parameters": {"retry_after": seconds},
+            }),
+            // No header can say "0 seconds or less"; the envelope does.
+            retry_after: u64::try_from(seconds).ok().filter(|&s| s > 0),
+        }),
         _ => bad_gateway(fault),
+    }
+}
+
+/// `reply` with its body's second half held back for `stall`
+/// ([`Fault::StallBody`]).
+fn stalled(reply: &Reply, stall: Duration) -> HttpResponse {
+    let mut first = Bytes::from(reply.body.to_string());
+    let rest = first.split_off(first.len() / 2);
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    HttpResponse::build(status)
+        .content_type("application/json")
+        .body(StalledBody {
+            len: (first.len() + rest.len()) as u64,
+            first: Some(first),
+            rest: Some(rest),
+            stall: Box::pin(actix_rt::time::sleep(stall)),
+        })
+}
+
+/// A body of known length whose first part is ready at once and whose rest
+/// waits for a timer. Its `Content-Length` goes out with the headers, so the
+/// client knows more is due and waits for it.
+struct StalledBody {
+    len: u64,
+    first: Option<Bytes>,
+    rest: Option<Bytes>,
+    stall: Pin<Box<actix_rt::time::Sleep>>,
+}
+
+impl MessageBody for StalledBody {
+    type Error = Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Sized(self.len)
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        if this.rest.is_none() {
+            return Poll::Ready(None);
+        }
+        match this.stall.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(this.rest.take().map(Ok)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 

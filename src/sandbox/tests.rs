@@ -712,6 +712,139 @@ fn get_updates_bad_gateway() {
     );
 }
 
+/// Sends one request and reads what arrives within `patience`: the head and
+/// as much of the body as came, and whether the server went quiet before
+/// the `Content-Length` it announced.
+fn read_within(
+    sb: &Sandbox,
+    method: &str,
+    params: &Value,
+    patience: Duration,
+) -> (String, usize, usize) {
+    let mut stream = TcpStream::connect(sb.local_addr()).unwrap();
+    let body = params.to_string();
+    write!(
+        stream,
+        "POST /bot{}/{method} HTTP/1.1\r\nHost: sandbox\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        sb.token(),
+        body.len()
+    )
+    .unwrap();
+    stream.set_read_timeout(Some(patience)).unwrap();
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("the head arrived");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let announced = head
+        .split("\r\n")
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("a Content-Length");
+    (head, raw.len() - split - 4, announced)
+}
+
+#[test]
+fn stalled_body_sends_the_head_then_waits() {
+    let sb = start();
+    sb.register_chat(json!({"id": 42, "type": "private", "first_name": "U"}));
+    sb.set_faults(FaultPlan::scripted(vec![Fault::StallBody(
+        Duration::from_secs(3600),
+    )]));
+    let (head, got, announced) = read_within(
+        &sb,
+        "sendMessage",
+        &json!({"chat_id": 42, "text": "stuck"}),
+        Duration::from_millis(500),
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(got > 0 && got < announced, "{got} of {announced} bytes");
+    assert_eq!(sb.sent_texts(42), vec!["stuck"], "the call was executed");
+
+    // A short stall ends with the whole answer.
+    sb.set_faults(FaultPlan::scripted(vec![Fault::StallBody(
+        Duration::from_millis(200),
+    )]));
+    let started = Instant::now();
+    let sent = result(call(
+        &sb,
+        "sendMessage",
+        json!({"chat_id": 42, "text": "late"}),
+    ));
+    assert_eq!(sent["text"], "late");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+}
+
+#[test]
+fn scripted_retry_after_is_sent_as_given() {
+    let sb = start();
+    sb.register_chat(json!({"id": 42, "type": "private", "first_name": "U"}));
+    sb.set_faults(FaultPlan::scripted(vec![
+        Fault::RetryAfter(0),
+        Fault::RetryAfter(-5),
+    ]));
+    for seconds in [0, -5] {
+        let answer = call(&sb, "sendMessage", json!({"chat_id": 42, "text": "x"}));
+        assert_eq!(answer.header("Retry-After"), None);
+        let body = answer.json();
+        assert_eq!(answer.status, 429);
+        assert_eq!(body["parameters"]["retry_after"], seconds);
+    }
+    assert!(sb.sent_texts(42).is_empty(), "a 429 executes nothing");
+    assert_eq!(sb.stats().too_many_requests, 2);
+}
+
+#[test]
+fn get_updates_takes_its_own_script() {
+    let sb = start();
+    let id = sb.inject_text(42, "hi");
+    sb.set_faults(FaultPlan::get_updates(vec![
+        Fault::RetryAfter(1_000_000_000_000),
+        Fault::StallBody(Duration::from_secs(3600)),
+    ]));
+    let poll = json!({"offset": id + 1, "timeout": 0});
+    let refused = call(&sb, "getUpdates", poll.clone());
+    assert_eq!(refused.status, 429);
+    assert_eq!(
+        refused.json()["parameters"]["retry_after"],
+        1_000_000_000_000i64
+    );
+    assert_eq!(sb.pending_updates(), 1, "a refused poll confirms nothing");
+    let (head, got, announced) = read_within(&sb, "getUpdates", &poll, Duration::from_millis(500));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(got < announced, "{got} of {announced} bytes");
+    assert_eq!(
+        sb.pending_updates(),
+        0,
+        "the stalled poll confirmed the update"
+    );
+    assert_eq!(
+        result(call(&sb, "getUpdates", json!({"timeout": 0}))),
+        json!([])
+    );
+    assert_eq!(sb.stats().faults_injected, 2, "the script was used up");
+}
+
 #[test]
 fn migrated_group_answers_with_the_new_id() {
     let sb = start();
