@@ -50,6 +50,12 @@
 //! survive the process being killed, and a power loss rolls back whole
 //! transactions, which can repeat a reply but never loses an update.
 //!
+//! A journal that SQLite would open damaged, silently without what it held,
+//! is refused at start ([`JournalError::Damaged`], checks in `Files`);
+//! `--reset-journal` moves it aside ([`reset_if_damaged`]). It holds users'
+//! messages: its directory, when asgigramd creates it, is 0700 and its files
+//! are 0600.
+//!
 //! SQLite (bundled) in WAL mode. It is blocking, so the daemon runs it on a
 //! `SyncArbiter` thread ([`JournalActor`]), never on the actor thread. One
 //! thread for appends and records alike: it takes its messages in the order
@@ -59,11 +65,16 @@
 //! (rule 5) do.
 
 use std::collections::HashSet;
+use std::fs::{self, DirBuilder};
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::config::DbConfig;
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use serde_json::{Map, Value};
 
 use crate::metrics::metrics;
@@ -76,7 +87,49 @@ pub enum JournalError {
     Dir { path: PathBuf, reason: String },
     #[error("journal {path}: {reason}")]
     Sqlite { path: PathBuf, reason: String },
+    #[error("journal file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    /// Opening it would lose what it holds without a word; nothing was
+    /// changed. One line: it is what the daemon says when it refuses to start.
+    #[error(
+        "journal {path} is damaged: {what}. Nothing in it was changed. Keep a copy of {}, \
+         then start asgigramd with --reset-journal: it moves the journal's files aside \
+         (renamed, not deleted) and starts with an empty journal, without the updates they held",
+        list(files)
+    )]
+    Damaged {
+        path: PathBuf,
+        what: String,
+        /// The files that hold its data (the database and its WAL).
+        files: Vec<PathBuf>,
+    },
 }
+
+fn list(paths: &[PathBuf]) -> String {
+    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    names.join(" and ")
+}
+
+/// The schema; `IF NOT EXISTS` so that opening a journal made by an older
+/// version completes it.
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS updates (
+                          update_id INTEGER PRIMARY KEY,
+                          body TEXT NOT NULL
+                      );
+                      CREATE TABLE IF NOT EXISTS meta (
+                          key TEXT PRIMARY KEY,
+                          value INTEGER NOT NULL
+                      );
+                      CREATE TABLE IF NOT EXISTS outbox (
+                          id INTEGER PRIMARY KEY,
+                          cause INTEGER,
+                          ordinal INTEGER NOT NULL,
+                          method TEXT NOT NULL,
+                          params TEXT NOT NULL,
+                          sent INTEGER NOT NULL DEFAULT 0,
+                          outcome TEXT
+                      );
+                      CREATE INDEX IF NOT EXISTS outbox_cause ON outbox (cause);";
 
 pub struct Journal {
     conn: Connection,
@@ -90,14 +143,21 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating if needed) `<dir>/<name>.sqlite3`.
+    /// Opens (creating if needed) `<dir>/<name>.sqlite3`, after checking
+    /// that it is whole ([`JournalError::Damaged`] if not; see `Files`).
     pub fn open(dir: &Path, name: &str) -> Result<Journal, JournalError> {
-        std::fs::create_dir_all(dir).map_err(|e| JournalError::Dir {
-            path: dir.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let path = dir.join(format!("{name}.sqlite3"));
+        prepare_dir(dir)?;
+        let files = Files::new(dir, name);
+        files.check()?;
+        if !files.db.exists() {
+            files.create()?;
+        }
+        let path = files.db.clone();
         let conn = Connection::open(&path).map_err(|e| sqlite_err(&path, e))?;
+        files.verify(&conn)?;
+        // After the check, which leaves a damaged journal untouched; and
+        // after opening, which may have created a -wal and -shm.
+        files.make_private();
         // The first journal opened is the daemon's; tests may open more.
         let _ = metrics().journal_path.set(path.clone());
         let journal = Journal {
@@ -108,29 +168,12 @@ impl Journal {
         };
         journal
             .conn
-            .execute_batch(
+            .execute_batch(&format!(
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
                  PRAGMA busy_timeout = 10000;
-                 CREATE TABLE IF NOT EXISTS updates (
-                     update_id INTEGER PRIMARY KEY,
-                     body TEXT NOT NULL
-                 );
-                 CREATE TABLE IF NOT EXISTS meta (
-                     key TEXT PRIMARY KEY,
-                     value INTEGER NOT NULL
-                 );
-                 CREATE TABLE IF NOT EXISTS outbox (
-                     id INTEGER PRIMARY KEY,
-                     cause INTEGER,
-                     ordinal INTEGER NOT NULL,
-                     method TEXT NOT NULL,
-                     params TEXT NOT NULL,
-                     sent INTEGER NOT NULL DEFAULT 0,
-                     outcome TEXT
-                 );
-                 CREATE INDEX IF NOT EXISTS outbox_cause ON outbox (cause);",
-            )
+                 {SCHEMA}"
+            ))
             .map_err(|e| journal.err(e))?;
         Ok(journal)
     }
@@ -441,6 +484,407 @@ fn mark_sent(tx: &rusqlite::Transaction<'_>, sent: &[SentCall]) -> rusqlite::Res
     Ok(())
 }
 
+/// The journal holds users' messages: a directory asgigramd creates is
+/// 0700 (parents it creates too). One that exists is the operator's
+/// (`journal.dir`, systemd's `$STATE_DIRECTORY`) and stays as it is; if
+/// other users may look into it, one line says so.
+fn prepare_dir(dir: &Path) -> Result<(), JournalError> {
+    let dir_err = |reason: String| JournalError::Dir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    match fs::metadata(dir) {
+        Ok(meta) if !meta.is_dir() => Err(dir_err("it exists and is not a directory".into())),
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                log::warn!(
+                    "journal: directory {} has mode {mode:04o}: other users can look into it \
+                     (the journal's files are 0600); asgigramd leaves a directory it did not \
+                     create as it is: chmod 700 it (systemd: StateDirectoryMode=0700)",
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| dir_err(e.to_string())),
+        Err(e) => Err(dir_err(e.to_string())),
+    }
+}
+
+/// What `--reset-journal` did with a damaged journal.
+#[derive(Debug)]
+pub struct Reset {
+    /// What was wrong with it.
+    pub what: String,
+    /// Each file, and the name it has now.
+    pub moved: Vec<(PathBuf, PathBuf)>,
+}
+
+/// `--reset-journal`: if the journal `<dir>/<name>.sqlite3` is damaged,
+/// renames its files `<file>.damaged-<UTC time>` (never deletes them), so
+/// that the next [`Journal::open`] starts an empty one. An intact journal,
+/// or none, is left alone: `None`.
+pub fn reset_if_damaged(dir: &Path, name: &str) -> Result<Option<Reset>, JournalError> {
+    let files = Files::new(dir, name);
+    let checked = files.check().and_then(|()| {
+        if !files.db.exists() {
+            return Ok(());
+        }
+        let conn = Connection::open(&files.db).map_err(|e| sqlite_err(&files.db, e))?;
+        files.verify(&conn)
+    });
+    match checked {
+        Ok(()) => Ok(None),
+        Err(JournalError::Damaged { what, .. }) => {
+            let moved = files.move_aside(&utc_stamp(SystemTime::now()))?;
+            Ok(Some(Reset { what, moved }))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Bytes in a WAL header (SQLite's wal.c): eight big-endian words: magic,
+/// format version, page size, checkpoint sequence, two salts, checksum.
+const WAL_HEADER: usize = 32;
+const WAL_MAGIC: u32 = 0x377f_0682;
+const WAL_VERSION: u32 = 3_007_000;
+
+/// A journal's files. SQLite names the WAL and its index after the
+/// database: `<db>-wal`, `<db>-shm`.
+///
+/// SQLite repairs some damage without a word, losing what the journal held:
+/// a WAL whose header it rejects is treated as empty and overwritten by the
+/// next write; a WAL next to an empty database file is deleted; an empty
+/// database file is a new database. [`Files::check`] looks for those before
+/// SQLite opens anything, since opening would already repair them.
+/// [`Files::verify`] then lets SQLite check the rest (a truncated or
+/// overwritten database file). Damage inside the WAL's frames is not
+/// looked for: SQLite ends the WAL at the first frame that does not check
+/// out, which is also what a transaction cut short by a crash looks like,
+/// and discarding that one is right.
+struct Files {
+    dir: PathBuf,
+    db: PathBuf,
+    wal: PathBuf,
+    shm: PathBuf,
+}
+
+impl Files {
+    fn new(dir: &Path, name: &str) -> Files {
+        let db = dir.join(format!("{name}.sqlite3"));
+        Files {
+            dir: dir.to_path_buf(),
+            wal: suffixed(&db, "-wal"),
+            shm: suffixed(&db, "-shm"),
+            db,
+        }
+    }
+
+    fn damaged(&self, what: String) -> JournalError {
+        // The files with something in them: opening the journal to check it
+        // may have created an empty WAL.
+        let wal = fs::metadata(&self.wal).is_ok_and(|m| m.len() > 0);
+        let mut files = Vec::new();
+        if self.db.exists() {
+            files.push(self.db.clone());
+        }
+        if wal {
+            files.push(self.wal.clone());
+        }
+        JournalError::Damaged {
+            path: self.db.clone(),
+            what,
+            files,
+        }
+    }
+
+    /// The damage SQLite would repair silently (see [`Files`]).
+    fn check(&self) -> Result<(), JournalError> {
+        let db = size(&self.db)?;
+        let wal = size(&self.wal)?.unwrap_or(0);
+        if wal > 0 {
+            match db {
+                None => {
+                    return Err(self.damaged(format!(
+                        "the database file is missing while its WAL holds {wal} bytes"
+                    )))
+                }
+                Some(0) => {
+                    return Err(self.damaged(format!(
+                        "the database file is empty (0 bytes) while its WAL holds {wal} bytes, \
+                         which SQLite would delete"
+                    )))
+                }
+                Some(_) => {}
+            }
+            let mut header = Vec::with_capacity(WAL_HEADER);
+            fs::File::open(&self.wal)
+                .and_then(|f| f.take(WAL_HEADER as u64).read_to_end(&mut header))
+                .map_err(|e| file_err(&self.wal, e))?;
+            if let Some(problem) = wal_header_problem(&header) {
+                return Err(self.damaged(format!(
+                    "its WAL ({wal} bytes) has a header SQLite rejects ({problem}): SQLite would \
+                     discard it without a word, and with it every update written since the \
+                     last checkpoint"
+                )));
+            }
+        }
+        if db == Some(0) {
+            return Err(self.damaged(
+                "the database file is empty (0 bytes): it was truncated, since asgigramd \
+                 creates a journal whole or not at all"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// SQLite's integrity check, on a connection that leaves a damaged
+    /// journal as it found it: closing it neither copies the WAL into the
+    /// database file nor deletes the WAL.
+    fn verify(&self, conn: &Connection) -> Result<(), JournalError> {
+        let err = |e| sqlite_err(&self.db, e);
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        let found = conn
+            .prepare("PRAGMA integrity_check(3)")
+            .and_then(|mut check| {
+                check
+                    .query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            });
+        match found {
+            Ok(found) if found == ["ok"] => {}
+            Ok(found) => {
+                return Err(self.damaged(format!(
+                    "SQLite's integrity check found: {}",
+                    found.join("; ").replace('\n', " ")
+                )))
+            }
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+                ) =>
+            {
+                return Err(self.damaged(format!("SQLite reports: {e}")))
+            }
+            Err(e) => return Err(err(e)),
+        }
+        conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// A new journal is written whole under a temporary name and renamed
+    /// into place: a journal file that exists was complete once, so an empty
+    /// one was truncated ([`Files::check`]). It is created 0600, and SQLite
+    /// gives the -wal and -shm it creates later the database file's mode.
+    fn create(&self) -> Result<(), JournalError> {
+        let tmp = suffixed(&self.db, ".new");
+        // Leftovers of a creation cut short: they never held an update.
+        for leftover in [
+            tmp.clone(),
+            suffixed(&tmp, "-journal"),
+            suffixed(&tmp, "-wal"),
+            suffixed(&tmp, "-shm"),
+        ] {
+            match fs::remove_file(&leftover) {
+                Err(e) if e.kind() != ErrorKind::NotFound => return Err(file_err(&leftover, e)),
+                _ => {}
+            }
+        }
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| file_err(&tmp, e))?;
+        let conn = Connection::open(&tmp).map_err(|e| sqlite_err(&tmp, e))?;
+        // The schema goes straight into the file (rollback journal); WAL
+        // mode last, which only sets a flag in the file's header.
+        conn.execute_batch(&format!(
+            "BEGIN; {SCHEMA} COMMIT; PRAGMA journal_mode = WAL;"
+        ))
+        .map_err(|e| sqlite_err(&tmp, e))?;
+        conn.close().map_err(|(_, e)| sqlite_err(&tmp, e))?;
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| file_err(&tmp, e))?;
+        fs::rename(&tmp, &self.db).map_err(|e| file_err(&self.db, e))?;
+        sync_dir(&self.dir)
+    }
+
+    /// Files an older version (or a copy) left readable by others are made
+    /// 0600, in one line.
+    fn make_private(&self) {
+        let (mut fixed, mut failed) = (Vec::new(), Vec::new());
+        for path in [&self.db, &self.wal, &self.shm] {
+            let Ok(meta) = fs::metadata(path) else {
+                continue;
+            };
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 == 0 {
+                continue;
+            }
+            match fs::set_permissions(path, fs::Permissions::from_mode(0o600)) {
+                Ok(()) => fixed.push(format!("{} (was {mode:04o})", path.display())),
+                Err(e) => failed.push(format!("{} ({mode:04o}: {e})", path.display())),
+            }
+        }
+        if !fixed.is_empty() {
+            log::warn!(
+                "journal: other users could read {}; made private (0600)",
+                fixed.join(", ")
+            );
+        }
+        if !failed.is_empty() {
+            log::warn!(
+                "journal: other users can read {}; chmod 600 them",
+                failed.join(", ")
+            );
+        }
+    }
+
+    /// Renames every file the journal has `<file>.damaged-<stamp>` (with a
+    /// counter if that exists), never over another file.
+    fn move_aside(&self, stamp: &str) -> Result<Vec<(PathBuf, PathBuf)>, JournalError> {
+        let mut moved = Vec::new();
+        for from in [&self.db, &self.wal, &self.shm] {
+            if fs::symlink_metadata(from).is_err() {
+                continue;
+            }
+            let base = suffixed(from, &format!(".damaged-{stamp}"));
+            let to = (0u32..)
+                .map(|n| match n {
+                    0 => base.clone(),
+                    n => suffixed(&base, &format!(".{n}")),
+                })
+                .find(|p| fs::symlink_metadata(p).is_err())
+                .expect("one of 2^32 names is free");
+            fs::rename(from, &to).map_err(|e| file_err(from, e))?;
+            moved.push((from.clone(), to));
+        }
+        sync_dir(&self.dir)?;
+        Ok(moved)
+    }
+}
+
+/// `path` with `suffix` appended to its file name.
+fn suffixed(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// The file's length; `None` if there is none.
+fn size(path: &Path) -> Result<Option<u64>, JournalError> {
+    match fs::metadata(path) {
+        Ok(meta) => Ok(Some(meta.len())),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(file_err(path, e)),
+    }
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), JournalError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| file_err(dir, e))
+}
+
+/// Why SQLite would reject a WAL header (wal.c, `walIndexRecover`), which
+/// makes it treat the whole WAL as empty; `None` if it would not.
+fn wal_header_problem(header: &[u8]) -> Option<String> {
+    if header.len() < WAL_HEADER {
+        return Some(format!("{} of its {WAL_HEADER} bytes", header.len()));
+    }
+    if header.iter().all(|&b| b == 0) {
+        return Some("all zeros".into());
+    }
+    let word = |i: usize| {
+        u32::from_be_bytes(
+            header[i..i + 4]
+                .try_into()
+                .expect("4 bytes of the 32 checked above"),
+        )
+    };
+    if word(0) & !1 != WAL_MAGIC {
+        return Some("no WAL magic number".into());
+    }
+    let page_size = word(8);
+    if !page_size.is_power_of_two() || !(512..=65536).contains(&page_size) {
+        return Some(format!("page size {page_size}"));
+    }
+    // The magic number's low bit says in which byte order the checksums
+    // read the words.
+    if wal_checksum(word(0) & 1 == 1, &header[..24]) != (word(24), word(28)) {
+        return Some("its checksum does not match".into());
+    }
+    if word(4) != WAL_VERSION {
+        return Some(format!("format version {}", word(4)));
+    }
+    None
+}
+
+/// SQLite's WAL checksum (wal.c, `walChecksumBytes`) over whole 8-byte pairs.
+fn wal_checksum(big_endian: bool, data: &[u8]) -> (u32, u32) {
+    let word = |b: &[u8]| {
+        let b: [u8; 4] = b.try_into().expect("chunks of 4");
+        if big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    };
+    let (mut s1, mut s2) = (0u32, 0u32);
+    for pair in data.chunks_exact(8) {
+        s1 = s1.wrapping_add(word(&pair[..4])).wrapping_add(s2);
+        s2 = s2.wrapping_add(word(&pair[4..])).wrapping_add(s1);
+    }
+    (s1, s2)
+}
+
+/// `20240131T235959Z`: a UTC time for a file name, sortable, no colons.
+fn utc_stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The proleptic Gregorian date `z` days after 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`); no date crate for one file name.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m as u32, d as u32)
+}
+
+fn file_err(path: &Path, e: std::io::Error) -> JournalError {
+    JournalError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
 fn sqlite_err(path: &Path, e: rusqlite::Error) -> JournalError {
     JournalError::Sqlite {
         path: path.to_path_buf(),
@@ -735,6 +1179,201 @@ mod tests {
         );
         assert_eq!(w, Some(3));
         assert!(!admit(&mut w, 3, Some(3)));
+    }
+
+    /// A journal as `kill -9` leaves it: the last writes only in the WAL.
+    fn killed_with(dir: &Path, ids: &[i64]) -> Files {
+        let mut j = Journal::open(dir, "j").unwrap();
+        j.append(&batch(ids), None).unwrap();
+        // Closing would copy the WAL into the database file; a kill does not.
+        j.conn
+            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+            .unwrap();
+        drop(j);
+        let files = Files::new(dir, "j");
+        assert!(fs::metadata(&files.wal).unwrap().len() > 0, "in the WAL");
+        files
+    }
+
+    #[test]
+    fn a_journal_killed_with_its_updates_in_the_wal_reopens_with_them() {
+        let dir = tempfile::tempdir().unwrap();
+        killed_with(dir.path(), &[1, 2, 3]);
+        let j = Journal::open(dir.path(), "j").unwrap();
+        assert_eq!(j.len().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_wal_sqlite_would_discard_is_damage_and_is_left_as_it_was() {
+        type Damage = fn(&mut Vec<u8>);
+        let cases: [(&str, Damage); 4] = [
+            ("zeroed", |w| w.fill(0)),
+            ("a salt bit flipped", |w| w[16] ^= 1),
+            ("cut inside its header", |w| w.truncate(20)),
+            ("another magic number", |w| w[3] = 0x84),
+        ];
+        for (how, damage) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let files = killed_with(dir.path(), &[1, 2, 3]);
+            let mut wal = fs::read(&files.wal).unwrap();
+            damage(&mut wal);
+            fs::write(&files.wal, &wal).unwrap();
+            let db = fs::read(&files.db).unwrap();
+
+            // What SQLite alone makes of a copy: an empty journal, no error.
+            let copy = tempfile::tempdir().unwrap();
+            let copied = Files::new(copy.path(), "j");
+            fs::write(&copied.db, &db).unwrap();
+            fs::write(&copied.wal, &wal).unwrap();
+            let raw = Connection::open(&copied.db).unwrap();
+            let n: i64 = raw
+                .query_row("SELECT COUNT(*) FROM updates", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, 0, "{how}: SQLite loses them silently");
+
+            let err = Journal::open(dir.path(), "j").err().expect("damaged");
+            assert!(
+                matches!(&err, JournalError::Damaged { files: f, .. } if f.len() == 2),
+                "{how}: {err}"
+            );
+            assert!(err.to_string().contains("--reset-journal"), "{err}");
+            assert_eq!(fs::read(&files.wal).unwrap(), wal, "{how}: WAL changed");
+            assert_eq!(fs::read(&files.db).unwrap(), db, "{how}: db changed");
+        }
+    }
+
+    #[test]
+    fn an_empty_or_missing_database_file_is_damage_unless_the_journal_is_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = killed_with(dir.path(), &[1]);
+        fs::remove_file(&files.db).unwrap();
+        let err = Journal::open(dir.path(), "j").err().expect("WAL alone");
+        assert!(err.to_string().contains("missing"), "{err}");
+        fs::write(&files.db, b"").unwrap();
+        let err = Journal::open(dir.path(), "j").err().expect("WAL, empty db");
+        assert!(err.to_string().contains("would delete"), "{err}");
+        assert!(fs::metadata(&files.wal).unwrap().len() > 0, "not deleted");
+        fs::remove_file(&files.wal).unwrap();
+        let err = Journal::open(dir.path(), "j").err().expect("empty db");
+        assert!(err.to_string().contains("empty (0 bytes)"), "{err}");
+
+        // A creation cut short leaves only its temporary file behind.
+        let fresh = tempfile::tempdir().unwrap();
+        let tmp = suffixed(&Files::new(fresh.path(), "j").db, ".new");
+        fs::write(&tmp, b"").unwrap();
+        let j = Journal::open(fresh.path(), "j").unwrap();
+        assert!(j.is_empty().unwrap());
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn a_database_file_overwritten_in_the_middle_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = killed_with(dir.path(), &(1..500).collect::<Vec<_>>());
+        drop(Journal::open(dir.path(), "j").unwrap());
+        assert!(!files.wal.exists(), "all in the database file now");
+        let mut db = fs::read(&files.db).unwrap();
+        let page = 4096;
+        assert!(db.len() > 4 * page);
+        db[2 * page..3 * page].fill(0x5a);
+        fs::write(&files.db, &db).unwrap();
+        let err = Journal::open(dir.path(), "j").err().expect("damaged");
+        assert!(matches!(err, JournalError::Damaged { .. }), "{err}");
+        assert!(err.to_string().contains("SQLite"), "{err}");
+        assert_eq!(fs::read(&files.db).unwrap(), db);
+        assert!(
+            fs::metadata(&files.wal).map_or(true, |m| m.len() == 0),
+            "nothing was written"
+        );
+    }
+
+    #[test]
+    fn reset_moves_a_damaged_journal_aside_and_the_next_open_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = killed_with(dir.path(), &[1, 2]);
+        fs::write(&files.wal, b"garbage").unwrap();
+        let before: Vec<_> = [&files.db, &files.wal]
+            .into_iter()
+            .map(|p| (p.clone(), fs::read(p).unwrap()))
+            .collect();
+        let reset = reset_if_damaged(dir.path(), "j").unwrap().expect("damaged");
+        assert!(reset.what.contains("WAL"), "{}", reset.what);
+        for (from, bytes) in before {
+            let (_, to) = reset.moved.iter().find(|(f, _)| *f == from).unwrap();
+            assert!(!from.exists());
+            assert_eq!(fs::read(to).unwrap(), bytes, "{to:?}");
+            let name = to.file_name().unwrap().to_str().unwrap();
+            assert!(name.contains(".damaged-"), "{name}");
+        }
+        let j = Journal::open(dir.path(), "j").unwrap();
+        assert!(j.is_empty().unwrap());
+    }
+
+    #[test]
+    fn reset_leaves_an_intact_journal_and_a_missing_one_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let none = dir.path().join("none");
+        assert!(reset_if_damaged(&none, "j").unwrap().is_none());
+        assert!(!none.exists(), "not created");
+        killed_with(dir.path(), &[1, 2]);
+        assert!(reset_if_damaged(dir.path(), "j").unwrap().is_none());
+        assert_eq!(Journal::open(dir.path(), "j").unwrap().len().unwrap(), 2);
+    }
+
+    #[test]
+    fn moving_aside_never_overwrites_an_earlier_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::new(dir.path(), "j");
+        fs::write(&files.db, "first").unwrap();
+        files.move_aside("T").unwrap();
+        fs::write(&files.db, "second").unwrap();
+        let moved = files.move_aside("T").unwrap();
+        assert_eq!(moved.len(), 1, "only the files there are");
+        let copy = |suffix: &str| fs::read_to_string(suffixed(&files.db, suffix)).unwrap();
+        assert_eq!(copy(".damaged-T"), "first");
+        assert_eq!(copy(".damaged-T.1"), "second");
+    }
+
+    /// A header SQLite writes, read from a WAL it wrote.
+    fn real_wal_header() -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        let files = killed_with(dir.path(), &[1]);
+        fs::read(&files.wal).unwrap()[..WAL_HEADER].to_vec()
+    }
+
+    #[test]
+    fn the_wal_header_is_checked_as_sqlite_checks_it() {
+        let good = real_wal_header();
+        assert_eq!(wal_header_problem(&good), None);
+        let bad = |at: usize, value: u32| {
+            let mut h = good.clone();
+            h[at..at + 4].copy_from_slice(&value.to_be_bytes());
+            wal_header_problem(&h)
+        };
+        assert!(bad(0, 0x1234_5678).is_some(), "magic");
+        assert!(bad(4, 3_007_001).is_some(), "version");
+        assert!(bad(8, 1000).is_some(), "page size");
+        assert!(bad(16, 7).is_some(), "salt, under the checksum");
+        assert!(bad(24, 7).is_some(), "checksum");
+        assert!(wal_header_problem(&good[..31]).is_some());
+        assert!(wal_header_problem(&[0; 32]).is_some());
+        // Written on a big-endian machine: magic's low bit set, checksums
+        // over big-endian words.
+        let mut be = good.clone();
+        be[3] |= 1;
+        let (s1, s2) = wal_checksum(true, &be[..24]);
+        be[24..28].copy_from_slice(&s1.to_be_bytes());
+        be[28..32].copy_from_slice(&s2.to_be_bytes());
+        assert_eq!(wal_header_problem(&be), None);
+    }
+
+    #[test]
+    fn damaged_copies_are_stamped_in_utc() {
+        let at = |secs| utc_stamp(UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(0), "19700101T000000Z");
+        assert_eq!(at(951_782_400), "20000229T000000Z");
+        assert_eq!(at(1_735_689_599), "20241231T235959Z");
+        assert_eq!(at(4_102_444_800), "21000101T000000Z");
     }
 
     #[test]

@@ -87,6 +87,10 @@ pub enum RunError {
     Startup(String),
     #[error("the token was rejected by Telegram (401 Unauthorized)")]
     TokenRejected,
+    /// The journal cannot be opened, or is damaged
+    /// ([`journal::JournalError::Damaged`]).
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
     #[error("{0}")]
     Other(String),
 }
@@ -104,7 +108,7 @@ struct Recovery {
 fn start_journal(settings: &Settings) -> Result<(Addr<JournalActor>, Recovery), RunError> {
     let dir = settings.journal.resolved_dir();
     let name = journal_name(settings);
-    let fail = |e: journal::JournalError| RunError::Other(e.to_string());
+    let fail = RunError::Journal;
     let mut journal = Journal::open(&dir, &name).map_err(fail)?;
     if !settings.journal.fsync {
         journal.set_fsync(false).map_err(fail)?;
@@ -139,6 +143,33 @@ fn start_journal(settings: &Settings) -> Result<(Addr<JournalActor>, Recovery), 
         outbox,
     };
     Ok((thread, recovery))
+}
+
+/// `--reset-journal`: moves this bot's journal aside if it is damaged, so
+/// that [`run`] starts with an empty one; one line says where its files went.
+/// An intact journal is kept.
+pub fn reset_damaged_journal(settings: &Settings) -> Result<(), RunError> {
+    let dir = settings.journal.resolved_dir();
+    match journal::reset_if_damaged(&dir, &journal_name(settings))? {
+        Some(reset) => {
+            let moved: Vec<String> = reset
+                .moved
+                .iter()
+                .map(|(from, to)| format!("{} -> {}", from.display(), to.display()))
+                .collect();
+            log::warn!(
+                "journal: --reset-journal: the damaged journal ({}) was moved aside: {}; \
+                 starting with an empty journal",
+                reset.what,
+                moved.join(", ")
+            );
+        }
+        None => log::info!(
+            "journal: --reset-journal: no damaged journal in {}; nothing moved",
+            dir.display()
+        ),
+    }
+    Ok(())
 }
 
 /// The Sender and the Outbox in front of it; each needs the other's address.

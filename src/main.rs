@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use asgigramd::journal::JournalError;
 use asgigramd::settings::{Settings, Sources};
 use asgigramd::{chat, logging, RunError};
 
@@ -42,6 +43,12 @@ struct Cli {
     #[arg(long)]
     reload: bool,
 
+    /// If the journal is damaged, move its files aside (renamed with a
+    /// timestamp, never deleted) and start with an empty journal. An intact
+    /// journal is kept.
+    #[arg(long, conflicts_with_all = ["check", "sandbox"])]
+    reset_journal: bool,
+
     /// Bot API base URL (telegram.api_url).
     #[arg(long, value_name = "URL")]
     api_url: Option<String>,
@@ -66,6 +73,7 @@ fn main() -> ExitCode {
             ExitCode::from(match e {
                 Failure::Usage(_) => 2,
                 Failure::Run(RunError::TokenRejected) => 3,
+                Failure::Run(RunError::Journal(JournalError::Damaged { .. })) => 4,
                 _ => 1,
             })
         }
@@ -162,6 +170,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
     if cli.sandbox {
         chat::run(settings)?;
         return Ok(());
+    }
+    if cli.reset_journal {
+        asgigramd::reset_damaged_journal(&settings)?;
     }
     actix::System::new().block_on(asgigramd::run(settings, None))?;
     Ok(())
