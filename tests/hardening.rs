@@ -159,6 +159,38 @@ fn a_chat_whose_handler_hangs_the_worker_costs_other_chats_nothing() {
     );
 }
 
+/// A suspect whose handler awaits for an hour (without blocking anything)
+/// cannot hold the isolation worker, and so the other suspects, for ever:
+/// past the ping deadline it is taken to be innocent and moved back.
+#[test]
+fn a_slow_suspect_does_not_hold_back_the_other_suspects() {
+    let sb = sandbox();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let record = dir.path().join("record");
+    let d = start_poison(
+        &sb,
+        &record,
+        1,
+        "",
+        &[("ASGIGRAM_APP__HANG_TIMEOUT", "1"), ("RECORD_DELAY", "0.01")],
+    );
+    assert!(d.wait_log("Polling Telegram"), "{}", d.log());
+    sb.inject_text(800, "slow");
+    assert!(
+        wait_for(DEADLINE, || !receipts(&record).is_empty()),
+        "{}",
+        tail(&d.log())
+    );
+    let chats: Vec<i64> = (801..806).collect();
+    let poison = burst(&sb, &chats, 4, &HashMap::from([(801, 1)]));
+    assert_all_answered_in_order(&sb, &chats, 4, &d);
+    let log = d.log();
+    assert!(log.contains(&format!("update={} dropped", poison[0])), "{}", tail(&log));
+    assert_eq!(count(&log, " dropped: "), 1, "{}", tail(&log));
+    assert!(d.wait_log("scope=chat:800 ran"), "{}", tail(&d.log()));
+    assert!(d.log().contains("taken to be innocent"), "{}", tail(&d.log()));
+}
+
 /// The pids of the daemon's worker processes (its children), from /proc.
 fn worker_pids_now(daemon: i32) -> Vec<i32> {
     let mut pids = Vec::new();

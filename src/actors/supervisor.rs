@@ -554,6 +554,36 @@ impl Supervisor {
         entry.addr.do_send(Close { reason });
     }
 
+    /// How long the isolated chat may work on an update without its worker
+    /// dying before it is taken to be innocent: past the ping deadline a hang
+    /// would have been caught, so it is only slow. Without this, one handler
+    /// awaiting something for an hour would hold every other suspect back.
+    fn isolation_limit(&self) -> Duration {
+        self.settings.app.hang_timeout + Duration::from_secs(5)
+    }
+
+    /// Moves the isolated chat back to the regular workers once it has gone
+    /// `isolation_limit` without progress and without a death.
+    fn release_slow_isolated(&mut self) {
+        let limit = self.isolation_limit();
+        let slow = self
+            .quarantine
+            .current()
+            .filter(|key| {
+                self.scopes
+                    .get(*key)
+                    .is_some_and(|e| e.isolated && e.last_progress.elapsed() >= limit)
+            })
+            .cloned();
+        if let Some(key) = slow {
+            log::warn!(
+                "scope={key} ran {:.0}s alone on the isolation worker without killing it; taken to be innocent and moved back",
+                limit.as_secs_f64()
+            );
+            self.close(&key, MOVED);
+        }
+    }
+
     /// Logs, once per stall, scopes whose app stopped receiving.
     fn report_stalls(&mut self) {
         let limit = self.settings.scopes.stall_warning;
@@ -940,6 +970,9 @@ impl Actor for Supervisor {
         let stall_tick = (self.settings.scopes.stall_warning / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         ctx.run_interval(stall_tick, |act, _| act.report_stalls());
+        let isolation_tick = (self.isolation_limit() / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        ctx.run_interval(isolation_tick, |act, _| act.release_slow_isolated());
         ctx.run_interval(METRICS_TICK, |act, _| act.publish_metrics());
     }
 }

@@ -2,7 +2,8 @@
 A text "poison" kills this worker while its update is in hand, the way
 $POISON says: "exit" (os._exit), "hang" (blocks the event loop), "garbage"
 (writes a corrupt frame to the channel), "fork" (forks a child that lingers,
-then the worker exits). Every other chat on the worker is innocent."""
+then the worker exits). Every other chat on the worker is innocent. A text
+"slow" makes its handler await for an hour without blocking anything."""
 import os
 import time
 
@@ -39,6 +40,8 @@ async def app(scope, receive, send):
         text = event.get("text", "")
         if text == "poison":
             poison()
+        if text == "slow":
+            await asyncio.sleep(3600)
         if DELAY:
             await asyncio.sleep(DELAY)
         await send({"type": "telegram.send_message", "text": text})
