@@ -172,7 +172,10 @@ fn a_slow_suspect_does_not_hold_back_the_other_suspects() {
         &record,
         1,
         "",
-        &[("ASGIGRAM_APP__HANG_TIMEOUT", "1"), ("RECORD_DELAY", "0.01")],
+        &[
+            ("ASGIGRAM_APP__HANG_TIMEOUT", "1"),
+            ("RECORD_DELAY", "0.01"),
+        ],
     );
     assert!(d.wait_log("Polling Telegram"), "{}", d.log());
     sb.inject_text(800, "slow");
@@ -185,10 +188,18 @@ fn a_slow_suspect_does_not_hold_back_the_other_suspects() {
     let poison = burst(&sb, &chats, 4, &HashMap::from([(801, 1)]));
     assert_all_answered_in_order(&sb, &chats, 4, &d);
     let log = d.log();
-    assert!(log.contains(&format!("update={} dropped", poison[0])), "{}", tail(&log));
+    assert!(
+        log.contains(&format!("update={} dropped", poison[0])),
+        "{}",
+        tail(&log)
+    );
     assert_eq!(count(&log, " dropped: "), 1, "{}", tail(&log));
     assert!(d.wait_log("scope=chat:800 ran"), "{}", tail(&d.log()));
-    assert!(d.log().contains("taken to be innocent"), "{}", tail(&d.log()));
+    assert!(
+        d.log().contains("taken to be innocent"),
+        "{}",
+        tail(&d.log())
+    );
 }
 
 /// The pids of the daemon's worker processes (its children), from /proc.
@@ -365,7 +376,11 @@ fn instances_left_when_the_workers_stop_are_not_logged_one_by_one() {
     assert_all_answered_in_order(&sb, &chats, 1, &d);
     let (_, log) = d.stop();
     assert_eq!(count(&log, "worker lost"), 0, "{}", tail(&log));
-    assert!(count(&log, "cancelled after the grace period") <= 2, "{}", tail(&log));
+    assert!(
+        count(&log, "cancelled after the grace period") <= 2,
+        "{}",
+        tail(&log)
+    );
     assert_eq!(count(&log, "Broken pipe"), 0, "{}", tail(&log));
 }
 

@@ -39,6 +39,10 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+mod pending;
+
+use pending::PendingEvents;
+
 use crate::actors::outbox::{Done, Outbox};
 use crate::actors::quarantine::{Quarantine, Verdict, ISOLATED_DEATHS};
 use crate::actors::scope::{
@@ -117,20 +121,6 @@ struct Closing {
     isolated: bool,
 }
 
-/// Events for a key that has no live scope, oldest first.
-struct Pending {
-    /// The scope's Chat or User object, encoded, for its next scope dict.
-    subject: Box<RawValue>,
-    events: VecDeque<Value>,
-    /// Events sent to a scope that stopped by itself before it took them;
-    /// they come back (`Bounced`) and go in at `bounce_at`, ahead of newer
-    /// ones. The key waits for them.
-    bounces: u64,
-    bounce_at: usize,
-    /// In `Supervisor::admit`.
-    queued: bool,
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
     /// One of the `app.workers`.
@@ -191,7 +181,7 @@ pub struct Supervisor {
     /// Keys whose closing scope has not stopped yet: scope_id.
     closing_keys: HashMap<ScopeKey, u64>,
     next_scope_id: u64,
-    pending: HashMap<ScopeKey, Pending>,
+    pending: PendingEvents,
     /// Keys with pending events that wait for a worker or for room, in the
     /// order they began to wait.
     admit: VecDeque<ScopeKey>,
@@ -237,7 +227,7 @@ impl Supervisor {
             closing: HashMap::new(),
             closing_keys: HashMap::new(),
             next_scope_id: 1,
-            pending: HashMap::new(),
+            pending: PendingEvents::default(),
             admit: VecDeque::new(),
             idle: BTreeMap::new(),
             next_tick: 0,
@@ -372,21 +362,7 @@ impl Supervisor {
             entry.addr.do_send(Enqueue(events));
             return;
         }
-        match self.pending.get_mut(&key) {
-            Some(p) => p.events.extend(events),
-            None => {
-                self.pending.insert(
-                    key.clone(),
-                    Pending {
-                        subject: subject(),
-                        events: events.into(),
-                        bounces: 0,
-                        bounce_at: 0,
-                        queued: false,
-                    },
-                );
-            }
-        }
+        self.pending.push(&key, subject, events);
         self.try_start(&key);
     }
 
@@ -396,7 +372,7 @@ impl Supervisor {
         self.closing_keys.contains_key(key)
             || self.scopes.contains_key(key)
             || self.quarantine.holds(key)
-            || self.pending.get(key).is_some_and(|p| p.bounces > 0)
+            || self.pending.awaits_bounces(key)
     }
 
     fn live_scopes(&self) -> usize {
@@ -410,7 +386,7 @@ impl Supervisor {
     /// Starts a scope for `key`'s pending events if nothing holds them, else
     /// leaves them to whatever does.
     fn try_start(&mut self, key: &ScopeKey) {
-        if self.shutting_down || !self.pending.contains_key(key) || self.blocked(key) {
+        if self.shutting_down || !self.pending.contains(key) || self.blocked(key) {
             return;
         }
         match self.pick_worker() {
@@ -491,7 +467,7 @@ impl Supervisor {
 
     /// A scope on `worker` for `key`, given all its pending events.
     fn start_scope(&mut self, key: &ScopeKey, worker: usize, isolated: bool) {
-        let Some(p) = self.pending.remove(key) else {
+        let Some(p) = self.pending.take(key) else {
             return;
         };
         let Some(links) = self.workers[worker].links.clone() else {
@@ -715,46 +691,11 @@ impl Supervisor {
             self.quarantine.suspect(key.clone());
             self.count_suspect(ctx);
         }
-        self.hand_back(&key, subject, leftover, bounces);
+        self.pending.hand_back(&key, subject, leftover, bounces);
         self.try_start(&key);
         self.pump_isolation(ctx);
         self.admit_waiting();
         self.check_closed();
-    }
-
-    /// Puts a stopped scope's leftovers in front of the key's pending events.
-    fn hand_back(
-        &mut self,
-        key: &ScopeKey,
-        subject: Box<RawValue>,
-        leftover: Vec<Value>,
-        bounces: u64,
-    ) {
-        if leftover.is_empty() && bounces == 0 {
-            return;
-        }
-        let n = leftover.len();
-        match self.pending.get_mut(key) {
-            Some(p) => {
-                for event in leftover.into_iter().rev() {
-                    p.events.push_front(event);
-                }
-                p.bounces += bounces;
-                p.bounce_at = n;
-            }
-            None => {
-                self.pending.insert(
-                    key.clone(),
-                    Pending {
-                        subject,
-                        events: leftover.into(),
-                        bounces,
-                        bounce_at: n,
-                        queued: false,
-                    },
-                );
-            }
-        }
     }
 
     /// Events that reached a scope after it stopped by itself.
@@ -762,22 +703,14 @@ impl Supervisor {
         if self.shutting_down {
             return;
         }
-        let Some(p) = self.pending.get_mut(key) else {
-            log::error!(
-                "scope={key} {} bounced event(s) with nowhere to go; dropped",
-                events.len()
-            );
-            return;
-        };
         let n = events.len();
-        for (i, event) in events.into_iter().enumerate() {
-            p.events.insert(p.bounce_at + i, event);
-        }
-        p.bounce_at += n;
-        p.bounces = p.bounces.saturating_sub(n as u64);
-        if p.bounces == 0 {
-            self.try_start(key);
-            self.pump_isolation(ctx);
+        match self.pending.bounced(key, events) {
+            None => log::error!("scope={key} {n} bounced event(s) with nowhere to go; dropped"),
+            Some(true) => {
+                self.try_start(key);
+                self.pump_isolation(ctx);
+            }
+            Some(false) => {}
         }
     }
 
@@ -882,7 +815,8 @@ impl Supervisor {
             let Some(key) = self.quarantine.next().cloned() else {
                 return;
             };
-            let startable = self.pending.get(&key).is_some_and(|p| p.bounces == 0)
+            let startable = self.pending.contains(&key)
+                && !self.pending.awaits_bounces(&key)
                 && !self.closing_keys.contains_key(&key)
                 && !self.scopes.contains_key(&key);
             if startable {
@@ -890,7 +824,7 @@ impl Supervisor {
                 self.start_scope(&key, index, true);
                 return;
             }
-            if !self.pending.contains_key(&key)
+            if !self.pending.contains(&key)
                 && !self.closing_keys.contains_key(&key)
                 && !self.scopes.contains_key(&key)
             {
@@ -970,8 +904,8 @@ impl Actor for Supervisor {
         let stall_tick = (self.settings.scopes.stall_warning / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(5));
         ctx.run_interval(stall_tick, |act, _| act.report_stalls());
-        let isolation_tick = (self.isolation_limit() / 4)
-            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let isolation_tick =
+            (self.isolation_limit() / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         ctx.run_interval(isolation_tick, |act, _| act.release_slow_isolated());
         ctx.run_interval(METRICS_TICK, |act, _| act.publish_metrics());
     }
