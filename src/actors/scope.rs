@@ -35,7 +35,7 @@ use serde_json::{json, Map, Value};
 use crate::actors::outbox::{Done, Outbox};
 use crate::actors::sender::{Call, CallDone, Cause, ReplyTo};
 use crate::actors::worker::{Attach, Death, InstanceMsg, Worker, Write};
-use crate::bridge::{ScopeDict, Sid, ToWorker};
+use crate::bridge::{Outgoing, ScopeDict, Sid, ToWorker};
 use crate::methods;
 use crate::routing::{Lane, ScopeKey};
 
@@ -334,43 +334,10 @@ impl ScopeActor {
 
     /// Turns an outgoing application event into a Bot API call.
     fn outgoing(&mut self, event: Value, ctx: &mut Context<Self>) {
-        let Value::Object(mut event) = event else {
-            log::warn!("scope={} app sent a non-object event; skipped", self.key);
-            return;
-        };
-        let kind = event.remove("type");
-        let request_id = event.remove("request_id");
-        let (method, mut params) = match kind.as_ref().and_then(Value::as_str) {
-            Some("telegram.send_message") => ("sendMessage".to_string(), event),
-            Some("telegram.api") => {
-                let method = match event.remove("method") {
-                    Some(Value::String(m)) if !m.is_empty() => m,
-                    _ => {
-                        log::warn!(
-                            "scope={} telegram.api event without a method; skipped",
-                            self.key
-                        );
-                        return;
-                    }
-                };
-                let params = match event.remove("params") {
-                    Some(Value::Object(p)) => p,
-                    None | Some(Value::Null) => Map::new(),
-                    Some(_) => {
-                        log::warn!(
-                            "scope={} telegram.api params is not an object; skipped",
-                            self.key
-                        );
-                        return;
-                    }
-                };
-                (method, params)
-            }
-            other => {
-                log::warn!(
-                    "scope={} app sent an event of unknown type {other:?}; skipped",
-                    self.key
-                );
+        let (method, mut params, request_id) = match Outgoing::parse(event) {
+            Ok(out) => out.into_call(),
+            Err(e) => {
+                log::warn!("scope={} {e}; skipped", self.key);
                 return;
             }
         };

@@ -69,12 +69,12 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use crate::actors::outbox::Sent;
 use crate::actors::worker::{Worker, Write};
 use crate::backoff::Backoff;
+use crate::bridge::ToWorker;
 use crate::limits::{message_cost, Cost, Pacer, Ticket};
 use crate::settings::{AmbiguousPolicy, SenderSettings};
 use crate::telegram::{Bot, TelegramError};
@@ -606,22 +606,23 @@ impl Sender {
             return;
         };
         self.workers.retain(Addr::connected);
-        let frame: &'static [u8] = if pause {
+        let frame = if pause {
             log::warn!(
                 "sender queue full queued={} limit={}; pausing the apps' send()",
                 self.core.queued(),
                 self.settings.queue_limit
             );
-            br#"{"op":"pause"}"#
+            ToWorker::Pause
         } else {
             log::info!(
                 "sender queue drained queued={}; resuming the apps' send()",
                 self.core.queued()
             );
-            br#"{"op":"resume"}"#
-        };
+            ToWorker::Resume
+        }
+        .encode();
         for w in &self.workers {
-            w.do_send(Write(Bytes::from_static(frame)));
+            w.do_send(Write(frame.clone()));
         }
     }
 
@@ -718,7 +719,7 @@ impl Handler<Call> for Sender {
             if self.workers.insert(worker.clone()) && self.core.is_paused() {
                 // A worker seen for the first time while paused (e.g. one
                 // restarted meanwhile) must pause too.
-                worker.do_send(Write(Bytes::from_static(br#"{"op":"pause"}"#)));
+                worker.do_send(Write(ToWorker::Pause.encode()));
             }
         }
         self.core.push(call, Instant::now());

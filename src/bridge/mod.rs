@@ -59,6 +59,11 @@ pub enum ToWorker<'a> {
     Shutdown {
         grace: f64,
     },
+    /// Backpressure: the Sender holds more calls than it may queue, so every
+    /// instance's `send()` waits until [`ToWorker::Resume`].
+    Pause,
+    /// The Sender's queue has drained enough for waiting `send()`s to go on.
+    Resume,
 }
 
 /// The scope dict an instance starts with (docs/protocol.md; the worker adds
@@ -166,6 +171,89 @@ impl FromWorker {
             let shown = String::from_utf8_lossy(&frame[..frame.len().min(120)]).into_owned();
             ChannelError::Malformed(format!("{e} in {shown:?}"))
         })
+    }
+}
+
+/// What an application instance asked for with `send(event)`, parsed from the
+/// event once, here, so the rest of the daemon never looks at its strings.
+#[derive(Debug, PartialEq)]
+pub enum Outgoing {
+    /// `telegram.send_message`: the event's other keys are the parameters.
+    SendMessage {
+        params: Map<String, Value>,
+        request_id: Option<Value>,
+    },
+    /// `telegram.api`: any Bot API method.
+    Api {
+        method: String,
+        params: Map<String, Value>,
+        request_id: Option<Value>,
+    },
+}
+
+/// An outgoing event the daemon cannot turn into a call. The bridge validates
+/// events before it sends them, so this is a second line of defence; the
+/// texts are what the scope logs before it skips the event.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum OutgoingError {
+    #[error("app sent a non-object event")]
+    NotAnObject,
+    #[error("telegram.api event without a method")]
+    NoMethod,
+    #[error("telegram.api params is not an object")]
+    ParamsNotAnObject,
+    /// `None` when `type` is missing or not a string.
+    #[error("app sent an event of unknown type {0:?}")]
+    UnknownType(Option<String>),
+}
+
+impl Outgoing {
+    pub fn parse(event: Value) -> Result<Outgoing, OutgoingError> {
+        let Value::Object(mut event) = event else {
+            return Err(OutgoingError::NotAnObject);
+        };
+        let kind = event.remove("type");
+        // Taken whatever its value: it goes back verbatim, and the bridge
+        // only lets a str or an int through.
+        let request_id = event.remove("request_id");
+        match kind.as_ref().and_then(Value::as_str) {
+            Some("telegram.send_message") => Ok(Outgoing::SendMessage {
+                params: event,
+                request_id,
+            }),
+            Some("telegram.api") => {
+                let method = match event.remove("method") {
+                    Some(Value::String(m)) if !m.is_empty() => m,
+                    _ => return Err(OutgoingError::NoMethod),
+                };
+                let params = match event.remove("params") {
+                    Some(Value::Object(p)) => p,
+                    None | Some(Value::Null) => Map::new(),
+                    Some(_) => return Err(OutgoingError::ParamsNotAnObject),
+                };
+                Ok(Outgoing::Api {
+                    method,
+                    params,
+                    request_id,
+                })
+            }
+            other => Err(OutgoingError::UnknownType(other.map(str::to_owned))),
+        }
+    }
+
+    /// The Bot API method, its parameters, and the `request_id` the outcome
+    /// goes back with when the app asked for it.
+    pub fn into_call(self) -> (String, Map<String, Value>, Option<Value>) {
+        match self {
+            Outgoing::SendMessage { params, request_id } => {
+                ("sendMessage".to_string(), params, request_id)
+            }
+            Outgoing::Api {
+                method,
+                params,
+                request_id,
+            } => (method, params, request_id),
+        }
     }
 }
 
@@ -329,5 +417,154 @@ mod tests {
         ] {
             assert!(FromWorker::decode(bad).is_err());
         }
+    }
+
+    #[test]
+    fn pause_and_resume_are_the_bare_op() {
+        // The bytes docs/worker-protocol.md specifies, exactly.
+        assert_eq!(&ToWorker::Pause.encode()[..], br#"{"op":"pause"}"#);
+        assert_eq!(&ToWorker::Resume.encode()[..], br#"{"op":"resume"}"#);
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            other => panic!("test literal is not an object: {other}"),
+        }
+    }
+
+    #[test]
+    fn send_message_takes_the_other_keys_as_params() {
+        let out = Outgoing::parse(json!({
+            "type": "telegram.send_message", "text": "hi", "chat_id": 7, "request_id": 3
+        }))
+        .unwrap();
+        assert_eq!(
+            out,
+            Outgoing::SendMessage {
+                params: obj(json!({"text": "hi", "chat_id": 7})),
+                request_id: Some(json!(3)),
+            }
+        );
+        assert_eq!(
+            out.into_call(),
+            (
+                "sendMessage".to_string(),
+                obj(json!({"text": "hi", "chat_id": 7})),
+                Some(json!(3))
+            )
+        );
+        let out = Outgoing::parse(json!({"type": "telegram.send_message", "text": "x"})).unwrap();
+        assert_eq!(
+            out,
+            Outgoing::SendMessage {
+                params: obj(json!({"text": "x"})),
+                request_id: None,
+            }
+        );
+    }
+
+    #[test]
+    fn api_takes_method_and_params() {
+        let out = Outgoing::parse(json!({
+            "type": "telegram.api", "method": "sendDice",
+            "params": {"emoji": "🎲"}, "request_id": "r1", "ignored": true
+        }))
+        .unwrap();
+        assert_eq!(
+            out,
+            Outgoing::Api {
+                method: "sendDice".into(),
+                params: obj(json!({"emoji": "🎲"})),
+                request_id: Some(json!("r1")),
+            }
+        );
+        assert_eq!(
+            out.into_call(),
+            (
+                "sendDice".to_string(),
+                obj(json!({"emoji": "🎲"})),
+                Some(json!("r1"))
+            )
+        );
+        // Missing or null params mean a call without parameters.
+        for event in [
+            json!({"type": "telegram.api", "method": "getMe"}),
+            json!({"type": "telegram.api", "method": "getMe", "params": null}),
+        ] {
+            assert_eq!(
+                Outgoing::parse(event).unwrap(),
+                Outgoing::Api {
+                    method: "getMe".into(),
+                    params: Map::new(),
+                    request_id: None,
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_events_are_errors() {
+        for event in [json!([1]), json!("telegram.api"), json!(null), json!(5)] {
+            assert_eq!(Outgoing::parse(event), Err(OutgoingError::NotAnObject));
+        }
+        for event in [
+            json!({"type": "telegram.api"}),
+            json!({"type": "telegram.api", "method": ""}),
+            json!({"type": "telegram.api", "method": 5, "params": {}}),
+            json!({"type": "telegram.api", "method": null}),
+            // The method is looked at before the params.
+            json!({"type": "telegram.api", "params": []}),
+        ] {
+            assert_eq!(Outgoing::parse(event), Err(OutgoingError::NoMethod));
+        }
+        for params in [json!([]), json!("a=1"), json!(1), json!(false)] {
+            let event = json!({"type": "telegram.api", "method": "getMe", "params": params});
+            assert_eq!(
+                Outgoing::parse(event),
+                Err(OutgoingError::ParamsNotAnObject)
+            );
+        }
+        assert_eq!(
+            Outgoing::parse(json!({"type": "telegram.nope"})),
+            Err(OutgoingError::UnknownType(Some("telegram.nope".into())))
+        );
+        for event in [
+            json!({}),
+            json!({"type": 5}),
+            json!({"type": null, "text": "x"}),
+        ] {
+            assert_eq!(
+                Outgoing::parse(event),
+                Err(OutgoingError::UnknownType(None))
+            );
+        }
+    }
+
+    #[test]
+    fn outgoing_errors_read_as_the_scope_logged_them() {
+        // The scope logs "scope=... {error}; skipped"; these are the texts it
+        // wrote before the parsing moved here.
+        let text = |e: OutgoingError| e.to_string();
+        assert_eq!(
+            text(OutgoingError::NotAnObject),
+            "app sent a non-object event"
+        );
+        assert_eq!(
+            text(OutgoingError::NoMethod),
+            "telegram.api event without a method"
+        );
+        assert_eq!(
+            text(OutgoingError::ParamsNotAnObject),
+            "telegram.api params is not an object"
+        );
+        assert_eq!(
+            text(OutgoingError::UnknownType(Some("telegram.nope".into()))),
+            r#"app sent an event of unknown type Some("telegram.nope")"#
+        );
+        assert_eq!(
+            text(OutgoingError::UnknownType(None)),
+            "app sent an event of unknown type None"
+        );
     }
 }
