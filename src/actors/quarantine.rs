@@ -77,7 +77,7 @@ impl Quarantine {
     }
 
     /// Makes the next waiting chat the isolated one, unless one is already.
-    pub fn next(&mut self) -> Option<&ScopeKey> {
+    pub fn take_turn(&mut self) -> Option<&ScopeKey> {
         if self.current.is_none() {
             let key = self.waiting.pop_front()?;
             self.current = Some(Current { key, strikes: None });
@@ -144,23 +144,23 @@ mod tests {
         q.suspect(chat(2));
         q.suspect(chat(1));
         assert_eq!(q.len(), 2);
-        assert_eq!(q.next(), Some(&chat(1)));
+        assert_eq!(q.take_turn(), Some(&chat(1)));
         // Still chat 1 until it is released.
-        assert_eq!(q.next(), Some(&chat(1)));
+        assert_eq!(q.take_turn(), Some(&chat(1)));
         assert!(q.holds(&chat(2)));
         assert_eq!(q.release(), Some(chat(1)));
         assert!(!q.holds(&chat(1)));
-        assert_eq!(q.next(), Some(&chat(2)));
+        assert_eq!(q.take_turn(), Some(&chat(2)));
         assert_eq!(q.release(), Some(chat(2)));
         assert!(q.is_empty());
-        assert_eq!(q.next(), None);
+        assert_eq!(q.take_turn(), None);
     }
 
     #[test]
     fn only_an_update_in_hand_at_consecutive_isolated_deaths_is_dropped() {
         let mut q = Quarantine::default();
         q.suspect(chat(1));
-        q.next();
+        q.take_turn();
         assert_eq!(q.died(Some(10)), Verdict::Retry);
         // Another update in hand resets the count: 10 was not to blame alone.
         assert_eq!(q.died(Some(11)), Verdict::Retry);
@@ -175,10 +175,10 @@ mod tests {
         let mut q = Quarantine::default();
         q.suspect(chat(1));
         q.suspect(chat(2));
-        q.next();
+        q.take_turn();
         for _ in 0..10 {
             assert_eq!(q.died(None), Verdict::Retry);
-            q.next();
+            q.take_turn();
         }
         // Turns alternate; both chats are still held, nothing was dropped.
         assert!(q.holds(&chat(1)) && q.holds(&chat(2)));

@@ -812,7 +812,7 @@ impl Supervisor {
         let mut tries = self.quarantine.len();
         while tries > 0 {
             tries -= 1;
-            let Some(key) = self.quarantine.next().cloned() else {
+            let Some(key) = self.quarantine.take_turn().cloned() else {
                 return;
             };
             let startable = self.pending.contains(&key)
