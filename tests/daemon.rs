@@ -274,7 +274,10 @@ fn the_original_command_line_form_works_with_the_cwd_on_sys_path() {
 #[test]
 fn sandbox_chat_with_piped_input_prints_the_replies_and_exits() {
     // The README's quick start, from the repository root.
-    sandbox_chat_echoes(Path::new(env!("CARGO_MANIFEST_DIR")), "config/asgigram.toml");
+    sandbox_chat_echoes(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        "config/asgigram.toml",
+    );
 }
 
 #[test]
@@ -282,8 +285,8 @@ fn example_config_finds_its_app_from_any_working_directory() {
     // The example app lives in examples/, named by a relative app_dir that is
     // resolved against the config file, not the working directory.
     let elsewhere = tempfile::tempdir().expect("temp dir");
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/asgigram.toml");
-    sandbox_chat_echoes(elsewhere.path(), config.to_str().expect("UTF-8 checkout path"));
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/asgigram.toml");
+    sandbox_chat_echoes(elsewhere.path(), config);
 }
 
 fn sandbox_chat_echoes(cwd: &Path, config: &str) {
