@@ -5,7 +5,7 @@
 #       -v "$PWD/mybot:/app:ro" -v "$PWD/asgigram.toml:/etc/asgigram/asgigram.toml:ro" \
 #       -v asgigram-state:/var/lib/asgigram asgigramd
 #
-# The image runs the example echo bot (config/echo.py) when no config is
+# The image runs the example echo bot (examples/echo.py) when no config is
 # mounted. Python packages your app needs: build FROM this image and
 # `pip install` them as root, or mount a virtualenv and set app.python.
 # docs/deployment.md has docker run, compose and Kubernetes examples.
@@ -43,7 +43,7 @@ RUN apt-get update \
     && chown asgigram /var/lib/asgigram
 COPY --from=build /src/target/release/asgigramd /usr/local/bin/asgigramd
 # The example bot and its config, as a working default.
-COPY config/echo.py /app/echo.py
+COPY examples/echo.py /app/echo.py
 COPY config/asgigram.toml /etc/asgigram/asgigram.toml
 ENV ASGIGRAM_APP__APP_DIR=/app \
     ASGIGRAM_JOURNAL__DIR=/var/lib/asgigram \

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -272,9 +273,26 @@ fn the_original_command_line_form_works_with_the_cwd_on_sys_path() {
 
 #[test]
 fn sandbox_chat_with_piped_input_prints_the_replies_and_exits() {
+    // The README's quick start, from the repository root.
+    sandbox_chat_echoes(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        "config/asgigram.toml",
+    );
+}
+
+#[test]
+fn example_config_finds_its_app_from_any_working_directory() {
+    // The example app lives in examples/, named by a relative app_dir that is
+    // resolved against the config file, not the working directory.
+    let elsewhere = tempfile::tempdir().expect("temp dir");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/config/asgigram.toml");
+    sandbox_chat_echoes(elsewhere.path(), config);
+}
+
+fn sandbox_chat_echoes(cwd: &Path, config: &str) {
     let mut child = Command::new(binary())
-        .args(["--sandbox", "--config", "config/asgigram.toml"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["--sandbox", "--config", config])
+        .current_dir(cwd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

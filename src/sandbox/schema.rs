@@ -2,8 +2,8 @@
 //! type's fields.
 //!
 //! `schema.json` is generated from the scraped documentation by
-//! `gen_schema.py` (see its docstring) and embedded in the binary, so the
-//! sandbox needs no file at run time.
+//! `tools/gen_sandbox_schema.py` (see its docstring) and embedded in the
+//! binary, so the sandbox needs no file at run time.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

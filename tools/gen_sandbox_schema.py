@@ -4,13 +4,16 @@
 The sandbox answers every Bot API method with a plausible result, checks
 required parameters and converts form values to the JSON types Telegram reads
 them as. It needs, for each method, its parameters and its return type, and
-for each type, its fields. The scraped documentation (botapi-schema.json, see
-shared/reference/README.md) holds all that plus prose and HTML we do not need;
-this script keeps only the useful part so the crate stays self-contained.
+for each type, its fields. The scraped documentation (tools/botapi-schema.json,
+see tools/README.md) holds all that plus prose and HTML we do not need; this
+script keeps only the useful part, which the binary embeds.
 
-Usage (stdlib only):
+Usage (stdlib only; the input defaults to botapi-schema.json next to this
+script, another schema can be named as the one argument):
 
-    python3 src/sandbox/gen_schema.py path/to/botapi-schema.json > src/sandbox/schema.json
+    python3 tools/gen_sandbox_schema.py > src/sandbox/schema.json
+
+tests/generated.rs checks that the committed output is what this script writes.
 
 Output layout (keys sorted, one method or type per line, so that diffs of
 regenerations are readable):
@@ -31,9 +34,13 @@ recovered from the prose ("On success, the sent Message is returned") as a
 type expression: "True", "Message or True", "Array of MessageId", ...
 """
 
+import io
 import json
+import os
 import re
 import sys
+
+DEFAULT_INPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "botapi-schema.json")
 
 PRIMITIVES = {"True", "Boolean", "Integer", "String", "Float"}
 
@@ -72,7 +79,7 @@ def one_of(description, type_names):
 
 
 def main():
-    path = sys.argv[1] if len(sys.argv) > 1 else "../shared/reference/botapi-schema.json"
+    path = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_INPUT
     with open(path, encoding="utf-8") as handle:
         schema = json.load(handle)
     children = [child for item in schema["items"] for child in item["children"]]
@@ -115,7 +122,11 @@ def main():
         "types": types,
         "update_types": update_types,
     }
-    write_by_line(out, sys.stdout)
+    # UTF-8 with \n line ends whatever the locale and platform, so the output
+    # is the same bytes everywhere.
+    stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n")
+    write_by_line(out, stream)
+    stream.flush()
 
 
 def write_by_line(out, stream):
