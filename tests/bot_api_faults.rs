@@ -123,20 +123,27 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-#[actix_rt::test]
-async fn a_sent_call_whose_body_stalls_fails_after_response_timeout_as_unknown() {
+/// One sendMessage whose answer's body stalls for good, with a 1 s
+/// `response_timeout` and `policy`; waits for its outcome.
+async fn a_stalled_call(policy: AmbiguousPolicy) -> (Sandbox, Rc<RefCell<Vec<CallDone>>>) {
     let sb = sandbox();
     sb.set_faults(FaultPlan::scripted(vec![Fault::StallBody(FOREVER)]).only(&["sendMessage"]));
     let (s, to, done) = sender(
         &sb,
         SenderSettings {
             response_timeout: Duration::from_secs(1),
-            ambiguous: AmbiguousPolicy::Fail,
+            ambiguous: policy,
             ..SenderSettings::default()
         },
     );
     s.do_send(message("stalled", &to));
     until("the stalled call's outcome", || !done.borrow().is_empty()).await;
+    (sb, done)
+}
+
+#[actix_rt::test]
+async fn a_sent_call_whose_body_stalls_fails_after_response_timeout_as_unknown() {
+    let (sb, done) = a_stalled_call(AmbiguousPolicy::Fail).await;
     let outcome = &done.borrow()[0].outcome;
     let Err(envelope) = outcome else {
         panic!("the stalled call succeeded: {outcome:?}")
@@ -151,18 +158,7 @@ async fn a_sent_call_whose_body_stalls_fails_after_response_timeout_as_unknown()
 
 #[actix_rt::test]
 async fn a_sent_call_whose_body_stalls_is_retried_under_the_retry_policy() {
-    let sb = sandbox();
-    sb.set_faults(FaultPlan::scripted(vec![Fault::StallBody(FOREVER)]).only(&["sendMessage"]));
-    let (s, to, done) = sender(
-        &sb,
-        SenderSettings {
-            response_timeout: Duration::from_secs(1),
-            ambiguous: AmbiguousPolicy::Retry,
-            ..SenderSettings::default()
-        },
-    );
-    s.do_send(message("stalled", &to));
-    until("the retried call's outcome", || !done.borrow().is_empty()).await;
+    let (sb, done) = a_stalled_call(AmbiguousPolicy::Retry).await;
     assert!(done.borrow()[0].outcome.is_ok());
     // The first attempt executed before its answer stalled: a duplicate,
     // which is what "retry" accepts rather than losing the message.

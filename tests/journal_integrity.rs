@@ -173,21 +173,21 @@ fn assert_reset(sb: &Sandbox, state: &Path, files: &[(PathBuf, Vec<u8>)]) {
 
 #[test]
 fn a_zeroed_wal_stops_the_daemon_and_reset_journal_keeps_a_copy() {
-    let sb = sandbox();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let state = dir.path().join("state");
-    let db = fill(&sb, &state, End::Kill9);
-    let wal = wal_of(&db);
-    let len = fs::metadata(&wal).expect("kill -9 leaves the WAL").len();
-    assert!(len > 0, "the updates are in the WAL");
-    fs::write(&wal, vec![0u8; len as usize]).expect("WAL zeroed");
-    let files = snapshot(&db);
-    assert_refused(&sb, &state, &files, "WAL");
-    assert_reset(&sb, &state, &files);
+    a_damaged_wal_stops_the_daemon_and_reset_journal_keeps_a_copy(|len| vec![0u8; len]);
 }
 
 #[test]
 fn a_wal_of_random_bytes_stops_the_daemon_and_reset_journal_keeps_a_copy() {
+    a_damaged_wal_stops_the_daemon_and_reset_journal_keeps_a_copy(|len| {
+        (0..len).map(|_| fastrand::u8(..)).collect()
+    });
+}
+
+/// The WAL a kill -9 left, holding the updates, is overwritten with
+/// `damage(its length)`.
+fn a_damaged_wal_stops_the_daemon_and_reset_journal_keeps_a_copy(
+    damage: impl Fn(usize) -> Vec<u8>,
+) {
     let sb = sandbox();
     let dir = tempfile::tempdir().expect("temp dir");
     let state = dir.path().join("state");
@@ -195,8 +195,7 @@ fn a_wal_of_random_bytes_stops_the_daemon_and_reset_journal_keeps_a_copy() {
     let wal = wal_of(&db);
     let len = fs::metadata(&wal).expect("kill -9 leaves the WAL").len();
     assert!(len > 0, "the updates are in the WAL");
-    let noise: Vec<u8> = (0..len).map(|_| fastrand::u8(..)).collect();
-    fs::write(&wal, noise).expect("WAL overwritten");
+    fs::write(&wal, damage(len as usize)).expect("WAL overwritten");
     let files = snapshot(&db);
     assert_refused(&sb, &state, &files, "WAL");
     assert_reset(&sb, &state, &files);
