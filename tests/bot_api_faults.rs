@@ -60,21 +60,6 @@ fn a_get_updates_answer_whose_body_stalls_is_given_up_and_polling_goes_on() {
     assert_eq!(timed_out.len(), 1, "one line for the stalled poll:\n{log}");
 }
 
-/// Collects the outcomes the Sender reports.
-#[derive(Default)]
-struct Collector(Rc<RefCell<Vec<CallDone>>>);
-
-impl Actor for Collector {
-    type Context = Context<Self>;
-}
-
-impl Handler<CallDone> for Collector {
-    type Result = ();
-    fn handle(&mut self, msg: CallDone, _: &mut Context<Self>) {
-        self.0.borrow_mut().push(msg);
-    }
-}
-
 /// A Sender on `sb` (limits off) and where its outcomes go.
 fn sender(
     sb: &Sandbox,
@@ -94,9 +79,8 @@ fn sender(
         limits: Limits::off(),
         ..settings
     };
-    let done = Rc::new(RefCell::new(Vec::new()));
-    let collector = Collector(done.clone()).start().recipient();
-    (Sender::new(bot, settings, None).start(), collector, done)
+    let (to, done) = collector();
+    (Sender::new(bot, settings, None).start(), to, done)
 }
 
 fn message(text: &str, to: &Recipient<CallDone>) -> Call {

@@ -2,8 +2,6 @@
 //! migrations and final errors. Waits poll with generous deadlines; nothing
 //! depends on how fast the machine is.
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -15,6 +13,7 @@ use asgigramd::telegram::Bot;
 use serde_json::{json, Map, Value};
 
 mod common;
+use common::collector;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -56,27 +55,6 @@ fn message(chat: i64, text: &str) -> Call {
         params(json!({"chat_id": chat, "text": text})),
         None,
     )
-}
-
-/// Collects `CallDone`s.
-#[derive(Default)]
-struct Collector(Rc<RefCell<Vec<CallDone>>>);
-
-impl Actor for Collector {
-    type Context = Context<Self>;
-}
-
-impl Handler<CallDone> for Collector {
-    type Result = ();
-    fn handle(&mut self, msg: CallDone, _: &mut Context<Self>) {
-        self.0.borrow_mut().push(msg);
-    }
-}
-
-fn collector() -> (Recipient<CallDone>, Rc<RefCell<Vec<CallDone>>>) {
-    let done = Rc::new(RefCell::new(Vec::new()));
-    let addr = Collector(done.clone()).start();
-    (addr.recipient(), done)
 }
 
 fn asking(mut call: Call, to: &Recipient<CallDone>, id: i64) -> Call {

@@ -244,3 +244,30 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// Collects the `CallDone`s a Sender reports (tests that drive the actor
+/// system directly).
+struct Collector(std::rc::Rc<std::cell::RefCell<Vec<asgigramd::actors::sender::CallDone>>>);
+
+impl actix::Actor for Collector {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<asgigramd::actors::sender::CallDone> for Collector {
+    type Result = ();
+    fn handle(&mut self, msg: asgigramd::actors::sender::CallDone, _: &mut actix::Context<Self>) {
+        self.0.borrow_mut().push(msg);
+    }
+}
+
+/// Where to send outcomes, and what arrived there. Must run inside an actix
+/// System.
+pub fn collector() -> (
+    actix::Recipient<asgigramd::actors::sender::CallDone>,
+    std::rc::Rc<std::cell::RefCell<Vec<asgigramd::actors::sender::CallDone>>>,
+) {
+    use actix::Actor;
+    let done = std::rc::Rc::default();
+    let addr = Collector(std::rc::Rc::clone(&done)).start();
+    (addr.recipient(), done)
+}
