@@ -77,7 +77,7 @@ use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use serde_json::{Map, Value};
 
-use crate::metrics::metrics;
+use crate::ops::metrics::metrics;
 
 /// Why the journal failed. Every variant is fatal to the operation; the
 /// daemon cannot promise delivery without its journal.

@@ -49,18 +49,12 @@ pub mod actors;
 pub mod backoff;
 pub mod bridge;
 pub mod chat;
-pub mod http;
 pub mod journal;
-pub mod limits;
-pub mod logging;
-pub mod methods;
-pub mod metrics;
-pub mod reload;
+pub mod ops;
 pub mod routing;
 pub mod sandbox;
 pub mod settings;
 pub mod telegram;
-pub mod upload;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -131,7 +125,9 @@ fn start_journal(settings: &Settings) -> Result<(Addr<JournalActor>, Recovery), 
         pending.len(),
         outbox.resend.len()
     );
-    metrics::metrics().journal_entries.set_count(pending.len());
+    ops::metrics::metrics()
+        .journal_entries
+        .set_count(pending.len());
     let journal = Arc::new(std::sync::Mutex::new(journal));
     let thread = SyncArbiter::start(1, move || {
         journal::yield_to_latency();
@@ -223,7 +219,7 @@ fn journal_name(settings: &Settings) -> String {
 /// Runs the daemon until a signal (or `stop`) asks it to stop.
 /// Must be awaited inside an actix `System`.
 pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), RunError> {
-    logging::register_secret(settings.telegram.token.expose());
+    ops::logging::register_secret(settings.telegram.token.expose());
     let bot = Bot::new(
         &settings.telegram.api_url,
         &settings.telegram.token,
@@ -237,7 +233,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         settings.app.python
     );
     // First: a port in use stops the daemon before anything else runs.
-    let listener = http::bind(&settings)?;
+    let listener = ops::http::bind(&settings)?;
     let (journal, recovery) = start_journal(&settings)?;
     let Recovery {
         updates: replay,
@@ -251,7 +247,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     outbox.do_send(Recover(unsent));
     let supervisor = Supervisor::new(settings.clone(), outbox.clone(), undelivered.clone()).start();
     let shutdown = ShutdownSignal::install(stop)?;
-    let _operations = http::start_operations(listener, &settings, &supervisor)?;
+    let _operations = ops::http::start_operations(listener, &settings, &supervisor)?;
 
     log::info!("Waiting for application startup.");
     wait_ready(&supervisor, settings.app.startup_timeout)
@@ -328,7 +324,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         _ = fatal_notify.notified() => {}
     }
     log::info!("Shutting down");
-    metrics::metrics().set_shutting_down();
+    ops::metrics::metrics().set_shutting_down();
     // Shutdown, in phases (each bounded): stop polling; confirm what the
     // journal holds, so Telegram does not send it again; disconnect every
     // scope (what an app did not receive stays in the journal for the next

@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use asgigramd::journal::JournalError;
+use asgigramd::ops::logging;
 use asgigramd::settings::{Settings, Sources};
-use asgigramd::{chat, logging, RunError};
+use asgigramd::{chat, RunError};
 
 /// An ASGI server for Telegram bots: long-polls the Bot API and runs a Python
 /// ASGI application instance per chat.
@@ -159,7 +160,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         );
     }
     if cli.reload {
-        asgigramd::reload::watch_app_files();
+        asgigramd::ops::reload::watch_app_files();
     }
 
     if cli.check {

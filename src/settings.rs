@@ -175,7 +175,7 @@ pub enum AmbiguousPolicy {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SenderSettings {
-    pub limits: crate::limits::Limits,
+    pub limits: crate::telegram::limits::Limits,
     /// Queued calls above which the apps' `send()` waits.
     pub queue_limit: usize,
     pub response_timeout: Duration,
@@ -187,7 +187,7 @@ impl Default for SenderSettings {
     /// The values of `config/default.toml`.
     fn default() -> Self {
         SenderSettings {
-            limits: crate::limits::Limits::default(),
+            limits: crate::telegram::limits::Limits::default(),
             queue_limit: 10_000,
             response_timeout: Duration::from_secs(60),
             ambiguous: AmbiguousPolicy::Retry,
@@ -596,7 +596,7 @@ fn validate_sender(raw: &RawSender) -> Result<SenderSettings, SettingsError> {
         MAX_SECONDS,
     )?;
     Ok(SenderSettings {
-        limits: crate::limits::Limits {
+        limits: crate::telegram::limits::Limits {
             enabled: raw.limits,
             global_per_second,
             paid_broadcast_per_second,

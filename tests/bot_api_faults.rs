@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use asgigramd::actors::sender::{Call, CallDone, ReplyTo, Sender};
-use asgigramd::limits::Limits;
 use asgigramd::sandbox::{Fault, FaultPlan, Sandbox};
 use asgigramd::settings::{AmbiguousPolicy, BotToken, SenderSettings};
+use asgigramd::telegram::limits::Limits;
 use asgigramd::telegram::Bot;
 use common::*;
 use serde_json::{json, Value};

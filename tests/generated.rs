@@ -53,8 +53,8 @@ fn assert_reproduces(script: &str, committed: &str) {
 }
 
 #[test]
-fn gen_methods_reproduces_src_methods_rs() {
-    assert_reproduces("gen_methods.py", "src/methods.rs");
+fn gen_methods_reproduces_src_telegram_methods_rs() {
+    assert_reproduces("gen_methods.py", "src/telegram/methods.rs");
 }
 
 #[test]

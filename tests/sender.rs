@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use asgigramd::actors::sender::{Call, CallDone, Drained, ReplyTo, Sender};
-use asgigramd::limits::Limits;
 use asgigramd::sandbox::{Fault, FaultPlan, Sandbox, SandboxOptions};
 use asgigramd::settings::{AmbiguousPolicy, BotToken, SenderSettings};
+use asgigramd::telegram::limits::Limits;
 use asgigramd::telegram::Bot;
 use serde_json::{json, Map, Value};
 

@@ -1,6 +1,6 @@
-"""Generates src/methods.rs from the Bot API schema (tools/botapi-schema.json).
+"""Generates src/telegram/methods.rs from the Bot API schema (tools/botapi-schema.json).
 
-    python3 tools/gen_methods.py > src/methods.rs
+    python3 tools/gen_methods.py > src/telegram/methods.rs
 
 The input defaults to botapi-schema.json next to this script; another schema
 can be named as the one argument. tests/generated.rs checks that the committed

@@ -336,7 +336,9 @@ fn take_batch(offset: &mut Option<i64>, items: Vec<Item>) -> Vec<Update> {
                         log::warn!("a malformed element of getUpdates' result skipped: {error}")
                     }
                 }
-                crate::metrics::metrics().updates_skipped.inc(&[MALFORMED]);
+                crate::ops::metrics::metrics()
+                    .updates_skipped
+                    .inc(&[MALFORMED]);
             }
         }
     }

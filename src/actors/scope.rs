@@ -36,8 +36,8 @@ use crate::actors::outbox::{Done, Outbox};
 use crate::actors::sender::{Call, CallDone, Cause, ReplyTo};
 use crate::actors::worker::{Attach, Death, InstanceMsg, Worker, Write};
 use crate::bridge::{Outgoing, ScopeDict, Sid, ToWorker};
-use crate::methods;
 use crate::routing::{Lane, ScopeKey};
+use crate::telegram::methods;
 
 /// Unique per process, so a frame for an ended instance never reaches its
 /// successor.
@@ -482,7 +482,7 @@ impl Handler<InstanceMsg> for ScopeActor {
                         }
                         continue;
                     }
-                    crate::metrics::metrics().delivered(&e);
+                    crate::ops::metrics::metrics().delivered(&e);
                     if let Some(update_id) = e.get("update_id").and_then(Value::as_i64) {
                         self.finish_in_hand();
                         ids.push(update_id);

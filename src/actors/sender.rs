@@ -2,7 +2,7 @@
 //!
 //! Takes [`Call`]s from the Outbox (once stored in the journal); makes them
 //! over one connection pool, under Telegram's flood limits
-//! ([`crate::limits`]); reports the outcome to the scope when the app asked
+//! ([`crate::telegram::limits`]); reports the outcome to the scope when the app asked
 //! for it ([`CallDone`]), else logs failures in one line, and to the Outbox,
 //! which records it.
 //!
@@ -22,7 +22,7 @@
 //!    pass walks `ready` in that order and starts every head call that is
 //!    allowed now:
 //!    - a call that is not "sending a message" (see the table in
-//!      [`crate::limits`]) is always allowed: it waits for its chat's earlier
+//!      [`crate::telegram::limits`]) is always allowed: it waits for its chat's earlier
 //!      calls, never for the rate limits;
 //!    - a message needs its chat's budget (1/s with a small burst, 20/min for
 //!      groups) and the global budget (30/s; paid broadcast has its own). A
@@ -75,8 +75,8 @@ use crate::actors::outbox::Sent;
 use crate::actors::worker::{Worker, Write};
 use crate::backoff::Backoff;
 use crate::bridge::ToWorker;
-use crate::limits::{message_cost, Cost, Pacer, Ticket};
 use crate::settings::{AmbiguousPolicy, SenderSettings};
+use crate::telegram::limits::{message_cost, Cost, Pacer, Ticket};
 use crate::telegram::{Bot, TelegramError};
 
 const MAX_IN_FLIGHT: usize = 64;
@@ -574,7 +574,7 @@ impl Sender {
         for start in starts {
             self.start(start, ctx);
         }
-        crate::metrics::metrics().sender_depth(self.core.queued(), self.core.in_flight());
+        crate::ops::metrics::metrics().sender_depth(self.core.queued(), self.core.in_flight());
         match wake {
             Some(at) if self.timer.as_ref().is_none_or(|(t, _)| *t != at) => {
                 if let Some((_, handle)) = self.timer.take() {
@@ -634,7 +634,7 @@ impl Sender {
         } = start;
         call.attempts += 1;
         if call.attempts > 1 {
-            crate::metrics::metrics().retries.inc();
+            crate::ops::metrics::metrics().retries.inc();
         }
         log::trace!(
             "call start method={} chat={} attempt={}",
@@ -819,7 +819,7 @@ impl Handler<Finished> for Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limits::Limits;
+    use crate::telegram::limits::Limits;
     use serde_json::json;
 
     fn settings() -> SenderSettings {

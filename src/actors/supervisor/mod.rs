@@ -50,7 +50,7 @@ use crate::actors::scope::{
 };
 use crate::actors::worker::{describe, Death, Release, ShutdownWorker, Worker, WorkerEvent};
 use crate::backoff::Backoff;
-use crate::metrics::metrics;
+use crate::ops::metrics::metrics;
 use crate::routing::{self, ScopeKey, Unroutable};
 use crate::settings::Settings;
 use crate::telegram::Update;

@@ -209,7 +209,7 @@ const POLL_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 /// choose the method of `telegram.api`; unchecked names would let them grow
 /// the label set without bound.
 fn method_label(method: &str) -> &'static str {
-    let methods = crate::methods::ALL_METHODS;
+    let methods = crate::telegram::methods::ALL_METHODS;
     match methods.binary_search(&method) {
         Ok(i) => methods[i],
         // Telegram takes method names in any case.

@@ -2,7 +2,7 @@
 //!
 //! Off unless `http.bind` is set. An actix-web server with one worker, started
 //! inside the daemon's actix System; actix-web runs its worker on a thread of
-//! its own, so the handlers only read the [`crate::metrics`] registry, which
+//! its own, so the handlers only read the [`crate::ops::metrics`] registry, which
 //! is `Sync`, and never touch the actors.
 //!
 //! - `/healthz`: 200 while the process runs (liveness).
@@ -16,7 +16,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::http::header::ContentType;
 use actix_web::{web, App, HttpResponse, HttpServer};
 
-use crate::metrics::metrics;
+use crate::ops::metrics::metrics;
 
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok()
@@ -120,8 +120,8 @@ pub fn start_operations(
         }
         None => None,
     };
-    crate::metrics::spawn_stats_logger(settings.log.stats_interval);
-    crate::reload::install(supervisor.clone(), &settings.app.app_dir)
+    crate::ops::metrics::spawn_stats_logger(settings.log.stats_interval);
+    crate::ops::reload::install(supervisor.clone(), &settings.app.app_dir)
         .map_err(|e| crate::RunError::Other(format!("installing the SIGHUP handler: {e}")))?;
     Ok(Operations { endpoint })
 }
