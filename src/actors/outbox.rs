@@ -21,14 +21,16 @@
 //! repeats are still recognised.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use actix::prelude::*;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::actors::sender::{Call, CallDone, Cause, Marked, ReplyTo, Sender};
+use crate::backoff::Backoff;
 use crate::journal::{JournalActor, NewCall, Recovered, SentCall};
-use crate::metrics::metrics;
+use crate::ops::metrics::metrics;
 
 /// The app is done with these updates: they may leave the journal.
 #[derive(Message)]
@@ -52,14 +54,17 @@ pub struct Sent {
 #[rtype(result = "()")]
 pub struct Recover(pub Recovered);
 
-/// Resolves once everything received so far is written.
+/// The wait before writing a failed batch again: as the Poller's appends.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+
+/// Resolves once everything received so far is written, or its write failed.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Flush;
 
-/// One batch for the journal.
+/// One batch for the journal; a failed one comes back to be written again.
 #[derive(Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<(), (String, Record)>")]
 struct Record {
     calls: Vec<NewCall>,
     handled: Vec<i64>,
@@ -67,11 +72,10 @@ struct Record {
 }
 
 impl Handler<Record> for JournalActor {
-    type Result = Result<(), String>;
+    type Result = Result<(), (String, Record)>;
     fn handle(&mut self, msg: Record, _: &mut SyncContext<Self>) -> Self::Result {
-        self.journal()
-            .record(&msg.calls, &msg.handled, &msg.sent)
-            .map_err(|e| e.to_string())
+        let written = self.journal().record(&msg.calls, &msg.handled, &msg.sent);
+        written.map_err(|e| (e.to_string(), msg))
     }
 }
 
@@ -105,6 +109,8 @@ pub struct Outbox {
     /// cause -> ordinal -> what became of that call; until the cause is done.
     made: HashMap<i64, HashMap<u32, Made>>,
     flush_waiters: Vec<oneshot::Sender<()>>,
+    /// Writes that failed in a row (they are retried, see `retry`).
+    failures: u32,
 }
 
 impl Outbox {
@@ -123,6 +129,7 @@ impl Outbox {
             write_due: false,
             made: HashMap::new(),
             flush_waiters: Vec::new(),
+            failures: 0,
         }
     }
 
@@ -149,34 +156,71 @@ impl Outbox {
             handled: std::mem::take(&mut self.handled),
             sent: std::mem::take(&mut self.sent),
         };
-        let (calls, handled) = (record.calls.len(), record.handled.len());
         let releasing = std::mem::take(&mut self.releasing);
         self.held_writing = std::mem::take(&mut self.held);
         journal
             .send(record)
             .into_actor(self)
             .map(move |written, act, ctx| {
-                act.writing = false;
-                // Written or not, the lanes go on: a failed write is logged,
-                // and holding the chats would not make it succeed.
+                // Written or not, the lanes go on: holding the chats would not
+                // make a failing write succeed.
                 if !releasing.is_empty() {
                     act.sender.do_send(Marked(releasing));
-                }
-                match written.map_err(|e| e.to_string()).and_then(|r| r) {
-                    Ok(()) => {}
-                    // The calls went anyway: a reply without a durable copy
-                    // beats none. The updates stay journaled and are
-                    // delivered again after a restart.
-                    Err(e) => log::error!(
-                        "journal: recording {calls} call(s) and {handled} handled update(s) failed: {e}; the calls went without a durable copy"
-                    ),
                 }
                 for call in act.held_writing.drain(..) {
                     act.sender.do_send(call);
                 }
-                act.write(ctx);
+                match written {
+                    Ok(Ok(())) => {
+                        act.failures = 0;
+                        act.writing = false;
+                        act.write(ctx);
+                    }
+                    Ok(Err((e, record))) => act.retry(record, e, ctx),
+                    // The journal thread is gone only when the system stops.
+                    Err(e) => {
+                        log::error!(
+                            "journal: recording failed: {e}; the calls went without a durable copy"
+                        );
+                        act.writing = false;
+                        act.write(ctx);
+                    }
+                }
             })
             .spawn(ctx);
+    }
+
+    /// A failed write rolled back whole, so the same batch goes in front of
+    /// what gathered meanwhile and is written again: until it is, its calls
+    /// went without a durable copy (a reply without one beats none) and its
+    /// handled updates stay journaled, delivered again only if the daemon
+    /// stops first. Shutdown does not wait for a journal that keeps failing:
+    /// flush waiters are told after each attempt.
+    fn retry(&mut self, failed: Record, e: String, ctx: &mut Context<Self>) {
+        let delay = BACKOFF.delay(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        log::error!(
+            "journal: recording {} call(s) and {} handled update(s) failed: {e}; the calls went without a durable copy; retrying in {:.1}s",
+            failed.calls.len(),
+            failed.handled.len(),
+            delay.as_secs_f64()
+        );
+        let Record {
+            mut calls,
+            mut handled,
+            mut sent,
+        } = failed;
+        calls.append(&mut self.calls);
+        handled.append(&mut self.handled);
+        sent.append(&mut self.sent);
+        (self.calls, self.handled, self.sent) = (calls, handled, sent);
+        for w in self.flush_waiters.drain(..) {
+            let _ = w.send(());
+        }
+        ctx.run_later(delay, |act, ctx| {
+            act.writing = false;
+            act.write(ctx);
+        });
     }
 
     /// Writes once the mailbox is drained: a scope reports an app's calls
