@@ -25,7 +25,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use asgigramd::actors::sender::{Call, Drained, Sender};
+use asgigramd::actors::call::Call;
+use asgigramd::actors::sender::{Drained, Sender};
 use asgigramd::sandbox::{Sandbox, SandboxOptions};
 use asgigramd::settings::{BotToken, SenderSettings};
 use asgigramd::telegram::Bot;
@@ -97,7 +98,7 @@ async fn run(workload: Workload, settings: &SenderSettings) {
         &BotToken::new(sb.token()),
         Duration::from_secs(30),
     );
-    let sender = Sender::new(bot, settings.clone(), None).start();
+    let sender = Sender::new(bot, settings.clone()).start();
     let total = workload.messages.len();
     let mut submitted: HashMap<String, Instant> = HashMap::new();
     for (chat, text) in workload.messages {

@@ -168,20 +168,15 @@ pub fn reset_damaged_journal(settings: &Settings) -> Result<(), RunError> {
     Ok(())
 }
 
-/// The Sender and the Outbox in front of it; each needs the other's address.
+/// The Sender and the Outbox in front of it; the Outbox tells the Sender
+/// where to report outcomes as it starts.
 fn start_sending(
     bot: Bot,
     settings: &Settings,
     journal: Option<Addr<JournalActor>>,
 ) -> (Addr<Sender>, Addr<Outbox>) {
-    let outbox_ctx = Context::<Outbox>::new();
-    let sender = Sender::new(
-        bot,
-        settings.sender.clone(),
-        Some(outbox_ctx.address().recipient()),
-    )
-    .start();
-    let outbox = outbox_ctx.run(Outbox::new(journal, sender.clone()));
+    let sender = Sender::new(bot, settings.sender.clone()).start();
+    let outbox = Outbox::new(journal, sender.clone()).start();
     (sender, outbox)
 }
 

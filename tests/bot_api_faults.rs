@@ -14,7 +14,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use asgigramd::actors::sender::{Call, CallDone, ReplyTo, Sender};
+use asgigramd::actors::call::{Call, CallDone, Outcome, ReplyTo};
+use asgigramd::actors::sender::Sender;
 use asgigramd::sandbox::{Fault, FaultPlan, Sandbox};
 use asgigramd::settings::{AmbiguousPolicy, BotToken, SenderSettings};
 use asgigramd::telegram::limits::Limits;
@@ -80,7 +81,7 @@ fn sender(
         ..settings
     };
     let (to, done) = collector();
-    (Sender::new(bot, settings, None).start(), to, done)
+    (Sender::new(bot, settings).start(), to, done)
 }
 
 fn message(text: &str, to: &Recipient<CallDone>) -> Call {
@@ -129,7 +130,7 @@ async fn a_stalled_call(policy: AmbiguousPolicy) -> (Sandbox, Rc<RefCell<Vec<Cal
 async fn a_sent_call_whose_body_stalls_fails_after_response_timeout_as_unknown() {
     let (sb, done) = a_stalled_call(AmbiguousPolicy::Fail).await;
     let outcome = &done.borrow()[0].outcome;
-    let Err(envelope) = outcome else {
+    let Outcome::Error(envelope) = outcome else {
         panic!("the stalled call succeeded: {outcome:?}")
     };
     assert_eq!(envelope["description"], "no answer within 1s", "{envelope}");

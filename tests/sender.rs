@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use asgigramd::actors::sender::{Call, CallDone, Drained, ReplyTo, Sender};
+use asgigramd::actors::call::{Call, CallDone, ReplyTo};
+use asgigramd::actors::sender::{Drained, Sender};
 use asgigramd::sandbox::{Fault, FaultPlan, Sandbox, SandboxOptions};
 use asgigramd::settings::{AmbiguousPolicy, BotToken, SenderSettings};
 use asgigramd::telegram::limits::Limits;
@@ -27,7 +28,7 @@ fn sender(sb: &Sandbox, settings: SenderSettings) -> Addr<Sender> {
         &BotToken::new(sb.token()),
         Duration::from_secs(30),
     );
-    Sender::new(bot, settings, None).start()
+    Sender::new(bot, settings).start()
 }
 
 fn settings(limits: Limits) -> SenderSettings {
@@ -214,7 +215,7 @@ async fn migration_readdresses_the_chat_and_later_calls() {
     wait_for("the later message", || sb.sent_texts(-1005).len() == 4).await;
     assert_eq!(sb.sent_texts(-1005), vec!["m0", "m1", "m2", "later"]);
     for d in done.borrow().iter() {
-        let result = d.outcome.as_ref().expect("sent after the migration");
+        let result = d.outcome.as_result().expect("sent after the migration");
         assert_eq!(result["chat"]["id"], json!(-1005));
     }
     let to_old = sb
@@ -244,10 +245,10 @@ async fn final_errors_are_reported_once_and_the_lane_moves_on() {
             .find(|d| d.request_id == json!(id))
             .expect("every request is answered")
     };
-    let e = by_id(1).outcome.as_ref().expect_err("chat not found");
+    let e = by_id(1).outcome.as_result().expect_err("chat not found");
     assert_eq!(e["error_code"], json!(400));
     assert_eq!(
-        by_id(2).outcome.as_ref().expect_err("no text")["error_code"],
+        by_id(2).outcome.as_result().expect_err("no text")["error_code"],
         json!(400)
     );
     assert!(by_id(3).outcome.is_ok());

@@ -1,5 +1,6 @@
 //! The daemon's actors, one file each. All run on the one actix System thread.
 
+pub mod call;
 pub mod outbox;
 pub mod poller;
 pub mod quarantine;

@@ -2,12 +2,27 @@
 //! journal, so that a reply outlives the daemon and an update delivered
 //! twice is answered once.
 //!
+//! Owns: the row ids of stored calls; what gathers for the next journal
+//! write (new calls, answers, handled updates) and the write under way; the
+//! calls held until their rows are written; for each update in hand, what
+//! became of every call made while handling it (to recognise repeats).
+//! Takes: [`Call`] and [`Done`] from the scopes, [`Sent`] from the Sender,
+//! [`Recover`] (once, at start), [`Flush`] (shutdown).
+//! Sends: [`ReportSent`] to the Sender as it starts, then the calls
+//! ([`Call`], with their row ids); `Record` batches to the journal thread;
+//! [`Recorded`] to the Sender once a batch's answers are written;
+//! [`CallDone`] to a scope whose repeated call asked for its outcome.
+//! Stops: with the System. [`Flush`] resolves once everything received so
+//! far is written (or its write failed), so that shutdown records what the
+//! apps and the Sender finished.
+//!
 //! Scopes send it, in the order their app acted, the calls the app made
 //! ([`Call`], each keyed by its cause and ordinal) and the updates the app is
 //! done with ([`Done`]). It hands each call to the Sender at once, with the
 //! row id it will have, and writes the rows, the answers the Sender reports
 //! ([`Sent`]) and the finished updates to the journal in one transaction per
-//! batch (rule 5 of [`crate::journal`]). While one batch is being written the
+//! batch (rule 5 of [`crate::journal`]), then tells the Sender which answers
+//! are written ([`Recorded`]). While one batch is being written the
 //! next one gathers, so under load many share a write; a reply never waits
 //! for one, only the chat's next call does (until its answer is written).
 //!
@@ -24,12 +39,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use actix::prelude::*;
-use serde_json::{json, Value};
+use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
-use crate::actors::sender::{Call, CallDone, Cause, Marked, ReplyTo, Sender};
+use crate::actors::call::{Call, CallDone, Cause, Outcome, ReplyTo};
+use crate::actors::sender::{Recorded, ReportSent, Sender};
 use crate::backoff::Backoff;
-use crate::journal::{JournalActor, NewCall, Recovered, SentCall};
+use crate::journal::{JournalActor, JournalError, NewCall, Recovered, SentCall};
 use crate::ops::metrics::metrics;
 
 /// The app is done with these updates: they may leave the journal.
@@ -37,16 +53,15 @@ use crate::ops::metrics::metrics;
 #[rtype(result = "()")]
 pub struct Done(pub Vec<i64>);
 
-/// A stored call has its final outcome (from the Sender).
+/// A tracked call (one with a row or a cause) has its final outcome: from
+/// the Sender.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Sent {
     pub row: Option<i64>,
     pub cause: Option<Cause>,
     /// Kept when the app asked for it: a repeat gets the same answer.
-    pub outcome: Option<Result<Value, Value>>,
-    /// The Sender's lane, released once a stored call's answer is written.
-    pub lane: Option<String>,
+    pub outcome: Option<Outcome>,
 }
 
 /// After a restart: the calls to send again and the keys of calls made.
@@ -62,20 +77,27 @@ const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from
 #[rtype(result = "()")]
 pub struct Flush;
 
-/// One batch for the journal; a failed one comes back to be written again.
+/// One batch for the journal, written in one transaction.
 #[derive(Message)]
-#[rtype(result = "Result<(), (String, Record)>")]
+#[rtype(result = "Result<(), NotRecorded>")]
 struct Record {
     calls: Vec<NewCall>,
     handled: Vec<i64>,
     sent: Vec<SentCall>,
 }
 
+/// The batch's transaction rolled back whole: the Outbox writes `record`
+/// again (see `Outbox::retry`).
+struct NotRecorded {
+    error: JournalError,
+    record: Record,
+}
+
 impl Handler<Record> for JournalActor {
-    type Result = Result<(), (String, Record)>;
+    type Result = Result<(), NotRecorded>;
     fn handle(&mut self, msg: Record, _: &mut SyncContext<Self>) -> Self::Result {
         let written = self.journal().record(&msg.calls, &msg.handled, &msg.sent);
-        written.map_err(|e| (e.to_string(), msg))
+        written.map_err(|error| NotRecorded { error, record: msg })
     }
 }
 
@@ -84,7 +106,7 @@ enum Made {
     /// In the journal or with the Sender; repeats that want the outcome wait.
     Pending(Vec<ReplyTo>),
     /// Answered; the outcome when the first call wanted it.
-    Answered(Option<Result<Value, Value>>),
+    Answered(Option<Outcome>),
 }
 
 pub struct Outbox {
@@ -96,8 +118,10 @@ pub struct Outbox {
     calls: Vec<NewCall>,
     handled: Vec<i64>,
     sent: Vec<SentCall>,
-    /// Lanes of the `sent` calls, in the same order.
-    releasing: Vec<Option<String>>,
+    /// Rows of the `sent` calls not yet through a write: the Sender holds
+    /// their chats until told ([`Recorded`]). A retried batch's rows were
+    /// told already.
+    releasing: Vec<i64>,
     /// Calls that go once their rows are written (see `store_and_send`):
     /// those whose rows gather for the next write, and those of the write
     /// under way.
@@ -162,10 +186,10 @@ impl Outbox {
             .send(record)
             .into_actor(self)
             .map(move |written, act, ctx| {
-                // Written or not, the lanes go on: holding the chats would not
+                // Written or not, the chats go on: holding them would not
                 // make a failing write succeed.
                 if !releasing.is_empty() {
-                    act.sender.do_send(Marked(releasing));
+                    act.sender.do_send(Recorded(releasing));
                 }
                 for call in act.held_writing.drain(..) {
                     act.sender.do_send(call);
@@ -176,7 +200,7 @@ impl Outbox {
                         act.writing = false;
                         act.write(ctx);
                     }
-                    Ok(Err((e, record))) => act.retry(record, e, ctx),
+                    Ok(Err(NotRecorded { error, record })) => act.retry(record, error, ctx),
                     // The journal thread is gone only when the system stops.
                     Err(e) => {
                         log::error!(
@@ -196,7 +220,7 @@ impl Outbox {
     /// handled updates stay journaled, delivered again only if the daemon
     /// stops first. Shutdown does not wait for a journal that keeps failing:
     /// flush waiters are told after each attempt.
-    fn retry(&mut self, failed: Record, e: String, ctx: &mut Context<Self>) {
+    fn retry(&mut self, failed: Record, e: JournalError, ctx: &mut Context<Self>) {
         let delay = BACKOFF.delay(self.failures);
         self.failures = self.failures.saturating_add(1);
         log::error!(
@@ -249,16 +273,16 @@ impl Outbox {
         if self.journal.is_some() {
             let id = self.next_id;
             self.next_id += 1;
-            call.set_row(id);
+            call.row = Some(id);
             self.calls.push(NewCall {
                 id,
-                cause: call.cause().map(|c| c.update_id),
-                ordinal: call.cause().map_or(0, |c| c.ordinal),
+                cause: call.cause.map(|c| c.update_id),
+                ordinal: call.cause.map_or(0, |c| c.ordinal),
                 method: call.method.clone(),
                 params: encode(&call.params),
             });
             self.write_soon(ctx);
-            if call.cause().is_none() || !self.held.is_empty() || !self.held_writing.is_empty() {
+            if call.cause.is_none() || !self.held.is_empty() || !self.held_writing.is_empty() {
                 self.held.push(call);
                 return;
             }
@@ -269,7 +293,7 @@ impl Outbox {
     /// A repeat of a call made before is answered from the first one's
     /// outcome; returns the call when it is not a repeat.
     fn repeat(&mut self, call: Call) -> Option<Call> {
-        let Some(cause) = call.cause() else {
+        let Some(cause) = call.cause else {
             return Some(call);
         };
         let made = self.made.entry(cause.update_id).or_default();
@@ -294,20 +318,14 @@ impl Outbox {
     }
 }
 
-fn encode(params: &serde_json::Map<String, Value>) -> String {
+fn encode(params: &Map<String, Value>) -> String {
     // A map of `Value`s has string keys and finite numbers: it always encodes.
     serde_json::to_string(params).unwrap_or_default()
 }
 
 /// Tells a repeat that wanted the outcome what the first call got.
-fn answer(reply: ReplyTo, outcome: Option<Result<Value, Value>>) {
-    let outcome = outcome.unwrap_or_else(|| {
-        Err(json!({
-            "ok": false,
-            "error_code": 0,
-            "description": "this call was already made while handling the same update, and its outcome was not kept",
-        }))
-    });
+fn answer(reply: ReplyTo, outcome: Option<Outcome>) {
+    let outcome = outcome.unwrap_or_else(Outcome::not_kept);
     reply.to.do_send(CallDone {
         request_id: reply.request_id,
         outcome,
@@ -316,6 +334,12 @@ fn answer(reply: ReplyTo, outcome: Option<Result<Value, Value>>) {
 
 impl Actor for Outbox {
     type Context = Context<Self>;
+
+    /// First in the Sender's mailbox, ahead of every call this Outbox hands
+    /// on, so that no outcome goes unreported.
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.sender.do_send(ReportSent(ctx.address().recipient()));
+    }
 }
 
 impl Handler<Call> for Outbox {
@@ -356,13 +380,10 @@ impl Handler<Sent> for Outbox {
             }
         }
         if let Some(id) = msg.row {
-            self.releasing.push(msg.lane);
+            self.releasing.push(id);
             self.sent.push(SentCall {
                 id,
-                outcome: msg.outcome.map(|o| match o {
-                    Ok(result) => json!({"ok": true, "result": result}),
-                    Err(envelope) => envelope,
-                }),
+                outcome: msg.outcome.map(Outcome::into_answer),
             });
             self.write_soon(ctx);
         }
@@ -379,13 +400,7 @@ impl Handler<Recover> for Outbox {
         } = msg.0;
         self.next_id = next_id;
         for a in answered {
-            let outcome = a.outcome.map(|o| {
-                if o.get("ok") == Some(&Value::Bool(true)) {
-                    Ok(o.get("result").cloned().unwrap_or(Value::Null))
-                } else {
-                    Err(o)
-                }
-            });
+            let outcome = a.outcome.map(Outcome::from_answer);
             self.made
                 .entry(a.cause)
                 .or_default()
@@ -399,13 +414,11 @@ impl Handler<Recover> for Outbox {
         }
         for stored in resend {
             let mut call = Call::new(stored.method, stored.params, None);
-            if let Some(update_id) = stored.cause {
-                call = call.caused_by(Cause {
-                    update_id,
-                    ordinal: stored.ordinal,
-                });
-            }
-            call.set_row(stored.id);
+            call.cause = stored.cause.map(|update_id| Cause {
+                update_id,
+                ordinal: stored.ordinal,
+            });
+            call.row = Some(stored.id);
             self.sender.do_send(call);
         }
     }

@@ -32,8 +32,8 @@ use actix::prelude::*;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
+use crate::actors::call::{Call, CallDone, Cause, ReplyTo};
 use crate::actors::outbox::{Done, Outbox};
-use crate::actors::sender::{Call, CallDone, Cause, ReplyTo};
 use crate::actors::worker::{Attach, Death, InstanceMsg, Worker, Write};
 use crate::bridge::{Outgoing, ScopeDict, Sid, ToWorker};
 use crate::routing::{Lane, ScopeKey};
@@ -576,15 +576,7 @@ impl Handler<InstanceMsg> for ScopeActor {
 impl Handler<CallDone> for ScopeActor {
     type Result = ();
     fn handle(&mut self, msg: CallDone, _: &mut Context<Self>) {
-        let mut event = match msg.outcome {
-            Ok(result) => json!({"type": "telegram.api.response", "ok": true, "result": result}),
-            Err(envelope) => {
-                let mut e = envelope;
-                e["type"] = json!("telegram.api.response");
-                e
-            }
-        };
-        event["request_id"] = msg.request_id;
+        let event = msg.outcome.into_event(msg.request_id);
         let Some(sid) = self.current_sid() else {
             log::debug!(
                 "scope={} API response for an ended instance dropped",

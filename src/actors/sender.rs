@@ -1,10 +1,23 @@
 //! Sender: every Bot API call an application asks for goes through here.
 //!
-//! Takes [`Call`]s from the Outbox (once stored in the journal); makes them
-//! over one connection pool, under Telegram's flood limits
-//! ([`crate::telegram::limits`]); reports the outcome to the scope when the app asked
-//! for it ([`CallDone`]), else logs failures in one line, and to the Outbox,
-//! which records it.
+//! Makes the calls the Outbox hands it over one connection pool, under
+//! Telegram's flood limits ([`crate::telegram::limits`]), in each chat's
+//! order, retrying what may be retried; reports each call's final outcome to
+//! the scope when the app asked for it ([`CallDone`]), else logs failures in
+//! one line, and to the Outbox when it tracks the call ([`Sent`]).
+//!
+//! Owns: the calls not yet answered, one queue (lane) per chat; the pacer;
+//! the workers whose apps sent calls (for backpressure); the lanes of stored
+//! calls whose answers the journal is writing.
+//! Takes: [`Call`] (from the Outbox; without one, as in tests, directly),
+//! [`ReportSent`] (where the Outbox hears of outcomes, once at start),
+//! [`Recorded`] (the journal wrote these calls' answers), [`Drained`]
+//! (shutdown).
+//! Sends: the Bot API requests; [`CallDone`] to the scope that asked;
+//! [`Sent`] to the Outbox; `pause` / `resume` frames ([`Write`]) to workers.
+//! Stops: with the System. [`Drained`] resolves once no call is queued, in
+//! flight or waiting for its answer to be written; what it never sent is
+//! still in the journal's outbox for the next start.
 //!
 //! # The algorithm
 //!
@@ -13,7 +26,7 @@
 //!    a final outcome, so a chat's calls reach Telegram in the order the app
 //!    sent them — edits and deletes included, so an edit never overtakes the
 //!    message it edits. For a stored call, "final" includes the journal
-//!    having recorded the answer ([`Marked`]): a crash then leaves at most
+//!    having recorded the answer ([`Recorded`]): a crash then leaves at most
 //!    one call per chat whose fate is unknown.
 //! 2. Calls without a chat (answerCallbackQuery, answerInlineQuery, ...) have
 //!    no order to keep, are not messages, and go out at once.
@@ -69,8 +82,9 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
+use crate::actors::call::{chat_of, Call, CallDone, Outcome};
 use crate::actors::outbox::Sent;
 use crate::actors::worker::{Worker, Write};
 use crate::backoff::Backoff;
@@ -83,28 +97,9 @@ const MAX_IN_FLIGHT: usize = 64;
 /// Backoff of retried failures: 250 ms doubling, capped at 30 s.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
-/// Where the outcome of a call goes, when the app asked for it.
-pub struct ReplyTo {
-    pub to: Recipient<CallDone>,
-    pub request_id: Value,
-}
-
-/// Which update's handling made a call, and how many calls that handling
-/// had made before it: a repeat of the call after the update is delivered
-/// again has the same cause.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cause {
-    pub update_id: i64,
-    pub ordinal: u32,
-}
-
-/// One Bot API call.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Call {
-    pub method: String,
-    pub params: Map<String, Value>,
-    pub reply: Option<ReplyTo>,
+/// A call in the Sender's hands, with what the Sender keeps about it.
+pub struct Queued {
+    call: Call,
     /// Attempts made so far.
     attempts: u32,
     /// Failures counted against `max_attempts` (429s and migrations are not).
@@ -113,58 +108,28 @@ pub struct Call {
     seq: u64,
     /// What it costs against the flood limits; `None`: not a message.
     cost: Option<Cost>,
-    /// The worker whose app sent it, told to pause under backpressure.
-    origin: Option<Addr<Worker>>,
-    cause: Option<Cause>,
-    /// Its id in the journal's outbox, once stored.
-    row: Option<i64>,
 }
 
-impl Call {
-    pub fn new(method: String, params: Map<String, Value>, reply: Option<ReplyTo>) -> Call {
-        let cost = message_cost(&method, &params);
-        Call {
-            method,
-            params,
-            reply,
+impl Queued {
+    fn new(call: Call, seq: u64) -> Queued {
+        let cost = message_cost(&call.method, &call.params);
+        Queued {
+            call,
             attempts: 0,
             failures: 0,
-            seq: 0,
+            seq,
             cost,
-            origin: None,
-            cause: None,
-            row: None,
         }
     }
 
-    pub fn caused_by(mut self, cause: Cause) -> Call {
-        self.cause = Some(cause);
-        self
-    }
-
-    pub fn cause(&self) -> Option<Cause> {
-        self.cause
-    }
-
-    pub fn set_row(&mut self, row: i64) {
-        self.row = Some(row);
-    }
-
-    /// The Outbox wants to hear of its outcome.
-    fn tracked(&self) -> bool {
-        self.row.is_some() || self.cause.is_some()
-    }
-
-    /// Names the worker whose app made the call, so that backpressure can
-    /// reach it.
-    pub fn from_worker(mut self, worker: Addr<Worker>) -> Call {
-        self.origin = Some(worker);
-        self
-    }
-
-    /// The lane this call belongs to: its `chat_id`, as Telegram would see it.
+    /// The lane this call belongs to: its chat.
     fn lane(&self) -> Option<String> {
-        lane_of(self.params.get("chat_id")?)
+        self.call.chat()
+    }
+
+    /// Sends the call to chat `to` instead (the chat migrated).
+    fn readdress(&mut self, to: &Value) {
+        self.call.params.insert("chat_id".into(), to.clone());
     }
 
     fn chat_for_log(&self) -> String {
@@ -172,28 +137,18 @@ impl Call {
     }
 }
 
-fn lane_of(chat_id: &Value) -> Option<String> {
-    match chat_id {
-        Value::Number(n) => Some(n.to_string()),
-        Value::String(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-/// The outcome of a call, for the app that asked: the result, or the error
-/// envelope (`ok`, `error_code`, `description`, `parameters`).
+/// Where to report the outcomes of the calls the Outbox tracks. Sent once,
+/// by the Outbox as it starts, ahead of any call it hands on.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct CallDone {
-    pub request_id: Value,
-    pub outcome: Result<Value, Value>,
-}
+pub struct ReportSent(pub Recipient<Sent>);
 
-/// The journal recorded the answers of stored calls of these lanes (see
-/// [`Sender::finish`]): their next calls may go.
+/// The journal wrote the answers of these stored calls (by outbox row id;
+/// see [`Sender::finish`]): their chats' next calls may go. Also sent when
+/// the write failed: holding the chats would not make it succeed.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Marked(pub Vec<Option<String>>);
+pub struct Recorded(pub Vec<i64>);
 
 /// Resolves once no call is queued or in flight (for shutdown).
 #[derive(Message)]
@@ -203,14 +158,14 @@ pub struct Drained;
 /// A call started by [`Core::poll`].
 pub struct Start {
     pub lane: Option<String>,
-    pub call: Call,
+    pub queued: Queued,
     /// Set when the call counted against the limits.
     pub ticket: Option<Ticket>,
 }
 
 #[derive(Default)]
 struct Lane {
-    queue: VecDeque<Call>,
+    queue: VecDeque<Queued>,
     /// A call of this lane is in flight.
     busy: bool,
     /// The lane's head call may not start before this (429, backoff).
@@ -227,7 +182,7 @@ pub struct Core {
     /// Submission number of the next call.
     next_seq: u64,
     /// Calls without a lane, each with the instant it may start.
-    unordered: VecDeque<(Instant, Call)>,
+    unordered: VecDeque<(Instant, Queued)>,
     in_flight: usize,
     /// Calls queued, not in flight.
     queued: usize,
@@ -269,18 +224,20 @@ impl Core {
     }
 
     /// Queues a call from the app.
-    pub fn push(&mut self, mut call: Call, now: Instant) {
-        if let Some(new) = call.lane().and_then(|l| self.migrated.get(&l)) {
-            call.params.insert("chat_id".into(), new.clone());
-        }
+    pub fn push(&mut self, call: Call, now: Instant) {
         self.queued += 1;
         self.next_seq += 1;
-        call.seq = self.next_seq;
-        match call.lane() {
-            None => self.unordered.push_back((now, call)),
+        let mut queued = Queued::new(call, self.next_seq);
+        let mut lane = queued.lane();
+        if let Some(new) = lane.as_ref().and_then(|l| self.migrated.get(l)) {
+            queued.readdress(new);
+            lane = queued.lane();
+        }
+        match lane {
+            None => self.unordered.push_back((now, queued)),
             Some(lane) => {
                 let q = self.lanes.entry(lane.clone()).or_default();
-                q.queue.push_back(call);
+                q.queue.push_back(queued);
                 if !q.busy && q.queue.len() == 1 {
                     self.ready.insert(self.next_seq, lane);
                 }
@@ -310,12 +267,12 @@ impl Core {
                 continue;
             }
             // The index is in range: checked by the loop condition.
-            let (_, call) = self.unordered.remove(i).expect("index checked above");
+            let (_, queued) = self.unordered.remove(i).expect("index checked above");
             self.in_flight += 1;
             self.queued -= 1;
             starts.push(Start {
                 lane: None,
-                call,
+                queued,
                 ticket: None,
             });
         }
@@ -377,14 +334,14 @@ impl Core {
             self.ready.remove(&key);
             // The lane and its head were looked up above.
             let lane = self.lanes.get_mut(&name).expect("lane looked up above");
-            let call = lane.queue.pop_front().expect("head looked up above");
+            let queued = lane.queue.pop_front().expect("head looked up above");
             lane.busy = true;
             lane.held_until = None;
             self.in_flight += 1;
             self.queued -= 1;
             starts.push(Start {
                 lane: Some(name),
-                call,
+                queued,
                 ticket,
             });
         }
@@ -423,7 +380,7 @@ impl Core {
 
     /// Puts a call back at the head of its lane, to start no earlier than
     /// `at`.
-    pub fn retry(&mut self, lane: Option<&str>, call: Call, at: Instant) {
+    pub fn retry(&mut self, lane: Option<&str>, call: Queued, at: Instant) {
         self.queued += 1;
         match lane {
             None => self.unordered.push_back((at, call)),
@@ -449,9 +406,9 @@ impl Core {
     /// every queued call of the lane, move to the new chat's lane (ahead of
     /// anything already queued there) and every later call for `old` is
     /// re-addressed on arrival.
-    pub fn migrate(&mut self, old: &str, new: Value, mut call: Call) {
+    pub fn migrate(&mut self, old: &str, new: Value, mut call: Queued) {
         self.migrated.insert(old.to_string(), new.clone());
-        let Some(new_name) = lane_of(&new) else {
+        let Some(new_name) = chat_of(&new) else {
             // An id that is not a number or string cannot come from Telegram;
             // keep the call where it was rather than lose it.
             self.retry(Some(old), call, Instant::now());
@@ -459,9 +416,9 @@ impl Core {
         };
         let mut moved = self.lanes.remove(old).map(|l| l.queue).unwrap_or_default();
         self.ready.retain(|_, l| l != old);
-        call.params.insert("chat_id".into(), new.clone());
+        call.readdress(&new);
         for c in &mut moved {
-            c.params.insert("chat_id".into(), new.clone());
+            c.readdress(&new);
         }
         moved.push_front(call);
         self.queued += 1;
@@ -501,7 +458,7 @@ impl Core {
 struct Finished {
     lane: Option<String>,
     ticket: Option<Ticket>,
-    call: Call,
+    queued: Queued,
     result: Result<Value, TelegramError>,
 }
 
@@ -514,14 +471,15 @@ pub struct Sender {
     /// Workers that sent calls, for backpressure frames.
     workers: HashSet<Addr<Worker>>,
     drain_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
-    /// Told the final outcome of every call that came through it.
+    /// Told the final outcome of every call it tracks ([`ReportSent`]).
     outbox: Option<Recipient<Sent>>,
-    /// Stored calls answered whose answer the journal has not recorded yet.
-    marking: usize,
+    /// Stored calls answered whose answers the journal has not written yet,
+    /// by row id, with the lanes they hold.
+    recording: HashMap<i64, Option<String>>,
 }
 
 impl Sender {
-    pub fn new(bot: Bot, settings: SenderSettings, outbox: Option<Recipient<Sent>>) -> Sender {
+    pub fn new(bot: Bot, settings: SenderSettings) -> Sender {
         Sender {
             bot,
             core: Core::new(&settings),
@@ -529,42 +487,42 @@ impl Sender {
             timer: None,
             workers: HashSet::new(),
             drain_waiters: Vec::new(),
-            outbox,
-            marking: 0,
+            outbox: None,
+            recording: HashMap::new(),
         }
     }
 
     /// A call's final outcome: to the app if it asked, to the Outbox if it
     /// tracks the call. A stored call's lane waits until the journal has
-    /// recorded the answer ([`Marked`]), so that a crash can leave at most
+    /// written the answer ([`Recorded`]), so that a crash can leave at most
     /// one call per chat whose fate the journal does not know.
-    fn finish(&mut self, lane: Option<String>, mut call: Call, outcome: Result<Value, Value>) {
-        let reply = call.reply.take();
-        let mut waits = false;
-        if let Some(outbox) = self.outbox.as_ref().filter(|_| call.tracked()) {
-            waits = call.row.is_some();
+    fn finish(&mut self, lane: Option<String>, queued: Queued, outcome: Outcome) {
+        let call = queued.call;
+        let mut stored = None;
+        if let Some(outbox) = self.outbox.as_ref().filter(|_| call.is_tracked()) {
+            stored = call.row;
             outbox.do_send(Sent {
                 row: call.row,
                 cause: call.cause,
-                outcome: reply.as_ref().map(|_| outcome.clone()),
-                lane: lane.clone(),
+                outcome: call.reply.as_ref().map(|_| outcome.clone()),
             });
         }
-        if let Some(reply) = reply {
+        if let Some(reply) = call.reply {
             reply.to.do_send(CallDone {
                 request_id: reply.request_id,
                 outcome,
             });
         }
-        if waits {
-            self.marking += 1;
-        } else {
-            self.core.done(lane.as_deref());
+        match stored {
+            Some(row) => {
+                self.recording.insert(row, lane);
+            }
+            None => self.core.done(lane.as_deref()),
         }
     }
 
     fn is_idle(&self) -> bool {
-        self.core.is_idle() && self.marking == 0
+        self.core.is_idle() && self.recording.is_empty()
     }
 
     /// Starts what may start now and sets the timer for what waits.
@@ -629,23 +587,24 @@ impl Sender {
     fn start(&mut self, start: Start, ctx: &mut Context<Self>) {
         let Start {
             lane,
-            mut call,
+            mut queued,
             ticket,
         } = start;
-        call.attempts += 1;
-        if call.attempts > 1 {
+        queued.attempts += 1;
+        if queued.attempts > 1 {
             crate::ops::metrics::metrics().retries.inc();
         }
         log::trace!(
             "call start method={} chat={} attempt={}",
-            call.method,
-            call.chat_for_log(),
-            call.attempts
+            queued.call.method,
+            queued.chat_for_log(),
+            queued.attempts
         );
         let bot = self.bot.clone();
         let timeout = self.settings.response_timeout;
         let me = ctx.address();
         actix::spawn(async move {
+            let call = &mut queued.call;
             let params = Value::Object(std::mem::take(&mut call.params));
             let result = bot.call(&call.method, &params, timeout).await;
             let Value::Object(p) = params else {
@@ -655,7 +614,7 @@ impl Sender {
             me.do_send(Finished {
                 lane,
                 ticket,
-                call,
+                queued,
                 result,
             });
         });
@@ -666,45 +625,45 @@ impl Sender {
     fn retry_or_fail(
         &mut self,
         lane: Option<String>,
-        mut call: Call,
+        mut queued: Queued,
         error: TelegramError,
         now: Instant,
     ) {
-        call.failures += 1;
-        if call.failures >= self.settings.max_attempts {
-            self.fail(lane, call, error);
+        queued.failures += 1;
+        if queued.failures >= self.settings.max_attempts {
+            self.fail(lane, queued, error);
             return;
         }
-        let delay = BACKOFF.delay(call.failures - 1);
+        let delay = BACKOFF.delay(queued.failures - 1);
         log::warn!(
             "call failed method={} chat={} attempt={}: {error}; retrying in {:.2}s",
-            call.method,
-            call.chat_for_log(),
-            call.attempts,
+            queued.call.method,
+            queued.chat_for_log(),
+            queued.attempts,
             delay.as_secs_f64()
         );
-        self.core.retry(lane.as_deref(), call, now + delay);
+        self.core.retry(lane.as_deref(), queued, now + delay);
     }
 
     /// A final failure: reported or logged, and the lane moves on.
-    fn fail(&mut self, lane: Option<String>, call: Call, error: TelegramError) {
-        let envelope = error.to_envelope();
-        if call.reply.is_none() {
+    fn fail(&mut self, lane: Option<String>, queued: Queued, error: TelegramError) {
+        let outcome = Outcome::Error(error.to_envelope());
+        if queued.call.reply.is_none() {
             log::warn!(
                 "call failed method={} chat={} attempts={}: {error}",
-                call.method,
-                call.chat_for_log(),
-                call.attempts
+                queued.call.method,
+                queued.chat_for_log(),
+                queued.attempts
             );
         } else {
             log::debug!(
                 "call failed method={} chat={} attempts={}: {error}; reported to the app",
-                call.method,
-                call.chat_for_log(),
-                call.attempts
+                queued.call.method,
+                queued.chat_for_log(),
+                queued.attempts
             );
         }
-        self.finish(lane, call, Err(envelope));
+        self.finish(lane, queued, outcome);
     }
 }
 
@@ -714,25 +673,35 @@ impl Actor for Sender {
 
 impl Handler<Call> for Sender {
     type Result = ();
-    fn handle(&mut self, call: Call, ctx: &mut Context<Self>) {
-        if let Some(worker) = &call.origin {
-            if self.workers.insert(worker.clone()) && self.core.is_paused() {
+    fn handle(&mut self, mut call: Call, ctx: &mut Context<Self>) {
+        // Only backpressure needs the worker, and only once.
+        if let Some(worker) = call.origin.take() {
+            if self.core.is_paused() && !self.workers.contains(&worker) {
                 // A worker seen for the first time while paused (e.g. one
                 // restarted meanwhile) must pause too.
                 worker.do_send(Write(ToWorker::Pause.encode()));
             }
+            self.workers.insert(worker);
         }
         self.core.push(call, Instant::now());
         self.pump(ctx);
     }
 }
 
-impl Handler<Marked> for Sender {
+impl Handler<ReportSent> for Sender {
     type Result = ();
-    fn handle(&mut self, msg: Marked, ctx: &mut Context<Self>) {
-        for lane in msg.0 {
-            self.marking = self.marking.saturating_sub(1);
-            self.core.done(lane.as_deref());
+    fn handle(&mut self, msg: ReportSent, _: &mut Context<Self>) {
+        self.outbox = Some(msg.0);
+    }
+}
+
+impl Handler<Recorded> for Sender {
+    type Result = ();
+    fn handle(&mut self, msg: Recorded, ctx: &mut Context<Self>) {
+        for row in msg.0 {
+            if let Some(lane) = self.recording.remove(&row) {
+                self.core.done(lane.as_deref());
+            }
         }
         self.pump(ctx);
     }
@@ -760,7 +729,7 @@ impl Handler<Finished> for Sender {
         let Finished {
             lane,
             ticket,
-            mut call,
+            mut queued,
             result,
         } = msg;
         self.core.answered(ticket.as_ref(), now);
@@ -768,49 +737,49 @@ impl Handler<Finished> for Sender {
             Ok(result) => {
                 log::trace!(
                     "call ok method={} chat={}",
-                    call.method,
-                    call.chat_for_log()
+                    queued.call.method,
+                    queued.chat_for_log()
                 );
-                self.finish(lane, call, Ok(result));
+                self.finish(lane, queued, Outcome::Result(result));
             }
             Err(TelegramError::RetryAfter { retry_after, .. }) => {
                 let delay = Duration::from_secs(retry_after);
                 log::warn!(
                     "429 from Telegram method={} chat={}; retrying in {retry_after}s",
-                    call.method,
-                    call.chat_for_log()
+                    queued.call.method,
+                    queued.chat_for_log()
                 );
                 if lane.is_none() {
                     self.core.hold_all(now + delay);
                 }
-                self.core.retry(lane.as_deref(), call, now + delay);
+                self.core.retry(lane.as_deref(), queued, now + delay);
             }
             Err(TelegramError::Migrated {
                 migrate_to_chat_id, ..
-            }) if lane.is_some() && call.attempts <= self.settings.max_attempts => {
+            }) if lane.is_some() && queued.attempts <= self.settings.max_attempts => {
                 let new = Value::from(migrate_to_chat_id);
                 log::info!(
                     "chat={} migrated to chat={new}; resending method={}",
-                    call.chat_for_log(),
-                    call.method
+                    queued.chat_for_log(),
+                    queued.call.method
                 );
                 // Checked by the guard.
                 let old = lane.expect("guarded by lane.is_some()");
-                self.core.migrate(&old, new, call);
+                self.core.migrate(&old, new, queued);
             }
             Err(e @ (TelegramError::Server { .. } | TelegramError::Network(_))) => {
-                self.retry_or_fail(lane, call, e, now);
+                self.retry_or_fail(lane, queued, e, now);
             }
             Err(e @ (TelegramError::Timeout(_) | TelegramError::InvalidResponse(_))) => {
                 match self.settings.ambiguous {
-                    AmbiguousPolicy::Retry => self.retry_or_fail(lane, call, e, now),
+                    AmbiguousPolicy::Retry => self.retry_or_fail(lane, queued, e, now),
                     AmbiguousPolicy::Fail => {
-                        call.failures += 1;
-                        self.fail(lane, call, e);
+                        queued.failures += 1;
+                        self.fail(lane, queued, e);
                     }
                 }
             }
-            Err(e) => self.fail(lane, call, e),
+            Err(e) => self.fail(lane, queued, e),
         }
         self.pump(ctx);
     }
@@ -833,8 +802,9 @@ mod tests {
         Call::new("sendMessage".into(), p, None)
     }
 
-    fn text(c: &Call) -> &str {
-        c.params
+    fn text(q: &Queued) -> &str {
+        q.call
+            .params
             .get("text")
             .and_then(Value::as_str)
             .unwrap_or_default()
@@ -852,7 +822,7 @@ mod tests {
                 log.push((
                     now,
                     s.lane.clone().unwrap_or_default(),
-                    text(&s.call).into(),
+                    text(&s.queued).into(),
                 ));
                 in_flight.push((now + latency, s));
             }
@@ -903,7 +873,7 @@ mod tests {
         core.push(msg(2, "cold"), t0);
         let (starts2, _) = core.poll(t0);
         assert_eq!(starts2.len(), 1, "the cold chat goes at once");
-        assert_eq!(text(&starts2[0].call), "cold");
+        assert_eq!(text(&starts2[0].queued), "cold");
     }
 
     #[test]
@@ -1017,13 +987,13 @@ mod tests {
         let (mut starts, _) = core.poll(t0);
         let s = starts.remove(0);
         core.answered(None, t0);
-        core.retry(s.lane.as_deref(), s.call, t0 + Duration::from_secs(7));
+        core.retry(s.lane.as_deref(), s.queued, t0 + Duration::from_secs(7));
         let (starts, wake) = core.poll(t0 + Duration::from_secs(1));
         assert!(starts.is_empty());
         assert_eq!(wake, Some(t0 + Duration::from_secs(7)));
         let (starts, _) = core.poll(t0 + Duration::from_secs(7));
         assert_eq!(
-            text(&starts[0].call),
+            text(&starts[0].queued),
             "a",
             "the retried call keeps its place"
         );
@@ -1041,7 +1011,7 @@ mod tests {
         let (mut starts, _) = core.poll(t0);
         let s = starts.remove(0);
         core.answered(None, t0);
-        core.migrate("-5", json!(-1005), s.call);
+        core.migrate("-5", json!(-1005), s.queued);
         core.push(msg(-5, "c"), t0);
         let log = simulate(&mut core, t0, Duration::from_millis(1));
         let got: Vec<_> = log

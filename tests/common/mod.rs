@@ -247,15 +247,15 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
 
 /// Collects the `CallDone`s a Sender reports (tests that drive the actor
 /// system directly).
-struct Collector(std::rc::Rc<std::cell::RefCell<Vec<asgigramd::actors::sender::CallDone>>>);
+struct Collector(std::rc::Rc<std::cell::RefCell<Vec<asgigramd::actors::call::CallDone>>>);
 
 impl actix::Actor for Collector {
     type Context = actix::Context<Self>;
 }
 
-impl actix::Handler<asgigramd::actors::sender::CallDone> for Collector {
+impl actix::Handler<asgigramd::actors::call::CallDone> for Collector {
     type Result = ();
-    fn handle(&mut self, msg: asgigramd::actors::sender::CallDone, _: &mut actix::Context<Self>) {
+    fn handle(&mut self, msg: asgigramd::actors::call::CallDone, _: &mut actix::Context<Self>) {
         self.0.borrow_mut().push(msg);
     }
 }
@@ -263,8 +263,8 @@ impl actix::Handler<asgigramd::actors::sender::CallDone> for Collector {
 /// Where to send outcomes, and what arrived there. Must run inside an actix
 /// System.
 pub fn collector() -> (
-    actix::Recipient<asgigramd::actors::sender::CallDone>,
-    std::rc::Rc<std::cell::RefCell<Vec<asgigramd::actors::sender::CallDone>>>,
+    actix::Recipient<asgigramd::actors::call::CallDone>,
+    std::rc::Rc<std::cell::RefCell<Vec<asgigramd::actors::call::CallDone>>>,
 ) {
     use actix::Actor;
     let done = std::rc::Rc::default();
