@@ -935,18 +935,16 @@ impl Actor for JournalActor {
 /// Store a batch fetched with the given offset; answers with the ids that
 /// are new. Shared, so that a failed store can be sent again as it was.
 #[derive(Message, Clone)]
-#[rtype(result = "Result<Vec<i64>, String>")]
+#[rtype(result = "Result<Vec<i64>, JournalError>")]
 pub struct Append {
     pub batch: Arc<[(i64, String)]>,
     pub fetched_with: Option<i64>,
 }
 
 impl Handler<Append> for JournalActor {
-    type Result = Result<Vec<i64>, String>;
+    type Result = Result<Vec<i64>, JournalError>;
     fn handle(&mut self, msg: Append, _: &mut SyncContext<Self>) -> Self::Result {
-        self.journal()
-            .append(&msg.batch, msg.fetched_with)
-            .map_err(|e| e.to_string())
+        self.journal().append(&msg.batch, msg.fetched_with)
     }
 }
 

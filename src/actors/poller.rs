@@ -193,7 +193,7 @@ impl Poller {
         let stored = journal.send(append.clone());
         self.in_flight = Some(ctx.spawn(stored.into_actor(self).map(move |result, act, ctx| {
             act.in_flight = None;
-            match result.map_err(|e| e.to_string()).and_then(|r| r) {
+            match result.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
                 Ok(_) => {
                     act.failures = 0;
                     act.offset = next;
