@@ -14,7 +14,8 @@
 //! - [`routing`]: which scope an update goes to; one pure function.
 //! - [`bridge`]: the worker channel protocol and starting a worker process.
 //! - [`journal`]: the durable store: updates until handled, calls until sent.
-//! - [`actors`]: the daemon itself, one file per actor.
+//! - [`actors`]: the daemon itself, one file per actor; [`actors::call`]
+//!   is the call the outgoing path carries and its outcome.
 //! - [`sandbox`]: a local Bot API emulator for trying and testing bots.
 //! - [`chat`]: `--sandbox`: the terminal as a chat with the bot.
 //! - [`metrics`]: the process-wide counters the actors bump; Prometheus text.
@@ -34,12 +35,19 @@
 //!                           │ app's send() (Call), finished updates (Done)
 //!                           ▼                                     └─ stdout/stderr lines ─▶ log
 //!                         Outbox ══Record══▶ journal thread (calls, answers, handled: one transaction)
-//!                           │ calls, each with its outbox row id
-//!                           ▼
-//!  Bot API ◀──sendMessage── Sender (limits, per-chat order, retries) ──CallDone──▶ ScopeActor
-//!                             ├── Sent ──▶ Outbox (answer recorded) ──Marked──▶ Sender
+//!                           │ ▲
+//!       Call (with its row) │ │ Sent (row, cause, Outcome)
+//!   Recorded (rows written) │ │
+//!                           ▼ │
+//!  Bot API ◀──sendMessage── Sender (limits, per-chat order, retries) ──CallDone (Outcome)──▶ ScopeActor
 //!                             └── pause / resume (backpressure) ──▶ Worker
 //! ```
+//!
+//! A chat's next stored call waits until the journal has the answer to its
+//! previous one (`Recorded`, by outbox row), so that a crash leaves at most
+//! one call per chat whose fate the journal does not know.
+//! The call and its [`actors::call::Outcome`] keep one form from the scope
+//! to the Sender and back; only the journal and the app's event encode them.
 //!
 //! Every actor runs on one thread, the actix `System` that [`run`] is driven
 //! by; the [`journal`]'s SQLite calls run on one `SyncArbiter` thread, off

@@ -1,4 +1,5 @@
-//! The daemon's actors, one file each. All run on the one actix System thread.
+//! The daemon's actors, one file each, and the call the outgoing ones pass
+//! along ([`call`]). All run on the one actix System thread.
 
 pub mod call;
 pub mod outbox;
