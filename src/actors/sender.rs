@@ -174,6 +174,9 @@ struct Lane {
 
 /// The Sender's decisions, free of I/O: queues, lanes, pacing, backpressure.
 pub struct Core {
+    /// Lanes of stored calls answered whose answers the journal has not
+    /// written yet, by outbox row id: held busy until [`Core::recorded`].
+    recording: HashMap<i64, Option<String>>,
     pacer: Pacer,
     lanes: HashMap<String, Lane>,
     /// Lanes that are not busy and have a queued call, keyed by the
@@ -196,6 +199,7 @@ pub struct Core {
 impl Core {
     pub fn new(settings: &SenderSettings) -> Core {
         Core {
+            recording: HashMap::new(),
             pacer: Pacer::new(settings.limits.clone()),
             lanes: HashMap::new(),
             ready: BTreeMap::new(),
@@ -219,8 +223,9 @@ impl Core {
         self.in_flight
     }
 
+    /// Nothing queued, in flight, or waiting for its answer to be written.
     pub fn is_idle(&self) -> bool {
-        self.in_flight == 0 && self.queued == 0
+        self.in_flight == 0 && self.queued == 0 && self.recording.is_empty()
     }
 
     /// Queues a call from the app.
@@ -378,6 +383,21 @@ impl Core {
         }
     }
 
+    /// The stored call `row` of `lane` has a final outcome, which the journal
+    /// is to write: its lane's next call waits until [`Core::recorded`].
+    pub fn done_once_recorded(&mut self, row: i64, lane: Option<String>) {
+        self.recording.insert(row, lane);
+    }
+
+    /// The journal wrote the answer of the stored call `row`: its lane's
+    /// next call may go. A row not waiting (never held, or told twice)
+    /// releases nothing, so it cannot let a lane's call overtake another.
+    pub fn recorded(&mut self, row: i64) {
+        if let Some(lane) = self.recording.remove(&row) {
+            self.done(lane.as_deref());
+        }
+    }
+
     /// Puts a call back at the head of its lane, to start no earlier than
     /// `at`.
     pub fn retry(&mut self, lane: Option<&str>, call: Queued, at: Instant) {
@@ -473,9 +493,6 @@ pub struct Sender {
     drain_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     /// Told the final outcome of every call it tracks ([`ReportSent`]).
     outbox: Option<Recipient<Sent>>,
-    /// Stored calls answered whose answers the journal has not written yet,
-    /// by row id, with the lanes they hold.
-    recording: HashMap<i64, Option<String>>,
 }
 
 impl Sender {
@@ -488,7 +505,6 @@ impl Sender {
             workers: HashSet::new(),
             drain_waiters: Vec::new(),
             outbox: None,
-            recording: HashMap::new(),
         }
     }
 
@@ -514,15 +530,9 @@ impl Sender {
             });
         }
         match stored {
-            Some(row) => {
-                self.recording.insert(row, lane);
-            }
+            Some(row) => self.core.done_once_recorded(row, lane),
             None => self.core.done(lane.as_deref()),
         }
-    }
-
-    fn is_idle(&self) -> bool {
-        self.core.is_idle() && self.recording.is_empty()
     }
 
     /// Starts what may start now and sets the timer for what waits.
@@ -552,7 +562,7 @@ impl Sender {
             }
         }
         self.apply_backpressure();
-        if self.is_idle() {
+        if self.core.is_idle() {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -699,9 +709,7 @@ impl Handler<Recorded> for Sender {
     type Result = ();
     fn handle(&mut self, msg: Recorded, ctx: &mut Context<Self>) {
         for row in msg.0 {
-            if let Some(lane) = self.recording.remove(&row) {
-                self.core.done(lane.as_deref());
-            }
+            self.core.recorded(row);
         }
         self.pump(ctx);
     }
@@ -711,7 +719,7 @@ impl Handler<Drained> for Sender {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: Drained, _: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.is_idle() {
+        if self.core.is_idle() {
             let _ = tx.send(());
         } else {
             self.drain_waiters.push(tx);
@@ -1041,5 +1049,100 @@ mod tests {
         let log = simulate(&mut core, t0, Duration::from_millis(1));
         assert_eq!(log.len(), 4);
         assert_eq!(core.backpressure(), Some(false));
+    }
+
+    #[test]
+    fn a_stored_calls_chat_waits_until_its_answer_is_recorded() {
+        let mut core = Core::new(&SenderSettings {
+            limits: Limits::off(),
+            ..settings()
+        });
+        let t0 = Instant::now();
+        core.push(msg(1, "a"), t0);
+        core.push(msg(1, "b"), t0);
+        core.push(msg(2, "other"), t0);
+        let (mut starts, _) = core.poll(t0);
+        assert_eq!(starts.len(), 2, "one call per chat");
+        let a = starts.remove(0);
+        assert_eq!(text(&a.queued), "a");
+        core.answered(None, t0);
+        core.done_once_recorded(7, a.lane);
+        let (starts, _) = core.poll(t0);
+        assert!(starts.is_empty(), "b waits for a's answer to be written");
+        assert!(!core.is_idle());
+        core.recorded(7);
+        let (starts, _) = core.poll(t0);
+        assert_eq!(starts.len(), 1);
+        assert_eq!(text(&starts[0].queued), "b");
+    }
+
+    #[test]
+    fn a_row_not_waiting_releases_no_chat() {
+        let mut core = Core::new(&SenderSettings {
+            limits: Limits::off(),
+            ..settings()
+        });
+        let t0 = Instant::now();
+        core.push(msg(1, "a"), t0);
+        core.push(msg(1, "b"), t0);
+        let (starts, _) = core.poll(t0);
+        assert_eq!(starts.len(), 1);
+        // "a" is still in flight: a stray or repeated row must not let "b"
+        // overtake it.
+        core.recorded(99);
+        core.done_once_recorded(5, starts[0].lane.clone());
+        core.recorded(5);
+        core.recorded(5);
+        let (starts, _) = core.poll(t0);
+        assert_eq!(starts.len(), 1, "released once, by its own row");
+        assert_eq!(text(&starts[0].queued), "b");
+        let (starts, _) = core.poll(t0);
+        assert!(starts.is_empty());
+    }
+
+    #[test]
+    fn a_stored_call_without_a_chat_still_counts_until_recorded() {
+        let mut core = Core::new(&settings());
+        let t0 = Instant::now();
+        let Value::Object(p) = json!({"callback_query_id": "x"}) else {
+            unreachable!("a JSON object literal")
+        };
+        core.push(Call::new("answerCallbackQuery".into(), p, None), t0);
+        let (starts, _) = core.poll(t0);
+        core.answered(None, t0);
+        core.done_once_recorded(3, starts[0].lane.clone());
+        assert!(
+            !core.is_idle(),
+            "shutdown waits for the answer to be written"
+        );
+        core.recorded(3);
+        assert!(core.is_idle());
+    }
+
+    #[test]
+    fn a_readdressed_call_moves_chat_and_keeps_its_place_and_cost() {
+        let call = msg(-5, "a");
+        let mut q = Queued::new(call, 42);
+        assert_eq!(q.lane().as_deref(), Some("-5"));
+        let cost = q.cost;
+        assert_eq!(cost.map(|c| c.messages), Some(1), "a message");
+        q.readdress(&json!(-1005));
+        assert_eq!(q.lane().as_deref(), Some("-1005"));
+        assert_eq!(q.call.params["chat_id"], json!(-1005));
+        assert_eq!((q.seq, q.cost, q.attempts), (42, cost, 0));
+    }
+
+    #[test]
+    fn only_messages_cost_against_the_limits() {
+        let Value::Object(p) = json!({"chat_id": 1, "message_id": 1, "text": "e"}) else {
+            unreachable!("a JSON object literal")
+        };
+        let edit = Queued::new(Call::new("editMessageText".into(), p, None), 1);
+        assert_eq!(edit.cost, None);
+        let Value::Object(p) = json!({"chat_id": 1, "media": [{}, {}, {}]}) else {
+            unreachable!("a JSON object literal")
+        };
+        let album = Queued::new(Call::new("sendMediaGroup".into(), p, None), 2);
+        assert_eq!(album.cost.map(|c| c.messages), Some(3));
     }
 }
