@@ -9,12 +9,13 @@
 //! Owns: the calls not yet answered, one queue (lane) per chat; the pacer;
 //! the workers whose apps sent calls (for backpressure); the lanes of stored
 //! calls whose answers the journal is writing.
-//! Takes: [`Call`] (from the Outbox; without one, as in tests, directly),
-//! [`ReportSent`] (where the Outbox hears of outcomes, once at start),
-//! [`Recorded`] (the journal wrote these calls' answers), [`Drained`]
-//! (shutdown).
+//! Takes: [`Call`] from the Outbox (tests and the benchmark send it
+//! directly, with no Outbox); [`ReportSent`] (where the Outbox hears of
+//! outcomes, once as it starts); [`Recorded`] (the journal wrote these
+//! calls' answers); [`Drained`] (shutdown).
 //! Sends: the Bot API requests; [`CallDone`] to the scope that asked;
-//! [`Sent`] to the Outbox; `pause` / `resume` frames ([`Write`]) to workers.
+//! [`Sent`] to the Outbox for every call it tracks; `pause` / `resume`
+//! frames ([`Write`]) to workers.
 //! Stops: with the System. [`Drained`] resolves once no call is queued, in
 //! flight or waiting for its answer to be written; what it never sent is
 //! still in the journal's outbox for the next start.
