@@ -36,7 +36,7 @@ use crate::actors::outbox::{Done, Outbox};
 use crate::actors::sender::{Call, CallDone, Cause, ReplyTo};
 use crate::actors::worker::{Attach, Death, InstanceMsg, Worker, Write};
 use crate::bridge::{Outgoing, ScopeDict, Sid, ToWorker};
-use crate::routing::{Lane, ScopeKey};
+use crate::routing::{Conversation, ScopeKey};
 use crate::telegram::methods;
 
 /// Unique per process, so a frame for an ended instance never reaches its
@@ -360,16 +360,16 @@ impl ScopeActor {
         self.links.outbox.do_send(call);
     }
 
-    /// `chat_id` (and a business lane's `business_connection_id`) default to
+    /// `chat_id` (and a business conversation's `business_connection_id`) default to
     /// the scope's own, for methods that take them.
     fn fill_defaults(&self, method: &str, params: &mut Map<String, Value>) {
-        let ScopeKey::Chat { id, lane } = &self.key else {
+        let ScopeKey::Chat { id, conversation } = &self.key else {
             return;
         };
         if !params.contains_key("chat_id") && takes(methods::CHAT_ID_METHODS, method) {
             params.insert("chat_id".into(), json!(id));
         }
-        if let Lane::Business(conn) = lane {
+        if let Conversation::Business(conn) = conversation {
             if !params.contains_key("business_connection_id")
                 && takes(methods::BUSINESS_METHODS, method)
             {
