@@ -1,10 +1,19 @@
-//! ScopeActor: one per live scope (a chat, a user, a business chat).
+//! ScopeActor: one per live scope (a chat, a user, a business chat). It keeps
+//! one application instance fed with the scope's events, in order, and turns
+//! what the instance `send()`s into Bot API calls.
 //!
-//! Owns the scope's ordered queue of events the application has not received
-//! yet, and the application instance that runs in a worker. Takes events from
-//! the Supervisor, gives them to the instance in order, drops each once the
-//! instance's `receive()` returned it, and turns what the instance `send()`s
-//! into Bot API calls, sent through the Outbox.
+//! - **Owns**: the scope's ordered queue of events the instance has not
+//!   received yet, the update *in hand*, the calls awaiting their outcome,
+//!   and the instance (its `sid` in a worker).
+//! - **Takes**: [`Enqueue`] (events, from the Supervisor), [`Close`] and
+//!   [`Terminate`] (the Supervisor), [`InstanceMsg`] (the worker's frames for
+//!   its instance), [`CallDone`] (an outcome the app asked for).
+//! - **Sends**: `Attach` and `Write` (the instance's frames) to its Worker;
+//!   [`Call`]s and [`Done`] to the Outbox; [`ScopeReport`]s (received, idle,
+//!   instance ended, bounced, stopped) to the Supervisor.
+//! - **Stops**: when the Supervisor closes it (idle, evicted, moved,
+//!   shutdown) and the instance has ended, or at once when its worker is
+//!   gone; either way it hands back what is still queued in [`Stopped`].
 //!
 //! The update an instance received last is *in hand* until the instance is
 //! done with it: it asks for the next event (`receive()` returns another
@@ -18,10 +27,6 @@
 //! are recognised as repeats). It is restarted at once when it had made
 //! progress, otherwise on the next event, so an app that raises before
 //! receiving anything cannot spin.
-//!
-//! Stops when the Supervisor closes it (idle, evicted, shutdown) and the
-//! instance has ended, or at once when its worker is gone; either way it hands
-//! back what is still queued in [`Stopped`].
 
 use std::collections::VecDeque;
 use std::rc::Rc;
