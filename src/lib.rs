@@ -9,19 +9,23 @@
 //!
 //! - [`settings`]: typed settings in layers (defaults, file, environment); the
 //!   token redacts itself.
-//! - [`telegram`]: the Bot API boundary: updates, calls, the error envelope.
-//! - [`limits`]: Telegram's flood limits as data and the pure pacer the Sender uses.
+//! - [`telegram`]: the Bot API boundary: updates, the client and its errors,
+//!   uploads, the method tables, and Telegram's flood limits as data with the
+//!   pure pacer the Sender uses.
 //! - [`routing`]: which scope an update goes to; one pure function.
 //! - [`bridge`]: the worker channel protocol and starting a worker process.
 //! - [`journal`]: the durable store: updates until handled, calls until sent.
-//! - [`actors`]: the daemon itself, one file per actor; [`actors::call`]
-//!   is the call the outgoing path carries and its outcome.
+//! - [`actors`]: the daemon itself, one file (or folder) per actor, in the
+//!   order an update meets them: Poller, Supervisor, ScopeActor, Worker,
+//!   Outbox, Sender. Each opens with its contract: what it owns, takes,
+//!   sends, and when it stops. [`actors::call`] is the call the Outbox and
+//!   the Sender carry, and its outcome.
+//! - [`ops`]: what an operator steers and watches it with: `/healthz`,
+//!   `/readyz`, `/metrics`, the metrics registry, logging (secrets masked),
+//!   SIGHUP reload.
 //! - [`sandbox`]: a local Bot API emulator for trying and testing bots.
 //! - [`chat`]: `--sandbox`: the terminal as a chat with the bot.
-//! - [`metrics`]: the process-wide counters the actors bump; Prometheus text.
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics` (off unless `http.bind`).
-//! - [`reload`]: SIGHUP and `--reload` ask the Supervisor to replace the workers.
-//! - [`logging`]: text or JSON lines, secrets masked.
+//! - [`backoff`]: the retry delays the Poller, the Outbox and the Sender share.
 //!
 //! # Message flow
 //!

@@ -6,8 +6,8 @@
 //! | update kinds | scope |
 //! |---|---|
 //! | message, edited_message, channel_post, edited_channel_post, message_reaction, message_reaction_count, my_chat_member, chat_member, chat_join_request, chat_boost, removed_chat_boost | the chat (`chat`) |
-//! | business_message, edited_business_message, deleted_business_messages | the chat, in the business connection's own lane (`business_connection_id`) |
-//! | guest_message | the chat, in the guest lane |
+//! | business_message, edited_business_message, deleted_business_messages | the chat, in the business connection's own conversation (`business_connection_id`) |
+//! | guest_message | the chat, in the guest conversation |
 //! | callback_query | its message's chat; the user (`from`) for inline-message buttons |
 //! | inline_query, chosen_inline_result, shipping_query, pre_checkout_query, purchased_paid_media, business_connection, managed_bot, subscription | the user (`from` or `user`) |
 //! | poll_answer | the user, else `voter_chat` |
@@ -22,7 +22,7 @@ use crate::telegram::Update;
 
 /// Where a chat's updates go when they are not plain chat traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Lane {
+pub enum Conversation {
     /// Ordinary chat traffic.
     Plain,
     /// Messages the bot handles on behalf of a business account: same chat id,
@@ -35,7 +35,7 @@ pub enum Lane {
 /// The identity of a scope: one application instance per key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ScopeKey {
-    Chat { id: i64, lane: Lane },
+    Chat { id: i64, conversation: Conversation },
     User { id: i64 },
 }
 
@@ -43,7 +43,7 @@ impl ScopeKey {
     pub fn chat(id: i64) -> ScopeKey {
         ScopeKey::Chat {
             id,
-            lane: Lane::Plain,
+            conversation: Conversation::Plain,
         }
     }
 
@@ -61,15 +61,15 @@ impl fmt::Display for ScopeKey {
         match self {
             ScopeKey::Chat {
                 id,
-                lane: Lane::Plain,
+                conversation: Conversation::Plain,
             } => write!(f, "chat:{id}"),
             ScopeKey::Chat {
                 id,
-                lane: Lane::Business(conn),
+                conversation: Conversation::Business(conn),
             } => write!(f, "business:{conn}:{id}"),
             ScopeKey::Chat {
                 id,
-                lane: Lane::Guest,
+                conversation: Conversation::Guest,
             } => write!(f, "guest:{id}"),
             ScopeKey::User { id } => write!(f, "user:{id}"),
         }
@@ -136,15 +136,15 @@ pub fn route(update: &Update) -> Result<Route, Unroutable> {
     let found = match kind {
         "business_message" | "edited_business_message" | "deleted_business_messages" => {
             match obj.get("business_connection_id").and_then(Value::as_str) {
-                Some(conn) => chat_in(obj, Lane::Business(conn.to_string())),
-                None => chat_in(obj, Lane::Plain),
+                Some(conn) => chat_in(obj, Conversation::Business(conn.to_string())),
+                None => chat_in(obj, Conversation::Plain),
             }
         }
-        "guest_message" => chat_in(obj, Lane::Guest),
+        "guest_message" => chat_in(obj, Conversation::Guest),
         "callback_query" => obj
             .get("message")
             .and_then(Value::as_object)
-            .and_then(|m| chat_in(m, Lane::Plain))
+            .and_then(|m| chat_in(m, Conversation::Plain))
             .or_else(|| user_in(obj, "from")),
         "inline_query"
         | "chosen_inline_result"
@@ -155,14 +155,14 @@ pub fn route(update: &Update) -> Result<Route, Unroutable> {
         "poll_answer" => user_in(obj, "user").or_else(|| {
             obj.get("voter_chat")
                 .and_then(Value::as_object)
-                .and_then(|c| chat_route(c, Lane::Plain))
+                .and_then(|c| chat_route(c, Conversation::Plain))
         }),
         "poll" => None,
-        _ => chat_in(obj, Lane::Plain)
+        _ => chat_in(obj, Conversation::Plain)
             .or_else(|| {
                 obj.get("message")
                     .and_then(Value::as_object)
-                    .and_then(|m| chat_in(m, Lane::Plain))
+                    .and_then(|m| chat_in(m, Conversation::Plain))
             })
             .or_else(|| user_in(obj, "from"))
             .or_else(|| user_in(obj, "user")),
@@ -174,18 +174,18 @@ fn id_of(obj: &Map<String, Value>) -> Option<i64> {
     obj.get("id").and_then(Value::as_i64)
 }
 
-fn chat_route(chat: &Map<String, Value>, lane: Lane) -> Option<Route> {
+fn chat_route(chat: &Map<String, Value>, conversation: Conversation) -> Option<Route> {
     Some(Route {
         key: ScopeKey::Chat {
             id: id_of(chat)?,
-            lane,
+            conversation,
         },
         subject: Value::Object(chat.clone()),
     })
 }
 
-fn chat_in(obj: &Map<String, Value>, lane: Lane) -> Option<Route> {
-    chat_route(obj.get("chat")?.as_object()?, lane)
+fn chat_in(obj: &Map<String, Value>, conversation: Conversation) -> Option<Route> {
+    chat_route(obj.get("chat")?.as_object()?, conversation)
 }
 
 fn user_in(obj: &Map<String, Value>, field: &str) -> Option<Route> {

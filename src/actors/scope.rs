@@ -1,10 +1,19 @@
-//! ScopeActor: one per live scope (a chat, a user, a business chat).
+//! ScopeActor: one per live scope (a chat, a user, a business chat). It keeps
+//! one application instance fed with the scope's events, in order, and turns
+//! what the instance `send()`s into Bot API calls.
 //!
-//! Owns the scope's ordered queue of events the application has not received
-//! yet, and the application instance that runs in a worker. Takes events from
-//! the Supervisor, gives them to the instance in order, drops each once the
-//! instance's `receive()` returned it, and turns what the instance `send()`s
-//! into Bot API calls, sent through the Outbox.
+//! - **Owns**: the scope's ordered queue of events the instance has not
+//!   received yet, the update *in hand*, the calls awaiting their outcome,
+//!   and the instance (its `sid` in a worker).
+//! - **Takes**: [`Enqueue`] (events, from the Supervisor), [`Close`] and
+//!   [`Terminate`] (the Supervisor), [`InstanceMsg`] (the worker's frames for
+//!   its instance), [`CallDone`] (an outcome the app asked for).
+//! - **Sends**: `Attach` and `Write` (the instance's frames) to its Worker;
+//!   [`Call`]s and [`Done`] to the Outbox; [`ScopeReport`]s (received, idle,
+//!   instance ended, bounced, stopped) to the Supervisor.
+//! - **Stops**: when the Supervisor closes it (idle, evicted, moved,
+//!   shutdown) and the instance has ended, or at once when its worker is
+//!   gone; either way it hands back what is still queued in [`Stopped`].
 //!
 //! The update an instance received last is *in hand* until the instance is
 //! done with it: it asks for the next event (`receive()` returns another
@@ -18,10 +27,6 @@
 //! are recognised as repeats). It is restarted at once when it had made
 //! progress, otherwise on the next event, so an app that raises before
 //! receiving anything cannot spin.
-//!
-//! Stops when the Supervisor closes it (idle, evicted, shutdown) and the
-//! instance has ended, or at once when its worker is gone; either way it hands
-//! back what is still queued in [`Stopped`].
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -36,7 +41,7 @@ use crate::actors::call::{Call, CallDone, Cause, ReplyTo};
 use crate::actors::outbox::{Done, Outbox};
 use crate::actors::worker::{Attach, Death, InstanceMsg, Worker, Write};
 use crate::bridge::{Outgoing, ScopeDict, Sid, ToWorker};
-use crate::routing::{Lane, ScopeKey};
+use crate::routing::{Conversation, ScopeKey};
 use crate::telegram::methods;
 
 /// Unique per process, so a frame for an ended instance never reaches its
@@ -360,16 +365,16 @@ impl ScopeActor {
         self.links.outbox.do_send(call);
     }
 
-    /// `chat_id` (and a business lane's `business_connection_id`) default to
+    /// `chat_id` (and a business conversation's `business_connection_id`) default to
     /// the scope's own, for methods that take them.
     fn fill_defaults(&self, method: &str, params: &mut Map<String, Value>) {
-        let ScopeKey::Chat { id, lane } = &self.key else {
+        let ScopeKey::Chat { id, conversation } = &self.key else {
             return;
         };
         if !params.contains_key("chat_id") && takes(methods::CHAT_ID_METHODS, method) {
             params.insert("chat_id".into(), json!(id));
         }
-        if let Lane::Business(conn) = lane {
+        if let Conversation::Business(conn) = conversation {
             if !params.contains_key("business_connection_id")
                 && takes(methods::BUSINESS_METHODS, method)
             {

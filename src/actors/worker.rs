@@ -1,11 +1,21 @@
-//! Worker actor: one per Python worker process.
+//! Worker actor: one per Python worker process, the daemon's side of its
+//! channel (fd 3, [`crate::bridge`]).
 //!
-//! Owns the process and its channel (fd 3). Writes the frames scopes give it,
-//! reads the worker's frames and routes each to the instance (`sid`) it belongs
-//! to, and forwards the process's stdout/stderr lines to the log with its pid.
-//! Tells the Supervisor when the worker is ready, failed to start, or exited;
-//! tells every attached scope when the process is gone, so their unreceived
-//! events can go to a new instance. Stops once the process has exited.
+//! - **Owns**: the process (its group, so that what it forks dies with it),
+//!   the channel's write half, and which scope each instance (`sid`) in it
+//!   belongs to.
+//! - **Takes**: [`Attach`] (start an instance for a scope), [`Write`] (frames
+//!   from scopes, and `pause`/`resume` from the Sender), [`ShutdownWorker`]
+//!   and [`Release`] (the Supervisor), and the process's exit.
+//! - **Sends**: [`InstanceMsg`] to the scope each frame belongs to, and
+//!   [`InstanceMsg::WorkerLost`] to every attached scope when the process is
+//!   gone; [`WorkerEvent`]s (ready, failed to start, exited, with how it
+//!   died) to the Supervisor; the process's stdout/stderr lines to the log,
+//!   with its pid.
+//! - **Stops**: once the process has exited (asked to, crashed, or killed
+//!   for hanging or for breaking its channel), its last frames are read (or
+//!   a short grace has passed), and the Supervisor, told of the exit, has
+//!   released it.
 
 use std::collections::HashMap;
 use std::io;

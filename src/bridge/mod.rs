@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::routing::{Lane, ScopeKey};
+use crate::routing::{Conversation, ScopeKey};
 use crate::settings::{AppSettings, ENV_PREFIX};
 
 /// Source of the Python bridge, run in every worker process.
@@ -88,10 +88,10 @@ impl<'a> ScopeDict<'a> {
     /// `subject` is the scope's Chat or User object, as the key says.
     pub fn new(key: &'a ScopeKey, subject: &'a RawValue, bot: &'a RawValue) -> ScopeDict<'a> {
         let (chat, user, business_connection_id) = match key {
-            ScopeKey::Chat { lane, .. } => {
-                let conn = match lane {
-                    Lane::Business(conn) => Some(conn.as_str()),
-                    Lane::Plain | Lane::Guest => None,
+            ScopeKey::Chat { conversation, .. } => {
+                let conn = match conversation {
+                    Conversation::Business(conn) => Some(conn.as_str()),
+                    Conversation::Plain | Conversation::Guest => None,
                 };
                 (Some(subject), None, conn)
             }
@@ -357,7 +357,7 @@ mod tests {
         assert_eq!(v, json!({"op": "start", "sid": 4, "scope": scope}));
         let key = ScopeKey::Chat {
             id: 1,
-            lane: Lane::Business("c".into()),
+            conversation: Conversation::Business("c".into()),
         };
         let f = ToWorker::Start {
             sid: 5,

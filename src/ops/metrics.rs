@@ -152,6 +152,22 @@ pub enum PollState {
     Rejected,
 }
 
+/// Why `/readyz` answers 503; the orchestrator waits, or restarts the pod
+/// when it lasts (the token, say, will not come right by itself).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("Telegram rejected the token (401 Unauthorized)")]
+    TokenRejected,
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("not polling yet")]
+    NotPolling,
+    #[error("getUpdates failing: {0}")]
+    PollFailing(String),
+    #[error("{ready} of {want} workers ready")]
+    Workers { ready: i64, want: i64 },
+}
+
 /// Every metric the daemon exports. Fields are public so instrumentation is
 /// a one-liner; the HTTP endpoint and the stats line only read them.
 #[derive(Debug)]
@@ -323,24 +339,24 @@ impl Metrics {
     }
 
     /// `Ok` when the bot can serve: polling works and every worker is up;
-    /// otherwise why not, in a few words (the body of a 503 from `/readyz`).
-    pub fn readiness(&self) -> Result<(), String> {
+    /// otherwise why not (the body of a 503 from `/readyz`).
+    pub fn readiness(&self) -> Result<(), NotReady> {
         // The most telling reason first: a rejected token also shuts down.
         let state = self.poll_state();
         if state == PollState::Rejected {
-            return Err("Telegram rejected the token (401 Unauthorized)".into());
+            return Err(NotReady::TokenRejected);
         }
         if self.shutting_down.load(Ordering::Relaxed) {
-            return Err("shutting down".into());
+            return Err(NotReady::ShuttingDown);
         }
         match state {
             PollState::Ok | PollState::Rejected => {}
-            PollState::Starting => return Err("not polling yet".into()),
-            PollState::Failing(why) => return Err(format!("getUpdates failing: {why}")),
+            PollState::Starting => return Err(NotReady::NotPolling),
+            PollState::Failing(why) => return Err(NotReady::PollFailing(why)),
         }
         let (ready, want) = (self.workers_ready.get(), self.workers_configured.get());
         if ready < want {
-            return Err(format!("{ready} of {want} workers ready"));
+            return Err(NotReady::Workers { ready, want });
         }
         Ok(())
     }
@@ -656,14 +672,20 @@ mod tests {
     fn readiness_needs_polling_and_every_worker() {
         let m = Metrics::new();
         m.workers_configured.set(2);
-        assert_eq!(m.readiness(), Err("not polling yet".into()));
+        assert_eq!(m.readiness(), Err(NotReady::NotPolling));
         m.api_call("getMe", Duration::ZERO, &Ok(()));
-        assert_eq!(m.readiness(), Err("0 of 2 workers ready".into()));
+        let why = m.readiness().unwrap_err();
+        assert_eq!(why, NotReady::Workers { ready: 0, want: 2 });
+        assert_eq!(why.to_string(), "0 of 2 workers ready");
         m.workers_ready.set(2);
         assert_eq!(m.readiness(), Ok(()));
         let e = TelegramError::Network("refused".into());
         m.api_call("getUpdates", Duration::ZERO, &Err(&e));
-        assert!(m.readiness().unwrap_err().starts_with("getUpdates failing"));
+        assert!(m
+            .readiness()
+            .unwrap_err()
+            .to_string()
+            .starts_with("getUpdates failing"));
         m.api_call("getUpdates", Duration::ZERO, &Ok(()));
         assert_eq!(m.readiness(), Ok(()));
         m.api_call(
@@ -672,6 +694,8 @@ mod tests {
             &Err(&TelegramError::Unauthorized),
         );
         m.api_call("getUpdates", Duration::ZERO, &Ok(()));
-        assert!(m.readiness().unwrap_err().contains("401"));
+        let why = m.readiness().unwrap_err();
+        assert_eq!(why, NotReady::TokenRejected);
+        assert!(why.to_string().contains("401"));
     }
 }

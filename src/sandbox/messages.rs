@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 
 use super::envelope::{ApiError, Outcome, Success};
 use super::fabricate::overlay;
-use super::methods::{fabricate, resolve_chat, Call};
+use super::methods::{fabricate, resolve_chat, Request};
 use super::schema::schema;
 use super::state::{unix_now, State, UploadedFile};
 
@@ -44,7 +44,7 @@ const MEDIA_KEYS: [&str; 6] = [
 
 // ----- sending ------------------------------------------------------------
 
-pub(super) fn send_message(state: &mut State, call: &Call, chat: &Value) -> Outcome {
+pub(super) fn send_message(state: &mut State, call: &Request, chat: &Value) -> Outcome {
     let text = call.text("text").unwrap_or_default();
     if text.encode_utf16().count() > MAX_TEXT_LENGTH {
         return Err(ApiError::bad_request("message is too long"));
@@ -59,7 +59,7 @@ pub(super) fn send_message(state: &mut State, call: &Call, chat: &Value) -> Outc
 
 /// sendPhoto, sendLocation, sendPoll…: the content goes in the Message field
 /// named after the method (`sendVideoNote` → `video_note`).
-pub(super) fn send_content(state: &mut State, call: &Call, chat: &Value) -> Outcome {
+pub(super) fn send_content(state: &mut State, call: &Request, chat: &Value) -> Outcome {
     let mut message = new_message(state, chat, call)?;
     let field = content_field(call.name());
     if let Some(ty) = message_field_type(&field) {
@@ -71,7 +71,7 @@ pub(super) fn send_content(state: &mut State, call: &Call, chat: &Value) -> Outc
     Ok(finish_message(state, message).into())
 }
 
-pub(super) fn send_media_group(state: &mut State, call: &Call, chat: &Value) -> Outcome {
+pub(super) fn send_media_group(state: &mut State, call: &Request, chat: &Value) -> Outcome {
     let Some(Value::Array(media)) = call.get("media") else {
         return Err(ApiError::bad_request("can't parse media JSON object"));
     };
@@ -105,7 +105,7 @@ pub(super) fn send_media_group(state: &mut State, call: &Call, chat: &Value) -> 
 fn new_message(
     state: &mut State,
     chat: &Value,
-    call: &Call,
+    call: &Request,
 ) -> Result<Map<String, Value>, ApiError> {
     let chat_id = chat["id"].as_i64().unwrap_or_default();
     let reply = reply_target(state, chat_id, call)?;
@@ -147,7 +147,7 @@ fn inline_keyboard(markup: Option<&Value>) -> Option<Value> {
 
 /// The message being replied to, from `reply_parameters` or the older
 /// `reply_to_message_id`.
-fn reply_target(state: &State, chat_id: i64, call: &Call) -> Result<Option<Value>, ApiError> {
+fn reply_target(state: &State, chat_id: i64, call: &Request) -> Result<Option<Value>, ApiError> {
     let (reply_chat, message_id, allow_missing) = match call.get("reply_parameters") {
         Some(Value::Object(p)) => (
             p.get("chat_id").and_then(Value::as_i64).unwrap_or(chat_id),
@@ -371,7 +371,7 @@ fn adjust_content(
 
 // ----- forwarding and copying ------------------------------------------------
 
-pub(super) fn forward_or_copy(state: &mut State, call: &Call, chat: &Value) -> Outcome {
+pub(super) fn forward_or_copy(state: &mut State, call: &Request, chat: &Value) -> Outcome {
     let copy = call.name().starts_with("copy");
     let from_chat = source_chat(state, call)?;
     let message_id = call.int("message_id").unwrap_or_default();
@@ -392,7 +392,7 @@ pub(super) fn forward_or_copy(state: &mut State, call: &Call, chat: &Value) -> O
 }
 
 /// forwardMessages/copyMessages skip the messages they cannot find.
-pub(super) fn forward_or_copy_many(state: &mut State, call: &Call, chat: &Value) -> Outcome {
+pub(super) fn forward_or_copy_many(state: &mut State, call: &Request, chat: &Value) -> Outcome {
     let copy = call.name().starts_with("copy");
     let from_chat = source_chat(state, call)?;
     let Some(Value::Array(ids)) = call.get("message_ids") else {
@@ -412,7 +412,7 @@ pub(super) fn forward_or_copy_many(state: &mut State, call: &Call, chat: &Value)
     Ok(Value::Array(results).into())
 }
 
-fn source_chat(state: &State, call: &Call) -> Result<i64, ApiError> {
+fn source_chat(state: &State, call: &Request) -> Result<i64, ApiError> {
     let from = call
         .get("from_chat_id")
         .ok_or_else(|| ApiError::bad_request("chat_id is empty"))?;
@@ -422,7 +422,7 @@ fn source_chat(state: &State, call: &Call) -> Result<i64, ApiError> {
 
 fn duplicate(
     state: &mut State,
-    call: &Call,
+    call: &Request,
     chat: &Value,
     original: &Value,
     copy: bool,
@@ -464,7 +464,7 @@ fn origin_of(original: &Value) -> Value {
 
 // ----- editing and deleting ------------------------------------------------
 
-pub(super) fn edit_message(state: &mut State, call: &Call, chat: Option<&Value>) -> Outcome {
+pub(super) fn edit_message(state: &mut State, call: &Request, chat: Option<&Value>) -> Outcome {
     // Inline messages live in other chats the sandbox does not track.
     if call.get("inline_message_id").is_some() {
         return Ok(Value::Bool(true).into());
@@ -499,7 +499,7 @@ pub(super) fn edit_message(state: &mut State, call: &Call, chat: Option<&Value>)
     Ok(edited.into())
 }
 
-fn apply_edit(state: &mut State, call: &Call, message: &mut Value, chat: &Value) {
+fn apply_edit(state: &mut State, call: &Request, message: &mut Value, chat: &Value) {
     let Value::Object(fields) = message else {
         return;
     };
@@ -552,7 +552,7 @@ fn set_or_remove(fields: &mut Map<String, Value>, key: &str, value: Option<&Valu
     };
 }
 
-pub(super) fn delete_message(state: &mut State, call: &Call, chat: &Value) -> Outcome {
+pub(super) fn delete_message(state: &mut State, call: &Request, chat: &Value) -> Outcome {
     let chat_id = chat["id"].as_i64().unwrap_or_default();
     let message_id = call.int("message_id").unwrap_or_default();
     match state.messages.remove(&(chat_id, message_id)) {
@@ -562,7 +562,7 @@ pub(super) fn delete_message(state: &mut State, call: &Call, chat: &Value) -> Ou
 }
 
 /// deleteMessages skips the messages it cannot find.
-pub(super) fn delete_messages(state: &mut State, call: &Call, chat: &Value) -> Success {
+pub(super) fn delete_messages(state: &mut State, call: &Request, chat: &Value) -> Success {
     let chat_id = chat["id"].as_i64().unwrap_or_default();
     if let Some(Value::Array(ids)) = call.get("message_ids") {
         for id in ids.iter().filter_map(Value::as_i64) {

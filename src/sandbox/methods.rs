@@ -12,18 +12,19 @@ use super::params::{self, Input};
 use super::schema::{schema, Method};
 use super::state::{synthetic_user, unix_now, State, UploadedFile, Webhook};
 
-/// A call matched to its method, with parameters read as Telegram reads them.
-pub(crate) struct Call {
+/// A method request to the emulator, matched to its method, with parameters
+/// read as Telegram reads them.
+pub(crate) struct Request {
     pub method: &'static Method,
     pub params: Map<String, Value>,
     pub files: Vec<UploadedFile>,
 }
 
-impl Call {
+impl Request {
     pub fn new(method: &'static Method, input: Input) -> Self {
         let mut params = input.params;
         params::normalize(method, &mut params);
-        Call {
+        Request {
             method,
             params,
             files: input.files,
@@ -90,7 +91,7 @@ fn is_well_formed(token: &str) -> bool {
 }
 
 /// Runs a call (not getUpdates) against the state.
-pub(crate) fn execute(state: &mut State, call: &Call, now: Instant) -> Outcome {
+pub(crate) fn execute(state: &mut State, call: &Request, now: Instant) -> Outcome {
     check_required(call)?;
     let sends = sends_message(call.method);
     let chat = match call.get("chat_id") {
@@ -118,7 +119,7 @@ fn sends_message(method: &Method) -> bool {
         && method.returns.contains("Message")
 }
 
-fn check_required(call: &Call) -> Result<(), ApiError> {
+fn check_required(call: &Request) -> Result<(), ApiError> {
     for param in call.method.params.iter().filter(|p| p.required) {
         // setWebhook with an empty url removes the webhook, as on Telegram.
         let optional_in_practice = call.name() == "setWebhook" && param.name == "url";
@@ -169,7 +170,7 @@ pub(super) fn resolve_chat(
     }
 }
 
-fn dispatch(state: &mut State, call: &Call, chat: Option<Value>) -> Outcome {
+fn dispatch(state: &mut State, call: &Request, chat: Option<Value>) -> Outcome {
     let name = call.name();
     match name {
         "getMe" => Ok(state.bot.clone().into()),
@@ -210,7 +211,7 @@ fn require(chat: Option<Value>) -> Result<Value, ApiError> {
 
 // ----- webhooks ---------------------------------------------------------
 
-fn set_webhook(state: &mut State, call: &Call) -> Outcome {
+fn set_webhook(state: &mut State, call: &Request) -> Outcome {
     let url = call.str("url").unwrap_or_default();
     if url.is_empty() {
         return Ok(delete_webhook(state, call));
@@ -245,7 +246,7 @@ fn set_webhook(state: &mut State, call: &Call) -> Outcome {
     })
 }
 
-fn delete_webhook(state: &mut State, call: &Call) -> Success {
+fn delete_webhook(state: &mut State, call: &Request) -> Success {
     if call.flag("drop_pending_updates") {
         state.updates.clear();
     }
@@ -285,7 +286,7 @@ fn get_chat(state: &mut State, chat: &Value) -> Value {
     info
 }
 
-fn get_chat_member(state: &mut State, call: &Call, chat: &Value) -> Value {
+fn get_chat_member(state: &mut State, call: &Request, chat: &Value) -> Value {
     let user_id = call.int("user_id").unwrap_or_default();
     if user_id == state.bot_id() && chat["type"] != "private" {
         return bot_administrator(state, chat);
@@ -313,7 +314,7 @@ fn bot_administrator(state: &mut State, chat: &Value) -> Value {
     member
 }
 
-fn get_file(state: &mut State, call: &Call) -> Value {
+fn get_file(state: &mut State, call: &Request) -> Value {
     let file_id = call.text("file_id").unwrap_or_default();
     state.file(&file_id).to_json()
 }
@@ -322,7 +323,7 @@ fn get_file(state: &mut State, call: &Call) -> Value {
 
 /// A plausible result of the method's documented return type, reflecting
 /// the parameters that name fields of that type.
-fn generic(state: &mut State, call: &Call, chat: Option<&Value>) -> Outcome {
+fn generic(state: &mut State, call: &Request, chat: Option<&Value>) -> Outcome {
     let returns = call.method.returns.as_str();
     if returns == "Message or True" {
         // setGameScore and the like: True for inline messages, else the message.

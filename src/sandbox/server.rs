@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use super::envelope::{ApiError, Reply};
 use super::faults::Fault;
-use super::methods::{self, Call};
+use super::methods::{self, Request};
 use super::params;
 use super::polling::{self, PollAnswer};
 use super::state::RecordedCall;
@@ -149,7 +149,7 @@ async fn api_call(
         Ok(method) => method,
         Err(error) => return reject(&shared, &requested, input, error, arrived),
     };
-    let call = Call::new(method, input);
+    let call = Request::new(method, input);
     if method.name == "getUpdates" {
         let socket = req.conn_data::<ConnectionSocket>().copied();
         let hung_up = || socket.is_some_and(|s| peer_closed(s.0));
@@ -197,7 +197,12 @@ fn reject(
 }
 
 /// Runs a call through the fault plan and the state.
-async fn execute(req: &HttpRequest, shared: &Shared, call: Call, arrived: Instant) -> HttpResponse {
+async fn execute(
+    req: &HttpRequest,
+    shared: &Shared,
+    call: Request,
+    arrived: Instant,
+) -> HttpResponse {
     let fault = shared.update_quietly(|s| s.faults.for_call(&call.method.name));
     if let Some(fault) = fault.filter(|f| !f.executes_call()) {
         log::debug!("{}: injected {fault:?}", call.method.name);
@@ -236,7 +241,7 @@ async fn answer(req: &HttpRequest, reply: &Reply, fault: Option<Fault>) -> HttpR
 }
 
 fn recorded(
-    call: Call,
+    call: Request,
     at: Instant,
     status: u16,
     response: Value,
