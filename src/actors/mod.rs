@@ -2,7 +2,6 @@
 
 pub mod outbox;
 pub mod poller;
-pub mod quarantine;
 pub mod scope;
 pub mod sender;
 pub mod supervisor;
