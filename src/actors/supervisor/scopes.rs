@@ -16,11 +16,11 @@ use crate::routing::ScopeKey;
 
 /// A live scope: started and not told to close.
 pub struct Scope<A> {
-    pub scope_id: u64,
-    pub addr: A,
-    pub worker: usize,
+    scope_id: u64,
+    addr: A,
+    worker: usize,
     /// Runs on the isolation worker.
-    pub isolated: bool,
+    isolated: bool,
     /// Events given to the scope, and how many it reported received.
     dispatched: u64,
     acked: u64,
