@@ -10,12 +10,12 @@
 //! failing before it is ready stops the daemon), gives each new scope the
 //! least-loaded worker, and replaces every worker on a reload.
 //!
-//! Owns: the scope table ([`scopes`]: live, closing and idle scopes, keys
+//! Owns: the scope table (`scopes.rs`: live, closing and idle scopes, keys
 //! waiting for room), the events of keys without a live scope
-//! ([`pending`]), the worker pool ([`pool`]: regular workers and the
-//! isolation worker), the reload in progress ([`reload`]), the suspects of
-//! workers' deaths ([`quarantine`]), and the count of updates no app has
-//! received yet ([`backlog`]). This file is the actor shell: it decides with
+//! (`pending.rs`), the worker pool (`pool.rs`: regular workers and the
+//! isolation worker), the reload in progress (`reload.rs`), the suspects of
+//! workers' deaths (`quarantine.rs`), and the count of updates no app has
+//! received yet (`backlog.rs`). This file is the actor shell: it decides with
 //! those and sends the messages.
 //! Takes: [`Dispatch`] (the Poller, and the journal's leftovers at start),
 //! [`SetBot`], [`WaitReady`], [`WatchBackpressure`] (the Poller),
@@ -26,9 +26,10 @@
 //! [`ShutdownWorker`] and [`Release`] to workers; [`Done`] to the Outbox for
 //! updates it skips (no scope to route them to) or drops (an update that
 //! killed the isolation worker every time); [`Backpressure`] to the Poller
-//! when the updates no app has received cross `journal.max_undelivered`,
-//! and when a scope is reported stalled (`scopes.stall_warning`: its queue
-//! stops counting, so one stuck chat does not stop polling for the others).
+//! when the count of updates no app has received crosses
+//! `journal.max_undelivered`, either way (the queue of a scope reported
+//! stalled, `scopes.stall_warning`, stops counting: one stuck chat does not
+//! stop polling for the others).
 //! Stops: with the System, never by itself. A worker that fails before it is
 //! ready at startup, or [`CRASH_LOOP_LIMIT`] times in a row later, answers
 //! [`WaitReady`] with a [`StartupError`] and restarts no more workers; the
@@ -39,28 +40,26 @@
 //! # Where a scope's events are
 //!
 //! Every event the Supervisor holds for a scope key is in exactly one place,
-//! in update order: given to the key's live scope, or in its [`Pending`]
+//! in update order: given to the key's live scope, or in its pending
 //! queue while the key has no live scope. A key's pending events wait while
 //! its previous scope is still closing (an instance per key at a time), while
 //! events sent to a scope that stopped by itself are on their way back, while
 //! the chat is held for isolation, or while no worker or no room for a scope
 //! is free. What a stopped scope hands back goes in front of them.
 //!
-//! [`Pending`]: pending::Pending
-//!
 //! # When a worker dies
 //!
 //! Its scopes stop and hand back what their instances did not finish. When it
 //! died of the app's doing, the chats whose update was in hand are suspects
 //! and are run again one at a time on the isolation worker (see
-//! [`quarantine`]); the other chats go on at once on the other workers. Only
+//! `quarantine.rs`); the other chats go on at once on the other workers. Only
 //! an update that killed the isolation worker on its own, repeatedly, is
 //! dropped.
 //!
 //! # Reload
 //!
 //! [`ReloadWorkers`] replaces the regular workers one at a time (see
-//! [`reload`]); the scopes of a retired worker are closed and their events go,
+//! `reload.rs`); the scopes of a retired worker are closed and their events go,
 //! in order, to fresh scopes on the live workers.
 
 use std::collections::HashMap;
