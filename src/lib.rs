@@ -122,7 +122,7 @@ pub enum RunError {
     /// `--sandbox`: the local Bot API emulator cannot start.
     #[error("starting the sandbox: {0}")]
     Sandbox(std::io::Error),
-    /// A second SIGTERM or SIGINT during shutdown: stop at once, without
+    /// A second SIGTERM or SIGINT after the first: stop at once, without
     /// waiting for what is still shutting down. The log has said so.
     #[error("interrupted by a second signal")]
     Interrupted,
