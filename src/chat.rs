@@ -29,8 +29,7 @@ const REPLY_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Runs the daemon against a fresh sandbox, with stdin/stdout as the chat.
 pub fn run(mut settings: Settings) -> Result<(), RunError> {
-    let sandbox = Sandbox::start(SandboxOptions::default())
-        .map_err(|e| RunError::Other(format!("starting the sandbox: {e}")))?;
+    let sandbox = Sandbox::start(SandboxOptions::default()).map_err(RunError::Sandbox)?;
     settings.telegram.api_url = sandbox.api_url();
     settings.telegram.token = BotToken::new(sandbox.token());
     // Replies should print promptly; the sandbox answers long polls at once

@@ -68,7 +68,7 @@ pub mod sandbox;
 pub mod settings;
 pub mod telegram;
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,24 +81,63 @@ use actors::outbox::{Flush, Outbox, Recover};
 use actors::poller::Delivery;
 use actors::poller::{Poller, StopPolling};
 use actors::sender::{Drained, Sender};
-use actors::supervisor::{CloseAll, Dispatch, SetBot, StopWorkers, Supervisor, WaitReady};
+use actors::supervisor::{
+    CloseAll, Dispatch, SetBot, StartupError, StopWorkers, Supervisor, WaitReady,
+};
 use journal::{Journal, JournalActor};
 use settings::Settings;
 use telegram::{Bot, TelegramError};
 
-/// Why the daemon stopped with an error. Only `main` turns it into an exit code.
+/// Why the daemon stopped with an error. Only `main` turns it into an exit
+/// code; every variant ends the process.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The workers cannot run the app: fix the app or its settings.
     #[error("the application could not start: {0}")]
-    Startup(String),
+    Startup(#[from] StartupError),
+    /// The workers did not report ready within `app.startup_timeout`.
+    #[error("the application could not start: the workers were not ready within {}s (app.startup_timeout)", .0.as_secs())]
+    StartupTimeout(Duration),
+    /// The Supervisor dropped the answer to `WaitReady` unanswered.
+    #[error("the application could not start: the supervisor stopped")]
+    SupervisorStopped,
+    /// The Supervisor's mailbox was closed.
+    #[error("supervisor: {0}")]
+    Supervisor(#[from] MailboxError),
     #[error("the token was rejected by Telegram (401 Unauthorized)")]
     TokenRejected,
+    /// Another Telegram error that stopped polling.
+    #[error(transparent)]
+    Polling(#[from] TelegramError),
     /// The journal cannot be opened, or is damaged
     /// ([`journal::JournalError::Damaged`]).
     #[error(transparent)]
     Journal(#[from] journal::JournalError),
-    #[error("{0}")]
-    Other(String),
+    /// `http.bind` cannot be listened on (in use, not allowed).
+    #[error("http.bind: cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    /// The endpoint cannot be served on the bound socket.
+    #[error("http.bind: cannot serve on {addr}: {source}")]
+    Serve {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// A signal handler cannot be installed (`signal` is its name).
+    #[error("installing the {signal} handler: {source}")]
+    Signal {
+        signal: &'static str,
+        source: std::io::Error,
+    },
+    /// `--sandbox`: the local Bot API emulator cannot start.
+    #[error("starting the sandbox: {0}")]
+    Sandbox(std::io::Error),
+    /// A second SIGTERM or SIGINT after the first: stop at once, without
+    /// waiting for what is still shutting down. The log has said so.
+    #[error("interrupted by a second signal")]
+    Interrupted,
 }
 
 /// What the journal held at start.
@@ -247,134 +286,139 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         watermark,
         outbox: unsent,
     } = recovery;
-    let undelivered = Rc::new(Cell::new(0));
     let (sender, outbox) = start_sending(bot.clone(), &settings, Some(journal.clone()));
     // First in the Outbox's mailbox: repeats of calls made before the
     // restart must be known before any app runs.
     outbox.do_send(Recover(unsent));
-    let supervisor = Supervisor::new(settings.clone(), outbox.clone(), undelivered.clone()).start();
+    let supervisor = Supervisor::new(settings.clone(), outbox.clone()).start();
     let shutdown = ShutdownSignal::install(stop)?;
-    let _operations = ops::http::start_operations(listener, &settings, &supervisor)?;
+    // A second signal ends what follows wherever it is, startup included.
+    let serve = async {
+        let _operations = ops::http::start_operations(listener, &settings, &supervisor)?;
 
-    log::info!("Waiting for application startup.");
-    wait_ready(&supervisor, settings.app.startup_timeout)
-        .await
-        .inspect_err(|_| {
-            supervisor.do_send(StopWorkers {
-                grace: Duration::ZERO,
-            });
-        })?;
-    log::info!("Application startup complete.");
+        log::info!("Waiting for application startup.");
+        wait_ready(&supervisor, settings.app.startup_timeout)
+            .await
+            .inspect_err(|_| {
+                supervisor.do_send(StopWorkers {
+                    grace: Duration::ZERO,
+                });
+            })?;
+        log::info!("Application startup complete.");
 
-    let me = tokio::select! {
-        me = get_me(&bot) => me,
-        _ = shutdown.wait() => {
-            stop_workers(&supervisor, Duration::ZERO, settings.shutdown.worker_timeout).await;
-            return Ok(());
-        }
-    };
-    let me = match me {
-        Ok(me) => me,
-        Err(e) => {
-            stop_workers(
-                &supervisor,
-                Duration::ZERO,
-                settings.shutdown.worker_timeout,
-            )
-            .await;
-            return Err(e);
-        }
-    };
-    let name = me
-        .get("username")
-        .and_then(Value::as_str)
-        .unwrap_or("?")
-        .to_string();
-    supervisor.do_send(SetBot(me));
-    if !replay.is_empty() {
-        log::info!("Delivering {} update(s) left in the journal", replay.len());
-        supervisor.do_send(Dispatch(replay));
-    }
-    if settings.telegram.delete_webhook {
-        match bot.request("deleteWebhook", &json!({})).await {
-            Ok(_) => log::info!("webhook deleted (telegram.delete_webhook)"),
-            Err(e) => log::warn!("deleteWebhook failed: {e}"),
-        }
-    }
-
-    let fatal: Rc<RefCell<Option<TelegramError>>> = Rc::default();
-    let fatal_notify = Rc::new(Notify::new());
-    let poller = {
-        let (fatal, notify) = (fatal.clone(), fatal_notify.clone());
-        let delivery = Delivery {
-            supervisor: supervisor.clone(),
-            journal: Some(journal),
-            undelivered,
-            max_undelivered: settings.journal.max_undelivered,
+        let me = tokio::select! {
+            me = get_me(&bot) => me,
+            _ = shutdown.wait() => {
+                stop_workers(&supervisor, Duration::ZERO, settings.shutdown.worker_timeout).await;
+                return Ok(());
+            }
         };
-        Poller::new(
-            bot.clone(),
-            delivery,
-            &settings.telegram,
-            watermark,
-            Box::new(move |e| {
-                *fatal.borrow_mut() = Some(e);
-                notify.notify_one();
-            }),
-        )
-        .start()
-    };
-    log::info!("Polling Telegram as @{name}");
-
-    tokio::select! {
-        _ = shutdown.wait() => {}
-        _ = fatal_notify.notified() => {}
-    }
-    log::info!("Shutting down");
-    ops::metrics::metrics().set_shutting_down();
-    // Shutdown, in phases (each bounded): stop polling; confirm what the
-    // journal holds, so Telegram does not send it again; disconnect every
-    // scope (what an app did not receive stays in the journal for the next
-    // start); record what the apps finished; let the Sender send what they
-    // sent; record what it sent; end the workers (lifespan shutdown).
-    let offset = poller.send(StopPolling).await.ok().flatten();
-    if let Some(offset) = offset.filter(|_| fatal.borrow().is_none()) {
-        confirm_offset(&bot, offset).await;
-    }
-    let grace = settings.scopes.disconnect_grace;
-    match supervisor.send(CloseAll).await {
-        Ok(rx) => {
-            if tokio::time::timeout(grace + Duration::from_secs(2), rx)
-                .await
-                .is_err()
-            {
-                log::warn!("some scopes did not end within the grace period");
+        let me = match me {
+            Ok(me) => me,
+            Err(e) => {
+                stop_workers(
+                    &supervisor,
+                    Duration::ZERO,
+                    settings.shutdown.worker_timeout,
+                )
+                .await;
+                return Err(e);
+            }
+        };
+        let name = me
+            .get("username")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string();
+        supervisor.do_send(SetBot(me));
+        if !replay.is_empty() {
+            log::info!("Delivering {} update(s) left in the journal", replay.len());
+            supervisor.do_send(Dispatch(replay));
+        }
+        if settings.telegram.delete_webhook {
+            match bot.request("deleteWebhook", &json!({})).await {
+                Ok(_) => log::info!("webhook deleted (telegram.delete_webhook)"),
+                Err(e) => log::warn!("deleteWebhook failed: {e}"),
             }
         }
-        Err(e) => log::warn!("closing scopes: {e}"),
-    }
-    let _ = outbox.send(Flush).await;
-    let drain = settings.shutdown.drain_timeout;
-    if tokio::time::timeout(drain, sender.send(Drained))
-        .await
-        .is_err()
-    {
-        log::warn!(
+
+        let fatal: Rc<RefCell<Option<TelegramError>>> = Rc::default();
+        let fatal_notify = Rc::new(Notify::new());
+        let poller = {
+            let (fatal, notify) = (fatal.clone(), fatal_notify.clone());
+            let delivery = Delivery {
+                supervisor: supervisor.clone(),
+                journal: Some(journal),
+                max_undelivered: settings.journal.max_undelivered,
+            };
+            Poller::new(
+                bot.clone(),
+                delivery,
+                &settings.telegram,
+                watermark,
+                Box::new(move |e| {
+                    *fatal.borrow_mut() = Some(e);
+                    notify.notify_one();
+                }),
+            )
+            .start()
+        };
+        log::info!("Polling Telegram as @{name}");
+
+        tokio::select! {
+            _ = shutdown.wait() => {}
+            _ = fatal_notify.notified() => {}
+        }
+        log::info!("Shutting down");
+        ops::metrics::metrics().set_shutting_down();
+        // Shutdown, in phases (each bounded): stop polling; confirm what the
+        // journal holds, so Telegram does not send it again; disconnect every
+        // scope (what an app did not receive stays in the journal for the next
+        // start); record what the apps finished; let the Sender send what they
+        // sent; record what it sent; end the workers (lifespan shutdown).
+        let offset = poller.send(StopPolling).await.ok().flatten();
+        if let Some(offset) = offset.filter(|_| fatal.borrow().is_none()) {
+            confirm_offset(&bot, offset).await;
+        }
+        let grace = settings.scopes.disconnect_grace;
+        match supervisor.send(CloseAll).await {
+            Ok(rx) => {
+                if tokio::time::timeout(grace + Duration::from_secs(2), rx)
+                    .await
+                    .is_err()
+                {
+                    log::warn!("some scopes did not end within the grace period");
+                }
+            }
+            Err(e) => log::warn!("closing scopes: {e}"),
+        }
+        let _ = outbox.send(Flush).await;
+        let drain = settings.shutdown.drain_timeout;
+        if tokio::time::timeout(drain, sender.send(Drained))
+            .await
+            .is_err()
+        {
+            log::warn!(
             "the Sender did not drain within {:.1}s (shutdown.drain_timeout); unsent calls dropped",
             drain.as_secs_f64()
         );
-    }
-    // What the Sender got answered is marked sent; what it dropped stays in
-    // the outbox for the next start.
-    let _ = outbox.send(Flush).await;
-    stop_workers(&supervisor, grace, settings.shutdown.worker_timeout).await;
-    let result = match fatal.borrow_mut().take() {
-        Some(TelegramError::Unauthorized) => Err(RunError::TokenRejected),
-        Some(e) => Err(RunError::Other(e.to_string())),
-        None => Ok(()),
+        }
+        // What the Sender got answered is marked sent; what it dropped stays in
+        // the outbox for the next start.
+        let _ = outbox.send(Flush).await;
+        stop_workers(&supervisor, grace, settings.shutdown.worker_timeout).await;
+        let result = match fatal.borrow_mut().take() {
+            Some(TelegramError::Unauthorized) => Err(RunError::TokenRejected),
+            Some(e) => Err(RunError::Polling(e)),
+            None => Ok(()),
+        };
+        log::info!("Finished.");
+        result
     };
-    log::info!("Finished.");
-    result
+    tokio::select! {
+        result = serve => result,
+        () = shutdown.forced() => Err(RunError::Interrupted),
+    }
 }
 
 /// Loads the app in one worker and stops it again: `--check`.
@@ -386,7 +430,7 @@ pub async fn check(mut settings: Settings) -> Result<(), RunError> {
         settings.telegram.http_timeout,
     );
     let (_, outbox) = start_sending(bot, &settings, None);
-    let supervisor = Supervisor::new(settings.clone(), outbox, Rc::default()).start();
+    let supervisor = Supervisor::new(settings.clone(), outbox).start();
     let ready = wait_ready(&supervisor, settings.app.startup_timeout).await;
     stop_workers(
         &supervisor,
@@ -398,18 +442,11 @@ pub async fn check(mut settings: Settings) -> Result<(), RunError> {
 }
 
 async fn wait_ready(supervisor: &Addr<Supervisor>, timeout: Duration) -> Result<(), RunError> {
-    let rx = supervisor
-        .send(WaitReady)
-        .await
-        .map_err(|e| RunError::Other(format!("supervisor: {e}")))?;
+    let rx = supervisor.send(WaitReady).await?;
     match tokio::time::timeout(timeout, rx).await {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(e))) => Err(RunError::Startup(e)),
-        Ok(Err(_)) => Err(RunError::Startup("the supervisor stopped".into())),
-        Err(_) => Err(RunError::Startup(format!(
-            "the workers were not ready within {}s (app.startup_timeout)",
-            timeout.as_secs()
-        ))),
+        Ok(Ok(ready)) => Ok(ready?),
+        Ok(Err(_)) => Err(RunError::SupervisorStopped),
+        Err(_) => Err(RunError::StartupTimeout(timeout)),
     }
 }
 
@@ -451,32 +488,41 @@ async fn confirm_offset(bot: &Bot, offset: i64) {
     }
 }
 
-/// SIGTERM, SIGINT, or a programmatic stop. A second signal exits at once.
+/// SIGTERM, SIGINT, or a programmatic stop. A second signal makes
+/// [`ShutdownSignal::forced`] resolve, and `run` returns at once.
 struct ShutdownSignal {
     notify: Arc<Notify>,
+    forced: Rc<Notify>,
 }
 
 impl ShutdownSignal {
     fn install(stop: Option<Arc<Notify>>) -> Result<ShutdownSignal, RunError> {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::SignalKind;
         let notify = stop.unwrap_or_default();
-        let mut term = signal(SignalKind::terminate())
-            .map_err(|e| RunError::Other(format!("installing the SIGTERM handler: {e}")))?;
-        let mut int = signal(SignalKind::interrupt())
-            .map_err(|e| RunError::Other(format!("installing the SIGINT handler: {e}")))?;
-        let n = notify.clone();
+        let handler = |signal: &'static str, kind: SignalKind| {
+            tokio::signal::unix::signal(kind).map_err(|source| RunError::Signal { signal, source })
+        };
+        let mut term = handler("SIGTERM", SignalKind::terminate())?;
+        let mut int = handler("SIGINT", SignalKind::interrupt())?;
+        let forced = Rc::new(Notify::new());
+        let (n, f) = (notify.clone(), forced.clone());
         actix::spawn(async move {
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             log::info!("signal received; shutting down (a second signal forces exit)");
             n.notify_one();
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             log::warn!("second signal: exiting now");
-            std::process::exit(130);
+            f.notify_one();
         });
-        Ok(ShutdownSignal { notify })
+        Ok(ShutdownSignal { notify, forced })
     }
 
     async fn wait(&self) {
         self.notify.notified().await
+    }
+
+    /// Resolves at the second signal.
+    async fn forced(&self) {
+        self.forced.notified().await
     }
 }

@@ -69,6 +69,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A second signal: the log said "exiting now"; the shell's code for
+        // an interrupt, and nothing more to say.
+        Err(Failure::Run(RunError::Interrupted)) => ExitCode::from(130),
         Err(e) => {
             eprintln!("asgigramd: error: {}", logging::redact(&e.to_string()));
             ExitCode::from(match e {

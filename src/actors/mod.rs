@@ -4,7 +4,6 @@
 pub mod call;
 pub mod outbox;
 pub mod poller;
-pub mod quarantine;
 pub mod scope;
 pub mod sender;
 pub mod supervisor;

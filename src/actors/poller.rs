@@ -1,5 +1,14 @@
 //! Poller: long-polls `getUpdates` and hands each batch to the Supervisor.
 //!
+//! Owns: the offset (one past everything the journal has stored), a copy of
+//! the journal's watermark, the one getUpdates in flight and its backoff.
+//! Takes: [`Backpressure`] (from the Supervisor), [`StopPolling`].
+//! Sends: [`WatchBackpressure`] to the Supervisor once, at start; each
+//! batch's new updates as [`Dispatch`] to the Supervisor and as [`Append`]
+//! to the journal; the [`FatalHook`] when polling cannot go on.
+//! Stops: on [`StopPolling`], answering with the offset to confirm; by
+//! itself when Telegram rejects the token (401), after calling the hook.
+//!
 //! 1. Exactly one getUpdates is in flight; the next starts when it answered.
 //! 2. Updates the journal has seen before (Telegram resends what was not
 //!    confirmed) are dropped, by the journal's own rule against a copy of its
@@ -23,7 +32,11 @@
 //!    a restart.
 //! 5. While the daemon holds `max_undelivered` updates the apps have not
 //!    received, no new getUpdates starts (backpressure): Telegram keeps the
-//!    rest, and memory stays bounded.
+//!    rest, and memory stays bounded. The Supervisor keeps that count and
+//!    sends [`Backpressure`] when it crosses the limit; a paused Poller polls
+//!    again on the message that lifts it. The first getUpdates waits for the
+//!    Supervisor's answer to [`WatchBackpressure`] (updates left in the
+//!    journal are dispatched before polling starts).
 //! 6. On 429 the next call waits exactly `retry_after` (clamped to 1 s..1 h
 //!    when it is parsed, [`crate::telegram::RETRY_AFTER_SECS`]); on other
 //!    failures, a timeout included, it waits a capped exponential backoff
@@ -31,26 +44,19 @@
 //! 7. 401 is fatal: the token was rejected and retrying cannot help.
 //! 8. 409 means another poller or a webhook holds the token: logged as such,
 //!    then backoff.
-//!
-//! Stops on [`StopPolling`], answering with the offset to confirm.
 
-use std::cell::Cell;
-use std::rc::Rc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use serde_json::{json, Value};
 
-use crate::actors::supervisor::{Dispatch, Supervisor};
+use crate::actors::supervisor::{Dispatch, Supervisor, WatchBackpressure};
 use crate::backoff::Backoff;
 use crate::journal::{admit, Append, JournalActor};
 use crate::telegram::{Bot, Skipped, TelegramError, Update};
 
 /// The kind label under which skipped malformed updates are counted.
 const MALFORMED: &str = "(malformed)";
-
-/// How often a paused Poller looks again at the undelivered count.
-const BACKPRESSURE_RECHECK: Duration = Duration::from_millis(50);
 
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
@@ -59,6 +65,16 @@ const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from
 #[rtype(result = "Option<i64>")]
 pub struct StopPolling;
 
+/// Whether the updates the apps have not received yet hold polling back
+/// (rule 5); sent by the Supervisor when that changes.
+#[derive(Debug, PartialEq, Eq, Message)]
+#[rtype(result = "()")]
+pub struct Backpressure {
+    pub paused: bool,
+    /// Updates dispatched that no app has received, as the state changed.
+    pub undelivered: usize,
+}
+
 /// How the Poller ends the daemon when polling cannot go on.
 pub type FatalHook = Box<dyn FnOnce(TelegramError)>;
 
@@ -66,10 +82,21 @@ pub type FatalHook = Box<dyn FnOnce(TelegramError)>;
 pub struct Delivery {
     pub supervisor: Addr<Supervisor>,
     pub journal: Option<Addr<JournalActor>>,
-    /// Updates dispatched that no app has received yet (kept by the
-    /// Supervisor).
-    pub undelivered: Rc<Cell<usize>>,
+    /// The Supervisor's limit (rule 5), for the log.
     pub max_undelivered: usize,
+}
+
+/// What the Supervisor last said about backpressure (rule 5).
+#[derive(Clone, Copy)]
+enum Gate {
+    /// Nothing yet: the first poll waits for word.
+    Unknown,
+    Open {
+        undelivered: usize,
+    },
+    Closed {
+        undelivered: usize,
+    },
 }
 
 pub struct Poller {
@@ -85,6 +112,10 @@ pub struct Poller {
     failures: u32,
     fatal: Option<FatalHook>,
     in_flight: Option<SpawnHandle>,
+    gate: Gate,
+    /// A poll waits for the gate to open.
+    deferred: bool,
+    /// The pause was logged; its end is logged too.
     paused: bool,
 }
 
@@ -107,30 +138,34 @@ impl Poller {
             failures: 0,
             fatal: Some(fatal),
             in_flight: None,
+            gate: Gate::Unknown,
+            deferred: false,
             paused: false,
         }
     }
 
     /// Polls now, or once the apps have caught up (rule 5).
     fn poll_when_ready(&mut self, ctx: &mut Context<Self>) {
-        let held = self.delivery.undelivered.get();
-        if held >= self.delivery.max_undelivered {
-            if !self.paused {
-                self.paused = true;
-                log::warn!(
-                    "backpressure: {held} updates not yet received by the apps (journal.max_undelivered={}); polling paused",
-                    self.delivery.max_undelivered
-                );
+        match self.gate {
+            Gate::Unknown => self.deferred = true,
+            Gate::Closed { undelivered } => {
+                self.deferred = true;
+                if !self.paused {
+                    self.paused = true;
+                    log::warn!(
+                        "backpressure: {undelivered} updates not yet received by the apps (journal.max_undelivered={}); polling paused",
+                        self.delivery.max_undelivered
+                    );
+                }
             }
-            self.in_flight =
-                Some(ctx.run_later(BACKPRESSURE_RECHECK, |act, ctx| act.poll_when_ready(ctx)));
-            return;
+            Gate::Open { undelivered } => {
+                if self.paused {
+                    self.paused = false;
+                    log::info!("backpressure: {undelivered} updates undelivered; polling resumed");
+                }
+                self.poll(ctx);
+            }
         }
-        if self.paused {
-            self.paused = false;
-            log::info!("backpressure: {held} updates undelivered; polling resumed");
-        }
-        self.poll(ctx);
     }
 
     /// Hands the new updates of a batch to the journal and the Supervisor,
@@ -349,7 +384,27 @@ impl Actor for Poller {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        self.delivery
+            .supervisor
+            .do_send(WatchBackpressure(ctx.address().recipient()));
         self.poll_when_ready(ctx);
+    }
+}
+
+impl Handler<Backpressure> for Poller {
+    type Result = ();
+    fn handle(&mut self, msg: Backpressure, ctx: &mut Context<Self>) {
+        let undelivered = msg.undelivered;
+        self.gate = if msg.paused {
+            Gate::Closed { undelivered }
+        } else {
+            Gate::Open { undelivered }
+        };
+        // A poll in flight or storing goes on; the gate is looked at when
+        // it would poll next.
+        if std::mem::take(&mut self.deferred) {
+            self.poll_when_ready(ctx);
+        }
     }
 }
 

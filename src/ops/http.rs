@@ -49,7 +49,7 @@ pub fn bind(settings: &crate::settings::Settings) -> Result<Option<TcpListener>,
     };
     TcpListener::bind(addr)
         .map(Some)
-        .map_err(|e| crate::RunError::Other(format!("http.bind: cannot listen on {addr}: {e}")))
+        .map_err(|source| crate::RunError::Listen { addr, source })
 }
 
 /// Serves the endpoint on `listener` on the current actix System until the
@@ -114,14 +114,16 @@ pub fn start_operations(
             let addr = listener
                 .local_addr()
                 .map_or_else(|e| e.to_string(), |a| a.to_string());
-            Some(start(listener).map_err(|e| {
-                crate::RunError::Other(format!("http.bind: cannot serve on {addr}: {e}"))
-            })?)
+            Some(start(listener).map_err(|source| crate::RunError::Serve { addr, source })?)
         }
         None => None,
     };
     crate::ops::metrics::spawn_stats_logger(settings.log.stats_interval);
-    crate::ops::reload::install(supervisor.clone(), &settings.app.app_dir)
-        .map_err(|e| crate::RunError::Other(format!("installing the SIGHUP handler: {e}")))?;
+    crate::ops::reload::install(supervisor.clone(), &settings.app.app_dir).map_err(|source| {
+        crate::RunError::Signal {
+            signal: "SIGHUP",
+            source,
+        }
+    })?;
     Ok(Operations { endpoint })
 }

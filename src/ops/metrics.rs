@@ -189,7 +189,7 @@ pub struct Metrics {
     /// or a worker's death repeated them (see `actors::outbox`).
     pub calls_repeated: Counter,
     /// Updates dropped because they killed the isolation worker every time
-    /// they ran alone in it (see `actors::quarantine`).
+    /// they ran alone in it (see `actors::supervisor::quarantine`).
     pub updates_dropped: Counter,
     pub scopes_live: Gauge,
     pub scopes_started: Counter,

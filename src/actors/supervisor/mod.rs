@@ -10,10 +10,37 @@
 //! failing before it is ready stops the daemon), gives each new scope the
 //! least-loaded worker, and replaces every worker on a reload.
 //!
+//! Owns: the scope table (`scopes.rs`: live, closing and idle scopes, keys
+//! waiting for room), the events of keys without a live scope
+//! (`pending.rs`), the worker pool (`pool.rs`: regular workers and the
+//! isolation worker), the reload in progress (`reload.rs`), the suspects of
+//! workers' deaths (`quarantine.rs`), and the count of updates no app has
+//! received yet (`backlog.rs`). This file is the actor shell: it decides with
+//! those and sends the messages.
+//! Takes: [`Dispatch`] (the Poller, and the journal's leftovers at start),
+//! [`SetBot`], [`WaitReady`], [`WatchBackpressure`] (the Poller),
+//! [`ReloadWorkers`] (SIGHUP, `--reload`), [`ScopeReport`] (its scopes),
+//! [`WorkerEvent`] (its workers); at shutdown [`CloseAll`], then
+//! [`StopWorkers`].
+//! Sends: [`Enqueue`], [`Close`] and [`Terminate`] to scopes;
+//! [`ShutdownWorker`] and [`Release`] to workers; [`Done`] to the Outbox for
+//! updates it skips (no scope to route them to) or drops (an update that
+//! killed the isolation worker every time); [`Backpressure`] to the Poller
+//! when the count of updates no app has received crosses
+//! `journal.max_undelivered`, either way (the queue of a scope reported
+//! stalled, `scopes.stall_warning`, stops counting: one stuck chat does not
+//! stop polling for the others).
+//! Stops: with the System, never by itself. A worker that fails before it is
+//! ready at startup, or [`CRASH_LOOP_LIMIT`] times in a row later, answers
+//! [`WaitReady`] with a [`StartupError`] and restarts no more workers; the
+//! caller stops the daemon. After [`CloseAll`] it starts no scope (what
+//! waits stays in the journal), after [`StopWorkers`] it restarts no worker,
+//! and a reload asked for then is ignored.
+//!
 //! # Where a scope's events are
 //!
 //! Every event the Supervisor holds for a scope key is in exactly one place,
-//! in update order: given to the key's live scope, or in its [`Pending`]
+//! in update order: given to the key's live scope, or in its pending
 //! queue while the key has no live scope. A key's pending events wait while
 //! its previous scope is still closing (an instance per key at a time), while
 //! events sent to a scope that stopped by itself are on their way back, while
@@ -25,12 +52,17 @@
 //! Its scopes stop and hand back what their instances did not finish. When it
 //! died of the app's doing, the chats whose update was in hand are suspects
 //! and are run again one at a time on the isolation worker (see
-//! [`quarantine`](super::quarantine)); the other chats go on at once on the
-//! other workers. Only an update that killed the isolation worker on its own,
-//! repeatedly, is dropped.
+//! `quarantine.rs`); the other chats go on at once on the other workers. Only
+//! an update that killed the isolation worker on its own, repeatedly, is
+//! dropped.
+//!
+//! # Reload
+//!
+//! [`ReloadWorkers`] replaces the regular workers one at a time (see
+//! `reload.rs`); the scopes of a retired worker are closed and their events go,
+//! in order, to fresh scopes on the live workers.
 
-use std::cell::Cell;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -39,24 +71,33 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+mod backlog;
 mod pending;
+mod pool;
+pub mod quarantine;
+mod reload;
+mod scopes;
 
+use backlog::Backlog;
 use pending::PendingEvents;
+use pool::{Role, WorkerPool};
+use quarantine::{Quarantine, Verdict, ISOLATED_DEATHS};
+use reload::{Exit, Next, Reload};
+use scopes::{IdleReport, Scope, ScopeTable};
 
 use crate::actors::outbox::{Done, Outbox};
-use crate::actors::quarantine::{Quarantine, Verdict, ISOLATED_DEATHS};
+use crate::actors::poller::Backpressure;
 use crate::actors::scope::{
     Close, Enqueue, ScopeActor, ScopeLinks, ScopeReport, Stopped, Terminate, SHUTDOWN,
 };
 use crate::actors::worker::{describe, Death, Release, ShutdownWorker, Worker, WorkerEvent};
-use crate::backoff::Backoff;
 use crate::ops::metrics::metrics;
 use crate::routing::{self, ScopeKey, Unroutable};
 use crate::settings::Settings;
 use crate::telegram::Update;
 
 /// Consecutive start failures of one worker after which the daemon gives up.
-const CRASH_LOOP_LIMIT: u32 = 5;
+pub const CRASH_LOOP_LIMIT: u32 = 5;
 
 /// The reason a scope gets when it leaves the isolation worker.
 const MOVED: &str = "moved";
@@ -73,8 +114,30 @@ pub struct SetBot(pub Value);
 
 /// Resolves when every worker is ready, or with the first worker's error.
 #[derive(Message)]
-#[rtype(result = "oneshot::Receiver<Result<(), String>>")]
+#[rtype(result = "oneshot::Receiver<Result<(), StartupError>>")]
 pub struct WaitReady;
+
+/// Why the workers cannot run the app. The daemon cannot go on: the caller
+/// stops it and shows this.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A worker could not start the app (import error, lifespan startup
+    /// failed) while the daemon was starting.
+    #[error("{0}")]
+    App(String),
+    /// A worker kept failing before it was ready.
+    #[error(
+        "worker {index} failed {} times in a row before it was ready: {error}",
+        CRASH_LOOP_LIMIT
+    )]
+    CrashLoop { index: usize, error: String },
+}
+
+/// From the Poller: tell it, now and whenever it changes, whether the
+/// updates no app has received yet hold polling back.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WatchBackpressure(pub Recipient<Backpressure>);
 
 /// Shutdown phase: close every scope; resolves when all have stopped. What
 /// no instance received stays in the journal for the next start.
@@ -89,77 +152,13 @@ pub struct StopWorkers {
     pub grace: Duration,
 }
 
-struct ScopeEntry {
-    scope_id: u64,
-    addr: Addr<ScopeActor>,
-    worker: usize,
-    /// Events given to the scope, and how many it reported received.
-    dispatched: u64,
-    acked: u64,
-    /// When its app last received an event (or the scope started).
-    last_progress: Instant,
-    stall_reported: bool,
-    /// While its instance is idle: its place in `Supervisor::idle`, and since
-    /// when.
-    idle: Option<(u64, Instant)>,
-    /// Runs on the isolation worker.
-    isolated: bool,
-}
-
-impl ScopeEntry {
-    fn busy(&self) -> bool {
-        self.dispatched > self.acked
-    }
-}
-
-/// A scope told to close that has not stopped yet.
-struct Closing {
-    key: ScopeKey,
-    worker: usize,
-    /// Closed to make room for a waiting chat.
-    for_room: bool,
-    isolated: bool,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
-    /// One of the `app.workers`.
-    Regular,
-    /// Runs one suspect chat at a time; started only while there are any.
-    Isolation,
-}
-
-struct WorkerSlot {
-    /// The worker's address and the rest of what its scopes talk to; `None`
-    /// while no worker runs in the slot.
-    links: Option<Rc<ScopeLinks>>,
-    ready: bool,
-    scopes: usize,
-    /// Consecutive failures before reaching ready.
-    failures: u32,
-    /// Consecutive deaths that were not asked for (the isolation worker's
-    /// crash-loop guard: each restart waits longer).
-    deaths: u32,
-    pid: u32,
-    /// Replaced by a reload: takes no new scopes, is not restarted.
-    retired: bool,
-    role: Role,
-}
-
-impl WorkerSlot {
-    /// A slot whose worker is not started yet.
-    fn empty(role: Role) -> WorkerSlot {
-        WorkerSlot {
-            links: None,
-            ready: false,
-            scopes: 0,
-            failures: 0,
-            deaths: 0,
-            pid: 0,
-            retired: false,
-            role,
-        }
-    }
+/// Replace every worker, one at a time: start a new worker, wait until it is
+/// ready, then retire the old one (SIGHUP, `--reload`). Scopes move lazily.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReloadWorkers {
+    /// What asked for it, for the log.
+    pub reason: String,
 }
 
 /// Counts for the one log line that stands for many similar events.
@@ -176,66 +175,40 @@ pub struct Supervisor {
     outbox: Addr<Outbox>,
     /// The bot's User object, encoded once for every scope dict.
     bot: Rc<RawValue>,
-    scopes: HashMap<ScopeKey, ScopeEntry>,
-    closing: HashMap<u64, Closing>,
-    /// Keys whose closing scope has not stopped yet: scope_id.
-    closing_keys: HashMap<ScopeKey, u64>,
-    next_scope_id: u64,
+    scopes: ScopeTable<Addr<ScopeActor>>,
     pending: PendingEvents,
-    /// Keys with pending events that wait for a worker or for room, in the
-    /// order they began to wait.
-    admit: VecDeque<ScopeKey>,
-    /// Idle scopes, longest idle first: tick -> key.
-    idle: BTreeMap<u64, ScopeKey>,
-    next_tick: u64,
-    /// Scopes closed to make room that have not stopped yet.
-    evicting: usize,
-    /// Since when chats have been waiting for room with no idle scope to
-    /// close, and how many have waited (logged once per such stretch).
-    full: Option<(Instant, usize)>,
     quarantine: Quarantine,
-    /// The isolation worker's slot, while one runs or starts.
-    isolation: Option<usize>,
-    workers: Vec<WorkerSlot>,
-    ready_waiters: Vec<oneshot::Sender<Result<(), String>>>,
-    startup_error: Option<String>,
+    workers: WorkerPool<Rc<ScopeLinks>>,
+    /// A reload in progress (SIGHUP, --reload).
+    reload: Reload,
+    /// Updates dispatched that no app has received yet.
+    backlog: Backlog,
+    /// Told when the backlog starts or stops holding polling back.
+    poller: Option<Recipient<Backpressure>>,
+    ready_waiters: Vec<oneshot::Sender<Result<(), StartupError>>>,
+    startup_error: Option<StartupError>,
     close_waiters: Vec<oneshot::Sender<()>>,
     exit_waiters: Vec<oneshot::Sender<()>>,
     stopping_workers: bool,
     shutting_down: bool,
-    /// Updates dispatched that no app has received yet; the Poller reads it.
-    undelivered: Rc<Cell<usize>>,
     /// Every worker has been ready once: later failures are restarts.
     started_up: bool,
-    /// A reload in progress (SIGHUP, --reload).
-    reload: Reload,
     tally: Tally,
 }
 
 impl Supervisor {
-    pub fn new(
-        settings: Settings,
-        outbox: Addr<Outbox>,
-        undelivered: Rc<Cell<usize>>,
-    ) -> Supervisor {
+    pub fn new(settings: Settings, outbox: Addr<Outbox>) -> Supervisor {
         Supervisor {
-            undelivered,
+            scopes: ScopeTable::new(settings.scopes.max_scopes),
+            backlog: Backlog::new(settings.journal.max_undelivered),
             settings,
             outbox,
             bot: Rc::from(RawValue::NULL.to_owned()),
-            scopes: HashMap::new(),
-            closing: HashMap::new(),
-            closing_keys: HashMap::new(),
-            next_scope_id: 1,
             pending: PendingEvents::default(),
-            admit: VecDeque::new(),
-            idle: BTreeMap::new(),
-            next_tick: 0,
-            evicting: 0,
-            full: None,
             quarantine: Quarantine::default(),
-            isolation: None,
-            workers: Vec::new(),
+            workers: WorkerPool::default(),
+            reload: Reload::default(),
+            poller: None,
             ready_waiters: Vec::new(),
             startup_error: None,
             close_waiters: Vec::new(),
@@ -243,31 +216,28 @@ impl Supervisor {
             stopping_workers: false,
             shutting_down: false,
             started_up: false,
-            reload: Reload::default(),
             tally: Tally::default(),
         }
     }
 
     fn start_worker(&mut self, index: usize, ctx: &mut Context<Self>) {
         let worker = Worker::new(index, self.settings.app.clone(), ctx.address().recipient());
-        let slot = &mut self.workers[index];
-        slot.links = Some(Rc::new(ScopeLinks {
+        let links = Rc::new(ScopeLinks {
             worker: worker.start(),
             supervisor: ctx.address().recipient(),
             outbox: self.outbox.clone(),
             grace: self.settings.scopes.disconnect_grace,
-        }));
-        slot.ready = false;
+        });
+        self.workers.started(index, links);
     }
 
-    /// The live regular worker with the fewest scopes.
-    fn pick_worker(&self) -> Option<usize> {
-        self.workers
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| w.links.is_some() && !w.retired && w.role == Role::Regular)
-            .min_by_key(|(_, w)| (!w.ready, w.scopes))
-            .map(|(i, _)| i)
+    /// Tells the Poller whether to pause, if that changed.
+    fn announce_backpressure(&mut self) {
+        if let Some(change) = self.backlog.change() {
+            if let Some(poller) = &self.poller {
+                poller.do_send(change);
+            }
+        }
     }
 
     /// `{"type": "telegram.<kind>", ...fields, "update_id": id}`
@@ -299,7 +269,7 @@ impl Supervisor {
                         skipped.push(id);
                         continue;
                     };
-                    self.undelivered.set(self.undelivered.get() + 1);
+                    self.backlog.add(1);
                     match index.get(&route.key) {
                         Some(&i) => batches[i].2.push(event),
                         None => {
@@ -350,16 +320,11 @@ impl Supervisor {
         subject: impl FnOnce() -> Box<RawValue>,
         events: Vec<Value>,
     ) {
-        if let Some(entry) = self.scopes.get_mut(&key).filter(|e| !e.isolated) {
-            if entry.stall_reported {
-                self.undelivered
-                    .set(self.undelivered.get().saturating_sub(events.len()));
+        if let Some((addr, stalled)) = self.scopes.give(&key, events.len()) {
+            if stalled {
+                self.backlog.remove(events.len());
             }
-            entry.dispatched += events.len() as u64;
-            if let Some((tick, _)) = entry.idle.take() {
-                self.idle.remove(&tick);
-            }
-            entry.addr.do_send(Enqueue(events));
+            addr.do_send(Enqueue(events));
             return;
         }
         self.pending.push(&key, subject, events);
@@ -369,18 +334,7 @@ impl Supervisor {
     /// Whether `key`'s pending events must wait for something other than a
     /// worker or room.
     fn blocked(&self, key: &ScopeKey) -> bool {
-        self.closing_keys.contains_key(key)
-            || self.scopes.contains_key(key)
-            || self.quarantine.holds(key)
-            || self.pending.awaits_bounces(key)
-    }
-
-    fn live_scopes(&self) -> usize {
-        self.scopes.len() + self.closing.len()
-    }
-
-    fn has_room(&self) -> bool {
-        self.live_scopes() < self.settings.scopes.max_scopes
+        self.scopes.holds(key) || self.quarantine.holds(key) || self.pending.awaits_bounces(key)
     }
 
     /// Starts a scope for `key`'s pending events if nothing holds them, else
@@ -389,14 +343,14 @@ impl Supervisor {
         if self.shutting_down || !self.pending.contains(key) || self.blocked(key) {
             return;
         }
-        match self.pick_worker() {
-            Some(worker) if self.has_room() && self.admit.is_empty() => {
+        match self.workers.pick() {
+            Some(worker) if self.scopes.has_room() && self.scopes.none_waiting() => {
                 self.start_scope(key, worker, false)
             }
             _ => {
                 if let Some(p) = self.pending.get_mut(key).filter(|p| !p.queued) {
                     p.queued = true;
-                    self.admit.push_back(key.clone());
+                    self.scopes.wait(key.clone());
                 }
                 self.make_room();
             }
@@ -405,11 +359,11 @@ impl Supervisor {
 
     /// Starts scopes for waiting keys while there is a worker and room.
     fn admit_waiting(&mut self) {
-        while let Some(key) = self.admit.front().cloned() {
-            let Some(worker) = self.pick_worker().filter(|_| self.has_room()) else {
+        while let Some(key) = self.scopes.first_waiting().cloned() {
+            let Some(worker) = self.workers.pick().filter(|_| self.scopes.has_room()) else {
                 break;
             };
-            self.admit.pop_front();
+            self.scopes.admitted();
             let Some(p) = self.pending.get_mut(&key) else {
                 continue;
             };
@@ -418,8 +372,8 @@ impl Supervisor {
                 self.start_scope(&key, worker, false);
             }
         }
-        if self.admit.is_empty() {
-            if let Some((since, waited)) = self.full.take() {
+        if self.scopes.none_waiting() {
+            if let Some((since, waited)) = self.scopes.room_again() {
                 log::info!(
                     "max_scopes: room again after {:.1}s; {waited} chat(s) waited for it",
                     since.elapsed().as_secs_f64()
@@ -433,35 +387,16 @@ impl Supervisor {
     /// Closes idle scopes, longest idle first, while chats wait for room and
     /// the scopes already closing will not make enough.
     fn make_room(&mut self) {
-        if self.pick_worker().is_none() {
+        // Without a worker no waiting chat could start anyway.
+        if self.workers.pick().is_none() {
             return;
         }
-        while self.admit.len() > self.evicting
-            && self.live_scopes() >= self.settings.scopes.max_scopes
-        {
-            let Some((_, key)) = self.idle.pop_first() else {
-                let waiting = self.admit.len();
-                match &mut self.full {
-                    Some((_, waited)) => *waited = (*waited).max(waiting),
-                    None => {
-                        log::warn!(
-                            "max_scopes={} reached and no instance is idle: {waiting} chat(s) wait for a scope to end (raise scopes.max_scopes?)",
-                            self.settings.scopes.max_scopes
-                        );
-                        self.full = Some((Instant::now(), waiting));
-                    }
-                }
-                return;
-            };
-            if let Some(e) = self.scopes.get_mut(&key) {
-                e.idle = None;
-            }
+        for (key, addr) in self.scopes.make_room(Instant::now()) {
             log::debug!(
                 "scope={key} evicted: max_scopes={} reached",
                 self.settings.scopes.max_scopes
             );
-            self.close_for(&key, "evicted", true);
-            self.evicting += 1;
+            addr.do_send(Close { reason: "evicted" });
         }
     }
 
@@ -470,11 +405,10 @@ impl Supervisor {
         let Some(p) = self.pending.take(key) else {
             return;
         };
-        let Some(links) = self.workers[worker].links.clone() else {
+        let Some(links) = self.workers.links(worker).cloned() else {
             unreachable!("scopes are only started on workers with an address")
         };
-        let scope_id = self.next_scope_id;
-        self.next_scope_id += 1;
+        let scope_id = self.scopes.next_id();
         let actor = ScopeActor::new(
             scope_id,
             key.clone(),
@@ -484,50 +418,20 @@ impl Supervisor {
             isolated,
         );
         let addr = actor.start();
-        self.workers[worker].scopes += 1;
+        self.workers.scope_started(worker);
         metrics().scopes_started.inc();
         let events: Vec<Value> = p.events.into();
         let dispatched = events.len() as u64;
         addr.do_send(Enqueue(events));
         log::debug!("scope={key} started on worker={worker}");
-        self.scopes.insert(
-            key.clone(),
-            ScopeEntry {
-                scope_id,
-                addr,
-                worker,
-                dispatched,
-                acked: 0,
-                last_progress: Instant::now(),
-                stall_reported: false,
-                idle: None,
-                isolated,
-            },
-        );
+        let scope = Scope::new(scope_id, addr, worker, isolated, dispatched, Instant::now());
+        self.scopes.insert(key.clone(), scope);
     }
 
     fn close(&mut self, key: &ScopeKey, reason: &'static str) {
-        self.close_for(key, reason, false);
-    }
-
-    fn close_for(&mut self, key: &ScopeKey, reason: &'static str, for_room: bool) {
-        let Some(entry) = self.scopes.remove(key) else {
-            return;
-        };
-        if let Some((tick, _)) = entry.idle {
-            self.idle.remove(&tick);
+        if let Some(addr) = self.scopes.close(key, false) {
+            addr.do_send(Close { reason });
         }
-        self.closing_keys.insert(key.clone(), entry.scope_id);
-        self.closing.insert(
-            entry.scope_id,
-            Closing {
-                key: key.clone(),
-                worker: entry.worker,
-                for_room,
-                isolated: entry.isolated,
-            },
-        );
-        entry.addr.do_send(Close { reason });
     }
 
     /// How long the isolated chat may work on an update without its worker
@@ -542,14 +446,11 @@ impl Supervisor {
     /// `isolation_limit` without progress and without a death.
     fn release_slow_isolated(&mut self) {
         let limit = self.isolation_limit();
+        let now = Instant::now();
         let slow = self
             .quarantine
             .current()
-            .filter(|key| {
-                self.scopes
-                    .get(*key)
-                    .is_some_and(|e| e.isolated && e.last_progress.elapsed() >= limit)
-            })
+            .filter(|key| self.scopes.isolated_without_progress(key, now, limit))
             .cloned();
         if let Some(key) = slow {
             log::warn!(
@@ -563,38 +464,24 @@ impl Supervisor {
     /// Logs, once per stall, scopes whose app stopped receiving.
     fn report_stalls(&mut self) {
         let limit = self.settings.scopes.stall_warning;
-        let now = Instant::now();
-        for (key, e) in &mut self.scopes {
-            if e.busy() && !e.stall_reported && now.duration_since(e.last_progress) >= limit {
-                e.stall_reported = true;
-                // A stalled scope's queue no longer counts towards
-                // backpressure: one stuck chat must not stop the others.
-                let outstanding = (e.dispatched - e.acked) as usize;
-                self.undelivered
-                    .set(self.undelivered.get().saturating_sub(outstanding));
-                log::warn!(
-                    "scope={key} has not received an event for {}s: {} event(s) queued (is the app still calling receive()?)",
-                    now.duration_since(e.last_progress).as_secs(),
-                    e.dispatched - e.acked
-                );
-            }
+        for stall in self.scopes.stalls(Instant::now(), limit) {
+            // A stalled scope's queue no longer counts towards
+            // backpressure: one stuck chat must not stop the others.
+            self.backlog.remove(stall.queued);
+            log::warn!(
+                "scope={} has not received an event for {}s: {} event(s) queued (is the app still calling receive()?)",
+                stall.key,
+                stall.silent_for.as_secs(),
+                stall.queued
+            );
         }
+        self.announce_backpressure();
     }
 
-    /// Closes scopes idle for `idle_timeout`: the front of the idle list.
+    /// Closes scopes idle for `idle_timeout`.
     fn reap_idle(&mut self) {
         let timeout = self.settings.scopes.idle_timeout;
-        let now = Instant::now();
-        let mut expired = Vec::new();
-        for key in self.idle.values() {
-            match self.scopes.get(key).and_then(|e| e.idle) {
-                Some((_, since)) if now.duration_since(since) >= timeout => {
-                    expired.push(key.clone())
-                }
-                _ => break,
-            }
-        }
-        for key in expired {
+        for key in self.scopes.expired(Instant::now(), timeout) {
             log::debug!("scope={key} idle for {}s; closing", timeout.as_secs());
             self.close(&key, "idle");
         }
@@ -603,25 +490,16 @@ impl Supervisor {
     /// The instance of `key`'s scope is done with the first `through` events
     /// it was given.
     fn scope_idle(&mut self, scope_id: u64, key: &ScopeKey, through: u64) {
-        let Some(e) = self.scopes.get_mut(key).filter(|e| e.scope_id == scope_id) else {
-            return;
-        };
-        if e.dispatched != through || e.idle.is_some() {
-            // More were given since: not idle after all.
-            return;
-        }
-        if e.isolated {
+        match self.scopes.idle(scope_id, key, through, Instant::now()) {
+            IdleReport::Ignored => {}
             // Done with what it held without killing its worker: the chat
             // goes back to the ordinary workers once this scope has stopped.
-            self.close(key, MOVED);
-            return;
-        }
-        let tick = self.next_tick;
-        self.next_tick += 1;
-        e.idle = Some((tick, Instant::now()));
-        self.idle.insert(tick, key.clone());
-        if !self.admit.is_empty() {
-            self.make_room();
+            IdleReport::Isolated => self.close(key, MOVED),
+            IdleReport::Listed => {
+                if !self.scopes.none_waiting() {
+                    self.make_room();
+                }
+            }
         }
     }
 
@@ -638,40 +516,17 @@ impl Supervisor {
         } = report;
         if in_hand && !self.shutting_down {
             // Counted out when it was received; undelivered again.
-            self.undelivered.set(self.undelivered.get() + 1);
+            self.backlog.add(1);
         }
-        let (worker, isolated, bounces) = if let Some(c) = self.closing.remove(&scope_id) {
-            if self.closing_keys.get(&c.key) == Some(&scope_id) {
-                self.closing_keys.remove(&c.key);
-            }
-            if c.for_room {
-                self.evicting = self.evicting.saturating_sub(1);
-            }
-            (c.worker, c.isolated, 0)
-        } else {
-            // Stopped without being closed: its worker died.
-            match self.scopes.get(&key) {
-                Some(e) if e.scope_id == scope_id => {
-                    let Some(e) = self.scopes.remove(&key) else {
-                        unreachable!("looked up just above")
-                    };
-                    if let Some((tick, _)) = e.idle {
-                        self.idle.remove(&tick);
-                    }
-                    if e.stall_reported && !self.shutting_down {
-                        // Its leftovers go to a fresh scope and count again
-                        // (the one in hand already does, above).
-                        let unreceived = leftover.len() - usize::from(in_hand);
-                        self.undelivered.set(self.undelivered.get() + unreceived);
-                    }
-                    (e.worker, e.isolated, e.dispatched.saturating_sub(accepted))
-                }
-                _ => return,
-            }
+        let Some(ended) = self.scopes.stopped(scope_id, &key, accepted) else {
+            return;
         };
-        if let Some(w) = self.workers.get_mut(worker) {
-            w.scopes = w.scopes.saturating_sub(1);
+        if ended.stalled && !self.shutting_down {
+            // Its leftovers go to a fresh scope and count again (the one in
+            // hand already does, above).
+            self.backlog.add(leftover.len() - usize::from(in_hand));
         }
+        self.workers.scope_ended(ended.worker);
         if self.shutting_down {
             // What it did not finish stays in the journal for the next start.
             self.check_closed();
@@ -685,13 +540,14 @@ impl Supervisor {
         } else {
             None
         };
-        if isolated {
+        if ended.isolated {
             self.isolated_stopped(&key, lost, in_hand_id, &mut leftover);
         } else if lost == Some(Death::App) && (in_hand || flushed) {
             self.quarantine.suspect(key.clone());
             self.count_suspect(ctx);
         }
-        self.pending.hand_back(&key, subject, leftover, bounces);
+        self.pending
+            .hand_back(&key, subject, leftover, ended.bounces);
         self.try_start(&key);
         self.pump_isolation(ctx);
         self.admit_waiting();
@@ -735,8 +591,7 @@ impl Supervisor {
                     );
                     leftover.remove(0);
                     self.outbox.do_send(Done(vec![id]));
-                    self.undelivered
-                        .set(self.undelivered.get().saturating_sub(1));
+                    self.backlog.remove(1);
                     metrics().updates_dropped.inc();
                 }
                 Verdict::Retry => {
@@ -763,14 +618,12 @@ impl Supervisor {
             return;
         }
         if self.quarantine.is_empty() {
-            if let Some(index) = self.isolation {
-                let slot = &mut self.workers[index];
-                if let Some(links) = slot.links.as_ref().filter(|_| !slot.retired) {
-                    slot.retired = true;
-                    log::info!(
-                        "isolation worker={index} pid={} no longer needed; stopping it",
-                        slot.pid
-                    );
+            if let Some(index) = self.workers.retire_isolation() {
+                log::info!(
+                    "isolation worker={index} pid={} no longer needed; stopping it",
+                    self.workers.pid(index)
+                );
+                if let Some(links) = self.workers.links(index) {
                     links.worker.do_send(ShutdownWorker {
                         grace: self.settings.scopes.disconnect_grace.as_secs_f64(),
                     });
@@ -778,33 +631,19 @@ impl Supervisor {
             }
             return;
         }
-        let Some(index) = self.isolation else {
-            let index = match (0..self.workers.len()).find(|&i| {
-                self.workers[i].links.is_none() && self.workers[i].role == Role::Isolation
-            }) {
-                Some(i) => {
-                    self.workers[i] = WorkerSlot::empty(Role::Isolation);
-                    i
-                }
-                None => {
-                    self.workers.push(WorkerSlot::empty(Role::Isolation));
-                    self.workers.len() - 1
-                }
-            };
-            self.isolation = Some(index);
+        let Some(index) = self.workers.isolation() else {
+            let index = self.workers.open_isolation();
             log::info!(
                 "starting isolation worker={index}: {} chat(s) to run one at a time",
                 self.quarantine.len()
             );
             return self.start_isolation_worker(index, Duration::ZERO, ctx);
         };
-        let slot = &self.workers[index];
-        if !slot.ready || slot.retired || slot.links.is_none() {
+        if self.workers.isolation_ready().is_none() {
             return;
         }
-        let current = self.quarantine.current().cloned();
-        if let Some(key) = &current {
-            if self.scopes.contains_key(key) || self.closing_keys.contains_key(key) {
+        if let Some(key) = self.quarantine.current() {
+            if self.scopes.holds(key) {
                 return;
             }
         }
@@ -817,17 +656,13 @@ impl Supervisor {
             };
             let startable = self.pending.contains(&key)
                 && !self.pending.awaits_bounces(&key)
-                && !self.closing_keys.contains_key(&key)
-                && !self.scopes.contains_key(&key);
+                && !self.scopes.holds(&key);
             if startable {
                 log::debug!("scope={key} runs alone on isolation worker={index}");
                 self.start_scope(&key, index, true);
                 return;
             }
-            if !self.pending.contains(&key)
-                && !self.closing_keys.contains_key(&key)
-                && !self.scopes.contains_key(&key)
-            {
+            if !self.pending.contains(&key) && !self.scopes.holds(&key) {
                 // Nothing left to run for it (its only update was dropped).
                 self.quarantine.release();
                 continue;
@@ -841,7 +676,8 @@ impl Supervisor {
             return self.start_worker(index, ctx);
         }
         ctx.run_later(delay, move |act, ctx| {
-            if act.isolation == Some(index) && !act.stopping_workers && !act.shutting_down {
+            if act.workers.isolation() == Some(index) && !act.stopping_workers && !act.shutting_down
+            {
                 act.start_worker(index, ctx);
             }
         });
@@ -865,20 +701,14 @@ impl Supervisor {
     }
 
     fn check_closed(&mut self) {
-        if self.shutting_down && self.scopes.is_empty() && self.closing.is_empty() {
+        if self.shutting_down && self.scopes.is_empty() {
             for w in self.close_waiters.drain(..) {
                 let _ = w.send(());
             }
         }
     }
 
-    fn all_ready(&self) -> bool {
-        self.workers
-            .iter()
-            .all(|w| w.ready || w.retired || w.role == Role::Isolation)
-    }
-
-    fn resolve_ready(&mut self, result: Result<(), String>) {
+    fn resolve_ready(&mut self, result: Result<(), StartupError>) {
         for w in self.ready_waiters.drain(..) {
             let _ = w.send(result.clone());
         }
@@ -894,8 +724,8 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        for index in 0..self.settings.app.workers {
-            self.workers.push(WorkerSlot::empty(Role::Regular));
+        for _ in 0..self.settings.app.workers {
+            let index = self.workers.add_regular();
             self.start_worker(index, ctx);
         }
         let tick = (self.settings.scopes.idle_timeout / 4)
@@ -915,6 +745,7 @@ impl Handler<Dispatch> for Supervisor {
     type Result = ();
     fn handle(&mut self, msg: Dispatch, _: &mut Context<Self>) {
         self.dispatch(msg.0);
+        self.announce_backpressure();
     }
 }
 
@@ -933,12 +764,21 @@ impl Handler<WaitReady> for Supervisor {
         let (tx, rx) = oneshot::channel();
         if let Some(e) = &self.startup_error {
             let _ = tx.send(Err(e.clone()));
-        } else if self.all_ready() {
+        } else if self.workers.all_ready() {
             let _ = tx.send(Ok(()));
         } else {
             self.ready_waiters.push(tx);
         }
         MessageResult(rx)
+    }
+}
+
+impl Handler<WatchBackpressure> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: WatchBackpressure, _: &mut Context<Self>) {
+        // The Poller's first getUpdates waits for this answer.
+        msg.0.do_send(self.backlog.state());
+        self.poller = Some(msg.0);
     }
 }
 
@@ -948,11 +788,11 @@ impl Handler<CloseAll> for Supervisor {
         self.shutting_down = true;
         // What waits (for room, a worker, or isolation) stays in the journal.
         self.pending.clear();
-        self.admit.clear();
+        self.scopes.clear_waiting();
         self.quarantine.clear();
         let (tx, rx) = oneshot::channel();
         self.close_waiters.push(tx);
-        let keys: Vec<ScopeKey> = self.scopes.keys().cloned().collect();
+        let keys = self.scopes.keys();
         log::info!("closing {} scope(s)", keys.len());
         for key in keys {
             self.close(&key, SHUTDOWN);
@@ -967,17 +807,15 @@ impl Handler<StopWorkers> for Supervisor {
     fn handle(&mut self, msg: StopWorkers, _: &mut Context<Self>) -> Self::Result {
         self.stopping_workers = true;
         let (tx, rx) = oneshot::channel();
-        if self.workers.iter().all(|w| w.links.is_none()) {
+        if self.workers.all_exited() {
             let _ = tx.send(());
         } else {
             self.exit_waiters.push(tx);
         }
-        for w in &self.workers {
-            if let Some(links) = &w.links {
-                links.worker.do_send(ShutdownWorker {
-                    grace: msg.grace.as_secs_f64(),
-                });
-            }
+        for links in self.workers.all_links() {
+            links.worker.do_send(ShutdownWorker {
+                grace: msg.grace.as_secs_f64(),
+            });
         }
         MessageResult(rx)
     }
@@ -988,18 +826,12 @@ impl Handler<ScopeReport> for Supervisor {
     fn handle(&mut self, msg: ScopeReport, ctx: &mut Context<Self>) {
         match msg {
             ScopeReport::Received { scope_id, key, ids } => {
-                if let Some(e) = self.scopes.get_mut(&key).filter(|e| e.scope_id == scope_id) {
-                    if e.stall_reported {
-                        // Moving again: its queue counts again.
-                        let outstanding = (e.dispatched - e.acked) as usize;
-                        self.undelivered.set(self.undelivered.get() + outstanding);
-                        e.stall_reported = false;
-                    }
-                    e.acked += ids.len() as u64;
-                    e.last_progress = Instant::now();
-                }
-                self.undelivered
-                    .set(self.undelivered.get().saturating_sub(ids.len()));
+                // Moving again after a stall: its queue counts again.
+                let again = self
+                    .scopes
+                    .received(scope_id, &key, ids.len(), Instant::now());
+                self.backlog.add(again);
+                self.backlog.remove(ids.len());
             }
             ScopeReport::Idle {
                 scope_id,
@@ -1012,11 +844,7 @@ impl Handler<ScopeReport> for Supervisor {
                 through,
             } => {
                 // Events may be on their way to it; then it restarts instead.
-                if self
-                    .scopes
-                    .get(&key)
-                    .is_some_and(|e| e.scope_id == scope_id && e.dispatched == through)
-                {
+                if self.scopes.ended_with_all(scope_id, &key, through) {
                     self.close(&key, "ended");
                 }
             }
@@ -1027,6 +855,7 @@ impl Handler<ScopeReport> for Supervisor {
             }
             ScopeReport::Bounced { key, events } => self.bounced(&key, events, ctx),
         }
+        self.announce_backpressure();
     }
 }
 
@@ -1035,31 +864,26 @@ impl Handler<WorkerEvent> for Supervisor {
     fn handle(&mut self, msg: WorkerEvent, ctx: &mut Context<Self>) {
         match msg {
             WorkerEvent::Ready { index, pid, .. } => {
-                let slot = &mut self.workers[index];
-                slot.ready = true;
-                slot.failures = 0;
-                slot.pid = pid;
-                let role = slot.role;
+                let role = self.workers.ready(index, pid);
                 self.publish_metrics();
                 if role == Role::Isolation {
                     self.pump_isolation(ctx);
                     return;
                 }
-                if self.all_ready() {
+                if self.workers.all_ready() {
                     self.started_up = true;
                     self.resolve_ready(Ok(()));
                 }
                 self.admit_waiting();
-                self.reload_worker_ready(index, ctx);
+                self.reload_worker_ready(index);
             }
             WorkerEvent::Failed { index, error } => {
-                let slot = &mut self.workers[index];
-                slot.failures += 1;
-                if !self.started_up || slot.failures >= CRASH_LOOP_LIMIT {
-                    let error = if slot.failures >= CRASH_LOOP_LIMIT {
-                        format!("worker {index} failed {CRASH_LOOP_LIMIT} times in a row before it was ready: {error}")
+                let failures = self.workers.failed(index);
+                if !self.started_up || failures >= CRASH_LOOP_LIMIT {
+                    let error = if failures >= CRASH_LOOP_LIMIT {
+                        StartupError::CrashLoop { index, error }
                     } else {
-                        error
+                        StartupError::App(error)
                     };
                     self.startup_error.get_or_insert(error.clone());
                     self.resolve_ready(Err(error));
@@ -1086,23 +910,14 @@ impl Supervisor {
         instances: usize,
         ctx: &mut Context<Self>,
     ) {
-        let slot = &mut self.workers[index];
-        if let Some(links) = slot.links.take() {
+        if let Some(links) = self.workers.exited(index, death) {
             // Forgotten here first, so no new scope is attached to it.
             links.worker.do_send(Release);
-        }
-        slot.ready = false;
-        slot.scopes = 0;
-        let role = slot.role;
-        if death == Death::Asked {
-            slot.deaths = 0;
-        } else {
-            slot.deaths += 1;
         }
         self.publish_metrics();
         if self.stopping_workers {
             log::info!("worker={index} pid={pid} exited ({})", describe(status));
-            if self.workers.iter().all(|w| w.links.is_none()) {
+            if self.workers.all_exited() {
                 for w in self.exit_waiters.drain(..) {
                     let _ = w.send(());
                 }
@@ -1112,7 +927,7 @@ impl Supervisor {
         if self.startup_error.is_some() {
             return;
         }
-        if role == Role::Isolation {
+        if self.workers.role(index) == Role::Isolation {
             return self.isolation_exited(index, pid, status, death, ctx);
         }
         if self.reload_worker_exited(index, pid, status, ctx) {
@@ -1127,8 +942,7 @@ impl Supervisor {
             describe(status)
         );
         metrics().worker_restarts.inc();
-        let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
-            .delay(self.workers[index].failures);
+        let delay = self.workers.restart_delay(index);
         ctx.run_later(delay, move |act, ctx| {
             if !act.stopping_workers {
                 act.start_worker(index, ctx);
@@ -1144,20 +958,17 @@ impl Supervisor {
         death: Death,
         ctx: &mut Context<Self>,
     ) {
-        if self.workers[index].retired || death == Death::Asked {
+        if self.workers.is_retired(index) || death == Death::Asked {
             log::info!(
                 "isolation worker={index} pid={pid} exited ({})",
                 describe(status)
             );
-            self.isolation = None;
+            self.workers.close_isolation();
             // Suspects may have come meanwhile.
             return self.pump_isolation(ctx);
         }
-        let deaths = self.workers[index].deaths;
-        let failures = self.workers[index].failures;
         // Crash-loop guard: each death in a row waits longer, never drops.
-        let delay = Backoff::new(Duration::from_millis(200), Duration::from_secs(10))
-            .delay(deaths.max(failures).saturating_sub(1));
+        let delay = self.workers.isolation_restart_delay(index);
         log::warn!(
             "isolation worker={index} pid={pid} died ({}); restarting it in {:.1}s",
             describe(status),
@@ -1178,42 +989,10 @@ impl Supervisor {
     /// Copies the scope and worker counts into the metrics registry.
     fn publish_metrics(&self) {
         let m = metrics();
-        m.scopes_live
-            .set_count(self.scopes.len() + self.closing.len());
+        m.scopes_live.set_count(self.scopes.count());
         m.workers_configured.set_count(self.settings.app.workers);
-        m.workers_ready.set_count(
-            self.workers
-                .iter()
-                .filter(|w| w.ready && !w.retired && w.role == Role::Regular)
-                .count(),
-        );
+        m.workers_ready.set_count(self.workers.ready_regular());
     }
-}
-
-/// Replace every worker, one at a time: start a new worker, wait until it is
-/// ready, then retire the old one (SIGHUP, `--reload`). Scopes move lazily.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ReloadWorkers {
-    /// What asked for it, for the log.
-    pub reason: String,
-}
-
-/// Where a reload stands.
-#[derive(Default)]
-struct Reload {
-    /// Workers (slot indices) still to replace, after the current one.
-    queue: VecDeque<usize>,
-    current: Option<ReloadStep>,
-    /// Another reload was asked for while this one ran: run it after.
-    again: bool,
-}
-
-struct ReloadStep {
-    old: usize,
-    new: usize,
-    /// The replacement is ready and the old worker is retiring.
-    retiring: bool,
 }
 
 impl Handler<ReloadWorkers> for Supervisor {
@@ -1226,113 +1005,76 @@ impl Handler<ReloadWorkers> for Supervisor {
             );
             return;
         }
-        if self.reload.current.is_some() {
+        if !self.reload.request(self.workers.live_regular()) {
             log::info!(
                 "reload ({}) asked for while one is running; it follows",
                 msg.reason
             );
-            self.reload.again = true;
             return;
         }
-        self.reload.queue = self.live_workers();
         log::info!(
             "reloading the workers ({}): workers={}",
             msg.reason,
-            self.reload.queue.len()
+            self.reload.queued()
         );
         self.reload_next(ctx);
     }
 }
 
 impl Supervisor {
-    fn live_workers(&self) -> VecDeque<usize> {
-        (0..self.workers.len())
-            .filter(|&i| {
-                let w = &self.workers[i];
-                w.links.is_some() && !w.retired && w.role == Role::Regular
-            })
-            .collect()
-    }
-
     /// Starts the replacement of the next worker in the queue.
     fn reload_next(&mut self, ctx: &mut Context<Self>) {
         if self.stopping_workers || self.shutting_down {
-            self.reload.queue.clear();
-            self.reload.current = None;
+            self.reload.cancel();
             return;
         }
-        let Some(old) = self.reload.queue.pop_front() else {
-            log::info!("reload complete: workers={}", self.live_workers().len());
-            if std::mem::take(&mut self.reload.again) {
-                ctx.notify(ReloadWorkers {
-                    reason: "asked for again during the last one".into(),
-                });
+        let old = match self.reload.next() {
+            Next::Replace(old) => old,
+            Next::Complete { again } => {
+                log::info!(
+                    "reload complete: workers={}",
+                    self.workers.live_regular().len()
+                );
+                if again {
+                    ctx.notify(ReloadWorkers {
+                        reason: "asked for again during the last one".into(),
+                    });
+                }
+                return;
             }
-            return;
         };
-        if self.workers[old].links.is_none() || self.workers[old].retired {
+        if self.workers.links(old).is_none() || self.workers.is_retired(old) {
             // Died meanwhile: the ordinary restart already loads the new code.
             return self.reload_next(ctx);
         }
-        // Reuse a slot whose retired worker has exited; else add one. At most
-        // one worker is being replaced at a time, so slots stay under 2x.
-        let new = match (0..self.workers.len()).find(|&i| {
-            let w = &self.workers[i];
-            w.retired && w.links.is_none() && w.role == Role::Regular
-        }) {
-            Some(i) => i,
-            None => {
-                self.workers.push(WorkerSlot::empty(Role::Regular));
-                self.workers.len() - 1
-            }
-        };
-        let slot = &mut self.workers[new];
-        slot.retired = false;
-        slot.failures = 0;
-        slot.scopes = 0;
+        let new = self.workers.spare_regular();
         self.start_worker(new, ctx);
         log::info!(
             "worker={old} pid={} being replaced by worker={new}",
-            self.workers[old].pid
+            self.workers.pid(old)
         );
-        self.reload.current = Some(ReloadStep {
-            old,
-            new,
-            retiring: false,
-        });
+        self.reload.replacing(old, new);
     }
 
     /// The replacement is ready: retire the worker it replaces. Its scopes
     /// get `telegram.disconnect`; events that arrive meanwhile wait, and go
     /// with what the scopes hand back, in order, to fresh scopes on live
     /// workers.
-    fn reload_worker_ready(&mut self, index: usize, _: &mut Context<Self>) {
-        let Some(step) = self.reload.current.as_mut() else {
+    fn reload_worker_ready(&mut self, index: usize) {
+        let Some(old) = self.reload.ready(index) else {
             return;
         };
-        if step.new != index || step.retiring {
-            return;
-        }
-        step.retiring = true;
-        let old = step.old;
-        let slot = &mut self.workers[old];
-        slot.retired = true;
-        slot.ready = false;
-        let Some(addr) = slot.links.as_ref().map(|l| l.worker.clone()) else {
+        self.workers.retire(old);
+        let Some(addr) = self.workers.links(old).map(|l| l.worker.clone()) else {
             // Exited already; `reload_worker_exited` moved on.
             return;
         };
         metrics().worker_reloads.inc();
         self.publish_metrics();
-        let keys: Vec<ScopeKey> = self
-            .scopes
-            .iter()
-            .filter(|(_, e)| e.worker == old)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let keys = self.scopes.on_worker(old);
         log::info!(
             "worker={old} pid={} retiring: scopes={} move to the new workers",
-            self.workers[old].pid,
+            self.workers.pid(old),
             keys.len()
         );
         for key in keys {
@@ -1353,27 +1095,23 @@ impl Supervisor {
         status: Option<std::process::ExitStatus>,
         ctx: &mut Context<Self>,
     ) -> bool {
-        if self.workers[index].retired {
-            log::info!("worker={index} pid={pid} retired ({})", describe(status));
-            if self.reload.current.as_ref().is_some_and(|s| s.old == index) {
-                self.reload.current = None;
-                self.reload_next(ctx);
+        match self.reload.exited(index, self.workers.is_retired(index)) {
+            Exit::Unrelated => false,
+            Exit::Retired { advance } => {
+                log::info!("worker={index} pid={pid} retired ({})", describe(status));
+                if advance {
+                    self.reload_next(ctx);
+                }
+                true
             }
-            return true;
-        }
-        match &self.reload.current {
-            Some(step) if step.new == index && !step.retiring => {
+            Exit::Aborted => {
                 log::error!(
                     "reload aborted: the new worker={index} pid={pid} did not start ({}); the running workers stay",
                     describe(status)
                 );
-                self.workers[index].retired = true;
-                self.reload.queue.clear();
-                self.reload.current = None;
-                self.reload.again = false;
+                self.workers.retire(index);
                 true
             }
-            _ => false,
         }
     }
 }
