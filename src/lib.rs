@@ -30,7 +30,8 @@
 //! # Message flow
 //!
 //! ```text
-//!  Bot API ──getUpdates──▶ Poller ──Dispatch──▶ Supervisor
+//!  Bot API ──getUpdates──▶ Poller ──Dispatch──────▶ Supervisor (scope table, worker pool,
+//!                            │   ◀──Backpressure──       reload, suspects in isolation)
 //!                            └══Append══▶ journal thread (offset confirmed once stored)
 //!                                                  │ spawns / reaps
 //!                                                  ▼

@@ -2,18 +2,18 @@
 //! one application instance fed with the scope's events, in order, and turns
 //! what the instance `send()`s into Bot API calls.
 //!
-//! - **Owns**: the scope's ordered queue of events the instance has not
-//!   received yet, the update *in hand*, the calls awaiting their outcome,
-//!   and the instance (its `sid` in a worker).
-//! - **Takes**: [`Enqueue`] (events, from the Supervisor), [`Close`] and
-//!   [`Terminate`] (the Supervisor), [`InstanceMsg`] (the worker's frames for
-//!   its instance), [`CallDone`] (an outcome the app asked for).
-//! - **Sends**: `Attach` and `Write` (the instance's frames) to its Worker;
-//!   [`Call`]s and [`Done`] to the Outbox; [`ScopeReport`]s (received, idle,
-//!   instance ended, bounced, stopped) to the Supervisor.
-//! - **Stops**: when the Supervisor closes it (idle, evicted, moved,
-//!   shutdown) and the instance has ended, or at once when its worker is
-//!   gone; either way it hands back what is still queued in [`Stopped`].
+//! Owns: the scope's ordered queue of events the instance has not
+//! received yet, the update *in hand*, the calls awaiting their outcome,
+//! and the instance (its `sid` in a worker).
+//! Takes: [`Enqueue`] (events, from the Supervisor), [`Close`] and
+//! [`Terminate`] (the Supervisor), [`InstanceMsg`] (the worker's frames for
+//! its instance), [`CallDone`] (an outcome the app asked for).
+//! Sends: `Attach` and `Write` (the instance's frames) to its Worker;
+//! [`Call`]s and [`Done`] to the Outbox; [`ScopeReport`]s (received, idle,
+//! instance ended, bounced, stopped) to the Supervisor.
+//! Stops: when the Supervisor closes it (idle, evicted, moved,
+//! shutdown) and the instance has ended, or at once when its worker is
+//! gone; either way it hands back what is still queued in [`Stopped`].
 //!
 //! The update an instance received last is *in hand* until the instance is
 //! done with it: it asks for the next event (`receive()` returns another
@@ -40,7 +40,7 @@ use serde_json::{json, Map, Value};
 use crate::actors::call::{Call, CallDone, Cause, ReplyTo};
 use crate::actors::outbox::{Done, Outbox};
 use crate::actors::worker::{Attach, Death, InstanceMsg, Worker, Write};
-use crate::bridge::{Outgoing, ScopeDict, Sid, ToWorker};
+use crate::bridge::{Outgoing, OutgoingError, ScopeDict, Sid, ToWorker};
 use crate::routing::{Conversation, ScopeKey};
 use crate::telegram::methods;
 
@@ -338,8 +338,8 @@ impl ScopeActor {
     }
 
     /// Turns an outgoing application event into a Bot API call.
-    fn outgoing(&mut self, event: Value, ctx: &mut Context<Self>) {
-        let (method, mut params, request_id) = match Outgoing::parse(event) {
+    fn outgoing(&mut self, event: Result<Outgoing, OutgoingError>, ctx: &mut Context<Self>) {
+        let (method, mut params, request_id) = match event {
             Ok(out) => out.into_call(),
             Err(e) => {
                 log::warn!("scope={} {e}; skipped", self.key);

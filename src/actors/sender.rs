@@ -145,7 +145,7 @@ impl Queued {
 pub struct ReportSent(pub Recipient<Sent>);
 
 /// The journal wrote the answers of these stored calls (by outbox row id;
-/// see [`Sender::finish`]): their chats' next calls may go. Also sent when
+/// see `Sender::finish`): their chats' next calls may go. Also sent when
 /// the write failed: holding the chats would not make it succeed.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -1,21 +1,21 @@
 //! Worker actor: one per Python worker process, the daemon's side of its
 //! channel (fd 3, [`crate::bridge`]).
 //!
-//! - **Owns**: the process (its group, so that what it forks dies with it),
-//!   the channel's write half, and which scope each instance (`sid`) in it
-//!   belongs to.
-//! - **Takes**: [`Attach`] (start an instance for a scope), [`Write`] (frames
-//!   from scopes, and `pause`/`resume` from the Sender), [`ShutdownWorker`]
-//!   and [`Release`] (the Supervisor), and the process's exit.
-//! - **Sends**: [`InstanceMsg`] to the scope each frame belongs to, and
-//!   [`InstanceMsg::WorkerLost`] to every attached scope when the process is
-//!   gone; [`WorkerEvent`]s (ready, failed to start, exited, with how it
-//!   died) to the Supervisor; the process's stdout/stderr lines to the log,
-//!   with its pid.
-//! - **Stops**: once the process has exited (asked to, crashed, or killed
-//!   for hanging or for breaking its channel), its last frames are read (or
-//!   a short grace has passed), and the Supervisor, told of the exit, has
-//!   released it.
+//! Owns: the process (its group, so that what it forks dies with it),
+//! the channel's write half, and which scope each instance (`sid`) in it
+//! belongs to.
+//! Takes: [`Attach`] (start an instance for a scope), [`Write`] (frames
+//! from scopes, and `pause`/`resume` from the Sender), [`ShutdownWorker`]
+//! and [`Release`] (the Supervisor), and the process's exit.
+//! Sends: [`InstanceMsg`] to the scope each frame belongs to, and
+//! [`InstanceMsg::WorkerLost`] to every attached scope when the process is
+//! gone; [`WorkerEvent`]s (ready, failed to start, exited, with how it
+//! died) to the Supervisor; the process's stdout/stderr lines to the log,
+//! with its pid.
+//! Stops: once the process has exited (asked to, crashed, or killed
+//! for hanging or for breaking its channel), its last frames are read (or
+//! a short grace has passed), and the Supervisor, told of the exit, has
+//! released it.
 
 use std::collections::HashMap;
 use std::io;
@@ -28,7 +28,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
-use crate::bridge::{self, FromWorker, Sid, ToWorker};
+use crate::bridge::{self, FromWorker, Outgoing, OutgoingError, Sid, ToWorker};
 use crate::settings::AppSettings;
 
 /// What a worker reports to the instance a frame belongs to.
@@ -40,8 +40,11 @@ pub enum InstanceMsg {
     /// The instance's `receive()` found nothing queued: it is done with what
     /// it received.
     Idle { sid: Sid },
-    /// The instance called `send(event)`.
-    Send { sid: Sid, event: serde_json::Value },
+    /// The instance called `send(event)`; parsed here, at the boundary.
+    Send {
+        sid: Sid,
+        event: Result<Outgoing, OutgoingError>,
+    },
     /// The instance's coroutine finished.
     Ended {
         sid: Sid,
@@ -243,7 +246,13 @@ impl Worker {
                 self.route(sid, InstanceMsg::Received { sid, seq })
             }
             FromWorker::Idle { sid } => self.route(sid, InstanceMsg::Idle { sid }),
-            FromWorker::Send { sid, event } => self.route(sid, InstanceMsg::Send { sid, event }),
+            FromWorker::Send { sid, event } => self.route(
+                sid,
+                InstanceMsg::Send {
+                    sid,
+                    event: Outgoing::parse(event),
+                },
+            ),
             FromWorker::Ended {
                 sid,
                 error,
