@@ -915,9 +915,15 @@ pub fn yield_to_latency() {
     }
 }
 
-/// The journal on a thread of its own. The connection is shared with the
-/// actor the `SyncArbiter` builds anew if this one panics, so that it keeps
-/// the connection and what it remembers (`handled_early`).
+/// The journal on a thread of its own.
+///
+/// Owns: the SQLite connection and what it remembers (`handled_early`),
+/// shared with the actor the `SyncArbiter` builds anew if this one panics.
+/// Takes: [`Append`] from the Poller, `Record` from the Outbox, one at a
+/// time in the order they were sent (rule 1 relies on it).
+/// Sends: nothing; each answer says whether the write happened, and a failed
+/// one is the sender's to retry.
+/// Stops: with the System.
 pub struct JournalActor(pub Arc<Mutex<Journal>>);
 
 impl JournalActor {
