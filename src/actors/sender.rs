@@ -804,6 +804,14 @@ mod tests {
         SenderSettings::default()
     }
 
+    /// A Core that paces nothing, for the tests of order and holding.
+    fn unlimited() -> Core {
+        Core::new(&SenderSettings {
+            limits: Limits::off(),
+            ..settings()
+        })
+    }
+
     fn msg(chat: i64, text: &str) -> Call {
         let Value::Object(p) = json!({"chat_id": chat, "text": text}) else {
             unreachable!("a JSON object literal")
@@ -986,10 +994,7 @@ mod tests {
 
     #[test]
     fn a_held_lane_waits_exactly_and_retries_in_place() {
-        let mut core = Core::new(&SenderSettings {
-            limits: Limits::off(),
-            ..settings()
-        });
+        let mut core = unlimited();
         let t0 = Instant::now();
         core.push(msg(1, "a"), t0);
         core.push(msg(1, "b"), t0);
@@ -1010,10 +1015,7 @@ mod tests {
 
     #[test]
     fn migration_moves_the_lane_and_later_calls() {
-        let mut core = Core::new(&SenderSettings {
-            limits: Limits::off(),
-            ..settings()
-        });
+        let mut core = unlimited();
         let t0 = Instant::now();
         core.push(msg(-5, "a"), t0);
         core.push(msg(-5, "b"), t0);
@@ -1054,10 +1056,7 @@ mod tests {
 
     #[test]
     fn a_stored_calls_chat_waits_until_its_answer_is_recorded() {
-        let mut core = Core::new(&SenderSettings {
-            limits: Limits::off(),
-            ..settings()
-        });
+        let mut core = unlimited();
         let t0 = Instant::now();
         core.push(msg(1, "a"), t0);
         core.push(msg(1, "b"), t0);
@@ -1079,10 +1078,7 @@ mod tests {
 
     #[test]
     fn a_row_not_waiting_releases_no_chat() {
-        let mut core = Core::new(&SenderSettings {
-            limits: Limits::off(),
-            ..settings()
-        });
+        let mut core = unlimited();
         let t0 = Instant::now();
         core.push(msg(1, "a"), t0);
         core.push(msg(1, "b"), t0);
