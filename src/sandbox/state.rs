@@ -358,7 +358,8 @@ impl State {
         };
         let file = self.store_file(Some(bytes), size, folder, file_name);
         let file_id = file.file_id.clone();
-        let media = json!({"file_id": file.file_id, "file_unique_id": file.unique_id, "file_size": size});
+        let media =
+            json!({"file_id": file.file_id, "file_unique_id": file.unique_id, "file_size": size});
         let mut message = self.user_message(chat_id);
         match file_name {
             Some(name) => {

@@ -594,7 +594,11 @@ fn injected_files_are_known_to_get_file_and_downloadable() {
     assert_eq!(updates[0]["update_id"], update_id);
     let document = &updates[0]["message"]["document"];
     assert_eq!(
-        (&document["file_id"], &document["file_name"], &document["file_size"]),
+        (
+            &document["file_id"],
+            &document["file_name"],
+            &document["file_size"]
+        ),
         (&json!(doc), &json!("report.pdf"), &json!(11))
     );
     assert_eq!(updates[0]["message"]["chat"]["id"], 42);

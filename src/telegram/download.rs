@@ -195,7 +195,10 @@ mod tests {
     fn a_file_over_the_limit_is_refused_before_any_fetch() {
         let file = json!({"file_id": "a", "file_size": 20 * 1024 * 1024 + 1, "file_path": "p"});
         let e = file_path(&file).unwrap_err();
-        assert!(matches!(e, DownloadError::TooBig(Some(20_971_521))), "{e:?}");
+        assert!(
+            matches!(e, DownloadError::TooBig(Some(20_971_521))),
+            "{e:?}"
+        );
         let envelope = e.to_envelope();
         assert_eq!(envelope["ok"], false);
         assert_eq!(envelope["error_code"], 400);
