@@ -56,7 +56,8 @@ fn files_users_send_are_downloaded_whole_and_the_token_is_in_no_log_line() {
         &config_for(&sb, "downloads:app", ""),
         &[("RUST_LOG", "trace")],
     );
-    let document = content(3_000_000, 1);
+    // Larger than the bridge's read buffer (4 MiB) once encoded for the channel.
+    let document = content(6_000_000, 1);
     let photo = content(40_000, 2);
     sb.inject_document(501, document.clone(), "big.bin");
     sb.inject_photo(-502, photo.clone());
@@ -64,7 +65,7 @@ fn files_users_send_are_downloaded_whole_and_the_token_is_in_no_log_line() {
     assert_eq!(
         texts,
         vec![format!(
-            "bytes size=3000000 sha256={} file_size=3000000 id=True",
+            "bytes size=6000000 sha256={} file_size=6000000 id=True",
             sha256(&document)
         )]
     );
