@@ -10,7 +10,7 @@
 //! - [`settings`]: typed settings in layers (defaults, file, environment); the
 //!   token redacts itself.
 //! - [`telegram`]: the Bot API boundary: updates, the client and its errors,
-//!   uploads, the method tables, and Telegram's flood limits as data with the
+//!   uploads, downloads, the method tables, and Telegram's flood limits as data with the
 //!   pure pacer the Sender uses.
 //! - [`routing`]: which scope an update goes to; one pure function.
 //! - [`bridge`]: the worker channel protocol and starting a worker process.
@@ -47,6 +47,10 @@
 //!  Bot API ◀──sendMessage── Sender (limits, per-chat order, retries) ──CallDone (Outcome)──▶ ScopeActor
 //!                             └── pause / resume (backpressure) ──▶ Worker
 //! ```
+//!
+//! A `telegram.download` takes the same one-way path: its getFile passes the
+//! Outbox unstored (it only reads), and the Sender fetches the file with the
+//! token before its `CallDone` carries File and content to the scope.
 //!
 //! A chat's next stored call waits until the journal has the answer to its
 //! previous one (`Recorded`, by outbox row), so that a crash leaves at most

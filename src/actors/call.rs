@@ -42,6 +42,11 @@ pub struct Call {
     /// The worker whose app made it, so that backpressure can reach that
     /// worker.
     pub origin: Option<Addr<Worker>>,
+    /// A getFile made for a `telegram.download`: its File is fetched before
+    /// the app hears of it (the Sender's `download`). It only reads, so it
+    /// is never stored nor recognised as a repeat: made again, it reads the
+    /// same file.
+    pub download: bool,
 }
 
 impl Call {
@@ -53,7 +58,14 @@ impl Call {
             cause: None,
             row: None,
             origin: None,
+            download: false,
         }
+    }
+
+    /// Marks a getFile as a `telegram.download`'s (see [`Call::download`]).
+    pub fn as_download(mut self) -> Call {
+        self.download = true;
+        self
     }
 
     pub fn caused_by(mut self, cause: Cause) -> Call {

@@ -34,6 +34,10 @@
 //!
 //! Without a journal (`--check`) calls pass straight to the Sender and
 //! repeats are still recognised.
+//!
+//! A download's getFile ([`Call::download`]) passes straight to the Sender,
+//! with or without a journal: it only reads, so it is neither stored nor
+//! recognised as a repeat.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -345,6 +349,12 @@ impl Actor for Outbox {
 impl Handler<Call> for Outbox {
     type Result = ();
     fn handle(&mut self, call: Call, ctx: &mut Context<Self>) {
+        if call.download {
+            // Nothing to keep: it changes nothing at Telegram, so after a
+            // crash it is simply made again.
+            self.sender.do_send(call);
+            return;
+        }
         if let Some(call) = self.repeat(call) {
             self.store_and_send(call, ctx);
         }

@@ -339,6 +339,7 @@ impl ScopeActor {
 
     /// Turns an outgoing application event into a Bot API call.
     fn outgoing(&mut self, event: Result<Outgoing, OutgoingError>, ctx: &mut Context<Self>) {
+        let download = matches!(event, Ok(Outgoing::Download { .. }));
         let (method, mut params, request_id) = match event {
             Ok(out) => out.into_call(),
             Err(e) => {
@@ -355,7 +356,12 @@ impl ScopeActor {
             self.awaiting += 1;
         }
         let mut call = Call::new(method, params, reply).from_worker(self.links.worker.clone());
-        if let Some(h) = &mut self.in_hand {
+        if download {
+            // A download only reads, so making it again after a redelivery
+            // does no harm: it carries no cause and takes no ordinal from the
+            // calls that do.
+            call = call.as_download();
+        } else if let Some(h) = &mut self.in_hand {
             call = call.caused_by(Cause {
                 update_id: h.update_id,
                 ordinal: h.calls,

@@ -4,16 +4,19 @@
 //! Telegram's flood limits ([`crate::telegram::limits`]), in each chat's
 //! order, retrying what may be retried; reports each call's final outcome to
 //! the scope when the app asked for it ([`CallDone`]), else logs failures in
-//! one line, and to the Outbox when it tracks the call ([`Sent`]).
+//! one line, and to the Outbox when it tracks the call ([`Sent`]). For a
+//! download ([`Call::download`]) it fetches the file getFile described, with
+//! the token only it holds, and the app hears of both at once.
 //!
 //! Owns: the calls not yet answered, one queue (lane) per chat; the pacer;
 //! the workers whose apps sent calls (for backpressure); the lanes of stored
-//! calls whose answers the journal is writing.
+//! calls whose answers the journal is writing; the file fetches under way.
 //! Takes: [`Call`] from the Outbox (tests and the benchmark send it
 //! directly, with no Outbox); [`ReportSent`] (where the Outbox hears of
 //! outcomes, once as it starts); [`Recorded`] (the journal wrote these
 //! calls' answers); [`Drained`] (shutdown).
-//! Sends: the Bot API requests; [`CallDone`] to the scope that asked;
+//! Sends: the Bot API requests and file fetches
+//! ([`crate::telegram::download`]); [`CallDone`] to the scope that asked;
 //! [`Sent`] to the Outbox for every call it tracks; `pause` / `resume`
 //! frames ([`Write`]) to workers.
 //! Stops: with the System. [`Drained`] resolves once no call is queued, in
@@ -74,18 +77,25 @@
 //! 10. Backpressure: when more than `queue_limit` calls wait, every worker
 //!     that sent calls gets a `pause` frame (the app's `send()` then waits);
 //!     once fewer than half of that wait, `resume`. Nothing is dropped.
+//! 11. A download's getFile is a call like any other (it has no chat, so
+//!     step 2). Once it answers a File, the file is fetched outside the
+//!     lanes and the limits (it is no Bot API call), at most
+//!     `MAX_DOWNLOADS` at once, and the app gets the File with its content
+//!     or the error; a file over 20 MB is refused, never cut short.
 //!
 //! The decisions live in [`Core`], which takes `now` as an argument and is
 //! tested without an actor system or real time; the actor only does I/O and
 //! timers.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde_json::Value;
+use tokio::sync::Semaphore;
 
-use crate::actors::call::{chat_of, Call, CallDone, Outcome};
+use crate::actors::call::{chat_of, Call, CallDone, Outcome, ReplyTo};
 use crate::actors::outbox::Sent;
 use crate::actors::worker::{Worker, Write};
 use crate::backoff::Backoff;
@@ -95,6 +105,8 @@ use crate::telegram::limits::{message_cost, Cost, Pacer, Ticket};
 use crate::telegram::{Bot, TelegramError};
 
 const MAX_IN_FLIGHT: usize = 64;
+/// Files fetched at once: each may hold up to 20 MB until the app has it.
+const MAX_DOWNLOADS: usize = 8;
 /// Backoff of retried failures: 250 ms doubling, capped at 30 s.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 
@@ -494,6 +506,8 @@ pub struct Sender {
     drain_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     /// Told the final outcome of every call it tracks ([`ReportSent`]).
     outbox: Option<Recipient<Sent>>,
+    /// Slots for file fetches, so that downloads cannot fill memory.
+    downloads: Rc<Semaphore>,
 }
 
 impl Sender {
@@ -506,6 +520,7 @@ impl Sender {
             workers: HashSet::new(),
             drain_waiters: Vec::new(),
             outbox: None,
+            downloads: Rc::new(Semaphore::new(MAX_DOWNLOADS)),
         }
     }
 
@@ -525,15 +540,42 @@ impl Sender {
             });
         }
         if let Some(reply) = call.reply {
-            reply.to.do_send(CallDone {
-                request_id: reply.request_id,
-                outcome,
-            });
+            match outcome {
+                Outcome::Result(file) if call.download => self.download(file, reply),
+                outcome => reply.to.do_send(CallDone {
+                    request_id: reply.request_id,
+                    outcome,
+                }),
+            }
         }
         match stored {
             Some(row) => self.core.done_once_recorded(row, lane),
             None => self.core.done(lane.as_deref()),
         }
+    }
+
+    /// A download's getFile answered `file`: the file is fetched (at most
+    /// [`MAX_DOWNLOADS`] at once, each within `sender.response_timeout`),
+    /// and the app gets the File with its content, or the error.
+    fn download(&self, file: Value, reply: ReplyTo) {
+        let bot = self.bot.clone();
+        let timeout = self.settings.response_timeout;
+        let slots = self.downloads.clone();
+        actix::spawn(async move {
+            // The semaphore is never closed, so a permit always comes.
+            let _slot = slots.acquire().await;
+            let outcome = match bot.download(file, timeout).await {
+                Ok(result) => Outcome::Result(result),
+                Err(e) => {
+                    log::debug!("download failed: {e}; reported to the app");
+                    Outcome::Error(e.to_envelope())
+                }
+            };
+            reply.to.do_send(CallDone {
+                request_id: reply.request_id,
+                outcome,
+            });
+        });
     }
 
     /// Starts what may start now and sets the timer for what waits.

@@ -47,7 +47,7 @@ CANCEL_WAIT = 5.0  # how long cancelled instances get to unwind at shutdown
 LIFESPAN_SHUTDOWN_TIMEOUT = 10.0
 EXIT_WATCHDOG = 5.0  # hard exit if interpreter teardown hangs on app threads
 
-EVENT_TYPES = ("telegram.send_message", "telegram.api")
+EVENT_TYPES = ("telegram.send_message", "telegram.api", "telegram.download")
 
 _HEADER = struct.Struct(">I")
 _MISSING = object()
@@ -229,6 +229,20 @@ def validate_event(event, scope):
         params = event.get("params", _MISSING)
         if params is not _MISSING and not isinstance(params, dict):
             raise TypeError("telegram.api 'params' must be a dict, got %s" % _tname(params))
+    elif etype == "telegram.download":
+        file_id = event.get("file_id", _MISSING)
+        if file_id is _MISSING:
+            raise ValueError("telegram.download requires 'file_id' (a non-empty str), but it is missing")
+        if not isinstance(file_id, str) or not file_id:
+            raise TypeError(
+                "telegram.download requires 'file_id' to be a non-empty str, got %s"
+                % (repr(file_id) if isinstance(file_id, str) else _tname(file_id))
+            )
+        if "request_id" not in event:
+            raise ValueError(
+                "telegram.download requires a 'request_id' (a str or int): the file comes back "
+                "only in the telegram.api.response with that request_id"
+            )
     else:
         raise ValueError(
             "unknown event type %r; expected one of %s" % (etype, ", ".join(map(repr, EVENT_TYPES)))

@@ -189,6 +189,10 @@ pub enum Outgoing {
         params: Map<String, Value>,
         request_id: Option<Value>,
     },
+    /// `telegram.download`: getFile, then the file itself, fetched by the
+    /// daemon (the worker never holds the token); the content comes back
+    /// in the response to `request_id`.
+    Download { file_id: String, request_id: Value },
 }
 
 /// An outgoing event the daemon cannot turn into a call. The bridge validates
@@ -202,6 +206,12 @@ pub enum OutgoingError {
     NoMethod,
     #[error("telegram.api params is not an object")]
     ParamsNotAnObject,
+    #[error("telegram.download event without a file_id")]
+    NoFileId,
+    /// Only the response could carry the file: without a `request_id` a
+    /// download has nowhere to go.
+    #[error("telegram.download event without a request_id")]
+    DownloadWithoutRequestId,
     /// `None` when `type` is missing or not a string.
     #[error("app sent an event of unknown type {0:?}")]
     UnknownType(Option<String>),
@@ -237,14 +247,34 @@ impl Outgoing {
                     request_id,
                 })
             }
+            Some("telegram.download") => {
+                let file_id = match event.remove("file_id") {
+                    Some(Value::String(id)) if !id.is_empty() => id,
+                    _ => return Err(OutgoingError::NoFileId),
+                };
+                let request_id = request_id.ok_or(OutgoingError::DownloadWithoutRequestId)?;
+                Ok(Outgoing::Download {
+                    file_id,
+                    request_id,
+                })
+            }
             other => Err(OutgoingError::UnknownType(other.map(str::to_owned))),
         }
     }
 
     /// The Bot API method, its parameters, and the `request_id` the outcome
-    /// goes back with when the app asked for it.
+    /// goes back with when the app asked for it. A download's call is its
+    /// getFile.
     pub fn into_call(self) -> (String, Map<String, Value>, Option<Value>) {
         match self {
+            Outgoing::Download {
+                file_id,
+                request_id,
+            } => {
+                let mut params = Map::new();
+                params.insert("file_id".into(), Value::String(file_id));
+                ("getFile".to_string(), params, Some(request_id))
+            }
             Outgoing::SendMessage { params, request_id } => {
                 ("sendMessage".to_string(), params, request_id)
             }
@@ -501,6 +531,42 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn download_takes_file_id_and_request_id_and_calls_get_file() {
+        let out = Outgoing::parse(json!({
+            "type": "telegram.download", "file_id": "AgAD", "request_id": 4, "extra": 1
+        }))
+        .unwrap();
+        assert_eq!(
+            out,
+            Outgoing::Download {
+                file_id: "AgAD".into(),
+                request_id: json!(4),
+            }
+        );
+        assert_eq!(
+            out.into_call(),
+            (
+                "getFile".to_string(),
+                obj(json!({"file_id": "AgAD"})),
+                Some(json!(4))
+            )
+        );
+        for event in [
+            json!({"type": "telegram.download", "request_id": 1}),
+            json!({"type": "telegram.download", "file_id": "", "request_id": 1}),
+            json!({"type": "telegram.download", "file_id": 7, "request_id": 1}),
+            // The file_id is looked at before the request_id.
+            json!({"type": "telegram.download"}),
+        ] {
+            assert_eq!(Outgoing::parse(event), Err(OutgoingError::NoFileId));
+        }
+        assert_eq!(
+            Outgoing::parse(json!({"type": "telegram.download", "file_id": "AgAD"})),
+            Err(OutgoingError::DownloadWithoutRequestId)
+        );
     }
 
     #[test]

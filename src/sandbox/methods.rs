@@ -196,7 +196,7 @@ fn dispatch(state: &mut State, call: &Request, chat: Option<Value>) -> Outcome {
         "getChatMember" => Ok(get_chat_member(state, call, &require(chat)?).into()),
         "getChatAdministrators" => get_chat_administrators(state, &require(chat)?),
         "getChatMemberCount" => Ok(json!(2).into()),
-        "getFile" => Ok(get_file(state, call).into()),
+        "getFile" => get_file(state, call),
         _ if name.starts_with("send") && call.method.returns == "Message" => {
             messages::send_content(state, call, &require(chat)?)
         }
@@ -314,9 +314,14 @@ fn bot_administrator(state: &mut State, chat: &Value) -> Value {
     member
 }
 
-fn get_file(state: &mut State, call: &Request) -> Value {
+/// Telegram knows the files it issued; any other id is refused as Telegram
+/// words it.
+fn get_file(state: &mut State, call: &Request) -> Outcome {
     let file_id = call.text("file_id").unwrap_or_default();
-    state.file(&file_id).to_json()
+    match state.known_file(&file_id) {
+        Some(file) => Ok(file.to_json().into()),
+        None => Err(ApiError::bad_request("invalid file_id")),
+    }
 }
 
 // ----- everything else -------------------------------------------------------

@@ -29,6 +29,11 @@
 //!   return type. Messages get per-chat increasing ids, are remembered, and
 //!   can be replied to, edited, forwarded, copied and deleted with Telegram's
 //!   errors for unknown or unmodified messages.
+//! * Files: `getFile` answers the File of every file a user sent
+//!   ([`Sandbox::inject_document`], [`Sandbox::inject_photo`],
+//!   [`Sandbox::add_file`]) or the bot uploaded, and `400 Bad Request:
+//!   invalid file_id` for any other id; their bytes are served at
+//!   `/file/bot<token>/<file_path>`.
 //! * Flood limits (1 message/s per chat with a small burst, 20/min per group,
 //!   30/s overall), group-to-supergroup migration errors and token revocation,
 //!   all switchable at run time.
@@ -40,7 +45,8 @@
 //! processing, file size limits other than the upload cap, the 3-second
 //! throttling Telegram applies to busy-looping or conflicting `getUpdates`
 //! callers, and the 24-hour expiry of unconfirmed updates. File identifiers
-//! the sandbox never issued are accepted by `getFile`. Where Telegram never
+//! the sandbox never issued are accepted in messages the bot sends (and
+//! known to `getFile` from then on). Where Telegram never
 //! creates updates of types the bot left out of `allowed_updates`, the
 //! sandbox drops them when the bot polls, so that tests may inject before
 //! the bot's first `getUpdates`. A caller that hangs up while its long poll
@@ -258,6 +264,34 @@ impl Sandbox {
     pub fn add_file(&self, bytes: impl Into<bytes::Bytes>, file_name: &str) -> String {
         let bytes = bytes.into();
         self.shared.update(|s| s.add_file(bytes, file_name))
+    }
+
+    /// Queues a message with a document of `bytes` named `file_name`, from
+    /// the user (or group) [`Sandbox::inject_text`] would write it from.
+    /// Returns the update's id and the document's `file_id`, which `getFile`
+    /// knows and whose bytes it serves.
+    pub fn inject_document(
+        &self,
+        chat_id: i64,
+        bytes: impl Into<bytes::Bytes>,
+        file_name: &str,
+    ) -> (i64, String) {
+        let bytes = bytes.into();
+        self.shared
+            .update(|s| s.inject_file(chat_id, bytes, Some(file_name)))
+    }
+
+    /// The same with a photo (one size: the sandbox does not scale images).
+    pub fn inject_photo(&self, chat_id: i64, bytes: impl Into<bytes::Bytes>) -> (i64, String) {
+        let bytes = bytes.into();
+        self.shared.update(|s| s.inject_file(chat_id, bytes, None))
+    }
+
+    /// Makes `getFile` report `size` bytes for the file, whatever its
+    /// content: a bot can be tried on a file too large to move, or on one
+    /// larger than its File says. Returns whether the file is known.
+    pub fn fake_file_size(&self, file_id: &str, size: usize) -> bool {
+        self.shared.update(|s| s.fake_file_size(file_id, size))
     }
 
     /// Every call the bot made except `getUpdates`, in arrival order.

@@ -332,6 +332,55 @@ impl State {
     }
 
     pub fn inject_text(&mut self, chat_id: i64, text: &str) -> i64 {
+        let mut message = self.user_message(chat_id);
+        message["text"] = json!(text);
+        if let Some(length) = command_length(text) {
+            message["entities"] = json!([{"type": "bot_command", "offset": 0, "length": length}]);
+        }
+        self.inject_update(json!({ "message": message }))
+    }
+
+    /// Queues a message carrying a file of `bytes`, as [`State::inject_text`]
+    /// addresses it: a document named `file_name`, or with `None` a photo
+    /// (one size, since the sandbox does not scale images). Returns the
+    /// update's id and the file's `file_id`.
+    pub fn inject_file(
+        &mut self,
+        chat_id: i64,
+        bytes: Bytes,
+        file_name: Option<&str>,
+    ) -> (i64, String) {
+        let size = bytes.len();
+        let folder = if file_name.is_some() {
+            "documents"
+        } else {
+            "photos"
+        };
+        let file = self.store_file(Some(bytes), size, folder, file_name);
+        let file_id = file.file_id.clone();
+        let media =
+            json!({"file_id": file.file_id, "file_unique_id": file.unique_id, "file_size": size});
+        let mut message = self.user_message(chat_id);
+        match file_name {
+            Some(name) => {
+                let mut document = media;
+                document["file_name"] = json!(name);
+                message["document"] = document;
+            }
+            None => {
+                let mut photo = media;
+                photo["width"] = json!(800);
+                photo["height"] = json!(600);
+                message["photo"] = json!([photo]);
+            }
+        }
+        (self.inject_update(json!({ "message": message })), file_id)
+    }
+
+    /// A new message from the user `chat_id` in their private chat with the
+    /// bot, or for a negative `chat_id` from user 1000 in that group; the
+    /// caller adds its content.
+    fn user_message(&mut self, chat_id: i64) -> Value {
         let (chat, from) = if chat_id > 0 {
             let user = self
                 .users
@@ -357,17 +406,12 @@ impl State {
                 .unwrap_or_else(|| synthetic_user(DEFAULT_GROUP_SENDER));
             (chat, user)
         };
-        let mut message = json!({
+        json!({
             "message_id": self.alloc_message_id(chat_id),
             "from": from,
             "chat": chat,
             "date": unix_now(),
-            "text": text,
-        });
-        if let Some(length) = command_length(text) {
-            message["entities"] = json!([{"type": "bot_command", "offset": 0, "length": length}]);
-        }
-        self.inject_update(json!({ "message": message }))
+        })
     }
 
     fn assign_update_id(&mut self, update: &mut Value) -> i64 {
@@ -545,8 +589,9 @@ impl State {
             .clone()
     }
 
-    /// The file behind a file_id. Unknown ids are accepted and get an entry
-    /// without content: tests inject updates with made-up file ids.
+    /// The file behind a file_id a message is sent with. Unknown ids are
+    /// accepted and get an entry without content: tests inject updates with
+    /// made-up file ids, and the bot may send them on.
     pub fn file(&mut self, file_id: &str) -> &StoredFile {
         if !self.files.contains_key(file_id) {
             let n = self.next_serial();
@@ -560,6 +605,22 @@ impl State {
             self.files.insert(file_id.to_string(), file);
         }
         &self.files[file_id]
+    }
+
+    /// The file behind a file_id the sandbox issued or was sent, for
+    /// getFile: unlike [`State::file`], an unknown id is not made up.
+    pub fn known_file(&self, file_id: &str) -> Option<&StoredFile> {
+        self.files.get(file_id)
+    }
+
+    /// Makes getFile (and later messages) report `size` as the file's size,
+    /// whatever its content: to try a bot on a file too large to move.
+    /// Returns whether the file is known.
+    pub fn fake_file_size(&mut self, file_id: &str, size: usize) -> bool {
+        self.files
+            .get_mut(file_id)
+            .map(|file| file.size = size)
+            .is_some()
     }
 
     pub fn file_by_path(&self, path: &str) -> Option<&StoredFile> {

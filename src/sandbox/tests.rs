@@ -586,6 +586,67 @@ fn multipart_upload_is_parsed_and_downloadable() {
 }
 
 #[test]
+fn injected_files_are_known_to_get_file_and_downloadable() {
+    let sb = start();
+    let (update_id, doc) = sb.inject_document(42, &b"%PDF report"[..], "report.pdf");
+    let (_, photo) = sb.inject_photo(-7, &b"\xff\xd8 jpeg"[..]);
+    let updates = result(call(&sb, "getUpdates", json!({})));
+    assert_eq!(updates[0]["update_id"], update_id);
+    let document = &updates[0]["message"]["document"];
+    assert_eq!(
+        (
+            &document["file_id"],
+            &document["file_name"],
+            &document["file_size"]
+        ),
+        (&json!(doc), &json!("report.pdf"), &json!(11))
+    );
+    assert_eq!(updates[0]["message"]["chat"]["id"], 42);
+    let sizes = &updates[1]["message"]["photo"];
+    assert_eq!(sizes[0]["file_id"], json!(photo));
+    assert_eq!(updates[1]["message"]["chat"]["type"], "group");
+
+    for (file_id, content, folder) in [
+        (&doc, &b"%PDF report"[..], "documents/"),
+        (&photo, &b"\xff\xd8 jpeg"[..], "photos/"),
+    ] {
+        let file = result(call(&sb, "getFile", json!({"file_id": file_id})));
+        assert_eq!(file["file_size"], content.len());
+        let path = file["file_path"].as_str().unwrap();
+        assert!(path.starts_with(folder), "{path}");
+        let download = get(&sb, &format!("/file/bot{}/{path}", sb.token()));
+        assert_eq!((download.status, download.body.as_slice()), (200, content));
+        let wrong = get(&sb, &format!("/file/bot1:wrong/{path}"));
+        assert_eq!(wrong.status, 404);
+    }
+
+    assert!(sb.fake_file_size(&doc, 30_000_000));
+    let file = result(call(&sb, "getFile", json!({"file_id": doc})));
+    assert_eq!(file["file_size"], 30_000_000);
+    assert!(!sb.fake_file_size("nope", 1));
+}
+
+#[test]
+fn get_file_refuses_an_id_it_never_issued() {
+    let sb = start();
+    assert_eq!(
+        error(call(&sb, "getFile", json!({"file_id": "AgADmadeup"}))),
+        (400, "Bad Request: invalid file_id".into())
+    );
+    // A made-up id the bot sent a photo with is known from then on.
+    sb.inject_text(42, "hi");
+    result(call(
+        &sb,
+        "sendPhoto",
+        json!({"chat_id": 42, "photo": "AgADmadeup"}),
+    ));
+    assert_eq!(
+        result(call(&sb, "getFile", json!({"file_id": "AgADmadeup"})))["file_id"],
+        "AgADmadeup"
+    );
+}
+
+#[test]
 fn flood_limits_answer_429_with_retry_after() {
     let sb = start();
     sb.inject_text(42, "hi");

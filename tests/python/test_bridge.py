@@ -501,6 +501,11 @@ VALIDATION_APP = """
         "no_chat_id": {"type": "telegram.send_message", "text": "hello"},
         "tuple_ok": {"type": "telegram.api", "method": "x", "params": {"t": (1, (2, "3"))},
                      "request_id": "r1"},
+        "download_no_file_id": {"type": "telegram.download", "request_id": 1},
+        "download_int_file_id": {"type": "telegram.download", "file_id": 5, "request_id": 1},
+        "download_no_request_id": {"type": "telegram.download", "file_id": "AgAD"},
+        "download_bad_request_id": {"type": "telegram.download", "file_id": "AgAD", "request_id": None},
+        "download_ok": {"type": "telegram.download", "file_id": "AgAD", "request_id": "d1"},
     }
     saved_send = []
     async def app(scope, receive, send):
@@ -557,6 +562,10 @@ class Validation(BridgeTestCase):
             "empty_method": "TypeError: telegram.api requires 'method' to be a non-empty str",
             "params_list": "TypeError: telegram.api 'params' must be a dict, got list",
             "bad_request_id": "TypeError: 'request_id' must be a str or int, got float",
+            "download_no_file_id": "ValueError: telegram.download requires 'file_id'",
+            "download_int_file_id": "TypeError: telegram.download requires 'file_id' to be a non-empty str, got int",
+            "download_no_request_id": "ValueError: telegram.download requires a 'request_id'",
+            "download_bad_request_id": "TypeError: 'request_id' must be a str or int, got NoneType",
         }
         for case, prefix in expected.items():
             with self.subTest(case=case):
@@ -583,6 +592,16 @@ class Validation(BridgeTestCase):
         event = self.b.expect("send", sid=1)["event"]
         self.assertEqual(event["params"], {"t": [1, [2, "3"]]})
         self.assertEqual(event["request_id"], "r1")
+
+    def test_a_download_with_file_id_and_request_id_goes_out(self):
+        self.b.start(1)
+        self.seq += 1
+        self.b.event(1, self.seq, {"type": "telegram.message", "case": "download_ok"})
+        self.assertEqual(
+            self.b.expect("send", sid=1)["event"],
+            {"type": "telegram.download", "file_id": "AgAD", "request_id": "d1"},
+        )
+        self.assertEqual(self.b.expect("send", sid=1)["event"]["text"], "ok")
 
     def test_send_after_instance_ended_raises(self):
         self.b.start(1)
