@@ -14,15 +14,20 @@
 //!   pure pacer the Sender uses.
 //! - [`routing`]: which scope an update goes to; one pure function.
 //! - [`bridge`]: the worker channel protocol and starting a worker process.
-//! - [`journal`]: the durable store: updates until handled, calls until sent.
+//! - [`journal`]: the durable store: updates (and pushed events) until
+//!   handled, calls until sent.
+//! - [`push`]: what other programs may send over the HTTP endpoint (events
+//!   into a chat, Bot API calls), checked before anything is stored.
 //! - [`actors`]: the daemon itself, one file (or folder) per actor, in the
 //!   order an update meets them: Poller, Supervisor, ScopeActor, Worker,
 //!   Outbox, Sender. Each opens with its contract: what it owns, takes,
 //!   sends, and when it stops. [`actors::call`] is the call the Outbox and
-//!   the Sender carry, and its outcome.
+//!   the Sender carry, and its outcome. [`actors::ingress`] takes what
+//!   other programs send over the HTTP endpoint into the daemon.
 //! - [`ops`]: what an operator steers and watches it with: `/healthz`,
 //!   `/readyz`, `/metrics`, the metrics registry, logging (secrets masked),
-//!   SIGHUP reload.
+//!   SIGHUP reload; and the endpoint's routes for other programs
+//!   (`/v1/...`, behind `http.api_token`).
 //! - [`sandbox`]: a local Bot API emulator for trying and testing bots.
 //! - [`chat`]: `--sandbox`: the terminal as a chat with the bot.
 //! - [`backoff`]: the retry delays the Poller, the Outbox and the Sender share.
@@ -47,6 +52,11 @@
 //!  Bot API ◀──sendMessage── Sender (limits, per-chat order, retries) ──CallDone (Outcome)──▶ ScopeActor
 //!                             └── pause / resume (backpressure) ──▶ Worker
 //! ```
+//!
+//! Other programs reach the same path over the HTTP endpoint: the Ingress
+//! hands a pushed event to the Supervisor as [`actors::supervisor::Push`]
+//! (it goes where a Dispatch would) and then to the journal thread
+//! (`StorePushed`), and a Bot API call to the Outbox as an app's call.
 //!
 //! A chat's next stored call waits until the journal has the answer to its
 //! previous one (`Recorded`, by outbox row), so that a crash leaves at most
