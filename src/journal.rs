@@ -46,6 +46,27 @@
 //!    are dropped, because delivering the cause again makes them again; sent
 //!    calls of an unhandled cause are the keys that recognise repeats.
 //!
+//! Events other programs push into a chat (`POST /v1/chats/{chat_id}/events`,
+//! docs/protocol.md) are journaled like updates, with ids of their own:
+//!
+//! 8. A pushed event's id is negative: -1, -2, ... in the order the events
+//!    arrive, never reused in the journal's life (`meta` keeps the lowest id
+//!    stored). Telegram's update_ids are positive, so the two never collide;
+//!    the watermark (rule 2) is Telegram's alone and pushed events neither
+//!    read nor move it. A pushed event lives in the same `updates` table, so
+//!    rules 3 to 7 hold for it unchanged: it leaves once handled, and its
+//!    calls are keyed by its id as cause. [`Journal::store_pushed`] writes
+//!    it durably (fsync'd as appends are) before the pusher is told it is
+//!    stored.
+//! 9. Its place among the updates: each pushed event is stored with the
+//!    highest update_id dispatched before it (`pushed.after`), and
+//!    [`Journal::pending`] gives it back right after that update and before
+//!    the next one, pushed events with the same place in the order they
+//!    came. That is the order its chat had before the restart.
+//! 10. It is dispatched before it is stored, as an update is (rule 1); a
+//!     record that finds it not yet stored (a store that failed and is
+//!     retried) is remembered, so the retried store does not store it again.
+//!
 //! Handled updates and outbox rows need not wait for the disk: WAL commits
 //! survive the process being killed, and a power loss rolls back whole
 //! transactions, which can repeat a reply but never loses an update.
@@ -129,7 +150,11 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS updates (
                           sent INTEGER NOT NULL DEFAULT 0,
                           outcome TEXT
                       );
-                      CREATE INDEX IF NOT EXISTS outbox_cause ON outbox (cause);";
+                      CREATE INDEX IF NOT EXISTS outbox_cause ON outbox (cause);
+                      CREATE TABLE IF NOT EXISTS pushed (
+                          id INTEGER PRIMARY KEY,
+                          after INTEGER
+                      );";
 
 pub struct Journal {
     conn: Connection,
@@ -243,6 +268,66 @@ impl Journal {
         Ok(fresh)
     }
 
+    /// The lowest pushed event id ever stored (rule 8), if any.
+    pub fn pushed_through(&self) -> Result<Option<i64>, JournalError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = 'pushed'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// The id the next pushed event gets: below every id given before.
+    pub fn next_pushed_id(&self) -> Result<i64, JournalError> {
+        Ok(self
+            .pushed_through()?
+            .map_or(-1, |lowest| lowest.min(0) - 1))
+    }
+
+    /// Stores pushed events durably, in one transaction (rules 8 to 10);
+    /// one recorded handled before this store is not stored.
+    pub fn store_pushed(&mut self, events: &[NewPushed]) -> Result<(), JournalError> {
+        let mut lowest = self.pushed_through()?;
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(|e| sqlite_err(&self.path, e))?;
+        let mut stored = 0;
+        {
+            let mut insert = tx
+                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")
+                .map_err(|e| sqlite_err(&self.path, e))?;
+            let mut place = tx
+                .prepare_cached("INSERT OR REPLACE INTO pushed (id, after) VALUES (?1, ?2)")
+                .map_err(|e| sqlite_err(&self.path, e))?;
+            for event in events {
+                debug_assert!(event.id < 0, "pushed ids are negative (rule 8)");
+                lowest = Some(lowest.map_or(event.id, |l| l.min(event.id)));
+                if self.handled_early.remove(&event.id) {
+                    continue;
+                }
+                stored += insert
+                    .execute(params![event.id, event.body])
+                    .map_err(|e| sqlite_err(&self.path, e))?;
+                place
+                    .execute(params![event.id, event.after])
+                    .map_err(|e| sqlite_err(&self.path, e))?;
+            }
+        }
+        if let Some(lowest) = lowest {
+            tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('pushed', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut upsert| upsert.execute(params![lowest]))
+            .map_err(|e| sqlite_err(&self.path, e))?;
+        }
+        tx.commit().map_err(|e| sqlite_err(&self.path, e))?;
+        metrics().journal_entries.add(stored as i64);
+        Ok(())
+    }
+
     /// Runs `f` in one transaction that does not wait for the disk (see
     /// the module doc); appends do.
     fn unsynced<T>(
@@ -299,25 +384,33 @@ impl Journal {
                 let mut forget = tx.prepare_cached("DELETE FROM updates WHERE update_id = ?1")?;
                 let mut answered =
                     tx.prepare_cached("DELETE FROM outbox WHERE cause = ?1 AND sent = 1")?;
+                let mut unplace = tx.prepare_cached("DELETE FROM pushed WHERE id = ?1")?;
                 for id in handled {
                     match forget.execute(params![id])? {
                         0 => missing.push(*id),
                         n => deleted += n,
                     }
                     answered.execute(params![id])?;
+                    if *id < 0 {
+                        unplace.execute(params![id])?;
+                    }
                 }
             }
             Ok((deleted, missing))
         })?;
         metrics().journal_entries.add(-(deleted as i64));
         if !missing.is_empty() {
-            // Above the watermark: its append has not been written yet.
+            // Above the watermark (below the lowest pushed id, rule 10): its
+            // store has not been written yet.
             let watermark = self.watermark()?;
-            self.handled_early.extend(
-                missing
-                    .into_iter()
-                    .filter(|id| watermark.is_none_or(|w| *id > w)),
-            );
+            let pushed = self.pushed_through()?;
+            self.handled_early.extend(missing.into_iter().filter(|id| {
+                if *id < 0 {
+                    pushed.is_none_or(|p| *id < p)
+                } else {
+                    watermark.is_none_or(|w| *id > w)
+                }
+            }));
         }
         Ok(())
     }
@@ -379,11 +472,20 @@ impl Journal {
         })
     }
 
-    /// Every update not yet handled, oldest first (rule 4).
+    /// Every update not yet handled, oldest first (rule 4), each pushed
+    /// event in its place (rule 9).
     pub fn pending(&self) -> Result<Vec<(i64, String)>, JournalError> {
+        // A pushed event sorts by the update it came after (none: first),
+        // behind that update, and after the pushed events before it (whose
+        // ids are higher).
         let mut stmt = self
             .conn
-            .prepare("SELECT update_id, body FROM updates ORDER BY update_id")
+            .prepare(
+                "SELECT u.update_id, u.body FROM updates u
+                 LEFT JOIN pushed p ON p.id = u.update_id
+                 ORDER BY CASE WHEN u.update_id < 0 THEN p.after ELSE u.update_id END,
+                          u.update_id < 0, -u.update_id",
+            )
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -415,6 +517,17 @@ pub struct NewCall {
     pub method: String,
     /// The parameters, encoded as JSON.
     pub params: String,
+}
+
+/// A pushed event to store (rules 8 and 9).
+#[derive(Clone, Debug)]
+pub struct NewPushed {
+    /// Negative.
+    pub id: i64,
+    /// The highest update_id dispatched before it; `None`: none yet.
+    pub after: Option<i64>,
+    /// What [`Journal::pending`] gives back for it.
+    pub body: String,
 }
 
 /// A stored call Telegram answered, with the outcome when the app asked for
@@ -954,6 +1067,30 @@ impl Handler<Append> for JournalActor {
     }
 }
 
+/// Store pushed events; answers once they are durable. A failed store
+/// comes back whole, for the sender to send again.
+#[derive(Message)]
+#[rtype(result = "Result<(), NotStored>")]
+pub struct StorePushed(pub Vec<NewPushed>);
+
+/// Why [`StorePushed`] failed, and what it was to store.
+pub struct NotStored {
+    pub error: JournalError,
+    pub events: Vec<NewPushed>,
+}
+
+impl Handler<StorePushed> for JournalActor {
+    type Result = Result<(), NotStored>;
+    fn handle(&mut self, msg: StorePushed, _: &mut SyncContext<Self>) -> Self::Result {
+        self.journal()
+            .store_pushed(&msg.0)
+            .map_err(|error| NotStored {
+                error,
+                events: msg.0,
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1167,6 +1304,72 @@ mod tests {
         );
         // A handled id the journal had stored and forgotten is not remembered.
         j.record(&[], &[1], &[]).unwrap();
+        assert!(j.handled_early.is_empty());
+    }
+
+    fn pushed(id: i64, after: Option<i64>) -> NewPushed {
+        NewPushed {
+            id,
+            after,
+            body: format!("{{\"pushed\":{id}}}"),
+        }
+    }
+
+    fn pending_ids(j: &Journal) -> Vec<i64> {
+        j.pending().unwrap().into_iter().map(|(i, _)| i).collect()
+    }
+
+    #[test]
+    fn pushed_events_have_ids_of_their_own_and_come_back_in_their_place() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut j = Journal::open(dir.path(), "j").unwrap();
+            assert_eq!(j.next_pushed_id().unwrap(), -1);
+            j.store_pushed(&[pushed(-1, None)]).unwrap();
+            j.append(&batch(&[10, 11]), None).unwrap();
+            j.store_pushed(&[pushed(-2, Some(11)), pushed(-3, Some(11))])
+                .unwrap();
+            j.append(&batch(&[12]), Some(12)).unwrap();
+            j.store_pushed(&[pushed(-4, Some(10))]).unwrap();
+            assert_eq!(j.watermark().unwrap(), Some(12), "rule 2 is Telegram's");
+            assert_eq!(j.next_pushed_id().unwrap(), -5);
+        }
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        assert_eq!(pending_ids(&j), vec![-1, 10, -4, 11, -2, -3, 12]);
+        let (_, body) = j.pending().unwrap().remove(0);
+        assert_eq!(body, "{\"pushed\":-1}");
+        // Handled like updates; its calls are keyed by its id.
+        j.record(&[call(1, Some(-2), 0, &hi())], &[-1, 10], &[sent(1)])
+            .unwrap();
+        let r = j.recover().unwrap();
+        assert_eq!(r.answered.len(), 1, "-2 is not handled yet: {r:?}");
+        assert_eq!(r.answered[0].cause, -2);
+        j.record(&[], &[-2], &[]).unwrap();
+        assert!(j.recover().unwrap().answered.is_empty());
+        assert_eq!(pending_ids(&j), vec![-4, 11, -3, 12]);
+        // Once all are handled, ids still go on downwards.
+        j.record(&[], &[-3, -4, 11, 12], &[]).unwrap();
+        assert!(j.is_empty().unwrap());
+        assert_eq!(j.next_pushed_id().unwrap(), -5);
+        let places: i64 = j
+            .conn
+            .query_row("SELECT COUNT(*) FROM pushed", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(places, 0, "a handled event's place goes with it");
+    }
+
+    #[test]
+    fn a_pushed_event_handled_before_its_retried_store_is_not_stored_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        j.store_pushed(&[pushed(-1, None)]).unwrap();
+        // -2's store failed; it was handled meanwhile, and so was -1 (twice:
+        // a redelivery after a worker's death finishes it again).
+        j.record(&[], &[-1, -2, -1], &[]).unwrap();
+        assert_eq!(j.handled_early, HashSet::from([-2]));
+        j.store_pushed(&[pushed(-2, None), pushed(-3, None)])
+            .unwrap();
+        assert_eq!(pending_ids(&j), vec![-3]);
         assert!(j.handled_early.is_empty());
     }
 

@@ -14,15 +14,20 @@
 //!   pure pacer the Sender uses.
 //! - [`routing`]: which scope an update goes to; one pure function.
 //! - [`bridge`]: the worker channel protocol and starting a worker process.
-//! - [`journal`]: the durable store: updates until handled, calls until sent.
+//! - [`journal`]: the durable store: updates (and pushed events) until
+//!   handled, calls until sent.
+//! - [`push`]: what other programs may send over the HTTP endpoint (events
+//!   into a chat, Bot API calls), checked before anything is stored.
 //! - [`actors`]: the daemon itself, one file (or folder) per actor, in the
 //!   order an update meets them: Poller, Supervisor, ScopeActor, Worker,
 //!   Outbox, Sender. Each opens with its contract: what it owns, takes,
 //!   sends, and when it stops. [`actors::call`] is the call the Outbox and
-//!   the Sender carry, and its outcome.
+//!   the Sender carry, and its outcome. [`actors::ingress`] takes what
+//!   other programs send over the HTTP endpoint into the daemon.
 //! - [`ops`]: what an operator steers and watches it with: `/healthz`,
 //!   `/readyz`, `/metrics`, the metrics registry, logging (secrets masked),
-//!   SIGHUP reload.
+//!   SIGHUP reload; and the endpoint's routes for other programs
+//!   (`/v1/...`, behind `http.api_token`).
 //! - [`sandbox`]: a local Bot API emulator for trying and testing bots.
 //! - [`chat`]: `--sandbox`: the terminal as a chat with the bot.
 //! - [`backoff`]: the retry delays the Poller, the Outbox and the Sender share.
@@ -52,6 +57,11 @@
 //! Outbox unstored (it only reads), and the Sender fetches the file with the
 //! token before its `CallDone` carries File and content to the scope.
 //!
+//! Other programs reach the same path over the HTTP endpoint: the Ingress
+//! hands a pushed event to the Supervisor as [`actors::supervisor::Push`]
+//! (it goes where a Dispatch would) and then to the journal thread
+//! (`StorePushed`), and a Bot API call to the Outbox as an app's call.
+//!
 //! A chat's next stored call waits until the journal has the answer to its
 //! previous one (`Recorded`, by outbox row), so that a crash leaves at most
 //! one call per chat whose fate the journal does not know.
@@ -68,6 +78,7 @@ pub mod bridge;
 pub mod chat;
 pub mod journal;
 pub mod ops;
+pub mod push;
 pub mod routing;
 pub mod sandbox;
 pub mod settings;
@@ -82,12 +93,13 @@ use actix::prelude::*;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use actors::ingress::{Ingress, Open};
 use actors::outbox::{Flush, Outbox, Recover};
 use actors::poller::Delivery;
 use actors::poller::{Poller, StopPolling};
 use actors::sender::{Drained, Sender};
 use actors::supervisor::{
-    CloseAll, Dispatch, SetBot, StartupError, StopWorkers, Supervisor, WaitReady,
+    CloseAll, Dispatch, Push, SetBot, StartupError, StopWorkers, Supervisor, WaitReady,
 };
 use journal::{Journal, JournalActor};
 use settings::Settings;
@@ -147,11 +159,42 @@ pub enum RunError {
 
 /// What the journal held at start.
 struct Recovery {
-    /// Updates not handled, oldest first.
-    updates: Vec<telegram::Update>,
+    /// Updates and pushed events not handled, in the order they came.
+    updates: Vec<Replayed>,
     /// The highest update_id it ever stored.
     watermark: Option<i64>,
+    /// The id the next pushed event gets.
+    next_pushed: i64,
     outbox: journal::Recovered,
+}
+
+/// One thing the journal gives back to deliver again.
+enum Replayed {
+    Update(telegram::Update),
+    Pushed(push::PushedEvent),
+}
+
+/// Sends what the journal gave back to the Supervisor in its order: runs
+/// of updates as one `Dispatch` each, pushed events between them.
+fn replay(supervisor: &Addr<Supervisor>, replayed: Vec<Replayed>) {
+    let mut run = Vec::new();
+    for item in replayed {
+        match item {
+            Replayed::Update(update) => run.push(update),
+            Replayed::Pushed(event) => {
+                if !run.is_empty() {
+                    supervisor.do_send(Dispatch(std::mem::take(&mut run)));
+                }
+                supervisor.do_send(Push {
+                    event,
+                    placed: None,
+                });
+            }
+        }
+    }
+    if !run.is_empty() {
+        supervisor.do_send(Dispatch(run));
+    }
 }
 
 /// Opens this bot's journal and starts its thread.
@@ -165,13 +208,19 @@ fn start_journal(settings: &Settings) -> Result<(Addr<JournalActor>, Recovery), 
     }
     let outbox = journal.recover().map_err(fail)?;
     let watermark = journal.watermark().map_err(fail)?;
+    let next_pushed = journal.next_pushed_id().map_err(fail)?;
     let mut pending = Vec::new();
     for (id, body) in journal.pending().map_err(fail)? {
-        match serde_json::from_str(&body)
-            .map_err(|e| e.to_string())
-            .and_then(|v| telegram::Update::from_value(v).map_err(|e| e.to_string()))
-        {
-            Ok(update) => pending.push(update),
+        let read = if id < 0 {
+            push::PushedEvent::decode(id, &body).map(Replayed::Pushed)
+        } else {
+            serde_json::from_str(&body)
+                .map_err(|e| e.to_string())
+                .and_then(|v| telegram::Update::from_value(v).map_err(|e| e.to_string()))
+                .map(Replayed::Update)
+        };
+        match read {
+            Ok(item) => pending.push(item),
             Err(e) => log::error!("journal: update={id} cannot be read back ({e}); skipped"),
         }
     }
@@ -192,6 +241,7 @@ fn start_journal(settings: &Settings) -> Result<(Addr<JournalActor>, Recovery), 
     let recovery = Recovery {
         updates: pending,
         watermark,
+        next_pushed,
         outbox,
     };
     Ok((thread, recovery))
@@ -271,6 +321,9 @@ fn journal_name(settings: &Settings) -> String {
 /// Must be awaited inside an actix `System`.
 pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), RunError> {
     ops::logging::register_secret(settings.telegram.token.expose());
+    if let Some(token) = &settings.http.api_token {
+        ops::logging::register_secret(token.expose());
+    }
     let bot = Bot::new(
         &settings.telegram.api_url,
         &settings.telegram.token,
@@ -287,8 +340,9 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     let listener = ops::http::bind(&settings)?;
     let (journal, recovery) = start_journal(&settings)?;
     let Recovery {
-        updates: replay,
+        updates: replayed,
         watermark,
+        next_pushed,
         outbox: unsent,
     } = recovery;
     let (sender, outbox) = start_sending(bot.clone(), &settings, Some(journal.clone()));
@@ -296,10 +350,27 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     // restart must be known before any app runs.
     outbox.do_send(Recover(unsent));
     let supervisor = Supervisor::new(settings.clone(), outbox.clone()).start();
+    // Only where a program can reach it: an endpoint, and a token to open it.
+    let ingress = settings
+        .http
+        .api_token
+        .clone()
+        .filter(|_| listener.is_some())
+        .map(|token| {
+            let ingress = Ingress::new(
+                journal.clone(),
+                supervisor.clone(),
+                outbox.clone(),
+                next_pushed,
+            )
+            .start();
+            ops::api::Api { token, ingress }
+        });
     let shutdown = ShutdownSignal::install(stop)?;
     // A second signal ends what follows wherever it is, startup included.
     let serve = async {
-        let _operations = ops::http::start_operations(listener, &settings, &supervisor)?;
+        let _operations =
+            ops::http::start_operations(listener, &settings, &supervisor, ingress.clone())?;
 
         log::info!("Waiting for application startup.");
         wait_ready(&supervisor, settings.app.startup_timeout)
@@ -336,9 +407,16 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
             .unwrap_or("?")
             .to_string();
         supervisor.do_send(SetBot(me));
-        if !replay.is_empty() {
-            log::info!("Delivering {} update(s) left in the journal", replay.len());
-            supervisor.do_send(Dispatch(replay));
+        if !replayed.is_empty() {
+            log::info!(
+                "Delivering {} update(s) left in the journal",
+                replayed.len()
+            );
+            replay(&supervisor, replayed);
+        }
+        // Behind the leftovers, so that a new event comes after them.
+        if let Some(api) = &ingress {
+            api.ingress.do_send(Open);
         }
         if settings.telegram.delete_webhook {
             match bot.request("deleteWebhook", &json!({})).await {

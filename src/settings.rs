@@ -58,6 +58,35 @@ impl fmt::Display for BotToken {
     }
 }
 
+/// The bearer token other programs present to `/v1/...` on the HTTP
+/// endpoint (`http.api_token`, `http.api_token_file`). A secret like the bot
+/// token: `Debug` and `Display` print it redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken(String);
+
+impl ApiToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        ApiToken(token.into())
+    }
+
+    /// The token itself, to compare a request's with. Never log the result.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiToken(<redacted>)")
+    }
+}
+
+impl fmt::Display for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Whether the ASGI lifespan protocol is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -213,11 +242,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// The operations endpoint (`/healthz`, `/readyz`, `/metrics`).
+/// The HTTP endpoint: operations (`/healthz`, `/readyz`, `/metrics`) and,
+/// with a token, events and calls from other programs (`/v1/...`).
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
     /// Where it listens; `None`: no endpoint.
     pub bind: Option<std::net::SocketAddr>,
+    /// What `/v1/...` requests must present; `None`: those routes answer 404.
+    pub api_token: Option<ApiToken>,
 }
 
 /// Why settings could not be loaded. Each message names the key or file at fault.
@@ -346,6 +378,8 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     bind: String,
+    api_token: String,
+    api_token_file: String,
 }
 
 impl Settings {
@@ -514,6 +548,7 @@ impl Settings {
                     )
                 })?),
             },
+            api_token: resolve_api_token(&raw.http, base_dir)?,
         };
         let format = match raw.log.format.as_str() {
             "text" => LogFormat::Text,
@@ -799,6 +834,50 @@ fn resolve_token(
         ));
     }
     Ok(BotToken(token))
+}
+
+/// `http.api_token` or the contents of `http.api_token_file` (relative to
+/// the config file), trimmed; neither: `None`. Both set is an error rather
+/// than a silent preference, since an operator who set both cannot tell
+/// which one a client must use.
+fn resolve_api_token(raw: &RawHttp, base_dir: &Path) -> Result<Option<ApiToken>, SettingsError> {
+    let inline = raw.api_token.trim();
+    let token = match (inline.is_empty(), raw.api_token_file.trim().is_empty()) {
+        (true, true) => return Ok(None),
+        (false, false) => {
+            return Err(SettingsError::key(
+                "http.api_token",
+                "http.api_token and http.api_token_file are both set; set one of them",
+            ))
+        }
+        (false, true) => inline.to_string(),
+        (true, false) => {
+            let path = base_dir.join(raw.api_token_file.trim());
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                SettingsError::key(
+                    "http.api_token_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let token = text.trim().to_string();
+            if token.is_empty() {
+                return Err(SettingsError::key(
+                    "http.api_token_file",
+                    format!("{} is empty", path.display()),
+                ));
+            }
+            token
+        }
+    };
+    // It travels in an `Authorization: Bearer` header: whitespace or control
+    // characters could not be sent there. The message never repeats it.
+    if !token.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(SettingsError::key(
+            "http.api_token",
+            "must be printable ASCII without spaces (it is sent as `Authorization: Bearer <token>`)",
+        ));
+    }
+    Ok(Some(ApiToken(token)))
 }
 
 /// Checks the shape of `module.path:attribute`.
@@ -1088,6 +1167,79 @@ mod tests {
         assert!(!s.journal.fsync);
         let err = load(Some(file), &[("ASGIGRAM_JOURNAL__FSYNC", "sometimes")]).unwrap_err();
         assert!(err.to_string().contains("fsync"), "{err}");
+    }
+
+    #[test]
+    fn api_token_comes_from_the_key_or_a_file_never_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        assert!(load(Some(file.clone()), &[])
+            .unwrap()
+            .http
+            .api_token
+            .is_none());
+        let s = load(
+            Some(file.clone()),
+            &[("ASGIGRAM_HTTP__API_TOKEN", " push-SECRET-1 ")],
+        )
+        .unwrap();
+        let token = s.http.api_token.expect("set by the key");
+        assert_eq!(token.expose(), "push-SECRET-1");
+        write(dir.path(), "api-secret", "push-SECRET-2\n");
+        let with_file = write(
+            dir.path(),
+            "b.toml",
+            &format!("{MINIMAL}[http]\napi_token_file = \"api-secret\"\n"),
+        );
+        let s = load(Some(with_file.clone()), &[]).unwrap();
+        assert_eq!(
+            s.http.api_token.as_ref().map(ApiToken::expose),
+            Some("push-SECRET-2"),
+            "read relative to the config file, trimmed"
+        );
+        assert!(!format!("{s:?}").contains("SECRET"), "redacted in Debug");
+
+        let err = load(
+            Some(with_file),
+            &[("ASGIGRAM_HTTP__API_TOKEN", "push-SECRET-1")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("both set"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
+
+        write(dir.path(), "empty", " \n");
+        let empty = write(
+            dir.path(),
+            "c.toml",
+            &format!("{MINIMAL}[http]\napi_token_file = \"empty\"\n"),
+        );
+        let err = load(Some(empty), &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("http.api_token_file") && err.contains("is empty"),
+            "{err}"
+        );
+        let missing = write(
+            dir.path(),
+            "d.toml",
+            &format!("{MINIMAL}[http]\napi_token_file = \"nowhere\"\n"),
+        );
+        let err = load(Some(missing), &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("http.api_token_file") && err.contains("cannot read"),
+            "{err}"
+        );
+
+        let err = load(
+            Some(file),
+            &[("ASGIGRAM_HTTP__API_TOKEN", "two SECRET words")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("http.api_token") && !err.contains("SECRET"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! along ([`call`]). All run on the one actix System thread.
 
 pub mod call;
+pub mod ingress;
 pub mod outbox;
 pub mod poller;
 pub mod scope;

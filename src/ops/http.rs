@@ -1,14 +1,19 @@
-//! The operations endpoint: `/healthz`, `/readyz`, `/metrics`.
+//! The HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, and the routes for
+//! other programs ([`crate::ops::api`]).
 //!
 //! Off unless `http.bind` is set. An actix-web server with one worker, started
 //! inside the daemon's actix System; actix-web runs its worker on a thread of
-//! its own, so the handlers only read the [`crate::ops::metrics`] registry, which
-//! is `Sync`, and never touch the actors.
+//! its own, so the operations handlers only read the [`crate::ops::metrics`]
+//! registry, which is `Sync`, and never touch the actors; the routes for
+//! other programs reach them through one actor's address
+//! ([`crate::actors::ingress::Ingress`]).
 //!
 //! - `/healthz`: 200 while the process runs (liveness).
 //! - `/readyz`: 200 when polling works and every worker is ready, else 503
 //!   with the reason in the body (readiness).
 //! - `/metrics`: the Prometheus text format.
+//! - `POST /v1/chats/{chat_id}/events`, `POST /v1/calls`: see
+//!   [`crate::ops::api`].
 
 use std::net::TcpListener;
 
@@ -16,6 +21,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::http::header::ContentType;
 use actix_web::{web, App, HttpResponse, HttpServer};
 
+use crate::ops::api::{Api, ApiData, PATHS};
 use crate::ops::metrics::metrics;
 
 async fn healthz() -> HttpResponse {
@@ -55,12 +61,15 @@ pub fn bind(settings: &crate::settings::Settings) -> Result<Option<TcpListener>,
 /// Serves the endpoint on `listener` on the current actix System until the
 /// returned handle stops it (or the process ends). Logs the bound address,
 /// so `127.0.0.1:0` can be used and the port read from the log.
-pub fn start(listener: TcpListener) -> std::io::Result<ServerHandle> {
-    let server = HttpServer::new(|| {
+pub fn start(listener: TcpListener, api: Option<Api>) -> std::io::Result<ServerHandle> {
+    let api: ApiData = web::Data::new(api);
+    let server = HttpServer::new(move || {
         App::new()
+            .app_data(api.clone())
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(prometheus))
+            .configure(crate::ops::api::routes)
     })
     // Probes and scrapes are rare and cheap: one worker thread is plenty.
     .workers(1)
@@ -103,18 +112,32 @@ impl Drop for Operations {
 }
 
 /// Starts what `settings` asks for: the HTTP endpoint on `listener` (from
-/// [`bind`]), the stats line (`log.stats_interval`), SIGHUP and `--reload`.
+/// [`bind`]) with the routes for other programs when `api` is given, the
+/// stats line (`log.stats_interval`), SIGHUP and `--reload`.
 pub fn start_operations(
     listener: Option<TcpListener>,
     settings: &crate::settings::Settings,
     supervisor: &actix::Addr<crate::actors::supervisor::Supervisor>,
+    api: Option<Api>,
 ) -> Result<Operations, crate::RunError> {
     let endpoint = match listener {
         Some(listener) => {
             let addr = listener
                 .local_addr()
                 .map_or_else(|e| e.to_string(), |a| a.to_string());
-            Some(start(listener).map_err(|source| crate::RunError::Serve { addr, source })?)
+            let open = api.is_some();
+            let handle =
+                start(listener, api).map_err(|source| crate::RunError::Serve { addr, source })?;
+            if open {
+                log::info!(
+                    "http: {PATHS} take events and calls from other programs (bearer token: http.api_token)"
+                );
+            } else {
+                log::info!(
+                    "http: {PATHS} answer 404: neither http.api_token nor http.api_token_file is set"
+                );
+            }
+            Some(handle)
         }
         None => None,
     };

@@ -36,6 +36,12 @@ impl Backlog {
         self.undelivered >= self.limit
     }
 
+    /// At the limit: what is pushed over the HTTP endpoint waits outside,
+    /// as Telegram's updates do while polling is paused.
+    pub fn full(&self) -> bool {
+        self.paused()
+    }
+
     /// What to tell the Poller, if the answer changed since it was last
     /// told.
     pub fn change(&mut self) -> Option<Backpressure> {

@@ -18,7 +18,8 @@
 //! received yet (`backlog.rs`). This file is the actor shell: it decides with
 //! those and sends the messages.
 //! Takes: [`Dispatch`] (the Poller, and the journal's leftovers at start),
-//! [`SetBot`], [`WaitReady`], [`WatchBackpressure`] (the Poller),
+//! [`Push`] (events other programs pushed, from the Ingress, and the
+//! journal's leftovers at start), [`SetBot`], [`WaitReady`], [`WatchBackpressure`] (the Poller),
 //! [`ReloadWorkers`] (SIGHUP, `--reload`), [`ScopeReport`] (its scopes),
 //! [`WorkerEvent`] (its workers); at shutdown [`CloseAll`], then
 //! [`StopWorkers`].
@@ -91,7 +92,8 @@ use crate::actors::scope::{
     Close, Enqueue, ScopeActor, ScopeLinks, ScopeReport, Stopped, Terminate, SHUTDOWN,
 };
 use crate::actors::worker::{describe, Death, Release, ShutdownWorker, Worker, WorkerEvent};
-use crate::ops::metrics::metrics;
+use crate::ops::metrics::{self, metrics};
+use crate::push::PushedEvent;
 use crate::routing::{self, ScopeKey, Unroutable};
 use crate::settings::Settings;
 use crate::telegram::Update;
@@ -106,6 +108,24 @@ const MOVED: &str = "moved";
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Dispatch(pub Vec<Update>);
+
+/// An event another program pushed into a chat (docs/protocol.md), for the
+/// chat's scope, behind everything dispatched so far.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Push {
+    pub event: PushedEvent,
+    /// New (from the Ingress): told its place, the highest update_id
+    /// dispatched before it (rule 9 of [`crate::journal`]), or [`Full`]
+    /// when `journal.max_undelivered` is reached, and then not delivered.
+    /// `None`: the journal's leftovers at start, delivered in any case.
+    pub placed: Option<oneshot::Sender<Result<Option<i64>, Full>>>,
+}
+
+/// `journal.max_undelivered` events wait for the apps: a pushed event is
+/// refused (503) until they catch up, as polling pauses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
 
 /// The bot's own User (from getMe), for every scope's `bot` key.
 #[derive(Message)]
@@ -194,6 +214,9 @@ pub struct Supervisor {
     /// Every worker has been ready once: later failures are restarts.
     started_up: bool,
     tally: Tally,
+    /// The highest update_id dispatched: where a pushed event goes after a
+    /// restart.
+    dispatched_through: Option<i64>,
 }
 
 impl Supervisor {
@@ -217,6 +240,7 @@ impl Supervisor {
             shutting_down: false,
             started_up: false,
             tally: Tally::default(),
+            dispatched_through: None,
         }
     }
 
@@ -263,6 +287,7 @@ impl Supervisor {
                 .inc(&[update.kind().map_or("(empty)", |(k, _)| k)]);
             let routed = routing::route(&update);
             let id = update.id.0;
+            self.dispatched_through = Some(self.dispatched_through.map_or(id, |d| d.max(id)));
             match routed {
                 Ok(route) => {
                     let Some(event) = Self::event_for(update) else {
@@ -745,6 +770,32 @@ impl Handler<Dispatch> for Supervisor {
     type Result = ();
     fn handle(&mut self, msg: Dispatch, _: &mut Context<Self>) {
         self.dispatch(msg.0);
+        self.announce_backpressure();
+    }
+}
+
+impl Handler<Push> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: Push, _: &mut Context<Self>) {
+        let Push { event, placed } = msg;
+        if let Some(placed) = placed {
+            if self.backlog.full() {
+                let _ = placed.send(Err(Full));
+                return;
+            }
+            // The Ingress stores it only once told its place; an Ingress
+            // gone meanwhile (the system stopping) stores nothing, and the
+            // event goes with this run.
+            let _ = placed.send(Ok(self.dispatched_through));
+        }
+        metrics().updates_received.inc(&[metrics::PUSHED]);
+        self.backlog.add(1);
+        let subject = json!({ "id": event.chat_id });
+        self.deliver(
+            ScopeKey::chat(event.chat_id),
+            || encode_subject(&subject),
+            vec![event.event],
+        );
         self.announce_backpressure();
     }
 }
