@@ -53,6 +53,9 @@
 //! one call per chat whose fate the journal does not know.
 //! The call and its [`actors::call::Outcome`] keep one form from the scope
 //! to the Sender and back; only the journal and the app's event encode them.
+//! A worker's lifespan scope makes calls too, from outside any chat: its
+//! Worker sends them to the Outbox with no cause and takes their
+//! `CallDone` back to the lifespan.
 //!
 //! Every actor runs on one thread, the actix `System` that [`run`] is driven
 //! by; the [`journal`]'s SQLite calls run on one `SyncArbiter` thread, off
@@ -304,7 +307,14 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         let mut startup = Startup(Some(supervisor.send(WaitReady).await?));
         let me = tokio::select! {
             me = get_me(&bot) => me,
-            e = startup.failed() => Err(e),
+            e = startup.failed() => {
+                // As when readiness failed after getMe: the workers are
+                // told to stop, and the error is shown at once.
+                supervisor.do_send(StopWorkers {
+                    grace: Duration::ZERO,
+                });
+                return Err(e);
+            }
             _ = shutdown.wait() => {
                 stop_workers(&supervisor, Duration::ZERO, settings.shutdown.worker_timeout).await;
                 return Ok(());
