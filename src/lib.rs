@@ -67,6 +67,9 @@
 //! one call per chat whose fate the journal does not know.
 //! The call and its [`actors::call::Outcome`] keep one form from the scope
 //! to the Sender and back; only the journal and the app's event encode them.
+//! A worker's lifespan scope makes calls too, from outside any chat: its
+//! Worker sends them to the Outbox with no cause and takes their
+//! `CallDone` back to the lifespan.
 //!
 //! Every actor runs on one thread, the actix `System` that [`run`] is driven
 //! by; the [`journal`]'s SQLite calls run on one `SyncArbiter` thread, off
@@ -91,7 +94,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use serde_json::{json, Value};
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use actors::ingress::{Ingress, Open};
 use actors::outbox::{Flush, Outbox, Recover};
@@ -373,17 +376,20 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
             ops::http::start_operations(listener, &settings, &supervisor, ingress.clone())?;
 
         log::info!("Waiting for application startup.");
-        wait_ready(&supervisor, settings.app.startup_timeout)
-            .await
-            .inspect_err(|_| {
+        // getMe runs while the workers import the app: their lifespan scope
+        // starts once it has the bot, and an app that cannot be imported
+        // stops the daemon without waiting for Telegram.
+        let mut startup = Startup(Some(supervisor.send(WaitReady).await?));
+        let me = tokio::select! {
+            me = get_me(&bot) => me,
+            e = startup.failed() => {
+                // As when readiness failed after getMe: the workers are
+                // told to stop, and the error is shown at once.
                 supervisor.do_send(StopWorkers {
                     grace: Duration::ZERO,
                 });
-            })?;
-        log::info!("Application startup complete.");
-
-        let me = tokio::select! {
-            me = get_me(&bot) => me,
+                return Err(e);
+            }
             _ = shutdown.wait() => {
                 stop_workers(&supervisor, Duration::ZERO, settings.shutdown.worker_timeout).await;
                 return Ok(());
@@ -407,6 +413,15 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
             .unwrap_or("?")
             .to_string();
         supervisor.do_send(SetBot(me));
+        startup
+            .ready(settings.app.startup_timeout)
+            .await
+            .inspect_err(|_| {
+                supervisor.do_send(StopWorkers {
+                    grace: Duration::ZERO,
+                });
+            })?;
+        log::info!("Application startup complete.");
         if !replayed.is_empty() {
             log::info!(
                 "Delivering {} update(s) left in the journal",
@@ -513,7 +528,11 @@ pub async fn check(mut settings: Settings) -> Result<(), RunError> {
         settings.telegram.http_timeout,
     );
     let (_, outbox) = start_sending(bot, &settings, None);
-    let supervisor = Supervisor::new(settings.clone(), outbox).start();
+    let supervisor = Supervisor::new(settings.clone(), outbox)
+        .without_lifespan_calls()
+        .start();
+    // No getMe: the check needs no Telegram, and its lifespan scope no bot.
+    supervisor.do_send(SetBot(Value::Null));
     let ready = wait_ready(&supervisor, settings.app.startup_timeout).await;
     stop_workers(
         &supervisor,
@@ -525,11 +544,39 @@ pub async fn check(mut settings: Settings) -> Result<(), RunError> {
 }
 
 async fn wait_ready(supervisor: &Addr<Supervisor>, timeout: Duration) -> Result<(), RunError> {
-    let rx = supervisor.send(WaitReady).await?;
-    match tokio::time::timeout(timeout, rx).await {
-        Ok(Ok(ready)) => Ok(ready?),
-        Ok(Err(_)) => Err(RunError::SupervisorStopped),
-        Err(_) => Err(RunError::StartupTimeout(timeout)),
+    Startup(Some(supervisor.send(WaitReady).await?))
+        .ready(timeout)
+        .await
+}
+
+/// The answer to [`WaitReady`], waited for in two steps: while getMe runs,
+/// only a failure counts; then readiness, within `app.startup_timeout`
+/// (the workers cannot finish before they have the bot).
+struct Startup(Option<oneshot::Receiver<Result<(), StartupError>>>);
+
+impl Startup {
+    /// Resolves only if the workers cannot start; readiness is kept for
+    /// [`Startup::ready`].
+    async fn failed(&mut self) -> RunError {
+        if let Some(rx) = &mut self.0 {
+            match rx.await {
+                Ok(Ok(())) => self.0 = None,
+                Ok(Err(e)) => return e.into(),
+                Err(_) => return RunError::SupervisorStopped,
+            }
+        }
+        std::future::pending().await
+    }
+
+    async fn ready(self, timeout: Duration) -> Result<(), RunError> {
+        let Some(rx) = self.0 else {
+            return Ok(());
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(ready)) => Ok(ready?),
+            Ok(Err(_)) => Err(RunError::SupervisorStopped),
+            Err(_) => Err(RunError::StartupTimeout(timeout)),
+        }
     }
 }
 

@@ -300,7 +300,11 @@ fn an_app_that_cannot_be_imported_stops_the_daemon_with_the_python_error() {
         1,
         "no restart loop:\n{log}"
     );
-    assert!(sb.calls().is_empty(), "polling never started");
+    // getMe runs while the workers import the app; nothing else is
+    // called, and polling never starts.
+    let methods: Vec<String> = sb.calls().into_iter().map(|c| c.method).collect();
+    assert!(methods.iter().all(|m| m == "getMe"), "{methods:?}");
+    assert_eq!(sb.stats().get_updates, 0, "polling never started");
 }
 
 #[test]

@@ -114,10 +114,18 @@ impl Outcome {
     /// What a repeat of a call gets when the first call's outcome was not
     /// kept (its app did not ask for it).
     pub fn not_kept() -> Outcome {
+        Outcome::refused(
+            "this call was already made while handling the same update, and its outcome was not kept",
+        )
+    }
+
+    /// A call the daemon did not make, saying why: an error the app tells
+    /// apart from Telegram's by its `error_code` 0.
+    pub fn refused(description: &str) -> Outcome {
         Outcome::Error(json!({
             "ok": false,
             "error_code": 0,
-            "description": "this call was already made while handling the same update, and its outcome was not kept",
+            "description": description,
         }))
     }
 

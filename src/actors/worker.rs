@@ -2,20 +2,27 @@
 //! channel (fd 3, [`crate::bridge`]).
 //!
 //! Owns: the process (its group, so that what it forks dies with it),
-//! the channel's write half, and which scope each instance (`sid`) in it
-//! belongs to.
-//! Takes: [`Attach`] (start an instance for a scope), [`Write`] (frames
-//! from scopes, and `pause`/`resume` from the Sender), [`ShutdownWorker`]
-//! and [`Release`] (the Supervisor), and the process's exit.
+//! the channel's write half, which scope each instance (`sid`) in it
+//! belongs to, and its lifespan scope's side of the calls it makes.
+//! Takes: [`GiveBot`] (the Supervisor, once getMe answered), [`Attach`]
+//! (start an instance for a scope), [`Write`] (frames from scopes, and
+//! `pause`/`resume` from the Sender), [`CallDone`] (the outcome of a call
+//! its lifespan scope asked for), [`ShutdownWorker`] and [`Release`] (the
+//! Supervisor), and the process's exit.
 //! Sends: [`InstanceMsg`] to the scope each frame belongs to, and
 //! [`InstanceMsg::WorkerLost`] to every attached scope when the process is
-//! gone; [`WorkerEvent`]s (ready, failed to start, exited, with how it
-//! died) to the Supervisor; the process's stdout/stderr lines to the log,
-//! with its pid.
+//! gone; [`Call`]s its lifespan scope makes to the Outbox; [`WorkerEvent`]s
+//! (ready, failed to start, exited, with how it died) to the Supervisor;
+//! the process's stdout/stderr lines to the log, with its pid.
 //! Stops: once the process has exited (asked to, crashed, or killed
 //! for hanging or for breaking its channel), its last frames are read (or
 //! a short grace has passed), and the Supervisor, told of the exit, has
 //! released it.
+//!
+//! The lifespan scope is no chat: what it sends (`send` frames with
+//! [`LIFESPAN_SID`]) are calls from outside any chat, made here into
+//! [`Call`]s with no cause, and the outcomes it asked for come back here
+//! and go to it as `event` frames with the same sid.
 
 use std::collections::HashMap;
 use std::io;
@@ -28,7 +35,9 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
-use crate::bridge::{self, FromWorker, Outgoing, OutgoingError, Sid, ToWorker};
+use crate::actors::call::{Call, CallDone, Outcome, ReplyTo};
+use crate::actors::outbox::Outbox;
+use crate::bridge::{self, FromWorker, Outgoing, OutgoingError, Sid, ToWorker, LIFESPAN_SID};
 use crate::settings::AppSettings;
 
 /// What a worker reports to the instance a frame belongs to.
@@ -101,6 +110,13 @@ pub struct Attach {
     pub to: Recipient<InstanceMsg>,
 }
 
+/// The bot's own User, as the encoded `bot` frame: the bridge starts the
+/// lifespan scope once it has it, so a worker's start-up (and its
+/// `app.startup_timeout`) counts from here. Only the first one is written.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GiveBot(pub Bytes);
+
 /// Write one encoded frame (an `event` or `close`) to the worker.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -144,6 +160,13 @@ pub struct Worker {
     index: usize,
     app: AppSettings,
     supervisor: Recipient<WorkerEvent>,
+    /// Where the lifespan scope's calls go; `None` under `--check`, which
+    /// makes none.
+    outbox: Option<Addr<Outbox>>,
+    /// The `bot` frame is written: the lifespan scope may start.
+    bot_given: bool,
+    /// The last `seq` of an event written to the lifespan scope.
+    lifespan_seq: u64,
     pid: u32,
     ready: bool,
     /// Reached ready once (a later kill clears `ready`, not this).
@@ -171,11 +194,19 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(index: usize, app: AppSettings, supervisor: Recipient<WorkerEvent>) -> Worker {
+    pub fn new(
+        index: usize,
+        app: AppSettings,
+        supervisor: Recipient<WorkerEvent>,
+        outbox: Option<Addr<Outbox>>,
+    ) -> Worker {
         Worker {
             index,
             app,
             supervisor,
+            outbox,
+            bot_given: false,
+            lifespan_seq: 0,
             pid: 0,
             ready: false,
             was_ready: false,
@@ -240,8 +271,12 @@ impl Worker {
         }
     }
 
-    fn handle_frame(&mut self, frame: FromWorker) {
+    fn handle_frame(&mut self, frame: FromWorker, ctx: &mut Context<Self>) {
         match frame {
+            FromWorker::Send {
+                sid: LIFESPAN_SID,
+                event,
+            } => self.lifespan_call(Outgoing::parse(event), ctx),
             FromWorker::Received { sid, seq } => {
                 self.route(sid, InstanceMsg::Received { sid, seq })
             }
@@ -311,6 +346,45 @@ impl Worker {
                 );
             }
         }
+    }
+
+    /// The lifespan scope sent a call. Nothing would bring it back after a
+    /// crash (it has no cause), so the Outbox sends it once it is stored,
+    /// in order with every other call; the Sender may pause this worker for
+    /// it like for any instance's.
+    fn lifespan_call(&mut self, event: Result<Outgoing, OutgoingError>, ctx: &mut Context<Self>) {
+        let download = matches!(event, Ok(Outgoing::Download { .. }));
+        let (method, params, request_id) = match event {
+            Ok(out) => out.into_call(),
+            Err(e) => {
+                log::warn!(
+                    "worker={} pid={} lifespan: {e}; skipped",
+                    self.index,
+                    self.pid
+                );
+                return;
+            }
+        };
+        let reply = request_id.map(|request_id| ReplyTo {
+            to: ctx.address().recipient(),
+            request_id,
+        });
+        let Some(outbox) = &self.outbox else {
+            log::info!(
+                "worker={} pid={} lifespan call method={method} not made: --check makes no Bot API calls",
+                self.index,
+                self.pid
+            );
+            if let Some(reply) = reply {
+                ctx.notify(CallDone {
+                    request_id: reply.request_id,
+                    outcome: Outcome::refused("not made: asgigramd --check makes no Bot API calls"),
+                });
+            }
+            return;
+        };
+        let call = Call::new(method, params, reply).from_worker(ctx.address());
+        outbox.do_send(if download { call.as_download() } else { call });
     }
 
     fn kill(&mut self, why: &'static str) {
@@ -407,9 +481,16 @@ impl Actor for Worker {
         ctx.run_interval(ping_interval(self.app.hang_timeout), |act, _| {
             act.check_alive()
         });
-        // A worker stuck importing the app (or in lifespan startup) would
-        // otherwise hold a restart or a reload forever; its exit is then
-        // handled like any failure to start.
+    }
+}
+
+impl Worker {
+    /// A worker stuck importing the app (or in lifespan startup) would
+    /// otherwise hold a restart or a reload forever; its exit is then
+    /// handled like any failure to start. Armed once the bot is given: the
+    /// lifespan scope cannot start before, and getMe may take long while
+    /// Telegram is unreachable.
+    fn arm_startup_timeout(&mut self, ctx: &mut Context<Self>) {
         ctx.run_later(self.app.startup_timeout, |act, _| {
             if !act.was_ready && act.fatal.is_none() {
                 log::error!(
@@ -506,10 +587,10 @@ impl LineCutter {
 }
 
 impl StreamHandler<Result<BytesMut, io::Error>> for Worker {
-    fn handle(&mut self, item: Result<BytesMut, io::Error>, _: &mut Context<Self>) {
+    fn handle(&mut self, item: Result<BytesMut, io::Error>, ctx: &mut Context<Self>) {
         match item {
             Ok(frame) => match FromWorker::decode(&frame) {
-                Ok(frame) => self.handle_frame(frame),
+                Ok(frame) => self.handle_frame(frame, ctx),
                 // Well framed but not a frame we know: the next one is fine.
                 Err(e) => log::warn!("worker={} pid={} {e}; frame skipped", self.index, self.pid),
             },
@@ -564,6 +645,34 @@ impl Handler<Attach> for Worker {
         }
         self.instances.insert(msg.sid, msg.to);
         self.write(msg.start);
+    }
+}
+
+impl Handler<GiveBot> for Worker {
+    type Result = ();
+    fn handle(&mut self, msg: GiveBot, ctx: &mut Context<Self>) {
+        if self.bot_given {
+            return;
+        }
+        self.bot_given = true;
+        self.write(msg.0);
+        self.arm_startup_timeout(ctx);
+    }
+}
+
+impl Handler<CallDone> for Worker {
+    type Result = ();
+    fn handle(&mut self, msg: CallDone, _: &mut Context<Self>) {
+        let event = msg.outcome.into_event(msg.request_id);
+        self.lifespan_seq += 1;
+        self.write(
+            ToWorker::Event {
+                sid: LIFESPAN_SID,
+                seq: self.lifespan_seq,
+                event: &event,
+            }
+            .encode(),
+        );
     }
 }
 

@@ -48,6 +48,8 @@ LIFESPAN_SHUTDOWN_TIMEOUT = 10.0
 EXIT_WATCHDOG = 5.0  # hard exit if interpreter teardown hangs on app threads
 
 EVENT_TYPES = ("telegram.send_message", "telegram.api", "telegram.download")
+# The lifespan scope's sid in `send` and `event` frames: instances count from 1.
+LIFESPAN_SID = 0
 
 _HEADER = struct.Struct(">I")
 _MISSING = object()
@@ -210,6 +212,11 @@ def validate_event(event, scope):
             raise TypeError("telegram.send_message requires 'text' to be a str, got %s" % _tname(text))
         chat_id = event.get("chat_id", _MISSING)
         if chat_id is _MISSING:
+            if scope.get("type") == "lifespan":
+                raise ValueError(
+                    "telegram.send_message requires 'chat_id' in the lifespan scope "
+                    "(it belongs to no chat to default to)"
+                )
             if scope.get("chat") is None:
                 raise ValueError(
                     "telegram.send_message requires 'chat_id' in a user scope "
@@ -513,7 +520,12 @@ class Instance:
 
 
 class Lifespan:
-    """Runs the app with a lifespan scope for the worker's whole life."""
+    """Runs the app with a lifespan scope for the worker's whole life.
+
+    From lifespan.startup until lifespan.shutdown the app may also send
+    telegram.* events on it: calls from outside any chat, written as `send`
+    frames with LIFESPAN_SID; their responses come back through the same
+    receive() as the lifespan events."""
 
     _ALLOWED = {
         "startup": ("lifespan.startup.complete", "lifespan.startup.failed"),
@@ -522,12 +534,19 @@ class Lifespan:
         "done": (),
     }
 
-    def __init__(self, worker, required):
+    def __init__(self, worker, required, bot):
         self.worker = worker
         self.required = required  # --lifespan on
         self.state = {}
+        self.scope = {"type": "lifespan", "asgi": worker.asgi_info(), "state": self.state}
+        if bot is not None:
+            self.scope["bot"] = bot
         self.phase = "startup"
         self.task = None
+        # The app sent a telegram.* event during startup: it speaks this
+        # protocol, so a second receive() awaits a response, not an answer
+        # to an event type it ignores.
+        self._called = False
         self._to_app = asyncio.Queue()
         # What happened on the app's side: ("sent", event), ("raised", tb), ("returned", None)
         self._from_app = asyncio.Queue()
@@ -535,7 +554,7 @@ class Lifespan:
 
     async def _receive(self):
         self._receives += 1
-        if self.phase == "startup" and self._receives > 1:
+        if self.phase == "startup" and self._receives > 1 and not self._called:
             # The app took lifespan.startup and asked for more without
             # answering: it ignores event types it does not know (apps written
             # for the original asgigram do). Treat lifespan as unsupported
@@ -548,15 +567,37 @@ class Lifespan:
         if not isinstance(event, dict):
             raise TypeError("lifespan send() takes a dict event, got %s" % _tname(event))
         etype = event.get("type")
+        if etype in EVENT_TYPES:
+            return await self._call(event)
         if etype not in self._ALLOWED[self.phase]:
             raise ValueError("unexpected lifespan event %r during %s" % (etype, self.phase))
         self.phase = "running" if self.phase == "startup" else "done"
         self._from_app.put_nowait(("sent", event))
 
+    async def _call(self, event):
+        if self.phase not in ("startup", "running"):
+            raise RuntimeError(
+                "%s sent on the lifespan scope after lifespan.shutdown; calls are taken until then"
+                % event["type"]
+            )
+        frame = encode_send_frame(LIFESPAN_SID, event, self.scope)  # validates first
+        self._called = True
+        # Backpressure holds it like an instance's send().
+        resumed = self.worker.resumed
+        if resumed is not None and not resumed.is_set():
+            await resumed.wait()
+        channel = self.worker.channel
+        channel.write_raw(frame)
+        await channel.drain()
+
+    def deliver(self, event):
+        """A response to one of the app's calls, for its receive()."""
+        if self.phase != "done":
+            self._to_app.put_nowait(event)
+
     async def _main(self):
-        scope = {"type": "lifespan", "asgi": self.worker.asgi_info(), "state": self.state}
         try:
-            await self.worker.call_app(scope, self._receive, self._send)
+            await self.worker.call_app(self.scope, self._receive, self._send)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -632,11 +673,15 @@ class Worker:
         self.double = False
         self.asgi_version = "3.0"
         self.lifespan = None
+        # The Lifespan from its startup on, for the responses to its calls
+        # (self.lifespan is set only once startup is complete).
+        self._lifespan_calls = None
         self.state = None  # lifespan state; None means scopes get no "state"
         self.instances = {}
         self.stopping = False
         self._stop = None  # future: grace seconds for shutdown
         self._eof = None
+        self._bot = None  # future: the bot's User from the `bot` frame (None: not known)
         # Set unless the daemon said `pause`; created in run(), inside the loop.
         self.resumed = None
         self._handlers = {
@@ -647,6 +692,7 @@ class Worker:
             "shutdown": self._on_shutdown,
             "pause": self._on_pause,
             "resume": self._on_resume,
+            "bot": self._on_bot,
         }
 
     def asgi_info(self):
@@ -667,6 +713,7 @@ class Worker:
             return 1
         self._stop = self.loop.create_future()
         self._eof = self.loop.create_future()
+        self._bot = self.loop.create_future()
         self.resumed = asyncio.Event()
         self.resumed.set()
         try:
@@ -679,7 +726,15 @@ class Worker:
         # Read from the start so pings are answered and EOF noticed during startup.
         reader = asyncio.ensure_future(self._read_loop())
         if self.args.lifespan != "off":
-            lifespan = Lifespan(self, required=self.args.lifespan == "on")
+            # The lifespan scope carries the bot, which the daemon sends once
+            # getMe answered.
+            await asyncio.wait({self._bot, self._stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not self._bot.done():  # shutdown or EOF before the bot came
+                reader.cancel()
+                await self.channel.close()
+                return 0
+            lifespan = Lifespan(self, required=self.args.lifespan == "on", bot=self._bot.result())
+            self._lifespan_calls = lifespan
             startup = asyncio.ensure_future(lifespan.startup())
             await asyncio.wait({startup, self._stop}, return_when=asyncio.FIRST_COMPLETED)
             if not startup.done():  # shutdown or EOF before the app was ready
@@ -697,6 +752,8 @@ class Worker:
             if supported:
                 self.lifespan = lifespan
                 self.state = lifespan.state
+            else:
+                self._lifespan_calls = None
 
         self.channel.write({
             "op": "ready",
@@ -769,13 +826,18 @@ class Worker:
         self._request_stop(0.0)
 
     def _on_event(self, msg):
-        inst = self.instances.get(msg["sid"])
-        if inst is None:
+        sid = msg["sid"]
+        inst = self.instances.get(sid)
+        if inst is None and sid != LIFESPAN_SID:
             return  # unknown or already ended: the daemon may race with `ended`
         seq = msg["seq"]
         event = msg["event"]
         if type(seq) is not int or not isinstance(event, dict):
             raise ValueError("'seq' must be an int and 'event' an object")
+        if inst is None:
+            if self._lifespan_calls is not None:
+                self._lifespan_calls.deliver(event)
+            return
         inst.queue.put_nowait((seq, event))
 
     def _on_start(self, msg):
@@ -814,6 +876,13 @@ class Worker:
 
     def _on_resume(self, msg):
         self.resumed.set()
+
+    def _on_bot(self, msg):
+        bot = msg["bot"]
+        if bot is not None and not isinstance(bot, dict):
+            raise ValueError("'bot' must be an object or null")
+        if not self._bot.done():
+            self._bot.set_result(bot)
 
 
 def _grace(msg):

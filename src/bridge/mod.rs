@@ -31,6 +31,12 @@ pub const CHANNEL_FD: i32 = 3;
 /// Identifies one application instance (a scope's current run) in a worker.
 pub type Sid = u64;
 
+/// The sid of a worker's lifespan scope: its `send` frames are the calls it
+/// makes from outside any chat, and the `event` frames with it are their
+/// responses. Instances count from 1 (`NEXT_SID` in the scope actor), so
+/// no instance ever has it.
+pub const LIFESPAN_SID: Sid = 0;
+
 /// Daemon -> worker frames. Built from borrowed parts so an event is
 /// serialized once, straight from the scope's queue.
 #[derive(Debug, Serialize)]
@@ -55,6 +61,12 @@ pub enum ToWorker<'a> {
     },
     Ping {
         n: u64,
+    },
+    /// The bot's own User (getMe's answer) for the lifespan scope, which
+    /// the bridge starts once it has it; `null` when the daemon does not ask
+    /// Telegram (`--check`).
+    Bot {
+        bot: &'a RawValue,
     },
     Shutdown {
         grace: f64,
@@ -454,6 +466,22 @@ mod tests {
         // The bytes docs/worker-protocol.md specifies, exactly.
         assert_eq!(&ToWorker::Pause.encode()[..], br#"{"op":"pause"}"#);
         assert_eq!(&ToWorker::Resume.encode()[..], br#"{"op":"resume"}"#);
+    }
+
+    #[test]
+    fn the_bot_frame_carries_the_user_or_null() {
+        let user = serde_json::value::to_raw_value(&json!({"id": 2, "username": "b"})).unwrap();
+        assert_eq!(
+            &ToWorker::Bot { bot: &user }.encode()[..],
+            br#"{"op":"bot","bot":{"id":2,"username":"b"}}"#
+        );
+        assert_eq!(
+            &ToWorker::Bot {
+                bot: RawValue::NULL
+            }
+            .encode()[..],
+            br#"{"op":"bot","bot":null}"#
+        );
     }
 
     fn obj(v: Value) -> Map<String, Value> {

@@ -28,6 +28,9 @@ with open(BRIDGE_PATH, encoding="utf-8") as _f:
 
 TIMEOUT = 5.0
 HEADER = struct.Struct(">I")
+# What the daemon sends as soon as getMe answered; the lifespan waits for it.
+TEST_BOT = {"id": 4242, "is_bot": True, "first_name": "Test", "username": "test_bot"}
+_NO_BOT = object()
 
 
 def b64(data):
@@ -37,7 +40,7 @@ def b64(data):
 class Bridge:
     """A running bridge process plus the daemon's end of its channel."""
 
-    def __init__(self, app_source, spec="app:app", lifespan=None, files=None):
+    def __init__(self, app_source, spec="app:app", lifespan=None, files=None, bot=TEST_BOT):
         self.dir = tempfile.mkdtemp(prefix="asgigram-bridge-test-")
         self.app_dir = os.path.join(self.dir, "app")
         os.mkdir(self.app_dir)
@@ -74,6 +77,8 @@ class Bridge:
         child.close()
         self.frames = []  # every frame read, in order
         self._buf = b""
+        if bot is not _NO_BOT:
+            self.send(op="bot", bot=bot)
 
     # -- framing
 
@@ -732,6 +737,109 @@ class LifespanTests(BridgeTestCase):
         b.send(op="shutdown", grace=0)
         self.assertEqual(b.wait(), 0)
         self.assertNotIn("STARTUP-RAN", b.stdout())
+
+
+LIFESPAN_CALLS_APP = """
+    import asyncio
+
+    async def app(scope, receive, send):
+        if scope["type"] != "lifespan":
+            await send({"type": "telegram.send_message", "text": "chat"})
+            return
+        state = scope["state"]
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        try:
+            await send({"type": "telegram.send_message", "text": "to whom?"})
+        except ValueError as exc:
+            print("REJECTED", exc)
+        await send({"type": "telegram.api", "method": "setMyCommands",
+                    "params": {"commands": [{"command": "start", "description": "go"}]},
+                    "request_id": "cmds"})
+        reply = await receive()
+        print("STARTUP-REPLY", reply["type"], reply["request_id"], reply["ok"], scope["bot"]["username"])
+        await send({"type": "lifespan.startup.complete"})
+        await send({"type": "telegram.send_message", "chat_id": 5, "text": "after startup"})
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                break
+            print("LATER", message["type"], message["request_id"])
+        await send({"type": "lifespan.shutdown.complete"})
+        try:
+            await send({"type": "telegram.send_message", "chat_id": 5, "text": "too late"})
+        except RuntimeError as exc:
+            print("AFTER-SHUTDOWN", exc)
+"""
+
+
+class LifespanCalls(BridgeTestCase):
+    def test_calls_from_the_lifespan_scope_and_their_responses(self):
+        b = self.bridge(LIFESPAN_CALLS_APP)
+        call = b.expect("send", sid=0)["event"]
+        self.assertEqual(call["method"], "setMyCommands")
+        self.assertEqual(call["request_id"], "cmds")
+        # The second receive() during startup awaits the response: the app
+        # is not taken for one that ignores lifespan events.
+        b.event(0, 1, {"type": "telegram.api.response", "request_id": "cmds", "ok": True, "result": True})
+        self.assertIs(b.ready()["lifespan"], True)
+        # Sent right after startup.complete: it may come before `ready` does.
+        sent = [f["event"] for f in b.frames if f["op"] == "send" and f["sid"] == 0]
+        after = sent[1] if len(sent) > 1 else b.expect("send", sid=0)["event"]
+        self.assertEqual((after["chat_id"], after["text"]), (5, "after startup"))
+        # After startup, receive() gets responses as well as lifespan.shutdown.
+        b.event(0, 2, {"type": "telegram.api.response", "request_id": 9, "ok": True, "result": []})
+        b.start(1)
+        self.assertEqual(self.reply_text(b, 1), "chat")
+        b.send(op="shutdown", grace=1)
+        self.assertEqual(b.wait(), 0)
+        self.assertFalse([f for f in b.frames if f["op"] == "send" and f["event"].get("text") == "to whom?"])
+        out = b.stdout()
+        self.assertIn("REJECTED telegram.send_message requires 'chat_id' in the lifespan scope", out)
+        self.assertIn("STARTUP-REPLY telegram.api.response cmds True test_bot", out)
+        self.assertIn("LATER telegram.api.response 9", out)
+        self.assertIn("AFTER-SHUTDOWN telegram.send_message sent on the lifespan scope after lifespan.shutdown", out)
+
+    def test_lifespan_starts_once_the_bot_is_given(self):
+        b = self.bridge("""
+            async def app(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    await receive()
+                    print("BOT", scope.get("bot", "absent"))
+                    await send({"type": "lifespan.startup.complete"})
+                    await receive()
+                    await send({"type": "lifespan.shutdown.complete"})
+        """, bot=_NO_BOT)
+        b.send(op="ping", n=1)
+        b.expect("pong", n=1)  # the channel is served meanwhile
+        self.assertFalse([f for f in b.frames if f["op"] == "ready"])
+        b.send(op="bot", bot=None)  # --check: no getMe, no bot
+        self.assertIs(b.ready()["lifespan"], True)
+        b.send(op="shutdown", grace=0)
+        self.assertEqual(b.wait(), 0)
+        self.assertIn("BOT absent", b.stdout())
+
+    def test_pause_holds_lifespan_calls_too(self):
+        b = self.bridge("""
+            async def app(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    await receive()
+                    await send({"type": "lifespan.startup.complete"})
+                    await receive()  # a response: the daemon says when to go on
+                    await send({"type": "telegram.api", "method": "getMe", "request_id": 1})
+                    await receive()
+                    await send({"type": "lifespan.shutdown.complete"})
+        """)
+        b.ready()
+        b.send(op="pause")
+        b.event(0, 1, {"type": "telegram.api.response", "request_id": 0, "ok": True, "result": True})
+        b.send(op="ping", n=1)
+        b.expect("pong", n=1)
+        self.assertFalse([f for f in b.frames if f["op"] == "send"])
+        b.send(op="resume")
+        self.assertEqual(b.expect("send", sid=0)["event"]["method"], "getMe")
+        b.send(op="shutdown", grace=0)
+        self.assertEqual(b.wait(), 0)
 
 
 class ChannelTests(BridgeTestCase):

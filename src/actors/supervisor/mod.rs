@@ -24,6 +24,7 @@
 //! [`WorkerEvent`] (its workers); at shutdown [`CloseAll`], then
 //! [`StopWorkers`].
 //! Sends: [`Enqueue`], [`Close`] and [`Terminate`] to scopes;
+//! [`GiveBot`] (as soon as both the bot and the worker are there),
 //! [`ShutdownWorker`] and [`Release`] to workers; [`Done`] to the Outbox for
 //! updates it skips (no scope to route them to) or drops (an update that
 //! killed the isolation worker every time); [`Backpressure`] to the Poller
@@ -91,7 +92,10 @@ use crate::actors::poller::Backpressure;
 use crate::actors::scope::{
     Close, Enqueue, ScopeActor, ScopeLinks, ScopeReport, Stopped, Terminate, SHUTDOWN,
 };
-use crate::actors::worker::{describe, Death, Release, ShutdownWorker, Worker, WorkerEvent};
+use crate::actors::worker::{
+    describe, Death, GiveBot, Release, ShutdownWorker, Worker, WorkerEvent,
+};
+use crate::bridge::ToWorker;
 use crate::ops::metrics::{self, metrics};
 use crate::push::PushedEvent;
 use crate::routing::{self, ScopeKey, Unroutable};
@@ -127,7 +131,9 @@ pub struct Push {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;
 
-/// The bot's own User (from getMe), for every scope's `bot` key.
+/// The bot's own User (from getMe), for every scope's `bot` key, the
+/// lifespan scope's included: a worker starts its lifespan once it has it.
+/// `null` under `--check`, which does not ask Telegram.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SetBot(pub Value);
@@ -195,6 +201,10 @@ pub struct Supervisor {
     outbox: Addr<Outbox>,
     /// The bot's User object, encoded once for every scope dict.
     bot: Rc<RawValue>,
+    /// [`SetBot`] came: workers get the bot as they start.
+    bot_known: bool,
+    /// The lifespan scopes' calls go to the Outbox; not under `--check`.
+    lifespan_calls: bool,
     scopes: ScopeTable<Addr<ScopeActor>>,
     pending: PendingEvents,
     quarantine: Quarantine,
@@ -227,6 +237,8 @@ impl Supervisor {
             settings,
             outbox,
             bot: Rc::from(RawValue::NULL.to_owned()),
+            bot_known: false,
+            lifespan_calls: true,
             pending: PendingEvents::default(),
             quarantine: Quarantine::default(),
             workers: WorkerPool::default(),
@@ -244,10 +256,30 @@ impl Supervisor {
         }
     }
 
+    /// `--check`: the workers' lifespan scopes make no calls; one that asks
+    /// for the outcome is told so.
+    pub fn without_lifespan_calls(mut self) -> Supervisor {
+        self.lifespan_calls = false;
+        self
+    }
+
+    fn bot_frame(&self) -> GiveBot {
+        GiveBot(ToWorker::Bot { bot: &self.bot }.encode())
+    }
+
     fn start_worker(&mut self, index: usize, ctx: &mut Context<Self>) {
-        let worker = Worker::new(index, self.settings.app.clone(), ctx.address().recipient());
+        let worker = Worker::new(
+            index,
+            self.settings.app.clone(),
+            ctx.address().recipient(),
+            self.lifespan_calls.then(|| self.outbox.clone()),
+        )
+        .start();
+        if self.bot_known {
+            worker.do_send(self.bot_frame());
+        }
         let links = Rc::new(ScopeLinks {
-            worker: worker.start(),
+            worker,
             supervisor: ctx.address().recipient(),
             outbox: self.outbox.clone(),
             grace: self.settings.scopes.disconnect_grace,
@@ -806,6 +838,13 @@ impl Handler<SetBot> for Supervisor {
         // A User object from getMe is plain JSON.
         let bot = serde_json::value::to_raw_value(&msg.0).expect("getMe's User is plain JSON");
         self.bot = Rc::from(bot);
+        if self.bot_known {
+            return;
+        }
+        self.bot_known = true;
+        for links in self.workers.all_links() {
+            links.worker.do_send(self.bot_frame());
+        }
     }
 }
 
