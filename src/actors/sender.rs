@@ -528,6 +528,7 @@ impl Sender {
             reply.to.do_send(CallDone {
                 request_id: reply.request_id,
                 outcome,
+                sid: reply.sid,
             });
         }
         match stored {

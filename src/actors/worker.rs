@@ -506,13 +506,19 @@ impl LineCutter {
 }
 
 impl StreamHandler<Result<BytesMut, io::Error>> for Worker {
-    fn handle(&mut self, item: Result<BytesMut, io::Error>, _: &mut Context<Self>) {
+    fn handle(&mut self, item: Result<BytesMut, io::Error>, ctx: &mut Context<Self>) {
         match item {
             Ok(frame) => match FromWorker::decode(&frame) {
                 Ok(frame) => self.handle_frame(frame),
                 // Well framed but not a frame we know: the next one is fine.
                 Err(e) => log::warn!("worker={} pid={} {e}; frame skipped", self.index, self.pid),
             },
+            // A process that ends with frames of ours unread resets the
+            // channel instead of closing it: its exit, seen a moment early,
+            // and not the app's doing until its exit status says so.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                self.channel_broken(format!("reset its channel ({e})"), ctx);
+            }
             // A framing error (a length over the limit, a read error) leaves
             // the stream out of step: nothing after it can be trusted. The
             // worker is replaced, and its scopes' events go to new instances.

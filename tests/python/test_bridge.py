@@ -364,6 +364,71 @@ class Instances(BridgeTestCase):
         ops = [f["op"] for f in b.frames if f.get("sid") == 1]
         self.assertEqual(ops, ["received", "send", "idle", "received", "send", "idle"])
 
+    AWAITING_APP = """
+        async def app(scope, receive, send):
+            if scope["type"] == "lifespan":
+                return
+            while True:
+                event = await receive()
+                if event["type"] == "telegram.disconnect":
+                    await send({"type": "telegram.send_message", "text": "bye"})
+                    return
+                await send({"type": "telegram.api", "method": "sendMessage",
+                            "params": {"text": "a:" + event["text"]}, "request_id": event["text"]})
+                reply = await receive()
+                await send({"type": "telegram.send_message",
+                            "text": "b:%s got %s" % (event["text"], reply.get("request_id"))})
+    """
+
+    def test_a_response_comes_before_the_events_queued_ahead_of_it(self):
+        b = self.bridge(self.AWAITING_APP)
+        b.ready()
+        b.start(1)
+        # Both written before the app made its call, as a burst would be.
+        b.event(1, 1, {"type": "telegram.message", "text": "x"})
+        b.event(1, 2, {"type": "telegram.message", "text": "y"})
+        self.assertEqual(b.expect("send", sid=1)["event"]["request_id"], "x")
+        b.send(op="response", sid=1,
+               event={"type": "telegram.api.response", "request_id": "x", "ok": True, "result": {}})
+        self.assertEqual(b.expect("send", sid=1)["event"]["text"], "b:x got x")
+        self.assertEqual(b.expect("send", sid=1)["event"]["request_id"], "y")
+        b.send(op="response", sid=1,
+               event={"type": "telegram.api.response", "request_id": "y", "ok": True, "result": {}})
+        self.assertEqual(b.expect("send", sid=1)["event"]["text"], "b:y got y")
+        b.expect("idle", sid=1)
+        # "y" was received only after the second call of "x" was sent, and no
+        # idle was written while a response was owed.
+        ops = [(f["op"], f.get("seq")) for f in b.frames if f.get("sid") == 1]
+        self.assertEqual(ops, [("received", 1), ("send", None), ("send", None),
+                               ("received", 2), ("send", None), ("send", None), ("idle", None)])
+
+    def test_a_disconnect_waits_behind_an_owed_response(self):
+        b = self.bridge(self.AWAITING_APP)
+        b.ready()
+        b.start(1)
+        b.event(1, 1, {"type": "telegram.message", "text": "x"})
+        b.expect("send", sid=1)
+        b.event(1, 2, {"type": "telegram.disconnect", "reason": "shutdown"})
+        b.send(op="ping", n=1)
+        b.expect("pong", n=1)
+        self.assertNotIn(2, [f.get("seq") for f in b.frames if f["op"] == "received"])
+        b.send(op="response", sid=1,
+               event={"type": "telegram.api.response", "request_id": "x", "ok": True, "result": {}})
+        self.assertEqual(b.expect("send", sid=1)["event"]["text"], "b:x got x")
+        b.expect("received", sid=1, seq=2)
+        self.assertEqual(b.expect("send", sid=1)["event"]["text"], "bye")
+        b.expect("ended", sid=1)
+
+    def test_a_response_for_an_unknown_sid_is_ignored(self):
+        b = self.bridge(ECHO_APP)
+        b.ready()
+        b.send(op="response", sid=9, event={"type": "telegram.api.response", "request_id": 1, "ok": True})
+        b.send(op="response", sid=9, event="not an object")
+        b.send(op="ping", n=1)
+        b.expect("pong", n=1)
+        warnings = [f for f in b.frames if f["op"] == "log" and f["level"] != "debug"]
+        self.assertEqual(warnings, [])
+
     def test_close_with_grace_cancels_app_ignoring_disconnect(self):
         b = self.bridge("""
             import asyncio
