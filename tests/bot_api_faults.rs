@@ -94,6 +94,7 @@ fn message(text: &str, to: &Recipient<CallDone>) -> Call {
         Some(ReplyTo {
             to: to.clone(),
             request_id: json!(1),
+            sid: 1,
         }),
     )
 }

@@ -202,38 +202,6 @@ fn a_slow_suspect_does_not_hold_back_the_other_suspects() {
     );
 }
 
-/// The pids of the daemon's worker processes (its children), from /proc.
-fn worker_pids_now(daemon: i32) -> Vec<i32> {
-    let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The fields after the command, which is in parentheses and may hold
-        // spaces: state, ppid, ...
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next();
-        let ppid: Option<i32> = fields.next().and_then(|p| p.parse().ok());
-        if ppid == Some(daemon) && state != Some("Z") {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
 /// What an OOM killer does to a busy bot: workers SIGKILLed again and again
 /// during a burst, at points spread over its progress. Nothing is suspected (the
 /// daemon did not send those signals), so nothing is dropped; every update

@@ -62,6 +62,7 @@ fn asking(mut call: Call, to: &Recipient<CallDone>, id: i64) -> Call {
     call.reply = Some(ReplyTo {
         to: to.clone(),
         request_id: json!(id),
+        sid: 1,
     });
     call
 }

@@ -10,6 +10,7 @@ use actix::prelude::*;
 use serde_json::{json, Map, Value};
 
 use crate::actors::worker::Worker;
+use crate::bridge::Sid;
 
 /// Which update's handling made a call, and how many calls that handling
 /// had made before it: a repeat of the call after the update is delivered
@@ -24,6 +25,9 @@ pub struct Cause {
 pub struct ReplyTo {
     pub to: Recipient<CallDone>,
     pub request_id: Value,
+    /// The instance that asked: a scope's next instance (after a worker
+    /// died) must not take it for the answer to one of its own calls.
+    pub sid: Sid,
 }
 
 /// One Bot API call, as the app made it.
@@ -182,6 +186,8 @@ impl Outcome {
 pub struct CallDone {
     pub request_id: Value,
     pub outcome: Outcome,
+    /// As in the [`ReplyTo`] it answers.
+    pub sid: Sid,
 }
 
 #[cfg(test)]

@@ -244,6 +244,9 @@ impl Handler<ApiCall> for Ingress {
         let reply = ReplyTo {
             to: ctx.address().recipient(),
             request_id: json!(n),
+            // No instance asked: the Ingress tells its calls apart by
+            // `request_id` alone.
+            sid: 0,
         };
         self.outbox
             .do_send(Call::new(msg.method, msg.params, Some(reply)));

@@ -333,6 +333,7 @@ fn answer(reply: ReplyTo, outcome: Option<Outcome>) {
     reply.to.do_send(CallDone {
         request_id: reply.request_id,
         outcome,
+        sid: reply.sid,
     });
 }
 

@@ -21,6 +21,14 @@
 //! ends. Calls made meanwhile carry that update as their cause, numbered in
 //! order; the Outbox records the update as handled ([`Done`]) after them.
 //!
+//! While a call of the instance awaits its outcome (`awaiting`), no further
+//! event is written to the worker: the chat's later updates wait here, and
+//! the response, written as its own frame, goes ahead of those written
+//! before the call was made (the bridge gives an instance that awaits a
+//! response nothing else). So the calls an app makes after reading its
+//! response belong to the update it was handling, whatever arrived
+//! meanwhile (docs/reliability.md, Replies rule 5).
+//!
 //! An instance that ends (returns, raises, or dies with its worker) loses
 //! nothing: events it had not received stay queued for the next instance, and
 //! when its worker died, so does the update in hand (its calls already made
@@ -252,8 +260,16 @@ impl ScopeActor {
         self.flush(sid);
     }
 
-    /// Gives the instance every queued event it has not been given yet.
+    /// Gives the instance every queued event it has not been given yet,
+    /// unless a call of its awaits its outcome: then they wait for it.
     fn flush(&mut self, sid: Sid) {
+        if self.awaiting > 0 {
+            return;
+        }
+        self.write_unsent(sid);
+    }
+
+    fn write_unsent(&mut self, sid: Sid) {
         for (seq, event) in self
             .queue
             .iter()
@@ -338,7 +354,12 @@ impl ScopeActor {
     }
 
     /// Turns an outgoing application event into a Bot API call.
-    fn outgoing(&mut self, event: Result<Outgoing, OutgoingError>, ctx: &mut Context<Self>) {
+    fn outgoing(
+        &mut self,
+        sid: Sid,
+        event: Result<Outgoing, OutgoingError>,
+        ctx: &mut Context<Self>,
+    ) {
         let download = matches!(event, Ok(Outgoing::Download { .. }));
         let (method, mut params, request_id) = match event {
             Ok(out) => out.into_call(),
@@ -351,6 +372,7 @@ impl ScopeActor {
         let reply = request_id.map(|request_id| ReplyTo {
             to: ctx.address().recipient(),
             request_id,
+            sid,
         });
         if reply.is_some() {
             self.awaiting += 1;
@@ -394,13 +416,11 @@ fn takes(table: &[&str], method: &str) -> bool {
     table.binary_search(&method).is_ok()
 }
 
-/// Events the daemon makes itself (disconnect, API responses) are meaningful
-/// only to this scope's instance and are not handed on.
+/// The disconnect is made by the daemon for this scope's instance alone and
+/// is not handed on. (API responses never enter the queue: they go to the
+/// instance as they come, see [`CallDone`]'s handler.)
 fn is_local_event(event: &Value) -> bool {
-    matches!(
-        event.get("type").and_then(Value::as_str),
-        Some("telegram.disconnect") | Some("telegram.api.response")
-    )
+    event.get("type").and_then(Value::as_str) == Some("telegram.disconnect")
 }
 
 impl Actor for ScopeActor {
@@ -424,9 +444,8 @@ impl Handler<Enqueue> for ScopeActor {
         match self.instance {
             Instance::Running { sid } => self.flush(sid),
             Instance::None => self.start_instance(ctx),
-            // Events for a closing scope: the Supervisor sends new events to a
-            // new scope, so these can only be API responses; the closing
-            // instance may still read them.
+            // The Supervisor sends new events to a new scope once it closed
+            // this one; any sent before the close may still be read.
             Instance::Closing { sid } => self.flush(sid),
         }
     }
@@ -449,7 +468,9 @@ impl Handler<Close> for ScopeActor {
             Instance::Running { sid } => {
                 log::debug!("scope={} closing ({})", self.key, msg.reason);
                 self.push(json!({"type": "telegram.disconnect", "reason": msg.reason}));
-                self.flush(sid);
+                // Everything, awaited call or not: the bridge still gives the
+                // response first, and the instance must see the disconnect.
+                self.write_unsent(sid);
                 self.links.worker.do_send(Write(
                     ToWorker::Close {
                         sid,
@@ -486,11 +507,8 @@ impl Handler<InstanceMsg> for ScopeActor {
                         break;
                     };
                     if is_local_event(&e) {
-                        // Still on the update in hand: an API response or
-                        // the disconnect is part of handling it.
-                        if e.get("type").and_then(Value::as_str) == Some("telegram.api.response") {
-                            self.awaiting = self.awaiting.saturating_sub(1);
-                        }
+                        // Still on the update in hand: the disconnect is
+                        // part of handling it.
                         continue;
                     }
                     crate::ops::metrics::metrics().delivered(&e);
@@ -524,7 +542,7 @@ impl Handler<InstanceMsg> for ScopeActor {
                     self.report_idle();
                 }
             }
-            InstanceMsg::Send { event, .. } => self.outgoing(event, ctx),
+            InstanceMsg::Send { sid, event } => self.outgoing(sid, event, ctx),
             InstanceMsg::Ended {
                 error, cancelled, ..
             } => {
@@ -587,16 +605,24 @@ impl Handler<InstanceMsg> for ScopeActor {
 impl Handler<CallDone> for ScopeActor {
     type Result = ();
     fn handle(&mut self, msg: CallDone, _: &mut Context<Self>) {
-        let event = msg.outcome.into_event(msg.request_id);
-        let Some(sid) = self.current_sid() else {
+        if self.current_sid() != Some(msg.sid) {
             log::debug!(
                 "scope={} API response for an ended instance dropped",
                 self.key
             );
             return;
-        };
-        self.push(event);
-        self.flush(sid);
+        }
+        self.awaiting = self.awaiting.saturating_sub(1);
+        let event = msg.outcome.into_event(msg.request_id);
+        self.links.worker.do_send(Write(
+            ToWorker::Response {
+                sid: msg.sid,
+                event: &event,
+            }
+            .encode(),
+        ));
+        // What waited for this outcome follows it.
+        self.flush(msg.sid);
     }
 }
 

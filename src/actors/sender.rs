@@ -545,6 +545,7 @@ impl Sender {
                 outcome => reply.to.do_send(CallDone {
                     request_id: reply.request_id,
                     outcome,
+                    sid: reply.sid,
                 }),
             }
         }
@@ -574,6 +575,7 @@ impl Sender {
             reply.to.do_send(CallDone {
                 request_id: reply.request_id,
                 outcome,
+                sid: reply.sid,
             });
         });
     }

@@ -165,8 +165,6 @@ pub struct Worker {
     outbox: Option<Addr<Outbox>>,
     /// The `bot` frame is written: the lifespan scope may start.
     bot_given: bool,
-    /// The last `seq` of an event written to the lifespan scope.
-    lifespan_seq: u64,
     pid: u32,
     ready: bool,
     /// Reached ready once (a later kill clears `ready`, not this).
@@ -206,7 +204,6 @@ impl Worker {
             supervisor,
             outbox,
             bot_given: false,
-            lifespan_seq: 0,
             pid: 0,
             ready: false,
             was_ready: false,
@@ -368,6 +365,7 @@ impl Worker {
         let reply = request_id.map(|request_id| ReplyTo {
             to: ctx.address().recipient(),
             request_id,
+            sid: LIFESPAN_SID,
         });
         let Some(outbox) = &self.outbox else {
             log::info!(
@@ -377,6 +375,7 @@ impl Worker {
             );
             if let Some(reply) = reply {
                 ctx.notify(CallDone {
+                    sid: reply.sid,
                     request_id: reply.request_id,
                     outcome: Outcome::refused("not made: asgigramd --check makes no Bot API calls"),
                 });
@@ -594,6 +593,12 @@ impl StreamHandler<Result<BytesMut, io::Error>> for Worker {
                 // Well framed but not a frame we know: the next one is fine.
                 Err(e) => log::warn!("worker={} pid={} {e}; frame skipped", self.index, self.pid),
             },
+            // A process that ends with frames of ours unread resets the
+            // channel instead of closing it: its exit, seen a moment early,
+            // and not the app's doing until its exit status says so.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                self.channel_broken(format!("reset its channel ({e})"), ctx);
+            }
             // A framing error (a length over the limit, a read error) leaves
             // the stream out of step: nothing after it can be trusted. The
             // worker is replaced, and its scopes' events go to new instances.
@@ -664,11 +669,9 @@ impl Handler<CallDone> for Worker {
     type Result = ();
     fn handle(&mut self, msg: CallDone, _: &mut Context<Self>) {
         let event = msg.outcome.into_event(msg.request_id);
-        self.lifespan_seq += 1;
         self.write(
-            ToWorker::Event {
+            ToWorker::Response {
                 sid: LIFESPAN_SID,
-                seq: self.lifespan_seq,
                 event: &event,
             }
             .encode(),

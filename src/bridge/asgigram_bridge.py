@@ -22,6 +22,7 @@ Constraints that shape this file:
 import argparse
 import asyncio
 import base64
+import collections
 import importlib
 import inspect
 import json
@@ -439,15 +440,21 @@ class Channel:
 class Instance:
     """One scope: its task, its event queue, and the receive/send it hands the app."""
 
-    __slots__ = ("worker", "channel", "sid", "scope", "queue", "disconnect", "ended", "task", "_cancel_at",
-                 "_in_hand", "eager")
+    __slots__ = ("worker", "channel", "sid", "scope", "events", "responses", "awaiting", "_waiters",
+                 "disconnect", "ended", "task", "_cancel_at", "_in_hand", "eager")
 
     def __init__(self, worker, sid, scope, eager=False):
         self.worker = worker
         self.channel = worker.channel
         self.sid = sid
         self.scope = scope
-        self.queue = asyncio.Queue()
+        self.events = collections.deque()  # (seq, event) from `event` frames
+        self.responses = collections.deque()  # from `response` frames
+        # Calls sent with a request_id whose response receive() has not
+        # returned yet: until it has, receive() returns nothing else, so the
+        # calls the app makes after reading it belong to the update in hand.
+        self.awaiting = 0
+        self._waiters = []  # futures of receive() calls waiting for something to return
         self.disconnect = None
         self.ended = False
         self.task = None
@@ -457,17 +464,49 @@ class Instance:
         # app then kills the worker the daemon knows which event it had.
         self.eager = eager
 
+    def put_event(self, seq, event):
+        self.events.append((seq, event))
+        if self._waiters:
+            self._wake()
+
+    def put_response(self, event):
+        self.responses.append(event)
+        if self._waiters:
+            self._wake()
+
+    def _wake(self):
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def receive(self):
         # Once the app saw the disconnect, the scope is over: keep telling it so
         # instead of blocking on a queue nothing will feed again.
         if self.disconnect is not None:
             return self.disconnect
-        # Asking for the next event means the app is done with the last one.
-        # With one queued, its `received` says so; with none, `idle` does,
-        # so the daemon need not wait for the chat's next message.
-        if self._in_hand and self.queue.empty():
+        # Asking for the next event means the app is done with the last one,
+        # unless a response is still owed. With one queued, its `received`
+        # says so; with none, `idle` does, so the daemon need not wait for
+        # the chat's next message.
+        if self._in_hand and not self.events and not self.awaiting and not self.responses:
             self.channel.write_raw(idle_frame(self.sid))
-        seq, event = await self.queue.get()
+        while True:
+            if self.responses:
+                if self.awaiting:
+                    self.awaiting -= 1
+                return self.responses.popleft()
+            # Events queued before a call was made wait behind its response.
+            if self.events and not self.awaiting:
+                break
+            waiter = self.worker.loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:  # cancelled while waiting
+                    self._waiters.remove(waiter)
+        seq, event = self.events.popleft()
         self._in_hand = True
         self.channel.write_raw(received_frame(self.sid, seq))
         if self.eager:
@@ -488,6 +527,8 @@ class Instance:
             if self.ended:
                 raise RuntimeError("send() called after the application instance for this scope ended")
         self.channel.write_raw(frame)
+        if "request_id" in event:
+            self.awaiting += 1
         await self.channel.drain()
 
     def close(self, grace):
@@ -686,6 +727,7 @@ class Worker:
         self.resumed = None
         self._handlers = {
             "event": self._on_event,
+            "response": self._on_response,
             "start": self._on_start,
             "close": self._on_close,
             "ping": self._on_ping,
@@ -828,17 +870,27 @@ class Worker:
     def _on_event(self, msg):
         sid = msg["sid"]
         inst = self.instances.get(sid)
-        if inst is None and sid != LIFESPAN_SID:
+        if inst is None:
             return  # unknown or already ended: the daemon may race with `ended`
         seq = msg["seq"]
         event = msg["event"]
         if type(seq) is not int or not isinstance(event, dict):
             raise ValueError("'seq' must be an int and 'event' an object")
+        inst.put_event(seq, event)
+
+    def _on_response(self, msg):
+        sid = msg["sid"]
+        inst = self.instances.get(sid)
+        if inst is None and sid != LIFESPAN_SID:
+            return  # ended: nobody is left to read it
+        event = msg["event"]
+        if not isinstance(event, dict):
+            raise ValueError("'event' must be an object")
         if inst is None:
             if self._lifespan_calls is not None:
                 self._lifespan_calls.deliver(event)
             return
-        inst.queue.put_nowait((seq, event))
+        inst.put_response(event)
 
     def _on_start(self, msg):
         sid = msg["sid"]

@@ -55,6 +55,12 @@ pub enum ToWorker<'a> {
         seq: u64,
         event: &'a Value,
     },
+    /// A `telegram.api.response` for a call the instance made: it goes
+    /// ahead of the events queued for the instance (docs/worker-protocol.md).
+    Response {
+        sid: Sid,
+        event: &'a Value,
+    },
     Close {
         sid: Sid,
         grace: f64,

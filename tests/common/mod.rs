@@ -196,6 +196,38 @@ pub fn worker_pids(log: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The pids of the daemon's worker processes (its children), from /proc.
+pub fn worker_pids_now(daemon: i32) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The fields after the command, which is in parentheses and may hold
+        // spaces: state, ppid, ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let ppid: Option<i32> = fields.next().and_then(|p| p.parse().ok());
+        if ppid == Some(daemon) && state != Some("Z") {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 /// `[http]` on an ephemeral port: the daemon logs the address it bound.
 pub const HTTP: &str = "[http]\nbind = \"127.0.0.1:0\"\n";
 

@@ -141,6 +141,9 @@ class Bridge:
     def event(self, sid, seq, event):
         self.send(op="event", sid=sid, seq=seq, event=event)
 
+    def response(self, sid, event):
+        self.send(op="response", sid=sid, event=event)
+
     # -- process
 
     def wait(self, timeout=TIMEOUT):
@@ -368,6 +371,71 @@ class Instances(BridgeTestCase):
         b.expect("idle", sid=1)
         ops = [f["op"] for f in b.frames if f.get("sid") == 1]
         self.assertEqual(ops, ["received", "send", "idle", "received", "send", "idle"])
+
+    AWAITING_APP = """
+        async def app(scope, receive, send):
+            if scope["type"] == "lifespan":
+                return
+            while True:
+                event = await receive()
+                if event["type"] == "telegram.disconnect":
+                    await send({"type": "telegram.send_message", "text": "bye"})
+                    return
+                await send({"type": "telegram.api", "method": "sendMessage",
+                            "params": {"text": "a:" + event["text"]}, "request_id": event["text"]})
+                reply = await receive()
+                await send({"type": "telegram.send_message",
+                            "text": "b:%s got %s" % (event["text"], reply.get("request_id"))})
+    """
+
+    def test_a_response_comes_before_the_events_queued_ahead_of_it(self):
+        b = self.bridge(self.AWAITING_APP)
+        b.ready()
+        b.start(1)
+        # Both written before the app made its call, as a burst would be.
+        b.event(1, 1, {"type": "telegram.message", "text": "x"})
+        b.event(1, 2, {"type": "telegram.message", "text": "y"})
+        self.assertEqual(b.expect("send", sid=1)["event"]["request_id"], "x")
+        b.send(op="response", sid=1,
+               event={"type": "telegram.api.response", "request_id": "x", "ok": True, "result": {}})
+        self.assertEqual(b.expect("send", sid=1)["event"]["text"], "b:x got x")
+        self.assertEqual(b.expect("send", sid=1)["event"]["request_id"], "y")
+        b.send(op="response", sid=1,
+               event={"type": "telegram.api.response", "request_id": "y", "ok": True, "result": {}})
+        self.assertEqual(b.expect("send", sid=1)["event"]["text"], "b:y got y")
+        b.expect("idle", sid=1)
+        # "y" was received only after the second call of "x" was sent, and no
+        # idle was written while a response was owed.
+        ops = [(f["op"], f.get("seq")) for f in b.frames if f.get("sid") == 1]
+        self.assertEqual(ops, [("received", 1), ("send", None), ("send", None),
+                               ("received", 2), ("send", None), ("send", None), ("idle", None)])
+
+    def test_a_disconnect_waits_behind_an_owed_response(self):
+        b = self.bridge(self.AWAITING_APP)
+        b.ready()
+        b.start(1)
+        b.event(1, 1, {"type": "telegram.message", "text": "x"})
+        b.expect("send", sid=1)
+        b.event(1, 2, {"type": "telegram.disconnect", "reason": "shutdown"})
+        b.send(op="ping", n=1)
+        b.expect("pong", n=1)
+        self.assertNotIn(2, [f.get("seq") for f in b.frames if f["op"] == "received"])
+        b.send(op="response", sid=1,
+               event={"type": "telegram.api.response", "request_id": "x", "ok": True, "result": {}})
+        self.assertEqual(b.expect("send", sid=1)["event"]["text"], "b:x got x")
+        b.expect("received", sid=1, seq=2)
+        self.assertEqual(b.expect("send", sid=1)["event"]["text"], "bye")
+        b.expect("ended", sid=1)
+
+    def test_a_response_for_an_unknown_sid_is_ignored(self):
+        b = self.bridge(ECHO_APP)
+        b.ready()
+        b.send(op="response", sid=9, event={"type": "telegram.api.response", "request_id": 1, "ok": True})
+        b.send(op="response", sid=9, event="not an object")
+        b.send(op="ping", n=1)
+        b.expect("pong", n=1)
+        warnings = [f for f in b.frames if f["op"] == "log" and f["level"] != "debug"]
+        self.assertEqual(warnings, [])
 
     def test_close_with_grace_cancels_app_ignoring_disconnect(self):
         b = self.bridge("""
@@ -781,14 +849,14 @@ class LifespanCalls(BridgeTestCase):
         self.assertEqual(call["request_id"], "cmds")
         # The second receive() during startup awaits the response: the app
         # is not taken for one that ignores lifespan events.
-        b.event(0, 1, {"type": "telegram.api.response", "request_id": "cmds", "ok": True, "result": True})
+        b.response(0, {"type": "telegram.api.response", "request_id": "cmds", "ok": True, "result": True})
         self.assertIs(b.ready()["lifespan"], True)
         # Sent right after startup.complete: it may come before `ready` does.
         sent = [f["event"] for f in b.frames if f["op"] == "send" and f["sid"] == 0]
         after = sent[1] if len(sent) > 1 else b.expect("send", sid=0)["event"]
         self.assertEqual((after["chat_id"], after["text"]), (5, "after startup"))
         # After startup, receive() gets responses as well as lifespan.shutdown.
-        b.event(0, 2, {"type": "telegram.api.response", "request_id": 9, "ok": True, "result": []})
+        b.response(0, {"type": "telegram.api.response", "request_id": 9, "ok": True, "result": []})
         b.start(1)
         self.assertEqual(self.reply_text(b, 1), "chat")
         b.send(op="shutdown", grace=1)
@@ -832,7 +900,7 @@ class LifespanCalls(BridgeTestCase):
         """)
         b.ready()
         b.send(op="pause")
-        b.event(0, 1, {"type": "telegram.api.response", "request_id": 0, "ok": True, "result": True})
+        b.response(0, {"type": "telegram.api.response", "request_id": 0, "ok": True, "result": True})
         b.send(op="ping", n=1)
         b.expect("pong", n=1)
         self.assertFalse([f for f in b.frames if f["op"] == "send"])

@@ -7,8 +7,9 @@
 //! a new chat waits for the room. Closes scopes idle for `idle_timeout`, and
 //! scopes whose instance ended by itself. Starts the Worker actors, reports
 //! when all are ready, restarts a worker that dies (a worker that keeps
-//! failing before it is ready stops the daemon), gives each new scope the
-//! least-loaded worker, and replaces every worker on a reload.
+//! failing before it is ready stops the daemon), gives each new scope its
+//! chat's worker (the same for every instance of a chat, `pool.rs`), and
+//! replaces every worker on a reload.
 //!
 //! Owns: the scope table (`scopes.rs`: live, closing and idle scopes, keys
 //! waiting for room), the events of keys without a live scope
@@ -400,7 +401,7 @@ impl Supervisor {
         if self.shutting_down || !self.pending.contains(key) || self.blocked(key) {
             return;
         }
-        match self.workers.pick() {
+        match self.workers.pick(key) {
             Some(worker) if self.scopes.has_room() && self.scopes.none_waiting() => {
                 self.start_scope(key, worker, false)
             }
@@ -417,7 +418,7 @@ impl Supervisor {
     /// Starts scopes for waiting keys while there is a worker and room.
     fn admit_waiting(&mut self) {
         while let Some(key) = self.scopes.first_waiting().cloned() {
-            let Some(worker) = self.workers.pick().filter(|_| self.scopes.has_room()) else {
+            let Some(worker) = self.workers.pick(&key).filter(|_| self.scopes.has_room()) else {
                 break;
             };
             self.scopes.admitted();
@@ -445,7 +446,7 @@ impl Supervisor {
     /// the scopes already closing will not make enough.
     fn make_room(&mut self) {
         // Without a worker no waiting chat could start anyway.
-        if self.workers.pick().is_none() {
+        if !self.workers.any_live() {
             return;
         }
         for (key, addr) in self.scopes.make_room(Instant::now()) {
@@ -1137,7 +1138,7 @@ impl Supervisor {
             // Died meanwhile: the ordinary restart already loads the new code.
             return self.reload_next(ctx);
         }
-        let new = self.workers.spare_regular();
+        let new = self.workers.spare_regular(old);
         self.start_worker(new, ctx);
         log::info!(
             "worker={old} pid={} being replaced by worker={new}",

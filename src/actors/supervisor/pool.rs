@@ -2,18 +2,34 @@
 //! starts, each with its role, readiness, scope count and restart history.
 //!
 //! Plain data: the Supervisor starts the Worker actors and decides when to
-//! restart one; this says which worker a new scope goes to (the live regular
-//! worker with the fewest scopes, a ready one first), which slot a reload's
-//! replacement or the isolation worker takes (a slot is reused once its
-//! worker has exited, so slots stay under twice `app.workers`), and how long
-//! a restart waits. `L` is what a scope reaches its worker by: the scope
-//! links in the daemon, a plain value in tests.
+//! restart one; this says which worker a new scope goes to (its chat's
+//! *home*, see below), which slot a reload's replacement or the isolation
+//! worker takes (a slot is reused once its worker has exited, so slots stay
+//! under twice `app.workers`), and how long a restart waits. `L` is what a
+//! scope reaches its worker by: the scope links in the daemon, a plain value
+//! in tests.
+//!
+//! # A chat stays on one worker
+//!
+//! Each of the `app.workers` regular workers has a home number, 0 to
+//! `app.workers - 1`, and a scope key has a home too: a stable hash of its
+//! text form (`chat:123`) over the homes, the same in every run and every
+//! build ([`home_hash`], FNV-1a; Rust's own hasher is seeded at random). A
+//! new scope goes to the worker of its home, so every instance of a chat
+//! runs in the same process, and what a framework keeps in memory per chat
+//! outlives idle closes. A worker restarted after a death, or a reload's
+//! replacement, takes over its home. Only while a home has no worker at all
+//! (a restart's backoff) does a new scope go to the live worker with the
+//! fewest scopes instead: the dead process's memory is gone anyway. The
+//! price: a chat cannot spread over workers, so one very busy chat keeps one
+//! worker busy while the others have room.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::actors::worker::Death;
 use crate::backoff::Backoff;
+use crate::routing::ScopeKey;
 
 /// How long a restart waits, by consecutive failures.
 const RESTART: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -41,11 +57,13 @@ struct Slot<L> {
     /// no new scopes, is not restarted.
     retired: bool,
     role: Role,
+    /// The chats whose scopes it takes (a regular worker; 0 otherwise).
+    home: usize,
 }
 
 impl<L> Slot<L> {
     /// A slot whose worker is not started yet.
-    fn empty(role: Role) -> Slot<L> {
+    fn empty(role: Role, home: usize) -> Slot<L> {
         Slot {
             links: None,
             ready: false,
@@ -55,6 +73,7 @@ impl<L> Slot<L> {
             pid: 0,
             retired: false,
             role,
+            home,
         }
     }
 
@@ -67,6 +86,8 @@ pub struct WorkerPool<L> {
     slots: Vec<Slot<L>>,
     /// The isolation worker's slot, while one runs or starts.
     isolation: Option<usize>,
+    /// How many homes there are: the regular workers added.
+    homes: usize,
 }
 
 impl<L> Default for WorkerPool<L> {
@@ -74,14 +95,38 @@ impl<L> Default for WorkerPool<L> {
         WorkerPool {
             slots: Vec::new(),
             isolation: None,
+            homes: 0,
         }
     }
 }
 
+/// FNV-1a (64 bit) of a scope key's text form: the same for a key in every
+/// run, on every machine, so a chat's home does not change with a restart.
+pub fn home_hash(key: &ScopeKey) -> u64 {
+    use std::fmt::Write;
+    /// Feeds the hash as the key is formatted, without building a string.
+    struct Fnv(u64);
+    impl Write for Fnv {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            for byte in s.bytes() {
+                self.0 ^= u64::from(byte);
+                self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            Ok(())
+        }
+    }
+    let mut fnv = Fnv(0xcbf2_9ce4_8422_2325);
+    // Writing into the hash cannot fail.
+    let _ = write!(fnv, "{key}");
+    fnv.0
+}
+
 impl<L> WorkerPool<L> {
-    /// A new regular slot: its index, to start its worker in.
+    /// A new regular slot, with a home of its own: its index, to start its
+    /// worker in.
     pub fn add_regular(&mut self) -> usize {
-        self.slots.push(Slot::empty(Role::Regular));
+        self.slots.push(Slot::empty(Role::Regular, self.homes));
+        self.homes += 1;
         self.slots.len() - 1
     }
 
@@ -113,14 +158,31 @@ impl<L> WorkerPool<L> {
         self.slots[index].retired
     }
 
-    /// The live regular worker with the fewest scopes, ready ones first.
-    pub fn pick(&self) -> Option<usize> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.takes_scopes())
-            .min_by_key(|(_, s)| (!s.ready, s.scopes))
+    /// The worker a new scope for `key` goes to: the live regular worker of
+    /// its home (a ready one first, while a reload's replacement starts);
+    /// without one, the live regular worker with the fewest scopes.
+    pub fn pick(&self, key: &ScopeKey) -> Option<usize> {
+        let home = match self.homes {
+            0 => None,
+            // The remainder is below `homes`, a usize.
+            n => Some((home_hash(key) % n as u64) as usize),
+        };
+        let live = || {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.takes_scopes())
+        };
+        live()
+            .filter(|(_, s)| Some(s.home) == home)
+            .min_by_key(|(_, s)| !s.ready)
+            .or_else(|| live().min_by_key(|(_, s)| (!s.ready, s.scopes)))
             .map(|(i, _)| i)
+    }
+
+    /// Some regular worker takes new scopes.
+    pub fn any_live(&self) -> bool {
+        self.slots.iter().any(Slot::takes_scopes)
     }
 
     /// The live regular workers, in slot order.
@@ -209,21 +271,27 @@ impl<L> WorkerPool<L> {
         slot.ready = false;
     }
 
-    /// A slot for a reload's replacement worker: one whose retired worker
-    /// has exited, else a new one. At most one worker is replaced at a time,
-    /// so slots stay under twice `app.workers`.
-    pub fn spare_regular(&mut self) -> usize {
+    /// A slot for a reload's replacement of the worker in `replacing`, with
+    /// its home: one whose retired worker has exited, else a new one. At most
+    /// one worker is replaced at a time, so slots stay under twice
+    /// `app.workers`.
+    pub fn spare_regular(&mut self, replacing: usize) -> usize {
+        let home = self.slots[replacing].home;
         let index = match (0..self.slots.len()).find(|&i| {
             let s = &self.slots[i];
             s.retired && s.links.is_none() && s.role == Role::Regular
         }) {
             Some(i) => i,
-            None => self.add_regular(),
+            None => {
+                self.slots.push(Slot::empty(Role::Regular, home));
+                self.slots.len() - 1
+            }
         };
         let slot = &mut self.slots[index];
         slot.retired = false;
         slot.failures = 0;
         slot.scopes = 0;
+        slot.home = home;
         index
     }
 
@@ -239,11 +307,11 @@ impl<L> WorkerPool<L> {
             .find(|&i| self.slots[i].links.is_none() && self.slots[i].role == Role::Isolation)
         {
             Some(i) => {
-                self.slots[i] = Slot::empty(Role::Isolation);
+                self.slots[i] = Slot::empty(Role::Isolation, 0);
                 i
             }
             None => {
-                self.slots.push(Slot::empty(Role::Isolation));
+                self.slots.push(Slot::empty(Role::Isolation, 0));
                 self.slots.len() - 1
             }
         };
@@ -291,25 +359,100 @@ mod tests {
         p
     }
 
+    /// A chat whose home, among `homes`, is `home`.
+    fn key_at(home: usize, homes: usize) -> ScopeKey {
+        (0..)
+            .map(ScopeKey::chat)
+            .find(|k| home_hash(k) % homes as u64 == home as u64)
+            .expect("every home has chats")
+    }
+
     #[test]
-    fn new_scopes_go_to_the_least_loaded_ready_worker() {
+    fn the_home_hash_is_fnv_1a_of_the_keys_text_and_the_same_in_every_run() {
+        // Values computed apart from this code, from "chat:123" and so on.
+        assert_eq!(home_hash(&ScopeKey::chat(123)), 0x3000_1e9c_ae07_8e4d);
+        assert_eq!(home_hash(&ScopeKey::User { id: 7 }), 0xf7fd_a0aa_7508_271d);
+        let business = ScopeKey::Chat {
+            id: 5,
+            conversation: crate::routing::Conversation::Business("abc".into()),
+        };
+        assert_eq!(home_hash(&business), 0x9218_be8b_60b5_aad0);
+    }
+
+    #[test]
+    fn a_chat_goes_to_its_home_whatever_the_load() {
         let mut p = pool(3);
+        for _ in 0..10 {
+            p.scope_started(0);
+        }
+        let mut per_home = [0; 3];
+        for id in 0..3000 {
+            let key = ScopeKey::chat(id);
+            let home = (home_hash(&key) % 3) as usize;
+            assert_eq!(p.pick(&key), Some(home), "{key}");
+            per_home[home] += 1;
+        }
+        // Consecutive ids spread over the homes.
+        assert!(
+            per_home.iter().all(|&n| (800..1200).contains(&n)),
+            "{per_home:?}"
+        );
+        // A home whose worker restarts and is not ready yet keeps its chats.
+        p.exited(1, Death::Outside);
+        p.started(1, 1);
+        assert_eq!(p.pick(&key_at(1, 3)), Some(1));
+    }
+
+    #[test]
+    fn a_chat_whose_home_has_no_worker_goes_to_the_least_loaded_ready_one() {
+        let mut p = pool(4);
+        let key = key_at(3, 4);
+        // Its worker died and waits for its restart.
+        p.exited(3, Death::App);
         p.scope_started(0);
         p.scope_started(1);
-        assert_eq!(p.pick(), Some(2));
+        assert_eq!(p.pick(&key), Some(2));
         p.scope_started(2);
         p.scope_started(2);
-        assert_eq!(p.pick(), Some(0));
+        assert_eq!(p.pick(&key), Some(0));
         // A worker not ready yet is taken only when no ready one is live.
         p.exited(0, Death::App);
         p.started(0, 0);
-        assert_eq!(p.pick(), Some(1));
+        assert_eq!(p.pick(&key), Some(1));
         p.retire(1);
         p.retire(2);
-        assert_eq!(p.pick(), Some(0));
+        assert_eq!(p.pick(&key), Some(0));
         p.scope_ended(1);
         p.exited(0, Death::App);
-        assert_eq!(p.pick(), None);
+        assert_eq!(p.pick(&key), None);
+        assert!(!p.any_live());
+        // Back from its restart, the home has its chats again.
+        p.started(3, 3);
+        assert!(p.any_live());
+        assert_eq!(p.pick(&key), Some(3));
+    }
+
+    #[test]
+    fn a_reloads_replacement_takes_over_the_home_of_the_worker_it_replaces() {
+        let mut p = pool(2);
+        let (zero, one) = (key_at(0, 2), key_at(1, 2));
+        let new = p.spare_regular(0);
+        p.started(new, new);
+        // Until the replacement is ready, the worker it replaces takes them.
+        assert_eq!(p.pick(&zero), Some(0));
+        p.ready(new, 200);
+        p.retire(0);
+        assert_eq!(p.pick(&zero), Some(new));
+        assert_eq!(p.pick(&one), Some(1));
+        // Slot 0, once its worker exited, is reused for worker 1's
+        // replacement, and gets worker 1's home.
+        p.exited(0, Death::Asked);
+        assert_eq!(p.spare_regular(1), 0);
+        p.started(0, 0);
+        p.ready(0, 300);
+        p.retire(1);
+        assert_eq!(p.pick(&one), Some(0));
+        assert_eq!(p.pick(&zero), Some(new));
     }
 
     #[test]
@@ -343,13 +486,13 @@ mod tests {
         let mut p = pool(2);
         p.retire(0);
         // Worker 0 is still running: the replacement gets a new slot.
-        let new = p.spare_regular();
+        let new = p.spare_regular(0);
         assert_eq!(new, 2);
         p.started(new, new);
         assert_eq!(p.live_regular(), [1, 2]);
         assert_eq!(p.exited(0, Death::Asked), Some(0));
         p.retire(1);
-        assert_eq!(p.spare_regular(), 0, "the exited retired slot is reused");
+        assert_eq!(p.spare_regular(1), 0, "the exited retired slot is reused");
         assert!(!p.is_retired(0));
     }
 
