@@ -256,7 +256,7 @@ fn lifespan_state_and_bot_reach_every_scope_and_shutdown_runs() {
     sb.inject_text(2, "y");
     let bot = sb.bot();
     let want = format!(
-        "hello from lifespan @{} spec=1.0",
+        "hello from lifespan @{} spec=1.1",
         bot["username"].as_str().unwrap()
     );
     assert_eq!(wait_texts(&sb, 1, 1, &d), vec![want.clone()]);

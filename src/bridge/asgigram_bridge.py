@@ -36,7 +36,7 @@ import sys
 import threading
 import traceback
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"
 MAX_FRAME = 64 * 1024 * 1024
 READ_LIMIT = 4 * 1024 * 1024
 # Bytes queued for the batched flush after which send() flushes right away so

@@ -244,7 +244,7 @@ class AppStyles(BridgeTestCase):
         self.assertEqual(b.ready()["asgi_version"], "2.0")
         b.start(1)
         b.event(1, 1, {"type": "telegram.message", "text": "old"})
-        self.assertEqual(self.reply_text(b, 1), "2.0/1.0|old")
+        self.assertEqual(self.reply_text(b, 1), "2.0/1.1|old")
 
     def test_single_callable_marker_and_dotted_attr(self):
         # A plain function returning a coroutine would count as ASGI 2 without the marker.
