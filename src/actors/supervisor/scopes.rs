@@ -123,10 +123,27 @@ pub struct ScopeTable<A> {
     next_tick: u64,
     /// Scopes closed to make room that have not stopped yet.
     evicting: usize,
-    /// Since when keys have been waiting for room with no idle scope to
-    /// close, and how many have waited (logged once per such stretch).
-    full: Option<(Instant, usize)>,
+    /// The stretch, if any, in which keys wait for room with no idle scope
+    /// to close.
+    full: Option<Full>,
+    /// When a stretch was last logged, and how many began since unlogged.
+    full_logged: Option<Instant>,
+    unlogged: u32,
 }
+
+/// A stretch of keys waiting for room with no idle scope to close: since
+/// when, how many waited at most, and whether its start was logged. Under a
+/// sustained burst room runs out and comes back many times a second, so
+/// only the first stretch in [`FULL_LOG_INTERVAL`] is logged (and its end).
+#[derive(Debug)]
+struct Full {
+    since: Instant,
+    waited: usize,
+    logged: bool,
+}
+
+/// At most one "max_scopes reached" line (and its "room again") per this.
+const FULL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 impl<A> ScopeTable<A> {
     pub fn new(max_scopes: usize) -> ScopeTable<A> {
@@ -141,6 +158,8 @@ impl<A> ScopeTable<A> {
             next_tick: 0,
             evicting: 0,
             full: None,
+            full_logged: None,
+            unlogged: 0,
         }
     }
 
@@ -380,12 +399,15 @@ impl<A> ScopeTable<A> {
 
     /// Nothing waits any more: if keys had waited for room with no idle
     /// scope to close, since when and how many at most.
+    /// Only a stretch whose start was logged is reported.
     pub fn room_again(&mut self) -> Option<(Instant, usize)> {
-        if self.admit.is_empty() {
-            self.full.take()
-        } else {
-            None
+        if !self.admit.is_empty() {
+            return None;
         }
+        self.full
+            .take()
+            .filter(|f| f.logged)
+            .map(|f| (f.since, f.waited))
     }
 
     /// Closes idle scopes, longest idle first, while keys wait for room and
@@ -397,13 +419,30 @@ impl<A> ScopeTable<A> {
             let Some((_, key)) = self.idle.pop_first() else {
                 let waiting = self.admit.len();
                 match &mut self.full {
-                    Some((_, waited)) => *waited = (*waited).max(waiting),
+                    Some(full) => full.waited = full.waited.max(waiting),
                     None => {
-                        log::warn!(
-                            "max_scopes={} reached and no instance is idle: {waiting} chat(s) wait for a scope to end (raise scopes.max_scopes?)",
-                            self.max_scopes
-                        );
-                        self.full = Some((now, waiting));
+                        let logged = self
+                            .full_logged
+                            .is_none_or(|t| now.saturating_duration_since(t) >= FULL_LOG_INTERVAL);
+                        if logged {
+                            let since_last = match self.unlogged {
+                                0 => String::new(),
+                                n => format!(" ({n} more time(s) since the last such line)"),
+                            };
+                            log::warn!(
+                                "max_scopes={} reached and no instance is idle: {waiting} chat(s) wait for a scope to end{since_last} (raise scopes.max_scopes?)",
+                                self.max_scopes
+                            );
+                            self.full_logged = Some(now);
+                            self.unlogged = 0;
+                        } else {
+                            self.unlogged += 1;
+                        }
+                        self.full = Some(Full {
+                            since: now,
+                            waited: waiting,
+                            logged,
+                        });
                     }
                 }
                 break;
@@ -485,6 +524,27 @@ mod tests {
         assert!(t.none_waiting());
         assert_eq!(t.room_again(), Some((now, 2)));
         assert_eq!(t.room_again(), None, "reported once");
+    }
+
+    #[test]
+    fn stretches_of_a_full_table_are_reported_at_most_once_a_minute() {
+        let now = Instant::now();
+        let mut t = table(1, &[1], now);
+        let stretch = |t: &mut ScopeTable<i64>, key: i64, at: Instant| {
+            t.wait(chat(key));
+            assert!(t.make_room(at).is_empty());
+            assert_eq!(t.admitted(), Some(chat(key)));
+            t.room_again()
+        };
+        assert_eq!(stretch(&mut t, 2, now), Some((now, 1)));
+        // Room runs out again and again within the minute: not reported.
+        let soon = now + Duration::from_secs(1);
+        assert_eq!(stretch(&mut t, 3, soon), None);
+        assert_eq!(stretch(&mut t, 4, now + Duration::from_secs(59)), None);
+        assert_eq!(t.unlogged, 2);
+        let later = now + FULL_LOG_INTERVAL;
+        assert_eq!(stretch(&mut t, 5, later), Some((later, 1)));
+        assert_eq!(t.unlogged, 0);
     }
 
     #[test]
