@@ -132,6 +132,18 @@ pub enum RunError {
         signal: &'static str,
         source: std::io::Error,
     },
+    /// `webhook.listen` cannot be listened on (in use, not allowed).
+    #[error("webhook.listen: cannot listen on {addr}: {source}")]
+    WebhookListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    /// The webhook receiver cannot serve (the socket, the TLS files).
+    #[error(transparent)]
+    WebhookServe(#[from] actors::webhook::ServeError),
+    /// Webhook mode could not be set up with Telegram.
+    #[error(transparent)]
+    WebhookRegister(#[from] actors::webhook::RegisterError),
     /// `--sandbox`: the local Bot API emulator cannot start.
     #[error("starting the sandbox: {0}")]
     Sandbox(std::io::Error),
@@ -281,6 +293,18 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     );
     // First: a port in use stops the daemon before anything else runs.
     let listener = ops::http::bind(&settings)?;
+    let webhook_listener = match &settings.webhook {
+        Some(hook) => {
+            ops::logging::register_secret(hook.secret_token.expose());
+            Some(
+                actors::webhook::bind(hook).map_err(|source| RunError::WebhookListen {
+                    addr: hook.listen,
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
     let (journal, recovery) = start_journal(&settings)?;
     let Recovery {
         updates: replay,
@@ -336,35 +360,64 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
             log::info!("Delivering {} update(s) left in the journal", replay.len());
             supervisor.do_send(Dispatch(replay));
         }
-        if settings.telegram.delete_webhook {
-            match bot.request("deleteWebhook", &json!({})).await {
-                Ok(_) => log::info!("webhook deleted (telegram.delete_webhook)"),
-                Err(e) => log::warn!("deleteWebhook failed: {e}"),
-            }
-        }
-
         let fatal: Rc<RefCell<Option<TelegramError>>> = Rc::default();
         let fatal_notify = Rc::new(Notify::new());
-        let poller = {
-            let (fatal, notify) = (fatal.clone(), fatal_notify.clone());
-            let delivery = Delivery {
-                supervisor: supervisor.clone(),
-                journal: Some(journal),
-                max_undelivered: settings.journal.max_undelivered,
-            };
-            Poller::new(
-                bot.clone(),
-                delivery,
-                &settings.telegram,
-                watermark,
-                Box::new(move |e| {
-                    *fatal.borrow_mut() = Some(e);
-                    notify.notify_one();
-                }),
-            )
-            .start()
+        let delivery = Delivery {
+            supervisor: supervisor.clone(),
+            journal: Some(journal),
+            max_undelivered: settings.journal.max_undelivered,
         };
-        log::info!("Polling Telegram as @{name}");
+        let intake = match (&settings.webhook, webhook_listener) {
+            (Some(hook), Some(listener)) => {
+                // Listening before setWebhook: Telegram delivers at once.
+                let receiver = actors::webhook::Receiver::new(delivery).start();
+                let server = actors::webhook::serve(listener, hook, receiver)?;
+                let registered = tokio::select! {
+                    r = actors::webhook::register(&bot, hook, &settings.telegram.allowed_updates) => Some(r),
+                    _ = shutdown.wait() => None,
+                };
+                if !matches!(registered, Some(Ok(()))) {
+                    server.stop(false).await;
+                    stop_workers(
+                        &supervisor,
+                        Duration::ZERO,
+                        settings.shutdown.worker_timeout,
+                    )
+                    .await;
+                    return match registered {
+                        Some(Err(actors::webhook::RegisterError::TokenRejected)) => {
+                            Err(RunError::TokenRejected)
+                        }
+                        Some(Err(e)) => Err(e.into()),
+                        _ => Ok(()),
+                    };
+                }
+                log::info!("Receiving updates by webhook as @{name}");
+                Intake::Webhook(server)
+            }
+            _ => {
+                if settings.telegram.delete_webhook {
+                    match bot.request("deleteWebhook", &json!({})).await {
+                        Ok(_) => log::info!("webhook deleted (telegram.delete_webhook)"),
+                        Err(e) => log::warn!("deleteWebhook failed: {e}"),
+                    }
+                }
+                let (fatal, notify) = (fatal.clone(), fatal_notify.clone());
+                let poller = Poller::new(
+                    bot.clone(),
+                    delivery,
+                    &settings.telegram,
+                    watermark,
+                    Box::new(move |e| {
+                        *fatal.borrow_mut() = Some(e);
+                        notify.notify_one();
+                    }),
+                )
+                .start();
+                log::info!("Polling Telegram as @{name}");
+                Intake::Poller(poller)
+            }
+        };
 
         tokio::select! {
             _ = shutdown.wait() => {}
@@ -377,9 +430,17 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         // scope (what an app did not receive stays in the journal for the next
         // start); record what the apps finished; let the Sender send what they
         // sent; record what it sent; end the workers (lifespan shutdown).
-        let offset = poller.send(StopPolling).await.ok().flatten();
-        if let Some(offset) = offset.filter(|_| fatal.borrow().is_none()) {
-            confirm_offset(&bot, offset).await;
+        match intake {
+            Intake::Poller(poller) => {
+                let offset = poller.send(StopPolling).await.ok().flatten();
+                if let Some(offset) = offset.filter(|_| fatal.borrow().is_none()) {
+                    confirm_offset(&bot, offset).await;
+                }
+            }
+            // The webhook stays set: Telegram keeps what comes meanwhile for
+            // the next start. Requests under way finish (their updates are
+            // stored or refused); later ones are not accepted.
+            Intake::Webhook(server) => server.stop(true).await,
         }
         let grace = settings.scopes.disconnect_grace;
         match supervisor.send(CloseAll).await {
@@ -420,6 +481,12 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         result = serve => result,
         () = shutdown.forced() => Err(RunError::Interrupted),
     }
+}
+
+/// How updates come in: polled, or pushed to the webhook receiver.
+enum Intake {
+    Poller(Addr<Poller>),
+    Webhook(actix_web::dev::ServerHandle),
 }
 
 /// Loads the app in one worker and stops it again: `--check`.

@@ -213,6 +213,9 @@ pub struct Metrics {
     /// The journal's database file: its size (with the WAL) is read when
     /// metrics are rendered, not on every append.
     pub journal_path: std::sync::OnceLock<std::path::PathBuf>,
+    /// Webhook mode: requests to the receiver, by outcome (`accepted`,
+    /// `duplicate`, or the reason of a refusal).
+    pub webhook_requests: Labelled,
     poll_state: Mutex<PollState>,
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -275,6 +278,7 @@ impl Metrics {
             poll_latency: Histogram::new(POLL_BUCKETS),
             journal_entries: Gauge::default(),
             journal_path: std::sync::OnceLock::new(),
+            webhook_requests: Labelled::new(&["outcome"]),
             poll_state: Mutex::new(PollState::Starting),
             shutting_down: Default::default(),
         }
@@ -428,6 +432,12 @@ impl Metrics {
             "asgigram_updates_skipped_total",
             "Updates with no chat or user to route them to, by kind.",
             &self.updates_skipped,
+        );
+        labelled(
+            &mut out,
+            "asgigram_webhook_requests_total",
+            "Webhook requests, by outcome: accepted, duplicate, or why refused.",
+            &self.webhook_requests,
         );
         labelled(
             &mut out,
