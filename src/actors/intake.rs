@@ -39,8 +39,10 @@ enum State {
     },
 }
 
-/// How a pause and its end read in the log: what stops, what starts again.
+/// How a pause and its end read in the log: the log target (the actor's
+/// module), what stops, what starts again.
 pub struct GateWords {
+    pub target: &'static str,
     pub paused: &'static str,
     pub resumed: &'static str,
 }
@@ -74,6 +76,7 @@ impl Gate {
                 if !self.logged_pause {
                     self.logged_pause = true;
                     log::warn!(
+                        target: words.target,
                         "backpressure: {undelivered} updates not yet received by the apps (journal.max_undelivered={max_undelivered}); {}",
                         words.paused
                     );
@@ -84,6 +87,7 @@ impl Gate {
                 if self.logged_pause {
                     self.logged_pause = false;
                     log::info!(
+                        target: words.target,
                         "backpressure: {undelivered} updates undelivered; {}",
                         words.resumed
                     );
@@ -99,6 +103,7 @@ mod tests {
     use super::*;
 
     const WORDS: GateWords = GateWords {
+        target: module_path!(),
         paused: "paused",
         resumed: "resumed",
     };

@@ -89,6 +89,7 @@ pub struct Delivery {
 
 /// How the Poller's pauses read in the log (rule 5).
 const GATE_WORDS: GateWords = GateWords {
+    target: module_path!(),
     paused: "polling paused",
     resumed: "polling resumed",
 };

@@ -65,6 +65,7 @@ pub const LOG_EVERY: Duration = Duration::from_secs(10);
 const RETRY_AFTER: &str = "2";
 
 const GATE_WORDS: GateWords = GateWords {
+    target: module_path!(),
     paused: "webhook requests answered 503",
     resumed: "webhook requests accepted again",
 };
