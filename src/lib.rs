@@ -16,10 +16,12 @@
 //! - [`bridge`]: the worker channel protocol and starting a worker process.
 //! - [`journal`]: the durable store: updates until handled, calls until sent.
 //! - [`actors`]: the daemon itself, one file (or folder) per actor, in the
-//!   order an update meets them: Poller, Supervisor, ScopeActor, Worker,
-//!   Outbox, Sender. Each opens with its contract: what it owns, takes,
-//!   sends, and when it stops. [`actors::call`] is the call the Outbox and
-//!   the Sender carry, and its outcome.
+//!   order an update meets them: Poller (or, in webhook mode, the webhook
+//!   Receiver), Supervisor, ScopeActor, Worker, Outbox, Sender. Each opens
+//!   with its contract: what it owns, takes, sends, and when it stops.
+//!   [`actors::intake`] is what the Poller and the Receiver share;
+//!   [`actors::call`] is the call the Outbox and the Sender carry, and its
+//!   outcome.
 //! - [`ops`]: what an operator steers and watches it with: `/healthz`,
 //!   `/readyz`, `/metrics`, the metrics registry, logging (secrets masked),
 //!   SIGHUP reload.
@@ -33,6 +35,7 @@
 //!  Bot API ──getUpdates──▶ Poller ──Dispatch──────▶ Supervisor (scope table, worker pool,
 //!                            │   ◀──Backpressure──       reload, suspects in isolation)
 //!                            └══Append══▶ journal thread (offset confirmed once stored)
+//!  Bot API ──POST──▶ webhook Receiver: the same Append (200 once stored), then Dispatch
 //!                                                  │ spawns / reaps
 //!                                                  ▼
 //!                      ScopeActor (chat:123) ──Attach/Write──▶ Worker ══fd 3══▶ python worker
@@ -370,6 +373,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         let intake = match (&settings.webhook, webhook_listener) {
             (Some(hook), Some(listener)) => {
                 // Listening before setWebhook: Telegram delivers at once.
+                ops::metrics::metrics().set_webhook_health(ops::metrics::WebhookHealth::NotSet);
                 let receiver = actors::webhook::Receiver::new(delivery).start();
                 let server = actors::webhook::serve(listener, hook, receiver)?;
                 let registered = tokio::select! {
@@ -392,6 +396,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
                         _ => Ok(()),
                     };
                 }
+                actors::webhook::watch_info(bot.clone());
                 log::info!("Receiving updates by webhook as @{name}");
                 Intake::Webhook(server)
             }

@@ -358,6 +358,12 @@ fn requests_that_are_not_telegrams_are_refused_and_nothing_is_stored() {
     assert_eq!(seen.get(&900_000_001), Some(&1), "{seen:?}");
     assert_eq!(seen.len(), 2, "{seen:?}");
 
+    let (status, ready) = get(&ops, "/readyz");
+    assert_eq!(status, 200, "{ready}");
+    assert!(
+        ready.contains("webhook: set; last error: none; refused requests: 8"),
+        "{ready}"
+    );
     let (_, metrics) = get(&ops, "/metrics");
     let count = |outcome: &str| {
         sample(
@@ -420,4 +426,91 @@ fn backpressure_answers_503_with_retry_after_and_telegram_holds_the_rest() {
         sb.inspect(|v| v.webhook_deliveries().1) > 0,
         "the sandbox saw refusals"
     );
+}
+
+/// The daemon serves HTTPS itself with `webhook.tls_cert`/`tls_key`, and
+/// sends the certificate with setWebhook when asked to.
+#[test]
+fn with_a_certificate_the_receiver_speaks_https_and_uploads_it() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::sync::Arc;
+
+    let sb = sandbox();
+    sb.register_chat(serde_json::json!({"id": 88, "type": "private", "first_name": "U"}));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (state, record) = (dir.path().join("state"), dir.path().join("record"));
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cert = fixtures.join("webhook-cert.pem");
+    let port = free_port();
+    let tls = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\nupload_certificate = true\n",
+        cert.display(),
+        fixtures.join("webhook-key.pem").display()
+    );
+    let config = config_for(
+        &sb,
+        "recorder:app",
+        &format!(
+            "[sender]\nlimits = false\n\n{}{tls}",
+            webhook_section(port).replace("http://", "https://")
+        ),
+    );
+    let d = Daemon::start(
+        &config,
+        &[
+            (
+                "ASGIGRAM_JOURNAL__DIR",
+                state.to_str().expect("utf-8 temp path"),
+            ),
+            ("RECORD_FILE", record.to_str().expect("utf-8 temp path")),
+        ],
+    );
+    assert!(
+        d.wait_log("Receiving updates by webhook as @"),
+        "{}",
+        d.log()
+    );
+    assert!(d.log().contains("scheme=https"), "{}", d.log());
+    let calls = sb.calls();
+    let set = calls
+        .iter()
+        .find(|c| c.method == "setWebhook")
+        .expect("setWebhook was called");
+    let uploaded = set
+        .files
+        .iter()
+        .find(|f| f.name == "certificate")
+        .expect("the certificate was uploaded");
+    assert_eq!(uploaded.bytes, std::fs::read(&cert).expect("the fixture"));
+
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&cert).expect("the fixture") {
+        roots.add(c.expect("a certificate")).expect("a usable root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("127.0.0.1").expect("an IP address name");
+    let conn = rustls::ClientConnection::new(Arc::new(client), name).expect("a TLS client");
+    let sock = TcpStream::connect(("127.0.0.1", port)).expect("the receiver accepts");
+    sock.set_read_timeout(Some(DEADLINE)).expect("set timeout");
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    let body = text_update(910_000_001, 88, "over tls");
+    write!(
+        tls,
+        "POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Telegram-Bot-Api-Secret-Token: {SECRET}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .expect("head written");
+    tls.write_all(&body).expect("body written");
+    let mut raw = Vec::new();
+    // The server may close without close_notify; what was read counts.
+    let _ = tls.read_to_end(&mut raw);
+    let answer = String::from_utf8_lossy(&raw);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(wait_texts(&sb, 88, 1, &d), vec!["over tls"]);
 }

@@ -50,7 +50,7 @@ use crate::actors::poller::{Backpressure, Delivery};
 use crate::actors::supervisor::{Dispatch, WatchBackpressure};
 use crate::backoff::Backoff;
 use crate::journal::Append;
-use crate::ops::metrics::metrics;
+use crate::ops::metrics::{metrics, WebhookHealth};
 use crate::settings::WebhookSettings;
 use crate::telegram::{Bot, TelegramError, Update};
 
@@ -565,26 +565,88 @@ pub async fn register(
         settings.url,
         settings.max_connections
     );
-    match bot.request("getWebhookInfo", &json!({})).await {
-        Ok(info) => {
-            let pending = info.get("pending_update_count").and_then(Value::as_i64);
-            if let Some(message) = info.get("last_error_message").and_then(Value::as_str) {
-                log::warn!(
-                    "getWebhookInfo: Telegram's last delivery error: {message} (pending_update_count={})",
-                    pending.unwrap_or(0)
-                );
-            } else if let Some(pending) = pending.filter(|n| *n > 0) {
-                log::info!("getWebhookInfo: {pending} update(s) waiting at Telegram");
-            }
-        }
-        Err(e) => log::warn!("getWebhookInfo failed: {e}"),
-    }
+    let mut last_error = None;
+    check_info(bot, &mut last_error, true).await;
     Ok(())
+}
+
+/// How often `getWebhookInfo` is asked for Telegram's last delivery error,
+/// for `/readyz`.
+pub const INFO_EVERY: Duration = Duration::from_secs(60);
+
+/// Asks `getWebhookInfo` every [`INFO_EVERY`] for as long as the System
+/// runs; a new `last_error_message` is logged once.
+pub fn watch_info(bot: Bot) {
+    actix::spawn(async move {
+        let mut last_error = metrics().webhook_health().and_then(|h| match h {
+            WebhookHealth::Set { last_error } => last_error,
+            WebhookHealth::NotSet => None,
+        });
+        loop {
+            tokio::time::sleep(INFO_EVERY).await;
+            check_info(&bot, &mut last_error, false).await;
+        }
+    });
+}
+
+/// One `getWebhookInfo`: its last error goes to `/readyz`, and to the log
+/// when it is new (or `at_start`, with the updates Telegram holds).
+async fn check_info(bot: &Bot, last_error: &mut Option<String>, at_start: bool) {
+    let info = match bot.request("getWebhookInfo", &json!({})).await {
+        Ok(info) => info,
+        Err(e) => {
+            log::warn!("getWebhookInfo failed: {e}");
+            return;
+        }
+    };
+    let pending = info
+        .get("pending_update_count")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let error = info
+        .get("last_error_message")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    match &error {
+        Some(message) if at_start || last_error.as_ref() != Some(message) => log::warn!(
+            "getWebhookInfo: Telegram's last delivery error: {message} (pending_update_count={pending})"
+        ),
+        None if at_start && pending > 0 => {
+            log::info!("getWebhookInfo: {pending} update(s) waiting at Telegram")
+        }
+        _ => {}
+    }
+    metrics().set_webhook_health(WebhookHealth::Set {
+        last_error: error.clone(),
+    });
+    *last_error = error;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_files_are_loaded_or_named_in_the_error() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let tls = crate::settings::WebhookTls {
+            cert: fixtures.join("webhook-cert.pem"),
+            key: fixtures.join("webhook-key.pem"),
+        };
+        assert!(tls_config(&tls).is_ok());
+        let swapped = crate::settings::WebhookTls {
+            cert: tls.key.clone(),
+            key: tls.cert.clone(),
+        };
+        let err = tls_config(&swapped).expect_err("a key is no certificate");
+        assert!(err.to_string().contains("webhook.tls_cert"), "{err}");
+        let missing = crate::settings::WebhookTls {
+            cert: tls.cert.clone(),
+            key: fixtures.join("nothing-here.pem"),
+        };
+        let err = tls_config(&missing).expect_err("no key file");
+        assert!(err.to_string().contains("nothing-here.pem"), "{err}");
+    }
 
     #[test]
     fn the_secret_must_match_whole() {
