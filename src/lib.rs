@@ -396,7 +396,14 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
                         _ => Ok(()),
                     };
                 }
-                actors::webhook::watch_info(bot.clone());
+                let (fatal, notify) = (fatal.clone(), fatal_notify.clone());
+                actors::webhook::watch_info(
+                    bot.clone(),
+                    Box::new(move |e| {
+                        *fatal.borrow_mut() = Some(e);
+                        notify.notify_one();
+                    }),
+                );
                 log::info!("Receiving updates by webhook as @{name}");
                 Intake::Webhook(server)
             }

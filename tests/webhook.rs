@@ -12,6 +12,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
+use asgigramd::sandbox::{Fault, FaultPlan};
 use common::*;
 
 const SECRET: &str = "test-secret_for-webhooks";
@@ -282,6 +283,47 @@ fn kill_9_mid_stream_loses_no_update_and_answers_each_about_once() {
     );
     let (status, log) = d.stop();
     assert!(status.success(), "{log}");
+}
+
+#[test]
+fn a_flaky_bot_api_loses_and_duplicates_nothing() {
+    let sb = sandbox();
+    // setWebhook, getWebhookInfo and the replies all meet the faults.
+    sb.set_faults(FaultPlan::random(
+        0.05,
+        vec![
+            Fault::BadGatewayJson,
+            Fault::BadGatewayHtml,
+            Fault::DropBeforeExecute,
+        ],
+    ));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (state, record) = (dir.path().join("state"), dir.path().join("record"));
+    let port = free_port();
+    let total = 400;
+    let d = start(&sb, port, &state, &record, "0", "");
+    for i in 0..total {
+        sb.inject_text(600 + (i % 20) as i64, &format!("m{i}"));
+    }
+    assert!(
+        wait_for(DEADLINE, || received(&record) >= total),
+        "{}",
+        d.log()
+    );
+    let seen = receipts(&record);
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "an update reached the app twice"
+    );
+    let ok = wait_for(DEADLINE, || {
+        (0..20).map(|c| sb.sent_texts(600 + c).len()).sum::<usize>() >= total
+    });
+    let replies: usize = (0..20).map(|c| sb.sent_texts(600 + c).len()).sum();
+    assert!(
+        ok && replies == total,
+        "{replies} replies for {total} updates; log:\n{}",
+        d.log()
+    );
 }
 
 #[test]

@@ -10,7 +10,9 @@
 //! Sends: [`WatchBackpressure`] to the Supervisor once, at start; each
 //! stored batch as [`Append`] (pushed) to the journal, then its new updates
 //! as [`Dispatch`] to the Supervisor.
-//! Stops: with the System; the daemon stops the HTTP server first.
+//! Stops: with the System; the daemon stops the HTTP server first. Its
+//! companion [`watch_info`] calls the daemon's fatal hook when Telegram
+//! rejects the token (401).
 //!
 //! 1. A request is refused, counted and stored nowhere when: its path is
 //!    not `webhook.url`'s (404); it is not a POST (405); its
@@ -46,7 +48,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::actors::intake::{journal_rows, Gate, GateWords};
-use crate::actors::poller::{Backpressure, Delivery};
+use crate::actors::poller::{Backpressure, Delivery, FatalHook};
 use crate::actors::supervisor::{Dispatch, WatchBackpressure};
 use crate::backoff::Backoff;
 use crate::journal::Append;
@@ -566,8 +568,11 @@ pub async fn register(
         settings.max_connections
     );
     let mut last_error = None;
-    check_info(bot, &mut last_error, true).await;
-    Ok(())
+    match check_info(bot, &mut last_error, true).await {
+        Err(TelegramError::Unauthorized) => Err(RegisterError::TokenRejected),
+        // Only for `/readyz` and the log: the next check tries again.
+        _ => Ok(()),
+    }
 }
 
 /// How often `getWebhookInfo` is asked for Telegram's last delivery error,
@@ -575,8 +580,10 @@ pub async fn register(
 pub const INFO_EVERY: Duration = Duration::from_secs(60);
 
 /// Asks `getWebhookInfo` every [`INFO_EVERY`] for as long as the System
-/// runs; a new `last_error_message` is logged once.
-pub fn watch_info(bot: Bot) {
+/// runs; a new `last_error_message` is logged once. Nothing polls in
+/// webhook mode, so this is where a revoked token shows: a 401 calls
+/// `fatal`, as the Poller does, and the watch ends.
+pub fn watch_info(bot: Bot, fatal: FatalHook) {
     actix::spawn(async move {
         let mut last_error = metrics().webhook_health().and_then(|h| match h {
             WebhookHealth::Set { last_error } => last_error,
@@ -584,19 +591,28 @@ pub fn watch_info(bot: Bot) {
         });
         loop {
             tokio::time::sleep(INFO_EVERY).await;
-            check_info(&bot, &mut last_error, false).await;
+            if let Err(TelegramError::Unauthorized) = check_info(&bot, &mut last_error, false).await
+            {
+                log::error!("getWebhookInfo: the token was rejected (401 Unauthorized); stopping");
+                fatal(TelegramError::Unauthorized);
+                return;
+            }
         }
     });
 }
 
 /// One `getWebhookInfo`: its last error goes to `/readyz`, and to the log
 /// when it is new (or `at_start`, with the updates Telegram holds).
-async fn check_info(bot: &Bot, last_error: &mut Option<String>, at_start: bool) {
+async fn check_info(
+    bot: &Bot,
+    last_error: &mut Option<String>,
+    at_start: bool,
+) -> Result<(), TelegramError> {
     let info = match bot.request("getWebhookInfo", &json!({})).await {
         Ok(info) => info,
         Err(e) => {
             log::warn!("getWebhookInfo failed: {e}");
-            return;
+            return Err(e);
         }
     };
     let pending = info
@@ -620,6 +636,7 @@ async fn check_info(bot: &Bot, last_error: &mut Option<String>, at_start: bool) 
         last_error: error.clone(),
     });
     *last_error = error;
+    Ok(())
 }
 
 #[cfg(test)]
