@@ -188,20 +188,7 @@ impl Receiver {
             act.storing = false;
             match result.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
                 Ok(fresh) => {
-                    let fresh: HashSet<i64> = fresh.into_iter().collect();
-                    let mut outcomes = Vec::with_capacity(updates.len());
-                    let mut new = Vec::with_capacity(fresh.len());
-                    let mut dispatched = HashSet::new();
-                    for update in updates {
-                        // The same id twice in one batch is stored once and
-                        // dispatched once.
-                        if fresh.contains(&update.id.0) && dispatched.insert(update.id.0) {
-                            outcomes.push(Outcome::Accepted);
-                            new.push(update);
-                        } else {
-                            outcomes.push(Outcome::Duplicate);
-                        }
-                    }
+                    let (new, outcomes) = sort_out(updates, &fresh);
                     let resent = outcomes.iter().filter(|o| **o == Outcome::Duplicate).count();
                     if resent > 0 {
                         log::info!(
@@ -228,6 +215,25 @@ impl Receiver {
             act.store_queued(ctx);
         }));
     }
+}
+
+/// A stored batch's updates that are new (in arrival order), and each
+/// request's outcome; `fresh` are the ids the journal stored (rule 2). The
+/// same id twice in one batch is new once.
+fn sort_out(updates: Vec<Update>, fresh: &[i64]) -> (Vec<Update>, Vec<Outcome>) {
+    let fresh: HashSet<i64> = fresh.iter().copied().collect();
+    let mut outcomes = Vec::with_capacity(updates.len());
+    let mut new = Vec::with_capacity(fresh.len());
+    let mut taken = HashSet::new();
+    for update in updates {
+        if fresh.contains(&update.id.0) && taken.insert(update.id.0) {
+            outcomes.push(Outcome::Accepted);
+            new.push(update);
+        } else {
+            outcomes.push(Outcome::Duplicate);
+        }
+    }
+    (new, outcomes)
 }
 
 impl Actor for Receiver {
@@ -663,6 +669,27 @@ mod tests {
         };
         let err = tls_config(&missing).expect_err("no key file");
         assert!(err.to_string().contains("nothing-here.pem"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_is_sorted_into_new_updates_and_resends() {
+        let update = |id: i64| {
+            Update::from_value(json!({"update_id": id, "message": {"text": id.to_string()}}))
+                .expect("an update")
+        };
+        let batch = vec![update(7), update(3), update(7), update(5)];
+        let (new, outcomes) = sort_out(batch, &[7, 5]);
+        let ids: Vec<i64> = new.iter().map(|u| u.id.0).collect();
+        assert_eq!(ids, vec![7, 5], "arrival order, 7 once");
+        assert_eq!(
+            outcomes,
+            vec![
+                Outcome::Accepted,
+                Outcome::Duplicate,
+                Outcome::Duplicate,
+                Outcome::Accepted
+            ]
+        );
     }
 
     #[test]
