@@ -7,6 +7,7 @@
 //!     cargo bench --bench throughput -- burst  [UPDATES] [CHATS] [WORKERS]
 //!     cargo bench --bench throughput -- steady [RATE] [SECONDS] [CHATS] [WORKERS]
 //!     cargo bench --bench throughput -- idle   [CHATS] [WORKERS]
+//!     cargo bench --bench throughput -- webhook [UPDATES] [CHATS] [WORKERS]
 //!     cargo bench --bench throughput -- all
 //!     cargo bench --bench throughput -- [UPDATES] [CHATS] [WORKERS]   # = burst
 //!
@@ -25,7 +26,11 @@
 //!   every scope stays alive. Reports the whole tree's RSS at 1,000 live
 //!   scopes, and (RSS once every reply arrived - RSS right after startup) /
 //!   live scopes for the daemon and for the workers.
-//! - `all`: burst with 1 and 2 workers, steady, idle.
+//! - `webhook` (default 20,000 updates over 1,000 chats, 1 worker): the
+//!   burst in webhook mode: the sandbox POSTs each update to the daemon
+//!   (one per chat at a time, 40 connections), which answers once it is
+//!   stored.
+//! - `all`: burst with 1 and 2 workers, steady, idle, webhook.
 //!
 //! Every workload reports replies/s, latency from the moment an update is
 //! available in the sandbox to the moment its reply reaches it (p50/p99),
@@ -52,7 +57,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let (name, rest) = match args.first().map(String::as_str) {
-        Some(n @ ("burst" | "steady" | "idle" | "all")) => (n.to_string(), &args[1..]),
+        Some(n @ ("burst" | "steady" | "idle" | "webhook" | "all")) => (n.to_string(), &args[1..]),
         _ => ("burst".to_string(), &args[..]),
     };
     let arg = |i: usize, default: f64| {
@@ -74,11 +79,17 @@ fn main() {
             arg(3, 1.0) as usize,
         ),
         "idle" => idle(arg(0, 100_000.0) as usize, arg(1, 1.0) as usize),
+        "webhook" => webhook(
+            arg(0, 20_000.0) as usize,
+            arg(1, 1_000.0) as usize,
+            arg(2, 1.0) as usize,
+        ),
         _ => {
             burst(20_000, 1_000, 1);
             burst(20_000, 1_000, 2);
             steady(200.0, 15.0, 200, 1);
             idle(100_000, 1);
+            webhook(20_000, 1_000, 1);
         }
     }
 }
@@ -87,7 +98,20 @@ fn main() {
 
 fn burst(updates: usize, chats: usize, workers: usize) {
     println!("\n== burst: {updates} updates over {chats} chats, released at once, {workers} worker(s), limits off");
-    let mut d = Daemon::start(workers, "");
+    released_at_once(Daemon::start(workers, ""), updates, chats);
+}
+
+fn webhook(updates: usize, chats: usize, workers: usize) {
+    println!("\n== webhook: {updates} updates over {chats} chats, released at once, pushed by webhook, {workers} worker(s), limits off");
+    let port = free_port();
+    let section = format!(
+        "[webhook]\nurl = \"http://127.0.0.1:{port}/hook\"\nlisten = \"127.0.0.1:{port}\"\nsecret_token = \"bench\"\n"
+    );
+    released_at_once(Daemon::start(workers, &section), updates, chats);
+}
+
+/// Every update injected at once; replies/s, latency, CPU, memory.
+fn released_at_once(mut d: Daemon, updates: usize, chats: usize) {
     for chat in 0..chats {
         d.sandbox.register_chat(
             json!({"id": 10_000 + chat as i64, "type": "private", "first_name": "U"}),
@@ -314,9 +338,19 @@ impl Daemon {
             .spawn()
             .expect("asgigramd starts");
         let pid = child.id();
-        // Ready once it polls.
-        let polling = sandbox.wait_until(Duration::from_secs(60), |v| v.is_polling());
-        assert!(polling, "the daemon did not start polling");
+        // Ready once it polls, or once it set its webhook.
+        let webhook = extra.contains("[webhook]");
+        let ready = sandbox.wait_until(Duration::from_secs(60), |v| {
+            if webhook {
+                !v.calls_to("setWebhook").is_empty()
+            } else {
+                v.is_polling()
+            }
+        });
+        assert!(
+            ready,
+            "the daemon did not start polling (or set its webhook)"
+        );
         println!("daemon pid {pid}");
         Daemon {
             sandbox,

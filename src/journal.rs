@@ -67,6 +67,17 @@
 //!     record that finds it not yet stored (a store that failed and is
 //!     retried) is remembered, so the retried store does not store it again.
 //!
+//! In webhook mode Telegram delivers updates itself, several connections at once, so
+//! ids arrive out of order and rule 2's watermark cannot tell a resend:
+//!
+//! 11. [`Journal::append_webhook`] stores an update unless its id is in the
+//!     `seen` table, which every id a webhook delivered enters in the same
+//!     transaction and leaves [`SEEN_FOR`] later (Telegram keeps an update a
+//!     day at most). The watermark still rises, so polling after webhook
+//!     mode starts past every stored id. The receiver dispatches only what
+//!     this append answers as new, after it returned, so no record can come
+//!     first.
+//!
 //! Handled updates and outbox rows need not wait for the disk: WAL commits
 //! survive the process being killed, and a power loss rolls back whole
 //! transactions, which can repeat a reply but never loses an update.
@@ -154,7 +165,19 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS updates (
                       CREATE TABLE IF NOT EXISTS pushed (
                           id INTEGER PRIMARY KEY,
                           after INTEGER
-                      );";
+                      );
+                      CREATE TABLE IF NOT EXISTS seen (
+                          update_id INTEGER PRIMARY KEY,
+                          at INTEGER NOT NULL
+                      );
+                      CREATE INDEX IF NOT EXISTS seen_at ON seen (at);";
+
+/// How long an update_id a webhook delivered is remembered (rule 11): Telegram keeps an
+/// update for 24 hours at most, and an hour more covers clocks and retries.
+pub const SEEN_FOR: Duration = Duration::from_secs(25 * 3600);
+
+/// How often old `seen` rows are deleted, at most.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 pub struct Journal {
     conn: Connection,
@@ -165,6 +188,8 @@ pub struct Journal {
     /// after a failed append, whose retry comes behind the records (rule 1).
     /// Their retried append must not store them again.
     handled_early: HashSet<i64>,
+    /// When `seen` was last pruned (rule 11), in seconds since the epoch.
+    pruned_at: u64,
 }
 
 impl Journal {
@@ -190,6 +215,7 @@ impl Journal {
             path,
             fsync: true,
             handled_early: HashSet::new(),
+            pruned_at: 0,
         };
         journal
             .conn
@@ -326,6 +352,65 @@ impl Journal {
         tx.commit().map_err(|e| sqlite_err(&self.path, e))?;
         metrics().journal_entries.add(stored as i64);
         Ok(())
+    }
+
+    /// Rule 11: stores the updates a webhook delivered whose ids were not seen before,
+    /// durably, and returns their ids.
+    pub fn append_webhook(&mut self, batch: &[(i64, String)]) -> Result<Vec<i64>, JournalError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.append_webhook_at(batch, now)
+    }
+
+    fn append_webhook_at(
+        &mut self,
+        batch: &[(i64, String)],
+        now: u64,
+    ) -> Result<Vec<i64>, JournalError> {
+        let watermark = self.watermark()?;
+        let prune = now.saturating_sub(self.pruned_at) >= PRUNE_EVERY.as_secs();
+        let path = self.path.clone();
+        let fail = |e| sqlite_err(&path, e);
+        let tx = self.conn.transaction().map_err(fail)?;
+        let mut fresh = Vec::with_capacity(batch.len());
+        {
+            if prune {
+                tx.prepare_cached("DELETE FROM seen WHERE at < ?1")
+                    .and_then(|mut delete| {
+                        delete.execute(params![now.saturating_sub(SEEN_FOR.as_secs())])
+                    })
+                    .map_err(fail)?;
+            }
+            let mut see = tx
+                .prepare_cached("INSERT OR IGNORE INTO seen (update_id, at) VALUES (?1, ?2)")
+                .map_err(fail)?;
+            let mut insert = tx
+                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")
+                .map_err(fail)?;
+            for (id, body) in batch {
+                if see.execute(params![id, now]).map_err(fail)? == 0 {
+                    continue;
+                }
+                insert.execute(params![id, body]).map_err(fail)?;
+                fresh.push(*id);
+            }
+        }
+        let highest = fresh.iter().copied().max();
+        if let Some(w) = highest.filter(|h| watermark.is_none_or(|w| *h > w)) {
+            tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('watermark', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut upsert| upsert.execute(params![w]))
+            .map_err(fail)?;
+        }
+        tx.commit().map_err(fail)?;
+        if prune {
+            self.pruned_at = now;
+        }
+        metrics().journal_entries.add(fresh.len() as i64);
+        Ok(fresh)
     }
 
     /// Runs `f` in one transaction that does not wait for the disk (see
@@ -1058,12 +1143,19 @@ impl Actor for JournalActor {
 pub struct Append {
     pub batch: Arc<[(i64, String)]>,
     pub fetched_with: Option<i64>,
+    /// Delivered by a webhook rather than fetched: rule 11 tells what is new,
+    /// and `fetched_with` is not looked at.
+    pub by_webhook: bool,
 }
 
 impl Handler<Append> for JournalActor {
     type Result = Result<Vec<i64>, JournalError>;
     fn handle(&mut self, msg: Append, _: &mut SyncContext<Self>) -> Self::Result {
-        self.journal().append(&msg.batch, msg.fetched_with)
+        if msg.by_webhook {
+            self.journal().append_webhook(&msg.batch)
+        } else {
+            self.journal().append(&msg.batch, msg.fetched_with)
+        }
     }
 }
 
@@ -1099,6 +1191,44 @@ mod tests {
         ids.iter()
             .map(|i| (*i, format!("{{\"update_id\":{i}}}")))
             .collect()
+    }
+
+    #[test]
+    fn updates_a_webhook_delivered_are_stored_once_in_any_order_and_remembered_a_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = 1_000_000;
+        {
+            let mut j = Journal::open(dir.path(), "j").unwrap();
+            j.append(&batch(&[5]), None).unwrap();
+            // Out of order, below the watermark: new all the same.
+            assert_eq!(
+                j.append_webhook_at(&batch(&[9, 7]), day).unwrap(),
+                vec![9, 7]
+            );
+            assert_eq!(j.append_webhook_at(&batch(&[8, 7]), day).unwrap(), vec![8]);
+            assert_eq!(j.watermark().unwrap(), Some(9));
+            // Handled ones are still recognised when Telegram sends them again.
+            j.record(&[], &[7, 8], &[]).unwrap();
+            assert_eq!(
+                j.append_webhook_at(&batch(&[7, 8, 6]), day).unwrap(),
+                vec![6]
+            );
+            assert_eq!(j.watermark().unwrap(), Some(9), "a lower id keeps the mark");
+        }
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        let ids: Vec<i64> = j.pending().unwrap().iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![5, 6, 9]);
+        assert!(j
+            .append_webhook_at(&batch(&[9]), day + 60)
+            .unwrap()
+            .is_empty());
+        // After SEEN_FOR the ids are forgotten (Telegram has forgotten them).
+        let later = day + SEEN_FOR.as_secs() + 120;
+        assert_eq!(j.append_webhook_at(&batch(&[10]), later).unwrap(), vec![10]);
+        assert_eq!(
+            j.append_webhook_at(&batch(&[7]), later + 1).unwrap(),
+            vec![7]
+        );
     }
 
     #[test]

@@ -19,11 +19,13 @@
 //! - [`push`]: what other programs may send over the HTTP endpoint (events
 //!   into a chat, Bot API calls), checked before anything is stored.
 //! - [`actors`]: the daemon itself, one file (or folder) per actor, in the
-//!   order an update meets them: Poller, Supervisor, ScopeActor, Worker,
-//!   Outbox, Sender. Each opens with its contract: what it owns, takes,
-//!   sends, and when it stops. [`actors::call`] is the call the Outbox and
-//!   the Sender carry, and its outcome. [`actors::ingress`] takes what
-//!   other programs send over the HTTP endpoint into the daemon.
+//!   order an update meets them: Poller (or, in webhook mode, the webhook
+//!   Receiver), Supervisor, ScopeActor, Worker, Outbox, Sender. Each opens
+//!   with its contract: what it owns, takes, sends, and when it stops.
+//!   [`actors::intake`] is what the Poller and the Receiver share;
+//!   [`actors::call`] is the call the Outbox and the Sender carry, and its
+//!   outcome. [`actors::ingress`] takes what other programs send over the
+//!   HTTP endpoint into the daemon.
 //! - [`ops`]: what an operator steers and watches it with: `/healthz`,
 //!   `/readyz`, `/metrics`, the metrics registry, logging (secrets masked),
 //!   SIGHUP reload; and the endpoint's routes for other programs
@@ -38,6 +40,7 @@
 //!  Bot API ──getUpdates──▶ Poller ──Dispatch──────▶ Supervisor (scope table, worker pool,
 //!                            │   ◀──Backpressure──       reload, suspects in isolation)
 //!                            └══Append══▶ journal thread (offset confirmed once stored)
+//!  Bot API ──POST──▶ webhook Receiver: the same Append (200 once stored), then Dispatch
 //!                                                  │ spawns / reaps
 //!                                                  ▼
 //!                      ScopeActor (chat:123) ──Attach/Write──▶ Worker ══fd 3══▶ python worker
@@ -151,6 +154,18 @@ pub enum RunError {
         signal: &'static str,
         source: std::io::Error,
     },
+    /// `webhook.listen` cannot be listened on (in use, not allowed).
+    #[error("webhook.listen: cannot listen on {addr}: {source}")]
+    WebhookListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    /// The webhook receiver cannot serve (the socket, the TLS files).
+    #[error(transparent)]
+    WebhookServe(#[from] actors::webhook::ServeError),
+    /// Webhook mode could not be set up with Telegram.
+    #[error(transparent)]
+    WebhookRegister(#[from] actors::webhook::RegisterError),
     /// `--sandbox`: the local Bot API emulator cannot start.
     #[error("starting the sandbox: {0}")]
     Sandbox(std::io::Error),
@@ -341,6 +356,18 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     );
     // First: a port in use stops the daemon before anything else runs.
     let listener = ops::http::bind(&settings)?;
+    let webhook_listener = match &settings.webhook {
+        Some(hook) => {
+            ops::logging::register_secret(hook.secret_token.expose());
+            Some(
+                actors::webhook::bind(hook).map_err(|source| RunError::WebhookListen {
+                    addr: hook.listen,
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
     let (journal, recovery) = start_journal(&settings)?;
     let Recovery {
         updates: replayed,
@@ -433,35 +460,73 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         if let Some(api) = &ingress {
             api.ingress.do_send(Open);
         }
-        if settings.telegram.delete_webhook {
-            match bot.request("deleteWebhook", &json!({})).await {
-                Ok(_) => log::info!("webhook deleted (telegram.delete_webhook)"),
-                Err(e) => log::warn!("deleteWebhook failed: {e}"),
-            }
-        }
-
         let fatal: Rc<RefCell<Option<TelegramError>>> = Rc::default();
         let fatal_notify = Rc::new(Notify::new());
-        let poller = {
-            let (fatal, notify) = (fatal.clone(), fatal_notify.clone());
-            let delivery = Delivery {
-                supervisor: supervisor.clone(),
-                journal: Some(journal),
-                max_undelivered: settings.journal.max_undelivered,
-            };
-            Poller::new(
-                bot.clone(),
-                delivery,
-                &settings.telegram,
-                watermark,
-                Box::new(move |e| {
-                    *fatal.borrow_mut() = Some(e);
-                    notify.notify_one();
-                }),
-            )
-            .start()
+        let delivery = Delivery {
+            supervisor: supervisor.clone(),
+            journal: Some(journal),
+            max_undelivered: settings.journal.max_undelivered,
         };
-        log::info!("Polling Telegram as @{name}");
+        let intake = match (&settings.webhook, webhook_listener) {
+            (Some(hook), Some(listener)) => {
+                // Listening before setWebhook: Telegram delivers at once.
+                ops::metrics::metrics().set_webhook_health(ops::metrics::WebhookHealth::NotSet);
+                let receiver = actors::webhook::Receiver::new(delivery).start();
+                let server = actors::webhook::serve(listener, hook, receiver)?;
+                let registered = tokio::select! {
+                    r = actors::webhook::register(&bot, hook, &settings.telegram.allowed_updates) => Some(r),
+                    _ = shutdown.wait() => None,
+                };
+                if !matches!(registered, Some(Ok(()))) {
+                    server.stop(false).await;
+                    stop_workers(
+                        &supervisor,
+                        Duration::ZERO,
+                        settings.shutdown.worker_timeout,
+                    )
+                    .await;
+                    return match registered {
+                        Some(Err(actors::webhook::RegisterError::TokenRejected)) => {
+                            Err(RunError::TokenRejected)
+                        }
+                        Some(Err(e)) => Err(e.into()),
+                        _ => Ok(()),
+                    };
+                }
+                let (fatal, notify) = (fatal.clone(), fatal_notify.clone());
+                actors::webhook::watch_info(
+                    bot.clone(),
+                    Box::new(move |e| {
+                        *fatal.borrow_mut() = Some(e);
+                        notify.notify_one();
+                    }),
+                );
+                log::info!("Receiving updates by webhook as @{name}");
+                Intake::Webhook(server)
+            }
+            _ => {
+                if settings.telegram.delete_webhook {
+                    match bot.request("deleteWebhook", &json!({})).await {
+                        Ok(_) => log::info!("webhook deleted (telegram.delete_webhook)"),
+                        Err(e) => log::warn!("deleteWebhook failed: {e}"),
+                    }
+                }
+                let (fatal, notify) = (fatal.clone(), fatal_notify.clone());
+                let poller = Poller::new(
+                    bot.clone(),
+                    delivery,
+                    &settings.telegram,
+                    watermark,
+                    Box::new(move |e| {
+                        *fatal.borrow_mut() = Some(e);
+                        notify.notify_one();
+                    }),
+                )
+                .start();
+                log::info!("Polling Telegram as @{name}");
+                Intake::Poller(poller)
+            }
+        };
 
         tokio::select! {
             _ = shutdown.wait() => {}
@@ -474,9 +539,17 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         // scope (what an app did not receive stays in the journal for the next
         // start); record what the apps finished; let the Sender send what they
         // sent; record what it sent; end the workers (lifespan shutdown).
-        let offset = poller.send(StopPolling).await.ok().flatten();
-        if let Some(offset) = offset.filter(|_| fatal.borrow().is_none()) {
-            confirm_offset(&bot, offset).await;
+        match intake {
+            Intake::Poller(poller) => {
+                let offset = poller.send(StopPolling).await.ok().flatten();
+                if let Some(offset) = offset.filter(|_| fatal.borrow().is_none()) {
+                    confirm_offset(&bot, offset).await;
+                }
+            }
+            // The webhook stays set: Telegram keeps what comes meanwhile for
+            // the next start. Requests under way finish (their updates are
+            // stored or refused); later ones are not accepted.
+            Intake::Webhook(server) => server.stop(true).await,
         }
         let grace = settings.scopes.disconnect_grace;
         match supervisor.send(CloseAll).await {
@@ -517,6 +590,12 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         result = serve => result,
         () = shutdown.forced() => Err(RunError::Interrupted),
     }
+}
+
+/// How updates come in: polled, or pushed to the webhook receiver.
+enum Intake {
+    Poller(Addr<Poller>),
+    Webhook(actix_web::dev::ServerHandle),
 }
 
 /// Loads the app in one worker and stops it again: `--check`.

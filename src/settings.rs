@@ -117,6 +117,8 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    /// `None`: polling mode (`webhook.url` is empty).
+    pub webhook: Option<WebhookSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -299,6 +301,7 @@ struct RawSettings {
     shutdown: RawShutdown,
     http: RawHttp,
     log: RawLog,
+    webhook: RawWebhook,
 }
 
 #[derive(Deserialize)]
@@ -380,6 +383,19 @@ struct RawHttp {
     bind: String,
     api_token: String,
     api_token_file: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    listen: String,
+    secret_token: String,
+    secret_token_file: String,
+    max_connections: Number,
+    tls_cert: String,
+    tls_key: String,
+    upload_certificate: bool,
 }
 
 impl Settings {
@@ -572,6 +588,8 @@ impl Settings {
             )
         })?;
 
+        let webhook = validate_webhook(&raw.webhook, base_dir)?;
+
         Ok(Settings {
             telegram: TelegramSettings {
                 token,
@@ -607,6 +625,7 @@ impl Settings {
                 format,
                 stats_interval,
             },
+            webhook,
         })
     }
 }
@@ -898,6 +917,170 @@ pub fn validate_app_spec(spec: &str) -> Result<(), String> {
     } else {
         Err(format!("expected \"module.path:attribute\", got {spec:?}"))
     }
+}
+
+/// The secret Telegram sends with every webhook request
+/// (`X-Telegram-Bot-Api-Secret-Token`). `Debug` and `Display` print it
+/// redacted; [`WebhookSecret::expose`] is the only way to the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSecret(String);
+
+impl WebhookSecret {
+    /// The secret itself, for `setWebhook` and the comparison. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WebhookSecret(<redacted>)")
+    }
+}
+
+impl fmt::Display for WebhookSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Webhook mode: Telegram POSTs updates to asgigramd instead of being polled.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// The public URL `setWebhook` is given.
+    pub url: String,
+    /// The path of `url`: the one path POSTs are taken on.
+    pub path: String,
+    /// Where the receiver listens.
+    pub listen: std::net::SocketAddr,
+    pub secret_token: WebhookSecret,
+    /// Telegram's connections at once (1-100), for `setWebhook`.
+    pub max_connections: u8,
+    /// HTTPS served by asgigramd itself; `None`: plain HTTP (TLS ends at a
+    /// proxy in front).
+    pub tls: Option<WebhookTls>,
+    /// Send `tls.cert` with `setWebhook` (a self-signed certificate).
+    pub upload_certificate: bool,
+}
+
+/// The PEM files of the receiver's certificate (chain) and private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The characters Telegram allows in a webhook secret, and its length.
+fn valid_secret(secret: &str) -> bool {
+    (1..=256).contains(&secret.len())
+        && secret
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// The path of an `http://` or `https://` URL (`/` when it has none); the
+/// scheme is not otherwise checked, since a local Bot API server and the
+/// sandbox deliver over plain HTTP.
+fn url_path(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))?;
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let rest = &rest[..end];
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    (!host.is_empty()).then(|| path.to_string())
+}
+
+/// Every `[webhook]` key is checked, also in polling mode, so that a typo
+/// shows before the day webhook mode is turned on.
+fn validate_webhook(
+    raw: &RawWebhook,
+    base_dir: &Path,
+) -> Result<Option<WebhookSettings>, SettingsError> {
+    let listen = raw.listen.trim().parse().map_err(|_| {
+        SettingsError::key(
+            "webhook.listen",
+            format!("must be IP:port such as 0.0.0.0:8443; got {:?}", raw.listen),
+        )
+    })?;
+    let max_connections = count("webhook.max_connections", raw.max_connections, 1, 100)? as u8;
+    let tls = match (raw.tls_cert.trim(), raw.tls_key.trim()) {
+        ("", "") => None,
+        ("", _) | (_, "") => {
+            return Err(SettingsError::key(
+                "webhook.tls_cert",
+                "webhook.tls_cert and webhook.tls_key go together: set both (HTTPS) or neither",
+            ))
+        }
+        (cert, key) => Some(WebhookTls {
+            cert: base_dir.join(cert),
+            key: base_dir.join(key),
+        }),
+    };
+    if raw.upload_certificate && tls.is_none() {
+        return Err(SettingsError::key(
+            "webhook.upload_certificate",
+            "needs webhook.tls_cert (the certificate to send) and webhook.tls_key",
+        ));
+    }
+    let secret = match (raw.secret_token.trim(), raw.secret_token_file.trim()) {
+        ("", "") => None,
+        (_, "") => Some(raw.secret_token.trim().to_string()),
+        ("", file) => {
+            let path = base_dir.join(file);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                SettingsError::key(
+                    "webhook.secret_token_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            Some(text.trim().to_string())
+        }
+        _ => {
+            return Err(SettingsError::key(
+                "webhook.secret_token",
+                "set webhook.secret_token or webhook.secret_token_file, not both",
+            ))
+        }
+    };
+    // The message never repeats the secret.
+    if let Some(secret) = &secret {
+        if !valid_secret(secret) {
+            return Err(SettingsError::key(
+                "webhook.secret_token",
+                "must be 1 to 256 characters of A-Z, a-z, 0-9, '_' and '-' (Telegram's rule)",
+            ));
+        }
+    }
+    let url = raw.url.trim();
+    if url.is_empty() {
+        return Ok(None);
+    }
+    let path = url_path(url).ok_or_else(|| {
+        SettingsError::key(
+            "webhook.url",
+            format!("must be an http:// or https:// URL with a host, got {url:?}"),
+        )
+    })?;
+    let secret_token = secret.map(WebhookSecret).ok_or_else(|| {
+        SettingsError::key(
+            "webhook.secret_token",
+            "is required in webhook mode (webhook.url is set): set webhook.secret_token, \
+             webhook.secret_token_file or ASGIGRAM_WEBHOOK__SECRET_TOKEN",
+        )
+    })?;
+    Ok(Some(WebhookSettings {
+        url: url.to_string(),
+        path,
+        listen,
+        secret_token,
+        max_connections,
+        tls,
+        upload_certificate: raw.upload_certificate,
+    }))
 }
 
 #[cfg(test)]
@@ -1240,6 +1423,146 @@ mod tests {
             err.contains("http.api_token") && !err.contains("SECRET"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn webhook_mode_is_off_until_a_url_is_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        assert!(load(Some(file.clone()), &[]).unwrap().webhook.is_none());
+        let s = load(
+            Some(file.clone()),
+            &[
+                (
+                    "ASGIGRAM_WEBHOOK__URL",
+                    "https://bot.example.org/tg/hook?x=1",
+                ),
+                ("ASGIGRAM_WEBHOOK__SECRET_TOKEN", "s3cr3t_-X"),
+            ],
+        )
+        .unwrap();
+        let hook = s.webhook.expect("webhook mode");
+        assert_eq!(hook.url, "https://bot.example.org/tg/hook?x=1");
+        assert_eq!(hook.path, "/tg/hook");
+        assert_eq!(hook.listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(hook.max_connections, 40);
+        assert_eq!(hook.tls, None);
+        assert!(!hook.upload_certificate);
+        assert_eq!(hook.secret_token.expose(), "s3cr3t_-X");
+        let bare = load(
+            Some(file),
+            &[
+                ("ASGIGRAM_WEBHOOK__URL", "http://127.0.0.1:9000"),
+                ("ASGIGRAM_WEBHOOK__SECRET_TOKEN", "a"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(bare.webhook.expect("webhook mode").path, "/");
+    }
+
+    #[test]
+    fn webhook_secret_is_required_checked_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        let url = ("ASGIGRAM_WEBHOOK__URL", "https://h/x");
+        let err = load(Some(file.clone()), &[url]).unwrap_err().to_string();
+        assert!(err.contains("webhook.secret_token"), "{err}");
+        assert!(err.contains("required"), "{err}");
+        let long = "a".repeat(257);
+        for bad in ["has space", "semi;colon", "ünï", long.as_str()] {
+            let secret = ("ASGIGRAM_WEBHOOK__SECRET_TOKEN", bad);
+            let err = load(Some(file.clone()), &[url, secret])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("webhook.secret_token"), "{bad}: {err}");
+            assert!(!err.contains(bad), "the secret is repeated: {err}");
+        }
+        let max = "Z".repeat(256);
+        let secret = ("ASGIGRAM_WEBHOOK__SECRET_TOKEN", max.as_str());
+        let s = load(Some(file.clone()), &[url, secret]).unwrap();
+        assert!(!format!("{s:?}").contains("ZZZ"), "Debug shows the secret");
+        let hook = s.webhook.expect("webhook mode");
+        assert_eq!(hook.secret_token.to_string(), "<redacted>");
+
+        write(dir.path(), "secret", " from_file-1\n");
+        let from_file = ("ASGIGRAM_WEBHOOK__SECRET_TOKEN_FILE", "secret");
+        let s = load(Some(file.clone()), &[url, from_file]).unwrap();
+        assert_eq!(
+            s.webhook.expect("webhook mode").secret_token.expose(),
+            "from_file-1"
+        );
+        let both = ("ASGIGRAM_WEBHOOK__SECRET_TOKEN", "abc");
+        let err = load(Some(file.clone()), &[url, from_file, both]).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let missing = ("ASGIGRAM_WEBHOOK__SECRET_TOKEN_FILE", "nope");
+        let err = load(Some(file), &[url, missing]).unwrap_err();
+        assert!(
+            err.to_string().contains("webhook.secret_token_file"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn webhook_keys_are_checked_in_both_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        let hook = [
+            ("ASGIGRAM_WEBHOOK__URL", "https://h/x"),
+            ("ASGIGRAM_WEBHOOK__SECRET_TOKEN", "abc"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let env: Vec<_> = hook.iter().chain(extra).copied().collect();
+            load(Some(file.clone()), &env)
+        };
+        for (key, value, named) in [
+            (
+                "ASGIGRAM_WEBHOOK__MAX_CONNECTIONS",
+                "0",
+                "webhook.max_connections",
+            ),
+            (
+                "ASGIGRAM_WEBHOOK__MAX_CONNECTIONS",
+                "101",
+                "webhook.max_connections",
+            ),
+            ("ASGIGRAM_WEBHOOK__LISTEN", "8443", "webhook.listen"),
+            ("ASGIGRAM_WEBHOOK__TLS_CERT", "c.pem", "webhook.tls_cert"),
+            ("ASGIGRAM_WEBHOOK__TLS_KEY", "k.pem", "webhook.tls_cert"),
+            (
+                "ASGIGRAM_WEBHOOK__UPLOAD_CERTIFICATE",
+                "true",
+                "webhook.upload_certificate",
+            ),
+            ("ASGIGRAM_WEBHOOK__URL", "ftp://h/x", "webhook.url"),
+            ("ASGIGRAM_WEBHOOK__URL", "https:///x", "webhook.url"),
+        ] {
+            let err = with(&[(key, value)]).unwrap_err().to_string();
+            assert!(err.contains(named), "{key}={value}: {err}");
+            if key != "ASGIGRAM_WEBHOOK__URL" {
+                // Polling mode checks them too.
+                let err = load(Some(file.clone()), &[(key, value)]).unwrap_err();
+                assert!(err.to_string().contains(named), "{key}={value}: {err}");
+            }
+        }
+        let s = with(&[
+            ("ASGIGRAM_WEBHOOK__MAX_CONNECTIONS", "100"),
+            ("ASGIGRAM_WEBHOOK__LISTEN", "127.0.0.1:9443"),
+            ("ASGIGRAM_WEBHOOK__TLS_CERT", "c.pem"),
+            ("ASGIGRAM_WEBHOOK__TLS_KEY", "/k.pem"),
+            ("ASGIGRAM_WEBHOOK__UPLOAD_CERTIFICATE", "true"),
+        ])
+        .unwrap();
+        let hook = s.webhook.expect("webhook mode");
+        assert_eq!(hook.max_connections, 100);
+        assert_eq!(hook.listen, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(
+            hook.tls,
+            Some(WebhookTls {
+                cert: dir.path().join("c.pem"),
+                key: PathBuf::from("/k.pem"),
+            })
+        );
+        assert!(hook.upload_certificate);
     }
 
     #[test]

@@ -3,9 +3,11 @@
 
 pub mod call;
 pub mod ingress;
+pub mod intake;
 pub mod outbox;
 pub mod poller;
 pub mod scope;
 pub mod sender;
 pub mod supervisor;
+pub mod webhook;
 pub mod worker;

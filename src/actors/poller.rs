@@ -50,6 +50,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use serde_json::{json, Value};
 
+use crate::actors::intake::{journal_rows, Gate, GateWords};
 use crate::actors::supervisor::{Dispatch, Supervisor, WatchBackpressure};
 use crate::backoff::Backoff;
 use crate::journal::{admit, Append, JournalActor};
@@ -86,18 +87,12 @@ pub struct Delivery {
     pub max_undelivered: usize,
 }
 
-/// What the Supervisor last said about backpressure (rule 5).
-#[derive(Clone, Copy)]
-enum Gate {
-    /// Nothing yet: the first poll waits for word.
-    Unknown,
-    Open {
-        undelivered: usize,
-    },
-    Closed {
-        undelivered: usize,
-    },
-}
+/// How the Poller's pauses read in the log (rule 5).
+const GATE_WORDS: GateWords = GateWords {
+    target: module_path!(),
+    paused: "polling paused",
+    resumed: "polling resumed",
+};
 
 pub struct Poller {
     bot: Bot,
@@ -115,8 +110,6 @@ pub struct Poller {
     gate: Gate,
     /// A poll waits for the gate to open.
     deferred: bool,
-    /// The pause was logged; its end is logged too.
-    paused: bool,
 }
 
 impl Poller {
@@ -138,33 +131,17 @@ impl Poller {
             failures: 0,
             fatal: Some(fatal),
             in_flight: None,
-            gate: Gate::Unknown,
+            gate: Gate::default(),
             deferred: false,
-            paused: false,
         }
     }
 
     /// Polls now, or once the apps have caught up (rule 5).
     fn poll_when_ready(&mut self, ctx: &mut Context<Self>) {
-        match self.gate {
-            Gate::Unknown => self.deferred = true,
-            Gate::Closed { undelivered } => {
-                self.deferred = true;
-                if !self.paused {
-                    self.paused = true;
-                    log::warn!(
-                        "backpressure: {undelivered} updates not yet received by the apps (journal.max_undelivered={}); polling paused",
-                        self.delivery.max_undelivered
-                    );
-                }
-            }
-            Gate::Open { undelivered } => {
-                if self.paused {
-                    self.paused = false;
-                    log::info!("backpressure: {undelivered} updates undelivered; polling resumed");
-                }
-                self.poll(ctx);
-            }
+        if self.gate.admits(self.delivery.max_undelivered, &GATE_WORDS) {
+            self.poll(ctx);
+        } else {
+            self.deferred = true;
         }
     }
 
@@ -200,12 +177,9 @@ impl Poller {
             return;
         }
         let append = Append {
-            batch: updates
-                .iter()
-                .map(|u| (u.id.0, serde_json::to_string(&u.raw).unwrap_or_default()))
-                .collect::<Vec<_>>()
-                .into(),
+            batch: journal_rows(&updates),
             fetched_with,
+            by_webhook: false,
         };
         // The journal's one thread takes messages in the order they were
         // sent, and a record about these updates can only come once an app
@@ -394,12 +368,7 @@ impl Actor for Poller {
 impl Handler<Backpressure> for Poller {
     type Result = ();
     fn handle(&mut self, msg: Backpressure, ctx: &mut Context<Self>) {
-        let undelivered = msg.undelivered;
-        self.gate = if msg.paused {
-            Gate::Closed { undelivered }
-        } else {
-            Gate::Open { undelivered }
-        };
+        self.gate.set(&msg);
         // A poll in flight or storing goes on; the gate is looked at when
         // it would poll next.
         if std::mem::take(&mut self.deferred) {

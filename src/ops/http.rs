@@ -34,7 +34,10 @@ async fn readyz() -> HttpResponse {
     match metrics().readiness() {
         Ok(()) => HttpResponse::Ok()
             .content_type(ContentType::plaintext())
-            .body("ready\n"),
+            .body(match metrics().webhook_report() {
+                Some(webhook) => format!("ready\n{webhook}\n"),
+                None => "ready\n".to_string(),
+            }),
         Err(why) => HttpResponse::ServiceUnavailable()
             .content_type(ContentType::plaintext())
             .body(format!("not ready: {why}\n")),

@@ -152,6 +152,15 @@ pub enum PollState {
     Rejected,
 }
 
+/// Webhook mode's standing with Telegram, for `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookHealth {
+    /// `setWebhook` has not succeeded yet.
+    NotSet,
+    /// Set; with Telegram's last delivery error from `getWebhookInfo`.
+    Set { last_error: Option<String> },
+}
+
 /// Why `/readyz` answers 503; the orchestrator waits, or restarts the pod
 /// when it lasts (the token, say, will not come right by itself).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -166,6 +175,8 @@ pub enum NotReady {
     PollFailing(String),
     #[error("{ready} of {want} workers ready")]
     Workers { ready: i64, want: i64 },
+    #[error("webhook not set yet")]
+    WebhookNotSet,
 }
 
 /// Every metric the daemon exports. Fields are public so instrumentation is
@@ -213,6 +224,11 @@ pub struct Metrics {
     /// The journal's database file: its size (with the WAL) is read when
     /// metrics are rendered, not on every append.
     pub journal_path: std::sync::OnceLock<std::path::PathBuf>,
+    /// Webhook mode: requests to the receiver, by outcome (`accepted`,
+    /// `duplicate`, or the reason of a refusal).
+    pub webhook_requests: Labelled,
+    /// `None`: polling mode.
+    webhook: Mutex<Option<WebhookHealth>>,
     poll_state: Mutex<PollState>,
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -279,6 +295,8 @@ impl Metrics {
             poll_latency: Histogram::new(POLL_BUCKETS),
             journal_entries: Gauge::default(),
             journal_path: std::sync::OnceLock::new(),
+            webhook_requests: Labelled::new(&["outcome"]),
+            webhook: Mutex::new(None),
             poll_state: Mutex::new(PollState::Starting),
             shutting_down: Default::default(),
         }
@@ -364,11 +382,47 @@ impl Metrics {
             PollState::Starting => return Err(NotReady::NotPolling),
             PollState::Failing(why) => return Err(NotReady::PollFailing(why)),
         }
+        if self.webhook_health() == Some(WebhookHealth::NotSet) {
+            return Err(NotReady::WebhookNotSet);
+        }
         let (ready, want) = (self.workers_ready.get(), self.workers_configured.get());
         if ready < want {
             return Err(NotReady::Workers { ready, want });
         }
         Ok(())
+    }
+
+    pub fn set_webhook_health(&self, health: WebhookHealth) {
+        *lock(&self.webhook) = Some(health);
+    }
+
+    pub fn webhook_health(&self) -> Option<WebhookHealth> {
+        lock(&self.webhook).clone()
+    }
+
+    /// Webhook mode: one line for `/readyz`'s body, on the webhook: set or
+    /// not, Telegram's last delivery error, the requests refused.
+    pub fn webhook_report(&self) -> Option<String> {
+        let health = self.webhook_health()?;
+        let refused: u64 = self
+            .webhook_requests
+            .snapshot()
+            .iter()
+            .filter(|(labels, _)| {
+                !labels
+                    .first()
+                    .is_some_and(|o| o == "accepted" || o == "duplicate")
+            })
+            .map(|(_, n)| n)
+            .sum();
+        let state = match health {
+            WebhookHealth::NotSet => "not set".to_string(),
+            WebhookHealth::Set { last_error: None } => "set; last error: none".to_string(),
+            WebhookHealth::Set {
+                last_error: Some(e),
+            } => format!("set; last error: {e}"),
+        };
+        Some(format!("webhook: {state}; refused requests: {refused}"))
     }
 
     /// The main counters on one line, `key=value` separated.
@@ -438,6 +492,12 @@ impl Metrics {
             "asgigram_updates_skipped_total",
             "Updates with no chat or user to route them to, by kind.",
             &self.updates_skipped,
+        );
+        labelled(
+            &mut out,
+            "asgigram_webhook_requests_total",
+            "Webhook requests, by outcome: accepted, duplicate, or why refused.",
+            &self.webhook_requests,
         );
         labelled(
             &mut out,
@@ -707,5 +767,26 @@ mod tests {
         let why = m.readiness().unwrap_err();
         assert_eq!(why, NotReady::TokenRejected);
         assert!(why.to_string().contains("401"));
+    }
+
+    #[test]
+    fn webhook_mode_is_ready_once_set_and_reports_errors_and_refusals() {
+        let m = Metrics::new();
+        assert_eq!(m.webhook_report(), None, "polling mode");
+        m.api_call("getMe", Duration::ZERO, &Ok(()));
+        m.set_webhook_health(WebhookHealth::NotSet);
+        assert_eq!(m.readiness(), Err(NotReady::WebhookNotSet));
+        m.set_webhook_health(WebhookHealth::Set {
+            last_error: Some("Connection refused".into()),
+        });
+        assert_eq!(m.readiness(), Ok(()));
+        m.webhook_requests.inc(&["accepted"]);
+        m.webhook_requests.inc(&["duplicate"]);
+        m.webhook_requests.inc(&["unauthorized"]);
+        m.webhook_requests.inc(&["busy"]);
+        assert_eq!(
+            m.webhook_report().as_deref(),
+            Some("webhook: set; last error: Connection refused; refused requests: 2")
+        );
     }
 }

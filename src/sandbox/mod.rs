@@ -24,6 +24,11 @@
 //!   clamping, long polling up to 50 s with a short batching delay, persistent
 //!   `allowed_updates`, and the 409 that terminates an earlier parked request.
 //!   An active webhook makes `getUpdates` fail with 409 as on Telegram.
+//! * Webhooks: `setWebhook` (http:// accepted too, for local delivery),
+//!   `deleteWebhook`, `getWebhookInfo` with the last delivery error; while
+//!   one is set, updates are POSTed to it with the secret header, one per
+//!   chat at a time, up to `max_connections` at once, and sent again with
+//!   backoff until answered 2xx (see `webhook`).
 //! * Every method of Bot API 10.2 (see `schema.json`) exists, checks its
 //!   required parameters and answers a plausible result of its documented
 //!   return type. Messages get per-chat increasing ids, are remembered, and
@@ -40,7 +45,7 @@
 //!
 //! # What is not emulated
 //!
-//! Delivery to webhooks, parse modes (text is echoed as sent, entities only as
+//! Self-signed webhook certificates, parse modes (text is echoed as sent, entities only as
 //! given), permissions and membership beyond the private-chat rule, real media
 //! processing, file size limits other than the upload cap, the 3-second
 //! throttling Telegram applies to busy-looping or conflicting `getUpdates`
@@ -67,6 +72,7 @@ mod polling;
 mod schema;
 mod server;
 mod state;
+mod webhook;
 
 pub use faults::{Fault, FaultPlan};
 pub use state::{RecordedCall, SandboxStats, SandboxView, UploadedFile};

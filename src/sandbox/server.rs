@@ -59,6 +59,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, bind: SocketAddr) -> io::Result<(Socket
         .name("bot-api-sandbox".into())
         .spawn(move || {
             let system = actix_rt::System::new();
+            let webhook_shared = shared.clone();
             system.block_on(async move {
                 let (server, addr) = match build(shared, bind) {
                     Ok(built) => built,
@@ -70,6 +71,8 @@ pub(crate) fn spawn(shared: Arc<Shared>, bind: SocketAddr) -> io::Result<(Socket
                     }
                 };
                 let _ = ready_tx.send(Ok((addr, server.handle())));
+                // Ends with the System, when the server has stopped.
+                actix_rt::spawn(super::webhook::run(webhook_shared));
                 if let Err(error) = server.await {
                     log::error!("sandbox server failed: {error}");
                 }

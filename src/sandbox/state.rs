@@ -139,6 +139,15 @@ impl<'a> SandboxView<'a> {
         self.state.updates.len()
     }
 
+    /// Updates the webhook delivered (answered 2xx), and attempts that
+    /// failed (non-2xx, dropped connections, timeouts).
+    pub fn webhook_deliveries(&self) -> (u64, u64) {
+        (
+            self.state.deliveries.delivered,
+            self.state.deliveries.failed,
+        )
+    }
+
     /// Whether a getUpdates request is parked, waiting for updates.
     pub fn is_polling(&self) -> bool {
         self.state.parked_polls > 0
@@ -191,6 +200,8 @@ pub(crate) struct Webhook {
     pub url: String,
     pub max_connections: i64,
     pub allowed_updates: Option<Value>,
+    /// Sent with every delivery as `X-Telegram-Bot-Api-Secret-Token`.
+    pub secret_token: Option<String>,
 }
 
 /// Update types Telegram leaves out unless asked for by `allowed_updates`.
@@ -223,6 +234,8 @@ pub(crate) struct State {
     pub poll_generation: u64,
     pub parked_polls: usize,
     pub webhook: Option<Webhook>,
+    /// What the webhook is sending (see `webhook`).
+    pub deliveries: super::webhook::Deliveries,
     pub chats: HashMap<i64, Value>,
     pub users: HashMap<i64, Value>,
     last_message_id: HashMap<i64, i64>,
@@ -255,6 +268,7 @@ impl State {
             poll_generation: 0,
             parked_polls: 0,
             webhook: None,
+            deliveries: Default::default(),
             chats: HashMap::new(),
             users: HashMap::new(),
             last_message_id: HashMap::new(),
@@ -457,14 +471,20 @@ impl State {
     /// wants, the sandbox applies the bot's choice at delivery instead, as if
     /// the bot had been asking for those types all along.
     pub fn batch(&mut self, limit: usize) -> Vec<Value> {
-        let allowed = &self.allowed_updates;
-        self.updates
-            .retain(|u| u.kind.as_ref().is_none_or(|kind| allowed.contains(kind)));
+        self.drop_unwanted_updates();
         self.updates
             .iter()
             .take(limit)
             .map(|u| u.body.clone())
             .collect()
+    }
+
+    /// Drops the queued updates of types outside `allowed_updates` (see
+    /// [`State::batch`]); a webhook delivers by the same rule.
+    pub fn drop_unwanted_updates(&mut self) {
+        let allowed = &self.allowed_updates;
+        self.updates
+            .retain(|u| u.kind.as_ref().is_none_or(|kind| allowed.contains(kind)));
     }
 
     /// Applies getUpdates' `allowed_updates`: a list of update types, where

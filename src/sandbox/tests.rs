@@ -1116,3 +1116,111 @@ fn works_from_inside_an_actix_system_with_awc() {
         assert_eq!(sb.sent_texts(42), vec!["from awc", "unanswered"]);
     });
 }
+
+/// A webhook endpoint on a thread: answers each request with the next of
+/// `statuses` (then 200), dropping the connection for a 0, and reports
+/// each request's secret header and update_id.
+fn hook_endpoint(
+    statuses: Vec<u16>,
+) -> (SocketAddr, std::sync::mpsc::Receiver<(Option<String>, i64)>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let addr = listener.local_addr().expect("bound");
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let mut statuses = statuses.into_iter();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            let (head, body_start) = loop {
+                let Ok(n) = stream.read(&mut buf) else {
+                    break (String::new(), 0);
+                };
+                if n == 0 {
+                    break (String::new(), 0);
+                }
+                raw.extend_from_slice(&buf[..n]);
+                if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break (String::from_utf8_lossy(&raw[..end]).into_owned(), end + 4);
+                }
+            };
+            let header = |name: &str| {
+                head.split("\r\n")
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.trim().to_string())
+            };
+            let length: usize = header("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while raw.len() < body_start + length {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => raw.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body: Value = serde_json::from_slice(&raw[body_start..]).unwrap_or(Value::Null);
+            let id = body["update_id"].as_i64().unwrap_or(-1);
+            if tx
+                .send((header("x-telegram-bot-api-secret-token"), id))
+                .is_err()
+            {
+                return;
+            }
+            match statuses.next().unwrap_or(200) {
+                0 => drop(stream),
+                status => {
+                    let _ = stream.write_all(
+                        format!(
+                            "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    );
+                }
+            }
+        }
+    });
+    (addr, rx)
+}
+
+#[test]
+fn a_webhook_gets_each_chats_updates_in_order_and_failures_again() {
+    let sb = start();
+    let (addr, requests) = hook_endpoint(vec![503, 0]);
+    let a1 = sb.inject_text(1, "a1");
+    let a2 = sb.inject_text(1, "a2");
+    let set = call(
+        &sb,
+        "setWebhook",
+        json!({"url": format!("http://{addr}/hook"), "secret_token": "s3cret", "max_connections": 1}),
+    );
+    assert_eq!(set.status, 200, "{:?}", set.json());
+    assert!(sb.wait_until(WAIT, |v| v.pending_updates() == 0));
+    let got: Vec<(Option<String>, i64)> = requests.try_iter().collect();
+    let secret = Some("s3cret".to_string());
+    // a1 answered 503, then its connection dropped, then 200; only then a2.
+    assert_eq!(
+        got,
+        vec![
+            (secret.clone(), a1),
+            (secret.clone(), a1),
+            (secret.clone(), a1),
+            (secret, a2)
+        ]
+    );
+    assert_eq!(sb.inspect(|v| v.webhook_deliveries()), (2, 2));
+    let info = result(call(&sb, "getWebhookInfo", json!({})));
+    assert!(info["last_error_message"].as_str().is_some(), "{info}");
+    assert!(info["last_error_date"].as_i64().is_some(), "{info}");
+    let (status, _) = error(call(&sb, "getUpdates", json!({})));
+    assert_eq!(
+        status, 409,
+        "getUpdates stays refused while the webhook is set"
+    );
+    let bad = call(
+        &sb,
+        "setWebhook",
+        json!({"url": format!("http://{addr}/hook"), "secret_token": "no spaces"}),
+    );
+    assert_eq!(bad.status, 400);
+}
