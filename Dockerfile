@@ -51,7 +51,8 @@ ENV ASGIGRAM_APP__APP_DIR=/app \
     PYTHONUNBUFFERED=1
 WORKDIR /app
 VOLUME ["/var/lib/asgigram"]
-EXPOSE 8080
+# 8080: the operations endpoint (http.bind); 8443: webhook mode (webhook.listen).
+EXPOSE 8080 8443
 USER asgigram
 # Liveness against /healthz on the port of ASGIGRAM_HTTP__BIND; passes when
 # the endpoint is switched off (empty bind). No curl in the image: python3's
