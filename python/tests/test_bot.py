@@ -36,7 +36,7 @@ def make_bot():
     async def name(chat, message):
         await chat.reply("Your name?")
         try:
-            answer = await chat.next_message(timeout=1)
+            answer = await chat.next_message(timeout=0.2)
         except TimeoutError:
             await chat.reply("Too slow.")
             return
