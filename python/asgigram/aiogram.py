@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, AsyncGenerator, Dict, List, Optional
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.base import BaseSession
 from aiogram.client.telegram import TelegramAPIServer
-from aiogram.exceptions import TelegramNetworkError
+from aiogram.exceptions import TelegramConflictError, TelegramNetworkError
 from aiogram.methods import GetFile, Response, TelegramMethod
 from aiogram.methods.base import TelegramType
 from aiogram.types import InputFile, Update, User
@@ -53,6 +53,7 @@ SERVER = TelegramAPIServer(
     file="asgigramd-file:{path}",
 )
 _FILE_PREFIX = "asgigramd-file:"
+GET_UPDATES_REFUSED = "Conflict: asgigramd delivers the updates; getUpdates is not available to the application"
 
 
 class AsgigramSession(BaseSession):
@@ -79,9 +80,12 @@ class AsgigramSession(BaseSession):
         method: TelegramMethod[TelegramType],
         timeout: Optional[int] = None,
     ) -> TelegramType:
+        name = method.__api_method__
+        if name == "getUpdates":
+            # Telegram's own word for a second poller, said before it can take updates away.
+            raise TelegramConflictError(method=method, message=GET_UPDATES_REFUSED)
         session = current_session()
         params = await self.build_params(bot, method)
-        name = method.__api_method__
         if name == "getMe" and isinstance(session.scope.get("bot"), dict):
             # The daemon asked getMe before any scope started; no need to ask again.
             return self._result(bot, method, session.scope["bot"])

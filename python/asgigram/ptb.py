@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional, Tuple
 from urllib.parse import unquote
 
 from telegram import Update
-from telegram.error import NetworkError
+from telegram.error import Conflict, NetworkError
 from telegram.ext import Application, ApplicationBuilder
 from telegram.request import BaseRequest, RequestData
 
@@ -86,12 +86,13 @@ class AsgigramRequest(BaseRequest):
         connect_timeout: Any = None,
         pool_timeout: Any = None,
     ) -> Tuple[int, bytes]:
-        if self._get_updates:
-            raise NetworkError("asgigramd delivers the updates: getUpdates is not available to the application")
+        name = url.rsplit("/", 1)[-1]
+        if self._get_updates or name == "getUpdates":
+            # Telegram's own word for a second poller, said before it can take updates away.
+            raise Conflict("asgigramd delivers the updates; getUpdates is not available to the application")
         session = current_session()
         if method == "GET":
             return await self._download(session, url)
-        name = url.rsplit("/", 1)[-1]
         if name == "getMe" and isinstance(session.scope.get("bot"), dict):
             # The daemon asked getMe before any scope started; no need to ask again.
             return _envelope({"ok": True, "result": session.scope["bot"]})

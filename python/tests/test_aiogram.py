@@ -231,3 +231,14 @@ def test_calls_outside_any_scope_say_why():
             await bot.send_message(7, "x")
 
     run(main())
+
+
+def test_get_updates_is_refused_as_a_conflict():
+    async def main():
+        from aiogram.exceptions import TelegramConflictError
+
+        bot = asgigram.aiogram.placeholder_bot(BOT)
+        with pytest.raises(TelegramConflictError, match="asgigramd delivers the updates"):
+            await bot.get_updates()
+
+    run(main())

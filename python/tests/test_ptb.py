@@ -190,3 +190,14 @@ def test_an_application_with_an_updater_is_refused():
 
     with pytest.raises(ValueError, match="builder"):
         asgigram.ptb.asgi(ApplicationBuilder().token("1:x").build())
+
+
+def test_get_updates_is_refused_as_a_conflict():
+    from telegram.error import Conflict
+
+    async def main():
+        app = asgigram.ptb.builder().build()
+        with pytest.raises(Conflict, match="asgigramd delivers the updates"):
+            await app.bot.get_updates()
+
+    run(main())
