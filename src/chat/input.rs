@@ -12,14 +12,15 @@ use std::path::PathBuf;
 /// The chat's commands, as `/help` prints them.
 pub const HELP: &str = "\
 Sandbox chat commands (anything else is a message to the bot):
-  !N                   press button N of the keyboard shown last
-  /photo PATH [TEXT]   send the file at PATH as a photo, TEXT as its caption
-  /document PATH [TEXT] send the file at PATH as a document
-  /group               go to the group (both users and the bot are in it)
-  /private             go to your private chat with the bot
-  /user [NAME]         become the other user (or NAME: alice, bob)
-  /help                this list; the bot gets /help too
-  //TEXT               send /TEXT to the bot (e.g. //photo); !!TEXT sends !TEXT";
+  !N                     press button N of the keyboard shown last
+  /photo PATH [TEXT]     send the file at PATH as a photo, TEXT its caption
+  /document PATH [TEXT]  send the file at PATH as a document
+  /group                 go to the group (both users and the bot are in it)
+  /private               go back to your private chat with the bot
+  /user [NAME]           become the other user (or NAME: alice, bob)
+  /help                  this list; the bot gets /help too
+  //TEXT                 send /TEXT to the bot (//photo sends /photo)
+  !!TEXT                 send !TEXT to the bot";
 
 /// One line of input, understood.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -399,3 +399,54 @@ fn print_replies(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALICE_PRIVATE: Place = Place {
+        person: 0,
+        in_group: false,
+    };
+
+    #[test]
+    fn places_name_their_chat_and_user() {
+        assert_eq!(
+            (ALICE_PRIVATE.chat(), ALICE_PRIVATE.user()),
+            (SANDBOX_USER, SANDBOX_USER)
+        );
+        assert_eq!(ALICE_PRIVATE.label(), "[alice @ private]");
+        let bob_group = Place {
+            person: 1,
+            in_group: true,
+        };
+        assert_eq!(
+            (bob_group.chat(), bob_group.user()),
+            (SANDBOX_GROUP, SECOND_USER)
+        );
+        assert_eq!(bob_group.label(), "[bob @ group]");
+    }
+
+    #[test]
+    fn switching_keeps_the_other_half_of_the_place() {
+        let in_group = moved(ALICE_PRIVATE, &Command::Group).expect("always possible");
+        assert_eq!(in_group.label(), "[alice @ group]");
+        let bob = moved(in_group, &Command::User(None)).expect("the other user");
+        assert_eq!(bob.label(), "[bob @ group]");
+        let back = moved(bob, &Command::Private).expect("always possible");
+        assert_eq!(back.chat(), SECOND_USER);
+        assert_eq!(moved(back, &Command::User(None)), Some(ALICE_PRIVATE));
+        assert_eq!(
+            moved(back, &Command::User(Some("alice".into()))),
+            Some(ALICE_PRIVATE)
+        );
+        assert_eq!(
+            moved(ALICE_PRIVATE, &Command::User(Some("1001".into()))).map(Place::user),
+            Some(SECOND_USER)
+        );
+        assert_eq!(
+            moved(ALICE_PRIVATE, &Command::User(Some("carol".into()))),
+            None
+        );
+    }
+}
