@@ -3,8 +3,8 @@
 //! The sandbox (a local Bot API emulator) runs on its own thread on loopback;
 //! the daemon polls it like it would poll Telegram. Each line read from stdin
 //! is a message from a sandbox user, or one of the chat's commands (see
-//! [`input`]): press a button, send a file, go to the group, become the
-//! other user. What the bot does prints as it happens (see [`render`]):
+//! `input`): press a button, send a file, go to the group, become the
+//! other user. What the bot does prints as it happens (see `render`):
 //! messages with their keyboards as numbered buttons, media, edits,
 //! deletions and callback answers. With piped input each line waits for
 //! the bot to answer the one before (so `!1` presses a button the bot just

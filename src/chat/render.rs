@@ -28,7 +28,8 @@ pub enum PressError {
 /// The keyboards on show in one chat.
 #[derive(Default)]
 struct Keyboards {
-    /// The message with the inline keyboard shown last, and its buttons.
+    /// The message with the inline keyboard shown last, and how many
+    /// buttons it has.
     inline: Option<(i64, usize)>,
     /// The texts of the reply keyboard's buttons.
     reply: Option<Vec<String>>,

@@ -19,8 +19,8 @@ pub enum ButtonError {
     /// A URL button: a client opens the link, the bot hears nothing.
     #[error("the button opens {url}")]
     OpensUrl { url: String },
-    /// Web apps, inline-query switches, payments, copy-text buttons: a
-    /// client does something the sandbox does not emulate.
+    /// Web apps, inline-query switches, games, payments, copy-text
+    /// buttons: a client does something the sandbox does not emulate.
     #[error("a {kind} button cannot be pressed in the sandbox")]
     Unsupported { kind: String },
 }
@@ -63,8 +63,6 @@ impl State {
         })?;
         let (key, value) = if let Some(data) = button.get("callback_data") {
             ("data", data.clone())
-        } else if button.get("callback_game").is_some() {
-            ("game_short_name", json!(self.bot["username"]))
         } else if let Some(url) = button.get("url").and_then(Value::as_str) {
             return Err(ButtonError::OpensUrl {
                 url: url.to_string(),
@@ -82,6 +80,8 @@ impl State {
             .get(&from)
             .cloned()
             .unwrap_or_else(|| synthetic_user(from));
+        // Telegram's query ids are long decimal strings; a serial keeps
+        // them unique.
         let query_id = format!("{}", 4_000_000_000_000_000_000u64 + self.next_serial());
         let mut query = json!({
             "id": query_id,

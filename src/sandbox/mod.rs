@@ -39,6 +39,11 @@
 //!   [`Sandbox::add_file`]) or the bot uploaded, and `400 Bad Request:
 //!   invalid file_id` for any other id; their bytes are served at
 //!   `/file/bot<token>/<file_path>`.
+//! * Clients' side: a group whose members are known ([`Sandbox::create_group`]),
+//!   messages from any user in it ([`Sandbox::inject_text_from`]), and
+//!   inline button presses that become `callback_query` updates with the
+//!   message, the user and a per-chat `chat_instance`
+//!   ([`Sandbox::press_button`]).
 //! * Flood limits (1 message/s per chat with a small burst, 20/min per group,
 //!   30/s overall), group-to-supergroup migration errors and token revocation,
 //!   all switchable at run time.
@@ -46,7 +51,8 @@
 //! # What is not emulated
 //!
 //! Self-signed webhook certificates, parse modes (text is echoed as sent, entities only as
-//! given), permissions and membership beyond the private-chat rule, real media
+//! given), permissions, membership beyond the private-chat rule and the groups made
+//! by `create_group`, real media
 //! processing, file size limits other than the upload cap, the 3-second
 //! throttling Telegram applies to busy-looping or conflicting `getUpdates`
 //! callers, and the 24-hour expiry of unconfirmed updates. File identifiers
