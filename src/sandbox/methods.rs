@@ -195,7 +195,7 @@ fn dispatch(state: &mut State, call: &Request, chat: Option<Value>) -> Outcome {
         "getChat" => Ok(get_chat(state, &require(chat)?).into()),
         "getChatMember" => Ok(get_chat_member(state, call, &require(chat)?).into()),
         "getChatAdministrators" => get_chat_administrators(state, &require(chat)?),
-        "getChatMemberCount" => Ok(json!(2).into()),
+        "getChatMemberCount" => Ok(get_chat_member_count(state, &require(chat)?).into()),
         "getFile" => get_file(state, call),
         _ if name.starts_with("send") && call.method.returns == "Message" => {
             messages::send_content(state, call, &require(chat)?)
@@ -314,7 +314,22 @@ fn get_chat_member(state: &mut State, call: &Request, chat: &Value) -> Value {
         .get(&user_id)
         .cloned()
         .unwrap_or_else(|| synthetic_user(user_id));
-    json!({"status": "member", "user": user})
+    let chat_id = chat["id"].as_i64().unwrap_or_default();
+    let status = match state.members(chat_id) {
+        Some(members) if !members.contains(&user_id) => "left",
+        _ => "member",
+    };
+    json!({"status": status, "user": user})
+}
+
+/// The bot and the members of a group the sandbox made; 2 (the bot and
+/// one user) where it does not track membership.
+fn get_chat_member_count(state: &State, chat: &Value) -> Value {
+    let chat_id = chat["id"].as_i64().unwrap_or_default();
+    match state.members(chat_id) {
+        Some(members) => json!(members.len() + 1),
+        None => json!(2),
+    }
 }
 
 fn get_chat_administrators(state: &mut State, chat: &Value) -> Outcome {

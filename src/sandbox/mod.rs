@@ -39,6 +39,11 @@
 //!   [`Sandbox::add_file`]) or the bot uploaded, and `400 Bad Request:
 //!   invalid file_id` for any other id; their bytes are served at
 //!   `/file/bot<token>/<file_path>`.
+//! * Clients' side: a group whose members are known ([`Sandbox::create_group`]),
+//!   messages from any user in it ([`Sandbox::inject_text_from`]), and
+//!   inline button presses that become `callback_query` updates with the
+//!   message, the user and a per-chat `chat_instance`
+//!   ([`Sandbox::press_button`]).
 //! * Flood limits (1 message/s per chat with a small burst, 20/min per group,
 //!   30/s overall), group-to-supergroup migration errors and token revocation,
 //!   all switchable at run time.
@@ -46,7 +51,8 @@
 //! # What is not emulated
 //!
 //! Self-signed webhook certificates, parse modes (text is echoed as sent, entities only as
-//! given), permissions and membership beyond the private-chat rule, real media
+//! given), permissions, membership beyond the private-chat rule and the groups made
+//! by `create_group`, real media
 //! processing, file size limits other than the upload cap, the 3-second
 //! throttling Telegram applies to busy-looping or conflicting `getUpdates`
 //! callers, and the 24-hour expiry of unconfirmed updates. File identifiers
@@ -62,6 +68,7 @@
 //! `retry_after` are injected on demand through a [`FaultPlan`], for
 //! `getUpdates` as for every other method.
 
+mod buttons;
 mod envelope;
 mod fabricate;
 mod faults;
@@ -74,6 +81,7 @@ mod server;
 mod state;
 mod webhook;
 
+pub use buttons::{ButtonError, Pressed};
 pub use faults::{Fault, FaultPlan};
 pub use state::{RecordedCall, SandboxStats, SandboxView, UploadedFile};
 
@@ -257,6 +265,67 @@ impl Sandbox {
     /// `bot_command` entity as on Telegram. Returns the update's id.
     pub fn inject_text(&self, chat_id: i64, text: &str) -> i64 {
         self.shared.update(|s| s.inject_text(chat_id, text))
+    }
+
+    /// [`Sandbox::inject_text`] written by user `from` instead of the chat's
+    /// default sender: a second user in a group, for instance.
+    pub fn inject_text_from(&self, chat_id: i64, from: i64, text: &str) -> i64 {
+        self.shared
+            .update(|s| s.inject_text_from(chat_id, Some(from), text))
+    }
+
+    /// A message with a photo (`file_name` None) or a document named
+    /// `file_name`, of `bytes`, with an optional caption, written by user
+    /// `from` in chat `chat_id`. Returns the update's id and the file's
+    /// `file_id`.
+    pub fn inject_file_from(
+        &self,
+        chat_id: i64,
+        from: i64,
+        bytes: impl Into<bytes::Bytes>,
+        file_name: Option<&str>,
+        caption: Option<&str>,
+    ) -> (i64, String) {
+        let bytes = bytes.into();
+        self.shared
+            .update(|s| s.inject_file_from(chat_id, Some(from), bytes, file_name, caption))
+    }
+
+    /// Makes a user known (a User object with at least `id`; `is_bot` and
+    /// `first_name` are filled in when missing), so that their messages,
+    /// button presses and their private chat carry this name.
+    pub fn register_user(&self, user: Value) {
+        self.shared.update(|s| s.register_user(&user));
+    }
+
+    /// Makes a basic group with the bot and `members` in it, as if a user
+    /// had created it and added the bot; returns its Chat object. Messages
+    /// from any member can then be injected with
+    /// [`Sandbox::inject_text_from`]; `getChatMember` answers "left" for
+    /// users who are not members.
+    pub fn create_group(&self, id: i64, title: &str, members: &[i64]) -> Value {
+        self.shared.update(|s| s.create_group(id, title, members))
+    }
+
+    /// Presses button `index` (0-based, counted row by row) of the inline
+    /// keyboard on the bot's message `message_id` in chat `chat_id`, as
+    /// user `from`. A callback button queues a `callback_query` update
+    /// with the message, the user and the chat's `chat_instance`, which the
+    /// bot answers with `answerCallbackQuery` (see [`Sandbox::subscribe`]).
+    ///
+    /// # Errors
+    ///
+    /// When there is no such message or button, or the button does
+    /// something only a client does (opening a URL, a web app…).
+    pub fn press_button(
+        &self,
+        chat_id: i64,
+        message_id: i64,
+        from: i64,
+        index: usize,
+    ) -> Result<Pressed, ButtonError> {
+        self.shared
+            .update(|s| s.press_button(chat_id, message_id, from, index))
     }
 
     /// Makes a chat known without an update, e.g. a group or channel the bot

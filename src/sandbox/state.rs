@@ -238,6 +238,8 @@ pub(crate) struct State {
     pub deliveries: super::webhook::Deliveries,
     pub chats: HashMap<i64, Value>,
     pub users: HashMap<i64, Value>,
+    /// Members (other than the bot) of the groups made by `create_group`.
+    members: HashMap<i64, Vec<i64>>,
     last_message_id: HashMap<i64, i64>,
     pub messages: HashMap<(i64, i64), Value>,
     files: HashMap<String, StoredFile>,
@@ -271,6 +273,7 @@ impl State {
             deliveries: Default::default(),
             chats: HashMap::new(),
             users: HashMap::new(),
+            members: HashMap::new(),
             last_message_id: HashMap::new(),
             messages: HashMap::new(),
             files: HashMap::new(),
@@ -346,7 +349,13 @@ impl State {
     }
 
     pub fn inject_text(&mut self, chat_id: i64, text: &str) -> i64 {
-        let mut message = self.user_message(chat_id);
+        self.inject_text_from(chat_id, None, text)
+    }
+
+    /// [`State::inject_text`] written by user `from` (None: the chat's
+    /// default sender).
+    pub fn inject_text_from(&mut self, chat_id: i64, from: Option<i64>, text: &str) -> i64 {
+        let mut message = self.user_message(chat_id, from);
         message["text"] = json!(text);
         if let Some(length) = command_length(text) {
             message["entities"] = json!([{"type": "bot_command", "offset": 0, "length": length}]);
@@ -364,6 +373,19 @@ impl State {
         bytes: Bytes,
         file_name: Option<&str>,
     ) -> (i64, String) {
+        self.inject_file_from(chat_id, None, bytes, file_name, None)
+    }
+
+    /// [`State::inject_file`] written by user `from` (None: the chat's
+    /// default sender), with a caption.
+    pub fn inject_file_from(
+        &mut self,
+        chat_id: i64,
+        from: Option<i64>,
+        bytes: Bytes,
+        file_name: Option<&str>,
+        caption: Option<&str>,
+    ) -> (i64, String) {
         let size = bytes.len();
         let folder = if file_name.is_some() {
             "documents"
@@ -374,7 +396,10 @@ impl State {
         let file_id = file.file_id.clone();
         let media =
             json!({"file_id": file.file_id, "file_unique_id": file.unique_id, "file_size": size});
-        let mut message = self.user_message(chat_id);
+        let mut message = self.user_message(chat_id, from);
+        if let Some(caption) = caption.filter(|c| !c.is_empty()) {
+            message["caption"] = json!(caption);
+        }
         match file_name {
             Some(name) => {
                 let mut document = media;
@@ -393,9 +418,9 @@ impl State {
 
     /// A new message from the user `chat_id` in their private chat with the
     /// bot, or for a negative `chat_id` from user 1000 in that group; the
-    /// caller adds its content.
-    fn user_message(&mut self, chat_id: i64) -> Value {
-        let (chat, from) = if chat_id > 0 {
+    /// caller adds its content. `from` names another sender.
+    fn user_message(&mut self, chat_id: i64, from: Option<i64>) -> Value {
+        let (chat, mut sender) = if chat_id > 0 {
             let user = self
                 .users
                 .get(&chat_id)
@@ -420,9 +445,16 @@ impl State {
                 .unwrap_or_else(|| synthetic_user(DEFAULT_GROUP_SENDER));
             (chat, user)
         };
+        if let Some(id) = from {
+            sender = self
+                .users
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| synthetic_user(id));
+        }
         json!({
             "message_id": self.alloc_message_id(chat_id),
-            "from": from,
+            "from": sender,
             "chat": chat,
             "date": unix_now(),
         })
@@ -508,6 +540,37 @@ impl State {
 
     pub fn register_chat(&mut self, chat: &Value) {
         self.learn(chat);
+    }
+
+    /// Makes a user known, so that messages from them carry this User
+    /// object (name, username) instead of a made-up one.
+    pub fn register_user(&mut self, user: &Value) {
+        if let Some(id) = user["id"].as_i64() {
+            let mut user = user.clone();
+            if let Value::Object(object) = &mut user {
+                object.entry("is_bot").or_insert(false.into());
+                object
+                    .entry("first_name")
+                    .or_insert(format!("User {id}").into());
+            }
+            self.users.insert(id, user);
+        }
+    }
+
+    /// A basic group titled `title` whose members are the bot and `members`:
+    /// getChatMember answers "left" for anyone else, and
+    /// getChatMemberCount counts them.
+    pub fn create_group(&mut self, id: i64, title: &str, members: &[i64]) -> Value {
+        let chat = json!({"id": id, "type": "group", "title": title});
+        self.chats.insert(id, chat.clone());
+        self.members.insert(id, members.to_vec());
+        chat
+    }
+
+    /// The users of a group made by [`State::create_group`]; None for any
+    /// other chat, whose membership the sandbox does not track.
+    pub fn members(&self, chat_id: i64) -> Option<&[i64]> {
+        self.members.get(&chat_id).map(Vec::as_slice)
     }
 
     /// Learns every chat and user object found anywhere in `value`.

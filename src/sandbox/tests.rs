@@ -1224,3 +1224,72 @@ fn a_webhook_gets_each_chats_updates_in_order_and_failures_again() {
     );
     assert_eq!(bad.status, 400);
 }
+
+#[test]
+fn a_group_of_two_users_and_a_button_press() {
+    let sb = start();
+    sb.register_user(json!({"id": 1000, "first_name": "Alice", "username": "alice"}));
+    sb.register_user(json!({"id": 1001, "first_name": "Bob"}));
+    let group = sb.create_group(-4001, "Friends", &[1000, 1001]);
+    assert_eq!(group["type"], "group");
+    sb.inject_text_from(-4001, 1001, "hi all");
+    let (_, file_id) = sb.inject_file_from(-4001, 1000, &b"PNG"[..], None, Some("look"));
+    let updates = result(call(&sb, "getUpdates", json!({})));
+    let (text, photo) = (&updates[0]["message"], &updates[1]["message"]);
+    assert_eq!(
+        (&text["from"]["first_name"], &text["chat"]["title"]),
+        (&json!("Bob"), &json!("Friends"))
+    );
+    assert_eq!(photo["from"]["username"], "alice");
+    assert_eq!(photo["caption"], "look");
+    assert_eq!(photo["photo"][0]["file_id"], file_id.as_str());
+    assert_eq!(photo["photo"][0]["file_size"], 3);
+
+    let member = |user: i64| {
+        result(call(
+            &sb,
+            "getChatMember",
+            json!({"chat_id": -4001, "user_id": user}),
+        ))["status"]
+            .clone()
+    };
+    assert_eq!(
+        (member(1001), member(1002)),
+        (json!("member"), json!("left"))
+    );
+    assert_eq!(
+        result(call(&sb, "getChatMemberCount", json!({"chat_id": -4001}))),
+        3
+    );
+
+    let sent = result(call(
+        &sb,
+        "sendMessage",
+        json!({"chat_id": -4001, "text": "vote",
+               "reply_markup": {"inline_keyboard": [[{"text": "Up", "callback_data": "up"}]]}}),
+    ));
+    let message_id = sent["message_id"].as_i64().unwrap();
+    let pressed = sb.press_button(-4001, message_id, 1001, 0).unwrap();
+    let offset = updates[1]["update_id"].as_i64().unwrap() + 1;
+    let updates = result(call(&sb, "getUpdates", json!({ "offset": offset })));
+    let query = &updates[0]["callback_query"];
+    assert_eq!(updates[0]["update_id"], pressed.update_id);
+    assert_eq!(query["id"], pressed.query_id.as_str());
+    assert_eq!(
+        (&query["data"], &query["from"]["id"]),
+        (&json!("up"), &json!(1001))
+    );
+    assert_eq!(query["message"]["text"], "vote");
+    assert_eq!(query["message"]["chat"]["id"], -4001);
+    assert!(query["chat_instance"].as_str().is_some());
+    // Once the keyboard is edited away, there is nothing to press.
+    result(call(
+        &sb,
+        "editMessageText",
+        json!({"chat_id": -4001, "message_id": message_id, "text": "closed"}),
+    ));
+    assert_eq!(
+        sb.press_button(-4001, message_id, 1001, 0),
+        Err(ButtonError::NoKeyboard)
+    );
+}
