@@ -483,12 +483,12 @@ impl Settings {
             ));
         }
         validate_app_spec(&application).map_err(|r| SettingsError::key("app.application", r))?;
-        if raw.app.python.trim().is_empty() {
-            return Err(SettingsError::key(
-                "app.python",
-                "must name a Python interpreter",
-            ));
-        }
+        let python = if raw.app.python.trim().is_empty() {
+            let exe = std::env::current_exe().ok();
+            default_python(exe.as_deref().and_then(Path::parent), is_executable_file)
+        } else {
+            raw.app.python
+        };
         let workers = count("app.workers", raw.app.workers, 1, 256)?;
         let app_dir = if raw.app.app_dir.is_empty() {
             base_dir.to_path_buf()
@@ -602,7 +602,7 @@ impl Settings {
             },
             app: AppSettings {
                 application,
-                python: raw.app.python,
+                python,
                 app_dir,
                 workers: workers as usize,
                 lifespan: raw.app.lifespan,
@@ -803,6 +803,34 @@ fn number(key: &'static str, value: Number, min: f64, max: f64) -> Result<f64, S
 }
 
 /// The directory a relative `app_dir` / `token_file` is resolved against.
+/// The interpreter the workers run when `app.python` is empty:
+/// `python3`, else `python`, in `exe_dir` (the directory of the running
+/// binary) when `is_interpreter` says it is one, else `python3` on `PATH`.
+///
+/// `pip install asgigramd` puts the binary in a virtualenv's `bin/`, beside
+/// that virtualenv's interpreter, so this runs the workers in the environment
+/// the daemon was installed into, with the packages installed next to it,
+/// without the user activating it or naming it in the config. The candidate
+/// is used as found, not canonicalised: a virtualenv's `bin/python3` is a
+/// symlink to the base interpreter, and Python finds its virtualenv from the
+/// path it was started by.
+pub fn default_python(exe_dir: Option<&Path>, is_interpreter: impl Fn(&Path) -> bool) -> String {
+    exe_dir
+        .into_iter()
+        .flat_map(|dir| ["python3", "python"].map(|name| dir.join(name)))
+        .find(|candidate| is_interpreter(candidate))
+        // A path that is not UTF-8 cannot be carried in the `String` the
+        // setting is; PATH's python3 is then the one guess left.
+        .and_then(|candidate| candidate.into_os_string().into_string().ok())
+        .unwrap_or_else(|| "python3".to_string())
+}
+
+/// Whether `path` (following symlinks) is a regular file someone may execute.
+fn is_executable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
 fn config_dir(file: &Path) -> PathBuf {
     match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -1276,6 +1304,76 @@ mod tests {
             let err = load(Some(file.clone()), &[(key, value)]).unwrap_err();
             assert!(err.to_string().contains(named), "{err}");
         }
+    }
+
+    #[test]
+    fn default_python_is_the_one_beside_the_binary_else_python3_on_path() {
+        let venv_bin = Path::new("/srv/bot/.venv/bin");
+        let only = |names: &'static [&'static str]| {
+            move |p: &Path| {
+                p.parent() == Some(venv_bin)
+                    && names.iter().any(|n| p.file_name() == Some(n.as_ref()))
+            }
+        };
+        assert_eq!(
+            default_python(Some(venv_bin), only(&["python", "python3"])),
+            "/srv/bot/.venv/bin/python3"
+        );
+        assert_eq!(
+            default_python(Some(venv_bin), only(&["python"])),
+            "/srv/bot/.venv/bin/python"
+        );
+        // Installed anywhere without an interpreter beside it (cargo install,
+        // the container image's /usr/local/bin): as before.
+        assert_eq!(default_python(Some(venv_bin), only(&[])), "python3");
+        assert_eq!(default_python(None, |_| true), "python3");
+    }
+
+    #[test]
+    fn an_interpreter_beside_the_binary_is_an_executable_file_kept_as_linked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let base = write(dir.path(), "base-python", "#!/bin/sh\n");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        // Not executable: not an interpreter.
+        write(&bin, "python3", "");
+        assert_eq!(default_python(Some(&bin), is_executable_file), "python3");
+        // A virtualenv's: a symlink to the base interpreter, used by its own path.
+        std::fs::remove_file(bin.join("python3")).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&base, bin.join("python3")).unwrap();
+        assert_eq!(
+            default_python(Some(&bin), is_executable_file),
+            bin.join("python3").to_str().unwrap()
+        );
+        // A dangling link, or a directory, is none.
+        std::fs::remove_file(&base).unwrap();
+        std::fs::create_dir(bin.join("python")).unwrap();
+        assert_eq!(default_python(Some(&bin), is_executable_file), "python3");
+    }
+
+    #[test]
+    fn app_python_set_explicitly_always_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        for explicit in ["python3", "/opt/py/bin/python3.12", "python"] {
+            let s = load(Some(file.clone()), &[("ASGIGRAM_APP__PYTHON", explicit)]).unwrap();
+            assert_eq!(s.app.python, explicit);
+        }
+        let with_key = write(
+            dir.path(),
+            "b.toml",
+            &format!("{MINIMAL}python = \"/usr/bin/python3\"\n"),
+        );
+        assert_eq!(
+            load(Some(with_key), &[]).unwrap().app.python,
+            "/usr/bin/python3"
+        );
+        // Empty, in any layer: the default, found the same way as when unset.
+        let unset = load(Some(file.clone()), &[]).unwrap().app.python;
+        let empty = load(Some(file), &[("ASGIGRAM_APP__PYTHON", " ")]).unwrap();
+        assert_eq!(empty.app.python, unset);
     }
 
     #[test]
