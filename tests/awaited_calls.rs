@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -55,15 +55,6 @@ fn expected(chat: i64, n: usize) -> Vec<String> {
             [a, b]
         })
         .collect()
-}
-
-/// Distinct update ids the app received, from its record.
-fn received(record: &Path) -> usize {
-    std::fs::read_to_string(record)
-        .unwrap_or_default()
-        .lines()
-        .collect::<HashSet<_>>()
-        .len()
 }
 
 fn start(sb: &Sandbox, state: &Path, record: &Path, workers: usize) -> Daemon {

@@ -12,17 +12,6 @@ use std::time::{Duration, Instant};
 use asgigramd::sandbox::Sandbox;
 use common::*;
 
-/// update_id -> how many times an app instance received it.
-fn receipts(record: &Path) -> HashMap<i64, usize> {
-    let mut seen = HashMap::new();
-    for line in std::fs::read_to_string(record).unwrap_or_default().lines() {
-        if let Ok(id) = line.trim().parse() {
-            *seen.entry(id).or_default() += 1;
-        }
-    }
-    seen
-}
-
 /// The texts "c<chat>-<i>" for i in 0..n, in order.
 fn expected(chat: i64, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("c{chat}-{i}")).collect()

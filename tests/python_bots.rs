@@ -15,17 +15,6 @@ use asgigramd::sandbox::Sandbox;
 use common::*;
 use serde_json::{json, Value};
 
-/// update_id -> how many times the app received it.
-fn receipts(record: &Path) -> HashMap<i64, usize> {
-    let mut seen = HashMap::new();
-    for line in std::fs::read_to_string(record).unwrap_or_default().lines() {
-        if let Ok(id) = line.trim().parse() {
-            *seen.entry(id).or_default() += 1;
-        }
-    }
-    seen
-}
-
 fn start(sb: &Sandbox, app: &str, record: &Path) -> Daemon {
     let config = config_for(sb, app, "[sender]\nlimits = false\n");
     Daemon::start(

@@ -5,41 +5,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use asgigramd::sandbox::{Fault, FaultPlan};
 use common::*;
-
-/// update_id -> how many times an app instance received it.
-fn receipts(record: &Path) -> HashMap<i64, usize> {
-    let mut seen = HashMap::new();
-    for line in std::fs::read_to_string(record).unwrap_or_default().lines() {
-        if let Ok(id) = line.trim().parse() {
-            *seen.entry(id).or_default() += 1;
-        }
-    }
-    seen
-}
-
-fn received(record: &Path) -> usize {
-    receipts(record).len()
-}
-
-/// Reply text -> how many times it reached the Bot API, over `chats`.
-fn replies(
-    sb: &asgigramd::sandbox::Sandbox,
-    chats: std::ops::Range<i64>,
-) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for chat in chats {
-        for text in sb.sent_texts(chat) {
-            *seen.entry(text).or_default() += 1;
-        }
-    }
-    seen
-}
 
 /// Waits for the replies "m0".."m{total-1}" (the recorder echoes) in `chats`
 /// and asserts each arrived exactly once.

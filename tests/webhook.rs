@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -31,35 +30,6 @@ fn webhook_section(port: u16) -> String {
     format!(
         "[webhook]\nurl = \"http://127.0.0.1:{port}{PATH}\"\nlisten = \"127.0.0.1:{port}\"\nsecret_token = \"{SECRET}\"\n"
     )
-}
-
-/// update_id -> how many times an app instance received it.
-fn receipts(record: &Path) -> HashMap<i64, usize> {
-    let mut seen = HashMap::new();
-    for line in std::fs::read_to_string(record).unwrap_or_default().lines() {
-        if let Ok(id) = line.trim().parse() {
-            *seen.entry(id).or_default() += 1;
-        }
-    }
-    seen
-}
-
-fn received(record: &Path) -> usize {
-    receipts(record).len()
-}
-
-/// Reply text -> how many times it reached the Bot API, over `chats`.
-fn replies(
-    sb: &asgigramd::sandbox::Sandbox,
-    chats: std::ops::Range<i64>,
-) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for chat in chats {
-        for text in sb.sent_texts(chat) {
-            *seen.entry(text).or_default() += 1;
-        }
-    }
-    seen
 }
 
 /// The recorder app in webhook mode on `port`, its journal in `state`.

@@ -303,3 +303,34 @@ pub fn collector() -> (
     let addr = Collector(std::rc::Rc::clone(&done)).start();
     (addr.recipient(), done)
 }
+
+/// update_id -> how many times an app instance received it, from the record
+/// file the recording test apps append each update_id to.
+pub fn receipts(record: &Path) -> std::collections::HashMap<i64, usize> {
+    let mut seen = std::collections::HashMap::new();
+    for line in fs::read_to_string(record).unwrap_or_default().lines() {
+        if let Ok(id) = line.trim().parse() {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    seen
+}
+
+/// How many distinct updates the app received.
+pub fn received(record: &Path) -> usize {
+    receipts(record).len()
+}
+
+/// Reply text -> how many times it reached the Bot API, over `chats`.
+pub fn replies(
+    sb: &Sandbox,
+    chats: std::ops::Range<i64>,
+) -> std::collections::HashMap<String, usize> {
+    let mut seen = std::collections::HashMap::new();
+    for chat in chats {
+        for text in sb.sent_texts(chat) {
+            *seen.entry(text).or_default() += 1;
+        }
+    }
+    seen
+}
