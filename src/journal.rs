@@ -77,6 +77,12 @@
 //!     mode starts past every stored id. The receiver dispatches only what
 //!     this append answers as new, after it returned, so no record can come
 //!     first.
+//! 12. Back to polling while `seen` holds ids ([`Journal::webhook_seen`]),
+//!     Telegram may still hold an update below the watermark (one refused
+//!     while later ones were taken), so the Poller fetches from what Telegram
+//!     holds and appends as rule 11 does, dispatching only what it answers
+//!     as new. Ids polling stored before (up to [`Journal::polled`], kept by
+//!     every polling append) are resends: they never entered `seen`.
 //!
 //! Handled updates and outbox rows need not wait for the disk: WAL commits
 //! survive the process being killed, and a power loss rolls back whole
@@ -289,6 +295,15 @@ impl Journal {
             .and_then(|mut upsert| upsert.execute(params![w]))
             .map_err(|e| sqlite_err(&self.path, e))?;
         }
+        if let Some(highest) = fresh.iter().copied().max() {
+            // Rule 12: how far polling stored, apart from the webhook.
+            tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('polled', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+            )
+            .and_then(|mut upsert| upsert.execute(params![highest]))
+            .map_err(|e| sqlite_err(&self.path, e))?;
+        }
         tx.commit().map_err(|e| sqlite_err(&self.path, e))?;
         metrics().journal_entries.add(fresh.len() as i64);
         Ok(fresh)
@@ -352,6 +367,25 @@ impl Journal {
         tx.commit().map_err(|e| sqlite_err(&self.path, e))?;
         metrics().journal_entries.add(stored as i64);
         Ok(())
+    }
+
+    /// The highest update_id a polling append stored (rule 12).
+    pub fn polled(&self) -> Result<Option<i64>, JournalError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = 'polled'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Whether a webhook delivered updates within [`SEEN_FOR`] (rule 11):
+    /// Telegram may then still hold one whose id is below the watermark, so
+    /// polling tells new from seen by the `seen` table until it is past them.
+    pub fn webhook_seen(&self) -> Result<bool, JournalError> {
+        self.conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM seen)", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
     }
 
     /// Rule 11: stores the updates a webhook delivered whose ids were not seen before,
@@ -1191,6 +1225,22 @@ mod tests {
         ids.iter()
             .map(|i| (*i, format!("{{\"update_id\":{i}}}")))
             .collect()
+    }
+
+    #[test]
+    fn polling_keeps_how_far_it_stored_and_the_webhook_does_not_move_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        assert_eq!(j.polled().unwrap(), None);
+        assert!(!j.webhook_seen().unwrap());
+        j.append(&batch(&[5, 6]), None).unwrap();
+        assert_eq!(j.polled().unwrap(), Some(6));
+        j.append_webhook(&batch(&[9])).unwrap();
+        assert_eq!(j.polled().unwrap(), Some(6));
+        assert!(j.webhook_seen().unwrap());
+        // A resent batch stores nothing and leaves the mark where it was.
+        j.append(&batch(&[5, 6]), Some(5)).unwrap();
+        assert_eq!(j.polled().unwrap(), Some(6));
     }
 
     #[test]

@@ -102,7 +102,7 @@ use tokio::sync::{oneshot, Notify};
 use actors::ingress::{Ingress, Open};
 use actors::outbox::{Flush, Outbox, Recover};
 use actors::poller::Delivery;
-use actors::poller::{Poller, StopPolling};
+use actors::poller::{Poller, Start, StopPolling};
 use actors::sender::{Drained, Sender};
 use actors::supervisor::{
     CloseAll, Dispatch, Push, SetBot, StartupError, StopWorkers, Supervisor, WaitReady,
@@ -183,6 +183,10 @@ struct Recovery {
     watermark: Option<i64>,
     /// The id the next pushed event gets.
     next_pushed: i64,
+    /// A webhook delivered updates lately (journal rule 11), and how far
+    /// polling stored (rule 12).
+    webhook_seen: bool,
+    polled: Option<i64>,
     outbox: journal::Recovered,
 }
 
@@ -227,6 +231,8 @@ fn start_journal(settings: &Settings) -> Result<(Addr<JournalActor>, Recovery), 
     let outbox = journal.recover().map_err(fail)?;
     let watermark = journal.watermark().map_err(fail)?;
     let next_pushed = journal.next_pushed_id().map_err(fail)?;
+    let webhook_seen = journal.webhook_seen().map_err(fail)?;
+    let polled = journal.polled().map_err(fail)?;
     let mut pending = Vec::new();
     for (id, body) in journal.pending().map_err(fail)? {
         let read = if id < 0 {
@@ -260,6 +266,8 @@ fn start_journal(settings: &Settings) -> Result<(Addr<JournalActor>, Recovery), 
         updates: pending,
         watermark,
         next_pushed,
+        webhook_seen,
+        polled,
         outbox,
     };
     Ok((thread, recovery))
@@ -373,6 +381,8 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         updates: replayed,
         watermark,
         next_pushed,
+        webhook_seen,
+        polled,
         outbox: unsent,
     } = recovery;
     let (sender, outbox) = start_sending(bot.clone(), &settings, Some(journal.clone()));
@@ -516,7 +526,11 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
                     bot.clone(),
                     delivery,
                     &settings.telegram,
-                    watermark,
+                    Start {
+                        watermark,
+                        after_webhook: webhook_seen,
+                        polled,
+                    },
                     Box::new(move |e| {
                         *fatal.borrow_mut() = Some(e);
                         notify.notify_one();

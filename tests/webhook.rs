@@ -526,3 +526,76 @@ fn with_a_certificate_the_receiver_speaks_https_and_uploads_it() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(wait_texts(&sb, 88, 1, &d), vec!["over tls"]);
 }
+
+/// Back from webhook to polling: Telegram may still hold an update whose id
+/// is below the highest one the webhook delivered (it was refused while
+/// later ones of other chats were taken). Polling then starts from what
+/// Telegram holds and tells resends by the ids the webhook delivered, so
+/// that update is delivered, and one the webhook had delivered is not.
+#[test]
+fn back_to_polling_an_update_telegram_held_below_the_webhooks_ids_is_delivered() {
+    let sb = sandbox();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("state");
+    let env = [(
+        "ASGIGRAM_JOURNAL__DIR",
+        state.to_str().expect("utf-8 temp path"),
+    )];
+    let config = config_for(&sb, "echo3:app", "");
+    let d = Daemon::start(&config, &env);
+    let warm = sb.inject_text(81, "warm");
+    assert_eq!(wait_texts(&sb, 81, 1, &d), ["warm"]);
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+
+    // What webhook mode would have left: the webhook delivered two updates
+    // (their ids seen, the watermark at the higher), while Telegram still
+    // holds them and one below them it never delivered. "warm" itself may
+    // still be held too: the stop came before its offset was confirmed.
+    let file = std::fs::read_dir(&state)
+        .expect("the journal's directory exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "sqlite3"))
+        .expect("the journal file exists");
+    let held = sb.inject_text(81, "held");
+    let resent = sb.inject_text(81, "delivered by the webhook");
+    let other = sb.inject_text(82, "another chat's, delivered by the webhook");
+    assert_eq!((held, resent, other), (warm + 1, warm + 2, warm + 3));
+    {
+        let c = rusqlite::Connection::open(&file).expect("journal opens");
+        for id in [resent, other] {
+            c.execute(
+                "INSERT INTO seen (update_id, at) VALUES (?1, strftime('%s', 'now'))",
+                [id],
+            )
+            .expect("seen row written");
+        }
+        c.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'watermark'",
+            [other],
+        )
+        .expect("watermark moved");
+    }
+
+    let d = Daemon::start(&config, &env);
+    sb.inject_text(81, "after");
+    assert!(
+        wait_for(DEADLINE, || sb.sent_texts(81).len() >= 3),
+        "{}",
+        d.log()
+    );
+    assert!(
+        wait_for(DEADLINE, || sb.confirmed_offset() > warm + 4),
+        "confirmed {} (warm {warm}), sent {:?}\n{}",
+        sb.confirmed_offset(),
+        sb.sent_texts(81),
+        d.log()
+    );
+    assert_eq!(
+        sb.sent_texts(81),
+        ["warm", "held", "after"],
+        "the held update delivered, the webhook's and the polled one not again\n{}",
+        d.log()
+    );
+    assert!(sb.sent_texts(82).is_empty(), "{}", d.log());
+}

@@ -110,6 +110,24 @@ pub struct Poller {
     gate: Gate,
     /// A poll waits for the gate to open.
     deferred: bool,
+    /// A webhook delivered updates lately (journal rule 11): Telegram may
+    /// still hold one whose id is below the watermark (refused with 503
+    /// while later ones were taken), so until Telegram has nothing older
+    /// left, polling starts from what it holds and the journal's `seen`
+    /// table, asked before anything is dispatched, tells new from resent.
+    after_webhook: bool,
+    /// While `after_webhook`: ids up to this were stored by polling before.
+    polled: Option<i64>,
+}
+
+/// Where polling starts, from the journal.
+pub struct Start {
+    /// The journal's watermark (its rule 2).
+    pub watermark: Option<i64>,
+    /// A webhook delivered updates lately (its rule 11).
+    pub after_webhook: bool,
+    /// The highest update_id polling stored (its rule 12).
+    pub polled: Option<i64>,
 }
 
 impl Poller {
@@ -117,22 +135,38 @@ impl Poller {
         bot: Bot,
         delivery: Delivery,
         telegram: &crate::settings::TelegramSettings,
-        watermark: Option<i64>,
+        start: Start,
         fatal: FatalHook,
     ) -> Poller {
+        let Start {
+            watermark,
+            after_webhook,
+            polled,
+        } = start;
+        if after_webhook {
+            log::info!(
+                "journal: a webhook delivered updates lately; polling takes what Telegram still holds and tells resends by id"
+            );
+        }
         Poller {
             bot,
             delivery,
             poll_timeout: telegram.poll_timeout,
             limit: telegram.poll_limit,
             allowed_updates: telegram.allowed_updates.clone(),
-            offset: watermark.map(|w| w + 1),
+            offset: if after_webhook {
+                None
+            } else {
+                watermark.map(|w| w + 1)
+            },
             watermark,
             failures: 0,
             fatal: Some(fatal),
             in_flight: None,
             gate: Gate::default(),
             deferred: false,
+            after_webhook,
+            polled,
         }
     }
 
@@ -163,6 +197,37 @@ impl Poller {
             return;
         };
         let fetched_with = self.offset;
+        if self.after_webhook {
+            if updates.is_empty() {
+                // Telegram holds nothing older: from here ids are new
+                // past the watermark, as without a webhook.
+                self.after_webhook = false;
+                self.offset = next.max(self.watermark.map(|w| w + 1));
+                self.poll_when_ready(ctx);
+                return;
+            }
+            let count = updates.len();
+            let polled = self.polled;
+            updates.retain(|u| polled.is_none_or(|p| u.id.0 > p));
+            if updates.len() < count {
+                log::info!(
+                    "{} update(s) already in the journal skipped (sent again by Telegram)",
+                    count - updates.len()
+                );
+            }
+            if updates.is_empty() {
+                self.offset = next;
+                self.poll_when_ready(ctx);
+                return;
+            }
+            let append = Append {
+                batch: journal_rows(&updates),
+                fetched_with,
+                by_webhook: true,
+            };
+            self.store(journal, append, Some(updates), next, ctx);
+            return;
+        }
         let count = updates.len();
         updates.retain(|u| admit(&mut self.watermark, u.id.0, fetched_with));
         if updates.len() < count {
@@ -187,13 +252,16 @@ impl Poller {
         // first. Dispatched first: waking the journal thread costs the actor
         // thread a system call that the update need not wait for.
         self.delivery.supervisor.do_send(Dispatch(updates));
-        self.store(journal, append, next, ctx);
+        self.store(journal, append, None, next, ctx);
     }
 
+    /// Stores a batch, then polls again; `held` are updates not dispatched
+    /// yet, of which the new ones go once the journal said which they are.
     fn store(
         &mut self,
         journal: Addr<JournalActor>,
         append: Append,
+        held: Option<Vec<Update>>,
         next: Option<i64>,
         ctx: &mut Context<Self>,
     ) {
@@ -203,8 +271,11 @@ impl Poller {
         self.in_flight = Some(ctx.spawn(stored.into_actor(self).map(move |result, act, ctx| {
             act.in_flight = None;
             match result.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-                Ok(_) => {
+                Ok(fresh) => {
                     act.failures = 0;
+                    if let Some(held) = held {
+                        act.dispatch_fresh(held, &fresh);
+                    }
                     act.offset = next;
                     act.poll_when_ready(ctx);
                 }
@@ -220,11 +291,34 @@ impl Poller {
                         count = append.batch.len()
                     );
                     act.in_flight = Some(ctx.run_later(delay, move |act, ctx| {
-                        act.store(journal, append, next, ctx);
+                        act.store(journal, append, held, next, ctx);
                     }));
                 }
             }
         })));
+    }
+
+    /// Dispatches the updates of `held` the journal stored as new (`fresh`);
+    /// the rest were delivered by the webhook already.
+    fn dispatch_fresh(&mut self, held: Vec<Update>, fresh: &[i64]) {
+        let fresh: std::collections::HashSet<i64> = fresh.iter().copied().collect();
+        let count = held.len();
+        let new: Vec<Update> = held
+            .into_iter()
+            .filter(|u| fresh.contains(&u.id.0))
+            .collect();
+        if new.len() < count {
+            log::info!(
+                "{} update(s) already in the journal skipped (sent again by Telegram)",
+                count - new.len()
+            );
+        }
+        if let Some(highest) = new.iter().map(|u| u.id.0).max() {
+            self.watermark = self.watermark.max(Some(highest));
+        }
+        if !new.is_empty() {
+            self.delivery.supervisor.do_send(Dispatch(new));
+        }
     }
 
     fn params(&self) -> Value {
