@@ -275,25 +275,7 @@ fn a_flaky_bot_api_loses_and_duplicates_nothing() {
     for i in 0..total {
         sb.inject_text(600 + (i % 20) as i64, &format!("m{i}"));
     }
-    assert!(
-        wait_for(DEADLINE, || received(&record) >= total),
-        "{}",
-        d.log()
-    );
-    let seen = receipts(&record);
-    assert!(
-        seen.values().all(|&n| n == 1),
-        "an update reached the app twice"
-    );
-    let ok = wait_for(DEADLINE, || {
-        (0..20).map(|c| sb.sent_texts(600 + c).len()).sum::<usize>() >= total
-    });
-    let replies: usize = (0..20).map(|c| sb.sent_texts(600 + c).len()).sum();
-    assert!(
-        ok && replies == total,
-        "{replies} replies for {total} updates; log:\n{}",
-        d.log()
-    );
+    assert_received_once_and_answered(&sb, &record, 600..620, total, &d);
 }
 
 #[test]

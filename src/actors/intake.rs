@@ -98,6 +98,17 @@ impl Gate {
     }
 }
 
+/// One line for the updates of a batch the journal had stored before,
+/// under the caller's log target (`module_path!()`), as it always was.
+pub fn log_resent(target: &str, skipped: usize) {
+    if skipped > 0 {
+        log::info!(
+            target: target,
+            "{skipped} update(s) already in the journal skipped (sent again by Telegram)"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

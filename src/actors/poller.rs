@@ -50,7 +50,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use serde_json::{json, Value};
 
-use crate::actors::intake::{journal_rows, Gate, GateWords};
+use crate::actors::intake::{journal_rows, log_resent, Gate, GateWords};
 use crate::actors::supervisor::{Dispatch, Supervisor, WatchBackpressure};
 use crate::backoff::Backoff;
 use crate::journal::{admit, Append, JournalActor};
@@ -197,45 +197,22 @@ impl Poller {
             return;
         };
         let fetched_with = self.offset;
-        if self.after_webhook {
-            if updates.is_empty() {
-                // Telegram holds nothing older: from here ids are new
-                // past the watermark, as without a webhook.
-                self.after_webhook = false;
-                self.offset = next.max(self.watermark.map(|w| w + 1));
-                self.poll_when_ready(ctx);
-                return;
-            }
-            let count = updates.len();
-            let polled = self.polled;
-            updates.retain(|u| polled.is_none_or(|p| u.id.0 > p));
-            if updates.len() < count {
-                log::info!(
-                    "{} update(s) already in the journal skipped (sent again by Telegram)",
-                    count - updates.len()
-                );
-            }
-            if updates.is_empty() {
-                self.offset = next;
-                self.poll_when_ready(ctx);
-                return;
-            }
-            let append = Append {
-                batch: journal_rows(&updates),
-                fetched_with,
-                by_webhook: true,
-            };
-            self.store(journal, append, Some(updates), next, ctx);
+        if self.after_webhook && updates.is_empty() {
+            // Telegram holds nothing older: from here ids are new past the
+            // watermark, as without a webhook.
+            self.after_webhook = false;
+            self.offset = next.max(self.watermark.map(|w| w + 1));
+            self.poll_when_ready(ctx);
             return;
         }
         let count = updates.len();
-        updates.retain(|u| admit(&mut self.watermark, u.id.0, fetched_with));
-        if updates.len() < count {
-            log::info!(
-                "{} update(s) already in the journal skipped (sent again by Telegram)",
-                count - updates.len()
-            );
+        if self.after_webhook {
+            let polled = self.polled;
+            updates.retain(|u| polled.is_none_or(|p| u.id.0 > p));
+        } else {
+            updates.retain(|u| admit(&mut self.watermark, u.id.0, fetched_with));
         }
+        log_resent(module_path!(), count - updates.len());
         if updates.is_empty() {
             self.offset = next;
             self.poll_when_ready(ctx);
@@ -244,8 +221,14 @@ impl Poller {
         let append = Append {
             batch: journal_rows(&updates),
             fetched_with,
-            by_webhook: false,
+            by_webhook: self.after_webhook,
         };
+        if self.after_webhook {
+            // Which are new only the journal's `seen` can say: dispatched
+            // once it answered.
+            self.store(journal, append, Some(updates), next, ctx);
+            return;
+        }
         // The journal's one thread takes messages in the order they were
         // sent, and a record about these updates can only come once an app
         // has had them, so their append, queued in this same turn, is written
@@ -307,12 +290,7 @@ impl Poller {
             .into_iter()
             .filter(|u| fresh.contains(&u.id.0))
             .collect();
-        if new.len() < count {
-            log::info!(
-                "{} update(s) already in the journal skipped (sent again by Telegram)",
-                count - new.len()
-            );
-        }
+        log_resent(module_path!(), count - new.len());
         if let Some(highest) = new.iter().map(|u| u.id.0).max() {
             self.watermark = self.watermark.max(Some(highest));
         }

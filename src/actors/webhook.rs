@@ -47,7 +47,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use crate::actors::intake::{journal_rows, Gate, GateWords};
+use crate::actors::intake::{journal_rows, log_resent, Gate, GateWords};
 use crate::actors::poller::{Backpressure, Delivery, FatalHook};
 use crate::actors::supervisor::{Dispatch, WatchBackpressure};
 use crate::backoff::Backoff;
@@ -190,11 +190,7 @@ impl Receiver {
                 Ok(fresh) => {
                     let (new, outcomes) = sort_out(updates, &fresh);
                     let resent = outcomes.iter().filter(|o| **o == Outcome::Duplicate).count();
-                    if resent > 0 {
-                        log::info!(
-                            "{resent} update(s) already in the journal skipped (sent again by Telegram)"
-                        );
-                    }
+                    log_resent(module_path!(), resent);
                     if !new.is_empty() {
                         act.delivery.supervisor.do_send(Dispatch(new));
                     }

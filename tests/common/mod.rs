@@ -334,3 +334,32 @@ pub fn replies(
     }
     seen
 }
+
+/// Waits until the app recorded `total` distinct updates and `chats` got
+/// `total` replies between them; asserts that no update reached the app
+/// twice and that the replies are exactly `total`.
+pub fn assert_received_once_and_answered(
+    sb: &Sandbox,
+    record: &Path,
+    chats: std::ops::Range<i64>,
+    total: usize,
+    d: &Daemon,
+) {
+    assert!(
+        wait_for(DEADLINE, || received(record) >= total),
+        "{}",
+        d.log()
+    );
+    assert!(
+        receipts(record).values().all(|&n| n == 1),
+        "an update reached the app twice"
+    );
+    let count = || chats.clone().map(|c| sb.sent_texts(c).len()).sum::<usize>();
+    let ok = wait_for(DEADLINE, || count() >= total);
+    let replies = count();
+    assert!(
+        ok && replies == total,
+        "{replies} replies for {total} updates; log:\n{}",
+        d.log()
+    );
+}
