@@ -8,6 +8,7 @@
 //!     cargo bench --bench throughput -- steady [RATE] [SECONDS] [CHATS] [WORKERS]
 //!     cargo bench --bench throughput -- idle   [CHATS] [WORKERS]
 //!     cargo bench --bench throughput -- webhook [UPDATES] [CHATS] [WORKERS]
+//!     cargo bench --bench throughput -- overhead [UPDATES] [CHATS] [RATE] [SECONDS]
 //!     cargo bench --bench throughput -- all
 //!     cargo bench --bench throughput -- [UPDATES] [CHATS] [WORKERS]   # = burst
 //!
@@ -20,7 +21,9 @@
 //!   a minimal client in this process (a blocking HTTP/1.1 keep-alive loop:
 //!   long-poll getUpdates, then one sendMessage per update), which is the
 //!   emulator's own round trip; the latency the daemon adds is its p50/p99
-//!   minus that baseline's.
+//!   minus that baseline's. For both, each latency is also split at the
+//!   getUpdates answer that carried the update (the wait for a poll, and
+//!   the bot's work after it), with what the slowest 2% are made of.
 //! - `idle` (default 100,000 chats, 1 worker): each chat sends one message,
 //!   with `max_scopes` above the chat count and a long `idle_timeout`, so
 //!   every scope stays alive. Reports the whole tree's RSS at 1,000 live
@@ -30,13 +33,26 @@
 //!   burst in webhook mode: the sandbox POSTs each update to the daemon
 //!   (one per chat at a time, 40 connections), which answers once it is
 //!   stored.
+//! - `overhead` (default a burst of 20,000 updates over 1,000 chats, then
+//!   200/s for 15 s over 200 chats): "how much does asgigramd add over my app?". The same
+//!   app logic in a bare single-process Python loop (benches/bare_loop.py)
+//!   and in asgigramd with one worker, each against its own sandbox, for the
+//!   echo app and for one that spends 1 ms of CPU per update
+//!   (tests/apps/cpu_work.py, a quarter of the burst); CPU per update of the
+//!   daemon and of Python, replies/s, latency p50/p90/p99, and the
+//!   difference.
 //! - `all`: burst with 1 and 2 workers, steady, idle, webhook.
 //!
+//! `ASGIGRAMD_BIN=PATH` runs another build of the daemon (with the worker
+//! bridge compiled into it) under the same harness; by default the release
+//! build beside this bench.
+//!
 //! Every workload reports replies/s, latency from the moment an update is
-//! available in the sandbox to the moment its reply reaches it (p50/p99),
-//! daemon CPU per update, peak RSS of the daemon and of its workers, the
-//! sandbox's own CPU share (this process: sandbox plus harness), and lost /
-//! duplicated / out-of-order replies.
+//! available in the sandbox to the moment its reply reaches it
+//! (p50/p90/p99), CPU per update of the daemon, of its workers and of both,
+//! peak RSS of the daemon and of its workers, the sandbox's own CPU share
+//! (this process: sandbox plus harness), and lost / duplicated /
+//! out-of-order replies.
 
 use std::collections::HashMap;
 use std::fs;
@@ -51,13 +67,18 @@ use std::time::{Duration, Instant};
 use asgigramd::sandbox::{Sandbox, SandboxOptions};
 use serde_json::{json, Value};
 
+mod common;
+use common::{daemon_binary, date};
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
     let (name, rest) = match args.first().map(String::as_str) {
-        Some(n @ ("burst" | "steady" | "idle" | "webhook" | "all")) => (n.to_string(), &args[1..]),
+        Some(n @ ("burst" | "steady" | "idle" | "webhook" | "overhead" | "all")) => {
+            (n.to_string(), &args[1..])
+        }
         _ => ("burst".to_string(), &args[..]),
     };
     let arg = |i: usize, default: f64| {
@@ -79,6 +100,12 @@ fn main() {
             arg(3, 1.0) as usize,
         ),
         "idle" => idle(arg(0, 100_000.0) as usize, arg(1, 1.0) as usize),
+        "overhead" => overhead(
+            arg(0, 20_000.0) as usize,
+            arg(1, 1_000.0) as usize,
+            arg(2, 200.0),
+            arg(3, 15.0),
+        ),
         "webhook" => webhook(
             arg(0, 20_000.0) as usize,
             arg(1, 1_000.0) as usize,
@@ -161,12 +188,13 @@ fn steady(rate: f64, seconds: f64, chats: usize, workers: usize) {
         "the baseline client did not poll"
     );
     let cpu_before = self_cpu();
-    let (injected_at, elapsed) = paced(&sandbox, rate, updates, chats);
+    let (injected_at, elapsed, ids) = paced(&sandbox, rate, updates, chats);
     let done = wait(Duration::from_secs(60), || sent(&sandbox) >= updates);
     let base_cpu = self_cpu() - cpu_before;
     stop.store(true, Ordering::Relaxed);
     let _ = client.join();
     let base = analyse(&sandbox, &injected_at);
+    let base_split = split(&sandbox, &injected_at, &ids);
     sandbox.stop();
     println!("baseline (sandbox + minimal Rust client, no daemon): completed {done}");
     base.print_latency("baseline latency");
@@ -183,13 +211,16 @@ fn steady(rate: f64, seconds: f64, chats: usize, workers: usize) {
     // Let the worker settle after startup before the clock starts.
     std::thread::sleep(Duration::from_millis(500));
     let cpu_before = d.cpu();
-    let (injected_at, _) = paced(&d.sandbox, rate, updates, chats);
+    let (injected_at, _, ids) = paced(&d.sandbox, rate, updates, chats);
     let done = d.wait_replies(updates, Duration::from_secs(60));
     let elapsed = Duration::from_secs_f64(seconds);
     let cpu = d.cpu_since(cpu_before);
     let outcome = analyse(&d.sandbox, &injected_at);
+    let daemon_split = split(&d.sandbox, &injected_at, &ids);
     let (peak_daemon, peak_workers) = (d.peak_daemon, d.peak_workers);
     d.stop();
+    base_split.print("baseline");
+    daemon_split.print("daemon");
     println!("daemon: completed {done}");
     println!(
         "replies/s: {:.0} (offered {rate})",
@@ -297,6 +328,218 @@ fn idle(chats: usize, workers: usize) {
     );
 }
 
+/// "How much does asgigramd add over my app?": the same app logic run by a
+/// bare single-process Python loop (benches/bare_loop.py) and by asgigramd
+/// with one worker, against the same kind of sandbox, in a burst and at a
+/// steady rate; once for the echo app and once for an app that spends 1 ms
+/// of CPU per update (tests/apps/cpu_work.py; a quarter of the burst).
+fn overhead(updates: usize, chats: usize, rate: f64, seconds: f64) {
+    let apps = [
+        ("echo", "echo3:app", false, updates),
+        ("1 ms of CPU per update", "cpu_work:app", true, updates / 4),
+    ];
+    for (name, app, work, burst_updates) in apps {
+        println!("\n== overhead, {name}: burst of {burst_updates} updates over {chats} chats, then {rate}/s for {seconds} s over {STEADY_CHATS} chats, 1 worker, limits off");
+        let start = |daemon: bool| {
+            if daemon {
+                Side::Daemon(Daemon::start_app(1, app, ""))
+            } else {
+                Side::Bare(Bare::start(work))
+            }
+        };
+        let mut rows = Vec::new();
+        for daemon in [false, true] {
+            let burst = measure(start(daemon), chats, |sb| {
+                let t0 = Instant::now();
+                let mut at = HashMap::with_capacity(burst_updates);
+                for i in 0..burst_updates {
+                    let text = format!("u{i}");
+                    sb.inject_text(10_000 + (i % chats) as i64, &text);
+                    at.insert(text, Instant::now());
+                }
+                (at, t0)
+            });
+            let steady = measure(start(daemon), STEADY_CHATS, |sb| {
+                let t0 = Instant::now();
+                (
+                    paced(sb, rate, (rate * seconds) as usize, STEADY_CHATS).0,
+                    t0,
+                )
+            });
+            rows.push((burst, steady));
+        }
+        let (bare, asgi) = (&rows[0], &rows[1]);
+        println!(
+            "{:<28} {:>10} {:>12} {:>12} {:>12} | {:>9} {:>9} {:>9} {:>12}",
+            "", "burst", "CPU/update", "", "", "steady", "", "", "CPU/update"
+        );
+        println!(
+            "{:<28} {:>10} {:>12} {:>12} {:>12} | {:>9} {:>9} {:>9} {:>12}",
+            "", "replies/s", "daemon", "Python", "total", "p50 ms", "p90 ms", "p99 ms", "total"
+        );
+        for (label, (b, st)) in [("bare Python loop", bare), ("asgigramd + 1 worker", asgi)] {
+            println!(
+                "{label:<28} {:>10.0} {:>12} {:>12.1} {:>12.1} | {:>9.3} {:>9.3} {:>9.3} {:>12.1}",
+                b.per_s,
+                b.daemon_us.map_or("-".to_string(), |d| format!("{d:.1}")),
+                b.python_us,
+                b.total_us(),
+                ms(st.outcome.pct(0.50)),
+                ms(st.outcome.pct(0.90)),
+                ms(st.outcome.pct(0.99)),
+                st.total_us()
+            );
+        }
+        println!(
+            "{:<28} {:>10} {:>12} {:>12} {:>12.1} | {:>9.3} {:>9.3} {:>9.3} {:>12.1}",
+            "added by asgigramd",
+            "",
+            "",
+            "",
+            asgi.0.total_us() - bare.0.total_us(),
+            ms(asgi.1.outcome.pct(0.50)) - ms(bare.1.outcome.pct(0.50)),
+            ms(asgi.1.outcome.pct(0.90)) - ms(bare.1.outcome.pct(0.90)),
+            ms(asgi.1.outcome.pct(0.99)) - ms(bare.1.outcome.pct(0.99)),
+            asgi.1.total_us() - bare.1.total_us()
+        );
+        for (label, (b, st)) in [("bare loop", bare), ("asgigramd", asgi)] {
+            println!(
+                "{label}: burst lost {} / duplicated {} / out of order {}, steady lost {} / duplicated {} / out of order {}",
+                b.outcome.lost,
+                b.outcome.duplicated,
+                b.outcome.out_of_order,
+                st.outcome.lost,
+                st.outcome.duplicated,
+                st.outcome.out_of_order
+            );
+        }
+    }
+}
+
+/// The chats of the overhead workload's steady part, as `steady` has by
+/// default: each gets a message every second, so its scope stays alive.
+const STEADY_CHATS: usize = 200;
+
+/// What one side of the overhead comparison cost and how it answered.
+struct Measured {
+    per_s: f64,
+    /// CPU per update of the daemon (None for the bare loop).
+    daemon_us: Option<f64>,
+    /// CPU per update of the Python process(es): the workers, or the loop.
+    python_us: f64,
+    outcome: Outcome,
+}
+
+impl Measured {
+    fn total_us(&self) -> f64 {
+        self.daemon_us.unwrap_or(0.0) + self.python_us
+    }
+}
+
+/// Registers the chats, lets the side settle, runs `inject` (which returns
+/// when each update was injected and when injection began), waits for every
+/// reply, and stops the side.
+fn measure(
+    mut side: Side,
+    chats: usize,
+    inject: impl FnOnce(&Sandbox) -> (HashMap<String, Instant>, Instant),
+) -> Measured {
+    for chat in 0..chats {
+        side.sandbox().register_chat(chat_json(chat));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = side.cpu();
+    let (injected_at, t0) = inject(side.sandbox());
+    let n = injected_at.len();
+    let end = Instant::now() + Duration::from_secs(600);
+    while sent(side.sandbox()) < n && Instant::now() < end {
+        if let Side::Daemon(d) = &mut side {
+            d.sample();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = t0.elapsed();
+    let after = side.cpu();
+    let outcome = analyse(side.sandbox(), &injected_at);
+    side.stop();
+    let per = |s: f64| s * 1e6 / n.max(1) as f64;
+    Measured {
+        per_s: outcome.replies as f64 / elapsed.as_secs_f64(),
+        daemon_us: after.0.map(|a| per(a - before.0.unwrap_or(0.0))),
+        python_us: per(after.1 - before.1),
+        outcome,
+    }
+}
+
+/// The two things the overhead workload compares.
+enum Side {
+    Daemon(Daemon),
+    Bare(Bare),
+}
+
+impl Side {
+    fn sandbox(&self) -> &Sandbox {
+        match self {
+            Side::Daemon(d) => &d.sandbox,
+            Side::Bare(b) => &b.sandbox,
+        }
+    }
+
+    /// (daemon, Python) CPU seconds so far.
+    fn cpu(&self) -> (Option<f64>, f64) {
+        match self {
+            Side::Daemon(d) => {
+                let c = d.cpu();
+                (Some(c.daemon), c.workers)
+            }
+            Side::Bare(b) => (None, proc_cpu(b.child.id())),
+        }
+    }
+
+    fn stop(self) {
+        match self {
+            Side::Daemon(d) => d.stop(),
+            Side::Bare(b) => b.stop(),
+        }
+    }
+}
+
+/// benches/bare_loop.py against its own sandbox.
+struct Bare {
+    sandbox: Sandbox,
+    child: Child,
+}
+
+impl Bare {
+    fn start(work: bool) -> Bare {
+        let sandbox = Sandbox::start(SandboxOptions::default()).expect("sandbox starts");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let python = std::env::var("ASGIGRAM_APP__PYTHON").unwrap_or_else(|_| "python3".into());
+        let mut cmd = Command::new(&python);
+        cmd.arg(root.join("benches/bare_loop.py"))
+            .arg(sandbox.api_url())
+            .arg(sandbox.token());
+        if work {
+            cmd.arg("--work");
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{python} starts benches/bare_loop.py: {e}"));
+        assert!(
+            sandbox.wait_until(Duration::from_secs(30), |v| v.is_polling()),
+            "the bare loop did not poll"
+        );
+        Bare { sandbox, child }
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.sandbox.stop();
+    }
+}
+
 // ---------------------------------------------------------------- harness
 
 /// The daemon under test, with its own sandbox and temporary directory
@@ -312,24 +555,22 @@ struct Daemon {
 
 impl Daemon {
     fn start(workers: usize, extra: &str) -> Daemon {
+        Daemon::start_app(workers, "echo3:app", extra)
+    }
+
+    fn start_app(workers: usize, app: &str, extra: &str) -> Daemon {
         let sandbox = Sandbox::start(SandboxOptions::default()).expect("sandbox starts");
         let dir = tempfile::tempdir().expect("temp dir");
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let config = format!(
-            "[telegram]\ntoken = \"{}\"\napi_url = \"{}\"\npoll_timeout = 5\n\n[app]\napplication = \"echo3:app\"\napp_dir = \"{}\"\nworkers = {workers}\n\n[sender]\nlimits = false\n\n[journal]\ndir = \"{}\"\n\n[log]\nlevel = \"warn\"\n\n{extra}",
-            sandbox.token(),
-            sandbox.api_url(),
-            root.join("tests/apps").display(),
-            dir.path().display()
-        );
+        let config = common::config(&sandbox, app, workers, dir.path(), extra);
         let config_path = dir.path().join("bench.toml");
         fs::write(&config_path, config).expect("config written");
-        let binary = root.join("target/release/asgigramd");
+        let binary = daemon_binary();
         assert!(
             binary.exists(),
-            "build the daemon first: cargo build --release (looked for {})",
+            "build the daemon first: cargo build --release, or set ASGIGRAMD_BIN (looked for {})",
             binary.display()
         );
+        println!("binary: {}", binary.display());
         let child = Command::new(&binary)
             .arg("--config")
             .arg(&config_path)
@@ -392,14 +633,22 @@ impl Daemon {
         }
     }
 
-    /// (daemon, this process) CPU seconds.
-    fn cpu(&self) -> (f64, f64) {
-        (proc_cpu(self.pid), self_cpu())
+    /// CPU seconds so far of the daemon, its workers and this process.
+    fn cpu(&self) -> Cpu {
+        Cpu {
+            daemon: proc_cpu(self.pid),
+            workers: children(self.pid).iter().map(|&c| proc_cpu(c)).sum(),
+            bench: self_cpu(),
+        }
     }
 
-    fn cpu_since(&self, before: (f64, f64)) -> (f64, f64) {
+    fn cpu_since(&self, before: Cpu) -> Cpu {
         let now = self.cpu();
-        (now.0 - before.0, now.1 - before.1)
+        Cpu {
+            daemon: now.daemon - before.daemon,
+            workers: now.workers - before.workers,
+            bench: now.bench - before.bench,
+        }
     }
 
     fn stop(mut self) {
@@ -413,14 +662,16 @@ impl Daemon {
 }
 
 /// Injects `updates` texts at `rate` per second, update i due at
-/// t0 + i / rate. Returns when each was injected, and the span.
+/// t0 + i / rate. Returns when each was injected, the span, and each
+/// update_id's text.
 fn paced(
     sandbox: &Sandbox,
     rate: f64,
     updates: usize,
     chats: usize,
-) -> (HashMap<String, Instant>, Duration) {
+) -> (HashMap<String, Instant>, Duration, HashMap<i64, String>) {
     let mut injected_at = HashMap::with_capacity(updates);
+    let mut ids = HashMap::with_capacity(updates);
     let t0 = Instant::now();
     for i in 0..updates {
         let due = t0 + Duration::from_secs_f64(i as f64 / rate);
@@ -429,10 +680,117 @@ fn paced(
             std::thread::sleep(due - now);
         }
         let text = format!("u{i}");
-        sandbox.inject_text(10_000 + (i % chats) as i64, &text);
-        injected_at.insert(text, Instant::now());
+        let id = sandbox.inject_text(10_000 + (i % chats) as i64, &text);
+        injected_at.insert(text.clone(), Instant::now());
+        ids.insert(id, text);
     }
-    (injected_at, t0.elapsed())
+    (injected_at, t0.elapsed(), ids)
+}
+
+/// Each update's latency split at the getUpdates answer that carried it:
+/// the wait for that answer (the poll's own batching delay, or the bot not
+/// polling when the update came) and the rest (the bot's work and its
+/// sendMessage reaching the sandbox).
+struct Split {
+    /// (injected -> answered, answered -> reply arrived, total, parked,
+    /// the poll arrived after the update was injected), per update.
+    rows: Vec<(Duration, Duration, Duration, bool, bool)>,
+    /// Between an answer and the next getUpdates' arrival.
+    away: Vec<Duration>,
+}
+
+fn split(
+    sandbox: &Sandbox,
+    injected_at: &HashMap<String, Instant>,
+    ids: &HashMap<i64, String>,
+) -> Split {
+    sandbox.inspect(|v| {
+        let replied: HashMap<&str, Instant> = v
+            .calls()
+            .iter()
+            .filter(|c| c.method == "sendMessage")
+            .filter_map(|c| Some((c.params.get("text")?.as_str()?, c.at)))
+            .collect();
+        let polls = v.answered_polls();
+        let mut rows = Vec::new();
+        for p in polls {
+            for id in &p.update_ids {
+                let Some(text) = ids.get(id) else { continue };
+                let (Some(&at), Some(&reply)) = (injected_at.get(text), replied.get(text.as_str()))
+                else {
+                    continue;
+                };
+                rows.push((
+                    p.answered.saturating_duration_since(at),
+                    reply.saturating_duration_since(p.answered),
+                    reply.saturating_duration_since(at),
+                    p.parked,
+                    p.arrived > at,
+                ));
+            }
+        }
+        let away = polls
+            .windows(2)
+            .map(|w| w[1].arrived.saturating_duration_since(w[0].answered))
+            .collect();
+        Split { rows, away }
+    })
+}
+
+impl Split {
+    fn print(&self, who: &str) {
+        let pct = |mut v: Vec<Duration>, p: f64| {
+            v.sort();
+            v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or_default()
+        };
+        let col = |f: fn(&(Duration, Duration, Duration, bool, bool)) -> Duration| {
+            let v: Vec<Duration> = self.rows.iter().map(f).collect();
+            format!(
+                "p50 {:.3} / p90 {:.3} / p99 {:.3} ms",
+                ms(pct(v.clone(), 0.5)),
+                ms(pct(v.clone(), 0.9)),
+                ms(pct(v, 0.99))
+            )
+        };
+        println!(
+            "{who} split: injected -> getUpdates answered {}",
+            col(|r| r.0)
+        );
+        println!(
+            "{who} split: answered -> sendMessage arrived {}",
+            col(|r| r.1)
+        );
+        println!(
+            "{who} split: answer -> next getUpdates arrived p50 {:.3} / p90 {:.3} / p99 {:.3} ms, {} answers for {} updates",
+            ms(pct(self.away.clone(), 0.5)),
+            ms(pct(self.away.clone(), 0.9)),
+            ms(pct(self.away.clone(), 0.99)),
+            self.away.len() + 1,
+            self.rows.len()
+        );
+        // The slowest 2%: what they are made of.
+        let mut by_total: Vec<_> = self.rows.clone();
+        by_total.sort_by_key(|r| r.2);
+        let tail = &by_total[by_total.len() - by_total.len() / 50..];
+        if tail.is_empty() {
+            return;
+        }
+        let n = tail.len() as f64;
+        let mean = |f: fn(&(Duration, Duration, Duration, bool, bool)) -> Duration| {
+            tail.iter().map(|r| ms(f(r))).sum::<f64>() / n
+        };
+        println!(
+            "{who} slowest 2% ({}): mean total {:.3} ms = wait for the answer {:.3} + after it {:.3}; parked polls {}, polls that came after the update {}",
+            tail.len(),
+            mean(|r| r.2),
+            mean(|r| r.0),
+            mean(|r| r.1),
+            tail.iter().filter(|r| r.3).count(),
+            tail.iter().filter(|r| r.4).count()
+        );
+    }
 }
 
 struct Outcome {
@@ -453,8 +811,9 @@ impl Outcome {
 
     fn print_latency(&self, what: &str) {
         println!(
-            "{what} p50: {:.3} ms, p99: {:.3} ms, max: {:.3} ms",
+            "{what} p50: {:.3} ms, p90: {:.3} ms, p99: {:.3} ms, max: {:.3} ms",
             ms(self.pct(0.50)),
+            ms(self.pct(0.90)),
             ms(self.pct(0.99)),
             ms(self.latencies.last().copied().unwrap_or_default())
         );
@@ -503,21 +862,35 @@ fn analyse(sandbox: &Sandbox, injected_at: &HashMap<String, Instant>) -> Outcome
     })
 }
 
+/// CPU seconds, by process.
+#[derive(Clone, Copy)]
+struct Cpu {
+    daemon: f64,
+    /// The daemon's worker processes (the same ones throughout a workload:
+    /// none is restarted in these runs).
+    workers: f64,
+    /// This process: the sandbox and the harness.
+    bench: f64,
+}
+
 fn print_common(
-    cpu: (f64, f64),
+    cpu: Cpu,
     updates: usize,
     elapsed: Duration,
     peak_daemon: u64,
     peak_workers: u64,
     outcome: &Outcome,
 ) {
+    let per = |s: f64| s * 1e6 / updates.max(1) as f64;
+    println!("daemon CPU per update: {:.1} us", per(cpu.daemon));
+    println!("worker CPU per update: {:.1} us", per(cpu.workers));
     println!(
-        "daemon CPU per update: {:.1} us",
-        cpu.0 * 1e6 / updates.max(1) as f64
+        "whole tree (daemon + workers) CPU per update: {:.1} us",
+        per(cpu.daemon + cpu.workers)
     );
     println!(
         "sandbox + harness (this process) CPU share: {:.0}% of one core",
-        100.0 * cpu.1 / elapsed.as_secs_f64()
+        100.0 * cpu.bench / elapsed.as_secs_f64()
     );
     println!(
         "peak RSS: daemon {:.1} MB, workers {:.1} MB",
@@ -659,14 +1032,6 @@ fn mb(kb: u64) -> f64 {
     kb as f64 / 1024.0
 }
 
-fn date() -> String {
-    Command::new("date")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
 fn wait(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
     while Instant::now() < end {
@@ -706,10 +1071,21 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The processes `pid` started, whichever of its threads started them.
 fn children(pid: u32) -> Vec<u32> {
-    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
+    let mut out: Vec<u32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|task| {
+            fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
 }

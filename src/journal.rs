@@ -28,19 +28,30 @@
 //! The outbox holds what the apps sent (Bot API calls), so that a reply
 //! survives the daemon too:
 //!
-//! 5. Each call has a row keyed by its *cause* (the update whose handling
-//!    made it) and its *ordinal* (the how-manieth call of that handling).
-//!    The call goes to the Sender at once and its row is written with the
-//!    next record, never later than the call's answer, and the chat's next
-//!    call waits until both are written (the Sender's rule 1). A crash
-//!    therefore leaves at most one call per chat that Telegram may have
-//!    executed without the journal knowing. [`Journal::record`] stores
-//!    calls and handled updates in one transaction, in the order the apps
-//!    made them, so an update is never recorded handled without the calls
-//!    its handling made.
+//! 5. Each call has a key: its *cause* (the update whose handling made it)
+//!    and its *ordinal* (the how-manieth call of that handling). A call
+//!    with no cause has its row written before it goes (nothing would make
+//!    it again). A call with a cause goes to the Sender at once, and its
+//!    row is written only when a record needs it: the one that carries its
+//!    answer (the row marked sent, rule 6) or the one that records its
+//!    cause handled (the row unsent, rule 7), whichever comes first; when
+//!    that is the same record, no row at all (rule 6). Until then a crash
+//!    leaves its cause not handled, delivered again to make the call
+//!    again. The chat's next call waits until the call's answer is written
+//!    (the Sender's rule 1). A crash therefore leaves at most one call per
+//!    chat that Telegram may have executed without the journal knowing.
+//!    [`Journal::record`] stores calls and handled updates in one
+//!    transaction, in the order the apps made them, so an update is never
+//!    recorded handled while a call its handling made is neither answered
+//!    nor stored.
 //! 6. A call Telegram answered is marked sent (by [`Journal::record`]) and leaves
 //!    the outbox once its cause is handled too: while the cause may still be
 //!    delivered again, the sent row is what recognises its repeated call.
+//!    A call answered by the record that handles its cause (or with no
+//!    cause) is therefore never written: a row written, marked sent and
+//!    forgotten in one transaction is no row. The Outbox lets a finished
+//!    update's handled mark wait (up to a second) for its calls' answers,
+//!    which makes that the common case: one deletion per update.
 //! 7. On start ([`Journal::recover`]): unsent calls whose cause is handled
 //!    (or that have none) are sent again; unsent calls of an unhandled cause
 //!    are dropped, because delivering the cause again makes them again; sent
@@ -86,7 +97,9 @@
 //!
 //! Handled updates and outbox rows need not wait for the disk: WAL commits
 //! survive the process being killed, and a power loss rolls back whole
-//! transactions, which can repeat a reply but never loses an update.
+//! transactions, which can repeat a reply but never loses an update. The
+//! connection stays at `synchronous = NORMAL`, and appends (rules 1, 8, 11)
+//! switch it to `FULL` for their commit (`Journal::durably`).
 //!
 //! A journal that SQLite would open damaged, silently without what it held,
 //! is refused at start ([`JournalError::Damaged`], checks in `Files`);
@@ -102,7 +115,6 @@
 //! waits for that thread; only the offset (rule 1) and a chat's next call
 //! (rule 5) do.
 
-use std::collections::HashSet;
 use std::fs::{self, DirBuilder};
 use std::io::{ErrorKind, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -111,6 +123,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use foldhash::{HashMap, HashSet};
 use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use serde_json::{Map, Value};
@@ -220,14 +233,14 @@ impl Journal {
             conn,
             path,
             fsync: true,
-            handled_early: HashSet::new(),
+            handled_early: HashSet::default(),
             pruned_at: 0,
         };
         journal
             .conn
             .execute_batch(&format!(
                 "PRAGMA journal_mode = WAL;
-                 PRAGMA synchronous = FULL;
+                 PRAGMA synchronous = NORMAL;
                  PRAGMA busy_timeout = 10000;
                  {SCHEMA}"
             ))
@@ -244,10 +257,33 @@ impl Journal {
     /// power, and an update Telegram was told arrived could be lost with it.
     pub fn set_fsync(&mut self, on: bool) -> Result<(), JournalError> {
         self.fsync = on;
-        let level = if on { "FULL" } else { "NORMAL" };
-        self.conn
-            .execute_batch(&format!("PRAGMA synchronous = {level}"))
-            .map_err(|e| self.err(e))
+        Ok(())
+    }
+
+    /// Runs `f`, whose commits wait for the disk unless `journal.fsync =
+    /// false`. The connection is otherwise at `synchronous = NORMAL`, what
+    /// records need (see the module doc): the pragma is switched around the
+    /// appends, a few per second, rather than around every record.
+    fn durably<T>(
+        &mut self,
+        f: impl FnOnce(&mut Journal) -> Result<T, JournalError>,
+    ) -> Result<T, JournalError> {
+        if !self.fsync {
+            return f(self);
+        }
+        // Cached: parsing the pragma for every write was a measurable part
+        // of the journal's CPU at low rates.
+        let sync = |j: &Journal, pragma: &str| {
+            j.conn
+                .prepare_cached(pragma)
+                .and_then(|mut pragma| pragma.execute([]))
+                .map_err(|e| j.err(e))
+        };
+        sync(self, "PRAGMA synchronous = FULL")?;
+        let result = f(self);
+        // Even after a failed write: records must not wait for the disk.
+        sync(self, "PRAGMA synchronous = NORMAL")?;
+        result
     }
 
     /// The highest update_id ever stored, if any.
@@ -267,18 +303,33 @@ impl Journal {
         batch: &[(i64, String)],
         fetched_with: Option<i64>,
     ) -> Result<Vec<i64>, JournalError> {
+        self.durably(|j| j.append_durably(batch, fetched_with))
+    }
+
+    fn append_durably(
+        &mut self,
+        batch: &[(i64, String)],
+        fetched_with: Option<i64>,
+    ) -> Result<Vec<i64>, JournalError> {
         let mut watermark = self.watermark()?;
         let tx = self
             .conn
             .transaction()
             .map_err(|e| sqlite_err(&self.path, e))?;
         let mut fresh = Vec::with_capacity(batch.len());
+        // Rule 12 counts every id polling admitted, one already handled
+        // (and so not stored) included: Telegram may hold it still.
+        let mut polled = None;
         {
             let mut insert = tx
                 .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")
                 .map_err(|e| sqlite_err(&self.path, e))?;
             for (id, body) in batch {
-                if !admit(&mut watermark, *id, fetched_with) || self.handled_early.remove(id) {
+                if !admit(&mut watermark, *id, fetched_with) {
+                    continue;
+                }
+                polled = polled.max(Some(*id));
+                if self.handled_early.remove(id) {
                     continue;
                 }
                 insert
@@ -295,7 +346,7 @@ impl Journal {
             .and_then(|mut upsert| upsert.execute(params![w]))
             .map_err(|e| sqlite_err(&self.path, e))?;
         }
-        if let Some(highest) = fresh.iter().copied().max() {
+        if let Some(highest) = polled {
             // Rule 12: how far polling stored, apart from the webhook.
             tx.prepare_cached(
                 "INSERT INTO meta (key, value) VALUES ('polled', ?1)
@@ -329,6 +380,10 @@ impl Journal {
     /// Stores pushed events durably, in one transaction (rules 8 to 10);
     /// one recorded handled before this store is not stored.
     pub fn store_pushed(&mut self, events: &[NewPushed]) -> Result<(), JournalError> {
+        self.durably(|j| j.store_pushed_durably(events))
+    }
+
+    fn store_pushed_durably(&mut self, events: &[NewPushed]) -> Result<(), JournalError> {
         let mut lowest = self.pushed_through()?;
         let tx = self
             .conn
@@ -394,7 +449,7 @@ impl Journal {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.append_webhook_at(batch, now)
+        self.durably(|j| j.append_webhook_at(batch, now))
     }
 
     fn append_webhook_at(
@@ -448,56 +503,83 @@ impl Journal {
     }
 
     /// Runs `f` in one transaction that does not wait for the disk (see
-    /// the module doc); appends do.
+    /// the module doc); appends do (`Journal::durably`).
     fn unsynced<T>(
         &mut self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
-        // Cached: parsing the pragma twice per record was a measurable part
-        // of the journal's CPU at low rates.
-        let sync = |conn: &Connection, pragma: &str| {
-            conn.prepare_cached(pragma)
-                .and_then(|mut pragma| pragma.execute([]))
-        };
-        if self.fsync {
-            sync(&self.conn, "PRAGMA synchronous = NORMAL").map_err(|e| self.err(e))?;
-        }
         let result = self.conn.transaction().and_then(|tx| {
             let value = f(&tx)?;
             tx.commit().map(|()| value)
         });
-        if self.fsync {
-            sync(&self.conn, "PRAGMA synchronous = FULL").map_err(|e| self.err(e))?;
-        }
         result.map_err(|e| self.err(e))
     }
 
     /// Stores `calls` in the outbox, marks `sent` calls (rule 6) and forgets
     /// `handled` updates, in one transaction and in that order (rule 5): a
     /// call may be answered before its row was ever written, and then both
-    /// come in the same batch.
+    /// come in the same batch. Such a call is written as sent at once, and
+    /// not at all when its cause is in `handled` too (or it has none): a row
+    /// written, marked and forgotten in one transaction is no row.
     pub fn record(
         &mut self,
         calls: &[NewCall],
         handled: &[i64],
         sent: &[SentCall],
     ) -> Result<(), JournalError> {
+        // Which of `sent` answer a call of this batch, and whether its cause
+        // is handled by it; built only when both can meet.
+        let (answers, done): (HashMap<i64, &SentCall>, HashSet<i64>) =
+            if calls.is_empty() || sent.is_empty() {
+                Default::default()
+            } else {
+                (
+                    sent.iter().map(|s| (s.id, s)).collect(),
+                    handled.iter().copied().collect(),
+                )
+            };
         let (deleted, missing) = self.unsynced(|tx| {
+            // The answers written with their calls' rows (or as their absence).
+            let mut paired = HashSet::default();
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO outbox (id, cause, ordinal, method, params) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
                 for call in calls {
-                    insert.execute(params![
+                    let Some(answer) = answers.get(&call.id) else {
+                        insert.execute(params![
+                            call.id,
+                            call.cause,
+                            call.ordinal,
+                            call.method,
+                            call.params
+                        ])?;
+                        continue;
+                    };
+                    paired.insert(call.id);
+                    if call.cause.is_none_or(|c| done.contains(&c)) {
+                        continue;
+                    }
+                    // Rule 6 as `mark_sent` applies it: kept only while its
+                    // cause may be delivered again.
+                    tx.prepare_cached(
+                        "INSERT INTO outbox (id, cause, ordinal, method, params, sent, outcome)
+                         SELECT ?1, ?2, ?3, ?4, ?5, 1, ?6
+                         WHERE EXISTS (SELECT 1 FROM updates WHERE update_id = ?2)",
+                    )?
+                    .execute(params![
                         call.id,
                         call.cause,
                         call.ordinal,
                         call.method,
-                        call.params
+                        call.params,
+                        answer.outcome.as_ref().map(Value::to_string)
                     ])?;
                 }
             }
-            mark_sent(tx, sent)?;
+            if paired.len() < sent.len() {
+                mark_sent(tx, sent.iter().filter(|s| !paired.contains(&s.id)))?;
+            }
             let (mut deleted, mut missing) = (0, Vec::new());
             {
                 let mut forget = tx.prepare_cached("DELETE FROM updates WHERE update_id = ?1")?;
@@ -701,7 +783,10 @@ pub fn admit(watermark: &mut Option<i64>, id: i64, fetched_with: Option<i64>) ->
 
 /// Rule 6: a sent call whose cause is handled (or that has none) is
 /// forgotten; otherwise it is kept, marked, to recognise a repeat.
-fn mark_sent(tx: &rusqlite::Transaction<'_>, sent: &[SentCall]) -> rusqlite::Result<()> {
+fn mark_sent<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    sent: impl Iterator<Item = &'a SentCall>,
+) -> rusqlite::Result<()> {
     let mut forget = tx.prepare_cached(
         "DELETE FROM outbox WHERE id = ?1
              AND (cause IS NULL OR cause NOT IN (SELECT update_id FROM updates))",
@@ -1241,6 +1326,11 @@ mod tests {
         // A resent batch stores nothing and leaves the mark where it was.
         j.append(&batch(&[5, 6]), Some(5)).unwrap();
         assert_eq!(j.polled().unwrap(), Some(6));
+        // Handled before its store was written: not stored, but polled.
+        j.record(&[], &[10], &[]).unwrap();
+        assert_eq!(j.handled_early, HashSet::from_iter([10]));
+        assert!(j.append(&batch(&[10]), Some(7)).unwrap().is_empty());
+        assert_eq!(j.polled().unwrap(), Some(10));
     }
 
     #[test]
@@ -1452,6 +1542,151 @@ mod tests {
         );
     }
 
+    /// Every outbox row the journal writes from now on, by id, in the
+    /// connection's temporary schema (the journal's own is untouched).
+    fn count_rows(j: &Journal) {
+        j.conn
+            .execute_batch(
+                "CREATE TEMP TABLE written (id INTEGER);
+                 CREATE TEMP TRIGGER count_rows AFTER INSERT ON main.outbox
+                 BEGIN INSERT INTO written VALUES (new.id); END;",
+            )
+            .unwrap();
+    }
+
+    fn rows_written(j: &Journal) -> Vec<i64> {
+        let mut stmt = j
+            .conn
+            .prepare("SELECT id FROM written ORDER BY id")
+            .unwrap();
+        let ids = stmt.query_map([], |r| r.get(0)).unwrap();
+        ids.collect::<Result<_, _>>().unwrap()
+    }
+
+    #[test]
+    fn a_call_answered_in_the_batch_that_handles_its_cause_writes_no_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = &hi();
+        {
+            let mut j = Journal::open(dir.path(), "j").unwrap();
+            j.append(&batch(&[1, 2]), None).unwrap();
+            count_rows(&j);
+            let answer = SentCall {
+                id: 6,
+                outcome: Some(serde_json::json!({"ok": true, "result": 6})),
+            };
+            // 5: answered, its cause handled with it. 6: answered, its
+            // cause still in hand. 7: answered, no cause. 8: unanswered, its
+            // cause handled with it.
+            j.record(
+                &[
+                    call(5, Some(1), 0, params),
+                    call(6, Some(2), 0, params),
+                    call(7, None, 0, params),
+                    call(8, Some(1), 1, params),
+                ],
+                &[1],
+                &[sent(5), answer, sent(7)],
+            )
+            .unwrap();
+            assert_eq!(
+                rows_written(&j),
+                vec![6, 8],
+                "only the row a repeat needs and the one to send again"
+            );
+            let sent_flags: Vec<(i64, bool)> = j
+                .conn
+                .prepare("SELECT id, sent FROM outbox ORDER BY id")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(sent_flags, vec![(6, true), (8, false)]);
+        }
+        // A restart: update 1 is not delivered again and its answered call
+        // is not sent again; update 2 comes again and finds its call made.
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        assert_eq!(pending_ids(&j), vec![2]);
+        let r = j.recover().unwrap();
+        let resent: Vec<i64> = r.resend.iter().map(|c| c.id).collect();
+        assert_eq!(resent, vec![8], "only the unanswered call of update 1");
+        assert_eq!(
+            r.answered,
+            vec![Answered {
+                cause: 2,
+                ordinal: 0,
+                outcome: Some(serde_json::json!({"ok": true, "result": 6})),
+            }]
+        );
+        assert_eq!(r.next_id, 9);
+    }
+
+    #[test]
+    fn an_answer_to_a_row_written_before_is_marked_or_forgotten_as_ever() {
+        let dir = tempfile::tempdir().unwrap();
+        let params = &hi();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        j.append(&batch(&[1, 2]), None).unwrap();
+        // Both updates recorded handled or not with their calls unanswered.
+        j.record(
+            &[call(1, Some(1), 0, params), call(2, Some(2), 0, params)],
+            &[1],
+            &[],
+        )
+        .unwrap();
+        count_rows(&j);
+        // Their answers, with a new call of update 2 answered at once and
+        // update 2 handled in the same batch.
+        j.record(
+            &[call(3, Some(2), 1, params)],
+            &[2],
+            &[sent(1), sent(3), sent(2)],
+        )
+        .unwrap();
+        assert!(rows_written(&j).is_empty(), "{:?}", rows_written(&j));
+        let left: i64 = j
+            .conn
+            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0, "all answered and their causes handled");
+        let r = j.recover().unwrap();
+        assert!(r.resend.is_empty() && r.answered.is_empty(), "{r:?}");
+    }
+
+    #[test]
+    fn appends_wait_for_the_disk_and_records_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        let level = |j: &Journal| -> i64 {
+            j.conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap()
+        };
+        // SQLite's numbers: 1 NORMAL, 2 FULL.
+        assert_eq!(level(&j), 1, "between writes, as records need");
+        j.conn
+            .execute_batch(
+                "CREATE TEMP TABLE levels (level INTEGER);
+                 CREATE TEMP TRIGGER stored AFTER INSERT ON main.updates
+                 BEGIN INSERT INTO levels SELECT synchronous FROM pragma_synchronous; END;",
+            )
+            .unwrap();
+        j.append(&batch(&[1]), None).unwrap();
+        j.set_fsync(false).unwrap();
+        j.append(&batch(&[2]), None).unwrap();
+        let levels: Vec<i64> = j
+            .conn
+            .prepare("SELECT level FROM levels")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(levels, vec![2, 1], "FULL with fsync on, NORMAL with it off");
+        assert_eq!(level(&j), 1);
+    }
+
     #[test]
     fn the_journal_thread_gives_way_to_the_actor_thread() {
         let policy = std::thread::spawn(|| {
@@ -1546,7 +1781,7 @@ mod tests {
         // -2's store failed; it was handled meanwhile, and so was -1 (twice:
         // a redelivery after a worker's death finishes it again).
         j.record(&[], &[-1, -2, -1], &[]).unwrap();
-        assert_eq!(j.handled_early, HashSet::from([-2]));
+        assert_eq!(j.handled_early, HashSet::from_iter([-2]));
         j.store_pushed(&[pushed(-2, None), pushed(-3, None)])
             .unwrap();
         assert_eq!(pending_ids(&j), vec![-3]);

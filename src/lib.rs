@@ -31,7 +31,8 @@
 //!   SIGHUP reload; and the endpoint's routes for other programs
 //!   (`/v1/...`, behind `http.api_token`).
 //! - [`sandbox`]: a local Bot API emulator for trying and testing bots.
-//! - [`chat`]: `--sandbox`: the terminal as a chat with the bot.
+//! - [`chat`]: `--sandbox` and `--sandbox-web`: the terminal, or a web
+//!   page, as a chat with the bot on the sandbox.
 //! - [`backoff`]: the retry delays the Poller, the Outbox and the Sender share.
 //!
 //! # Message flow
@@ -82,6 +83,7 @@ pub mod actors;
 pub mod backoff;
 pub mod bridge;
 pub mod chat;
+pub mod cluster;
 pub mod journal;
 pub mod ops;
 pub mod push;
@@ -169,10 +171,26 @@ pub enum RunError {
     /// `--sandbox`: the local Bot API emulator cannot start.
     #[error("starting the sandbox: {0}")]
     Sandbox(std::io::Error),
+    /// `--sandbox-web`: the web chat cannot listen on its address.
+    #[error("--sandbox-web: cannot listen on {addr}: {source}")]
+    WebChat {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     /// A second SIGTERM or SIGINT after the first: stop at once, without
     /// waiting for what is still shutting down. The log has said so.
     #[error("interrupted by a second signal")]
     Interrupted,
+    /// `[cluster]` is configured, but this version cannot run as a cluster
+    /// node yet; running as a single node instead would poll beside the
+    /// cluster's poller and keep updates in a local journal the other nodes
+    /// never see.
+    #[error(
+        "cluster mode ([cluster] with cluster.nats_urls set) is not yet available in this \
+         version (docs/cluster.md says what exists); leave cluster.nats_urls empty to run \
+         a single node"
+    )]
+    ClusterUnavailable,
 }
 
 /// What the journal held at start.
@@ -238,9 +256,8 @@ fn start_journal(settings: &Settings) -> Result<(Addr<JournalActor>, Recovery), 
         let read = if id < 0 {
             push::PushedEvent::decode(id, &body).map(Replayed::Pushed)
         } else {
-            serde_json::from_str(&body)
-                .map_err(|e| e.to_string())
-                .and_then(|v| telegram::Update::from_value(v).map_err(|e| e.to_string()))
+            telegram::Update::from_json(&body)
+                .map_err(|skipped| skipped.error.to_string())
                 .map(Replayed::Update)
         };
         match read {
@@ -346,9 +363,11 @@ fn journal_name(settings: &Settings) -> String {
 /// Runs the daemon until a signal (or `stop`) asks it to stop.
 /// Must be awaited inside an actix `System`.
 pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), RunError> {
-    ops::logging::register_secret(settings.telegram.token.expose());
-    if let Some(token) = &settings.http.api_token {
-        ops::logging::register_secret(token.expose());
+    if settings.cluster.is_some() {
+        return Err(RunError::ClusterUnavailable);
+    }
+    for secret in settings.secrets() {
+        ops::logging::register_secret(secret);
     }
     let bot = Bot::new(
         &settings.telegram.api_url,
@@ -366,7 +385,6 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     let listener = ops::http::bind(&settings)?;
     let webhook_listener = match &settings.webhook {
         Some(hook) => {
-            ops::logging::register_secret(hook.secret_token.expose());
             Some(
                 actors::webhook::bind(hook).map_err(|source| RunError::WebhookListen {
                     addr: hook.listen,
@@ -555,7 +573,20 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         // sent; record what it sent; end the workers (lifespan shutdown).
         match intake {
             Intake::Poller(poller) => {
-                let offset = poller.send(StopPolling).await.ok().flatten();
+                // Waits for an append under way (the Poller's rule 9); a
+                // journal stuck longer leaves the batch unconfirmed, for
+                // Telegram to send again.
+                let drain = settings.shutdown.drain_timeout;
+                let offset = match tokio::time::timeout(drain, poller.send(StopPolling)).await {
+                    Ok(answer) => answer.ok().flatten(),
+                    Err(_) => {
+                        log::warn!(
+                            "journal: the last batch was not stored within {:.1}s (shutdown.drain_timeout); it stays unconfirmed and comes again at the next start",
+                            drain.as_secs_f64()
+                        );
+                        None
+                    }
+                };
                 if let Some(offset) = offset.filter(|_| fatal.borrow().is_none()) {
                     confirm_offset(&bot, offset).await;
                 }

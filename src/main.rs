@@ -1,6 +1,7 @@
 //! The `asgigramd` command: parse arguments, load settings, set up logging,
 //! run. The only place that turns an error into an exit code.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -8,7 +9,7 @@ use clap::Parser;
 
 use asgigramd::journal::JournalError;
 use asgigramd::ops::logging;
-use asgigramd::settings::{Settings, Sources};
+use asgigramd::settings::{LogFormat, Settings, Sources};
 use asgigramd::{chat, RunError};
 
 /// An ASGI server for Telegram bots: long-polls the Bot API and runs a Python
@@ -21,10 +22,17 @@ use asgigramd::{chat, RunError};
     after_help = "Examples:\n  \
         asgigramd --config asgigram.toml\n  \
         asgigramd --sandbox --config config/asgigram.toml   (chat with the bot in the terminal)\n  \
-        asgigramd 123456:ABC-token mybot.asgi:application  (the original asgigram form)\n\n\
+        asgigramd --sandbox-web 8090 --config config/asgigram.toml   (in the browser: http://127.0.0.1:8090/)\n  \
+        asgigramd 123456:ABC-token mybot.asgi:application  (the original asgigram form)\n  \
+        asgigramd sandbox --listen 8081 --web 8090   (the Bot API emulator alone, for any bot)\n  \
+        asgigramd cluster status --config asgigram.toml   (what the NATS cluster holds for the bot)\n\n\
         Every setting can also come from ASGIGRAM_<SECTION>__<KEY> environment variables."
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Subcommand>,
+
     /// TOML configuration file (see config/default.toml for every key).
     #[arg(short, long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -39,6 +47,13 @@ struct Cli {
     #[arg(long)]
     sandbox: bool,
 
+    /// Run against a local Bot API emulator and serve a Telegram-like web
+    /// chat with the bot on ADDR: IP:PORT, or :PORT or PORT for
+    /// 127.0.0.1. With --sandbox too, the terminal chat runs beside it on
+    /// the same sandbox.
+    #[arg(long, value_name = "ADDR", value_parser = web_addr)]
+    sandbox_web: Option<SocketAddr>,
+
     /// Development: restart the workers whenever a .py file under the app
     /// directory changes (SIGHUP does the same on demand).
     #[arg(long)]
@@ -47,7 +62,7 @@ struct Cli {
     /// If the journal is damaged, move its files aside (renamed with a
     /// timestamp, never deleted) and start with an empty journal. An intact
     /// journal is kept.
-    #[arg(long, conflicts_with_all = ["check", "sandbox"])]
+    #[arg(long, conflicts_with_all = ["check", "sandbox", "sandbox_web"])]
     reset_journal: bool,
 
     /// Bot API base URL (telegram.api_url).
@@ -56,7 +71,8 @@ struct Cli {
 
     /// Bot token (original form: `asgigramd TOKEN module:application`).
     /// Other users can read arguments: prefer ASGIGRAM_TELEGRAM__TOKEN.
-    /// With --sandbox, a single positional argument is the application.
+    /// With --sandbox or --sandbox-web, a single positional argument is the
+    /// application.
     #[arg(value_name = "TOKEN")]
     token: Option<String>,
 
@@ -65,9 +81,73 @@ struct Cli {
     application: Option<String>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Subcommand {
+    /// Run the local Bot API emulator on its own, for any bot or framework
+    /// pointed at it (and other asgigramd nodes), with the web chat to play
+    /// its users. Runs until SIGINT or SIGTERM.
+    Sandbox {
+        /// Where the Bot API listens: IP:PORT, or :PORT or PORT for
+        /// 127.0.0.1.
+        #[arg(long, value_name = "ADDR", value_parser = web_addr, default_value = "127.0.0.1:8081")]
+        listen: SocketAddr,
+
+        /// Also serve the web chat on ADDR.
+        #[arg(long, value_name = "ADDR", value_parser = web_addr)]
+        web: Option<SocketAddr>,
+
+        /// The one token the emulator accepts (default: a fixed local one,
+        /// printed at start).
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+    },
+    /// Cluster mode's tools (docs/cluster.md).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum ClusterCommand {
+    /// Print the cluster's view of the bot: the NATS servers reached, the
+    /// JetStream cluster's peers, the update log stream and its replicas,
+    /// and every lease with its holder. Reads only; creates nothing.
+    #[command(
+        after_help = "Reads the same settings as the daemon (the config file and \
+        ASGIGRAM_* variables; [cluster] and the bot token, whose numeric id names the \
+        stream and the bucket; the token itself is never sent or printed).\n\n\
+        Exit status:\n  \
+        0  connected and read (also when the stream or the bucket does not exist yet, \
+        or some servers are unreachable: the output says so)\n  \
+        1  no configured server could be reached, a JetStream request failed, or the \
+        configuration is wrong or has no [cluster]; one line on stderr says which\n  \
+        2  wrong arguments"
+    )]
+    Status {
+        /// TOML configuration file, as the daemon's --config.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+
+        /// One JSON object with stable keys instead of the tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let mut cli = Cli::parse();
+    let result = match cli.command.take() {
+        Some(Subcommand::Sandbox { listen, web, token }) => {
+            logging::init_with(log::LevelFilter::Info, LogFormat::Text);
+            chat::standalone(listen, web, token).map_err(Failure::from)
+        }
+        Some(Subcommand::Cluster {
+            command: ClusterCommand::Status { config, json },
+        }) => cluster_status(config, json),
+        None => run(cli),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // A second signal: the log said "exiting now"; the shell's code for
         // an interrupt, and nothing more to say.
@@ -92,15 +172,76 @@ enum Failure {
     Settings(#[from] asgigramd::settings::SettingsError),
     #[error(transparent)]
     Run(#[from] RunError),
+    /// Settings that parse but cannot serve the command (exit 1, unlike a
+    /// usage error).
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Cluster(#[from] asgigramd::cluster::ClusterError),
+}
+
+/// `asgigramd cluster status`: the whole cluster's view, printed once.
+fn cluster_status(config: Option<PathBuf>, json: bool) -> Result<(), Failure> {
+    let sources = Sources {
+        file: config,
+        ..Sources::default()
+    };
+    let settings = Settings::load(&sources)?;
+    register_secrets(&settings);
+    let Some(cluster) = settings.cluster else {
+        return Err(Failure::Config(
+            "cluster mode is not configured: set cluster.nats_urls (or \
+             ASGIGRAM_CLUSTER__NATS_URLS) to the NATS servers' URLs"
+                .into(),
+        ));
+    };
+    let bot_id = asgigramd::cluster::bot_id(&settings.telegram.token)?;
+    let status =
+        actix::System::new().block_on(asgigramd::cluster::status::read(&cluster, bot_id))?;
+    if json {
+        // Plain data: serializing it cannot fail.
+        let text = serde_json::to_string(&status).expect("the status serializes");
+        println!("{text}");
+    } else {
+        print!("{}", asgigramd::cluster::status::render(&status));
+    }
+    Ok(())
+}
+
+/// Every secret of the settings, for the redaction of what is printed.
+fn register_secrets(settings: &Settings) {
+    for secret in settings.secrets() {
+        logging::register_secret(secret);
+    }
+}
+
+/// `--sandbox-web`'s address: `IP:PORT`, `localhost:PORT`, or `:PORT` and
+/// `PORT` on 127.0.0.1.
+fn web_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let port = text
+        .strip_prefix(':')
+        .or_else(|| text.strip_prefix("localhost:"))
+        .unwrap_or(text);
+    port.parse::<u16>()
+        .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        .map_err(|_| {
+            format!(
+                "expected IP:PORT, :PORT or PORT (such as 127.0.0.1:8090 or 8090), not {text:?}"
+            )
+        })
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
+    let sandbox = cli.sandbox || cli.sandbox_web.is_some();
     let mut sources = Sources {
         file: cli.config.clone(),
-        token_optional: cli.sandbox || cli.check,
+        token_optional: sandbox || cli.check,
         ..Sources::default()
     };
-    let (token, application) = match (cli.sandbox, cli.token, cli.application) {
+    let (token, application) = match (sandbox, cli.token, cli.application) {
         // `--sandbox module:app`: the one positional is the application.
         (true, Some(app), None) => (None, Some(app)),
         (_, token, app) => (token, app),
@@ -138,9 +279,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         ));
     }
     let settings = Settings::load(&sources)?;
-    logging::register_secret(settings.telegram.token.expose());
-    // The sandbox chat owns the terminal: only warnings and errors go to
-    // stderr there, unless RUST_LOG asks for more.
+    register_secrets(&settings);
+    // The terminal chat owns the terminal: only warnings and errors go to
+    // stderr there, unless RUST_LOG asks for more. The web chat alone
+    // leaves the terminal to the log.
     let level = if cli.sandbox {
         settings.log.level.min(log::LevelFilter::Warn)
     } else {
@@ -171,8 +313,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         println!("ok: {} imported and ready", settings.app.application);
         return Ok(());
     }
-    if cli.sandbox {
-        chat::run(settings)?;
+    if sandbox {
+        let views = chat::Views {
+            terminal: cli.sandbox,
+            web: cli.sandbox_web,
+        };
+        chat::run(settings, views)?;
         return Ok(());
     }
     if cli.reset_journal {
@@ -180,6 +326,29 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
     actix::System::new().block_on(asgigramd::run(settings, None))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn web_chat_addresses_default_to_loopback() {
+        let local = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        assert_eq!(web_addr("8090"), Ok(local(8090)));
+        assert_eq!(web_addr(":8090"), Ok(local(8090)));
+        assert_eq!(web_addr("localhost:8090"), Ok(local(8090)));
+        assert_eq!(
+            web_addr("0.0.0.0:80"),
+            Ok("0.0.0.0:80".parse().expect("an address"))
+        );
+        assert_eq!(
+            web_addr("[::1]:9"),
+            Ok("[::1]:9".parse().expect("an address"))
+        );
+        assert!(web_addr("example.org:80").is_err());
+        assert!(web_addr("99999").is_err());
+    }
 }
 
 /// Hiding a secret given on the command line from other users.

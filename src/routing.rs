@@ -16,7 +16,10 @@
 
 use std::fmt;
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::telegram::Update;
 
@@ -78,11 +81,12 @@ impl fmt::Display for ScopeKey {
 
 /// The scope an update goes to, with the Chat or User object the scope is
 /// described by (`scope["chat"]` / `scope["user"]`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Route {
+#[derive(Debug, Clone)]
+pub struct Route<'a> {
     pub key: ScopeKey,
-    /// The full Chat or User object as Telegram sent it.
-    pub subject: Value,
+    /// The full Chat or User object as Telegram sent it: borrowed from the
+    /// update, unless the update had to be rewritten (a key given twice).
+    pub subject: Cow<'a, RawValue>,
 }
 
 /// Why an update goes to no scope.
@@ -127,73 +131,137 @@ pub const KNOWN_KINDS: &[&str] = &[
     "subscription",
 ];
 
-/// Finds the scope for an update.
-pub fn route(update: &Update) -> Result<Route, Unroutable> {
-    let (kind, value) = update.kind().ok_or(Unroutable::Empty)?;
-    let Value::Object(obj) = value else {
+/// Finds the scope for an update. Reads only the fields it routes by, in
+/// place; the rest of the update is skipped, not decoded.
+pub fn route(update: &Update) -> Result<Route<'_>, Unroutable> {
+    let (kind, value) = update.kind_value().ok_or(Unroutable::Empty)?;
+    if !value.starts_with('{') {
         return Err(Unroutable::NotAnObject(kind.to_string()));
-    };
-    let found = match kind {
-        "business_message" | "edited_business_message" | "deleted_business_messages" => {
-            match obj.get("business_connection_id").and_then(Value::as_str) {
-                Some(conn) => chat_in(obj, Conversation::Business(conn.to_string())),
-                None => chat_in(obj, Conversation::Plain),
-            }
-        }
-        "guest_message" => chat_in(obj, Conversation::Guest),
-        "callback_query" => obj
-            .get("message")
-            .and_then(Value::as_object)
-            .and_then(|m| chat_in(m, Conversation::Plain))
-            .or_else(|| user_in(obj, "from")),
-        "inline_query"
-        | "chosen_inline_result"
-        | "shipping_query"
-        | "pre_checkout_query"
-        | "purchased_paid_media" => user_in(obj, "from"),
-        "business_connection" | "managed_bot" | "subscription" => user_in(obj, "user"),
-        "poll_answer" => user_in(obj, "user").or_else(|| {
-            obj.get("voter_chat")
-                .and_then(Value::as_object)
-                .and_then(|c| chat_route(c, Conversation::Plain))
+    }
+    let found = match route_in(kind, value) {
+        Ok(found) => found.map(|(key, subject)| Route {
+            key,
+            subject: Cow::Borrowed(subject),
         }),
-        "poll" => None,
-        _ => chat_in(obj, Conversation::Plain)
-            .or_else(|| {
-                obj.get("message")
-                    .and_then(Value::as_object)
-                    .and_then(|m| chat_in(m, Conversation::Plain))
+        // The rules read an object as a map, whose last value of a key given
+        // twice counts: so does this one's, rewritten as that map.
+        Err(Repeats) => serde_json::from_str::<Value>(value).ok().and_then(|map| {
+            let text = map.to_string();
+            let (key, subject) = route_in(kind, &text).ok().flatten()?;
+            Some(Route {
+                key,
+                subject: Cow::Owned(subject.to_owned()),
             })
-            .or_else(|| user_in(obj, "from"))
-            .or_else(|| user_in(obj, "user")),
+        }),
     };
     found.ok_or_else(|| Unroutable::NoChatOrUser(kind.to_string()))
 }
 
-fn id_of(obj: &Map<String, Value>) -> Option<i64> {
-    obj.get("id").and_then(Value::as_i64)
+/// The routing rules on the kind's object (`text`, an object).
+fn route_in<'a>(kind: &str, text: &'a str) -> Found<'a> {
+    let obj = fields(text)?.unwrap_or_default();
+    match kind {
+        "business_message" | "edited_business_message" | "deleted_business_messages" => {
+            let conn = obj
+                .business_connection_id
+                .and_then(|c| serde_json::from_str::<String>(c.get()).ok());
+            match conn {
+                Some(conn) => chat_route(obj.chat, Conversation::Business(conn)),
+                None => chat_route(obj.chat, Conversation::Plain),
+            }
+        }
+        "guest_message" => chat_route(obj.chat, Conversation::Guest),
+        "callback_query" => or(message_chat(&obj), || user_of(obj.from)),
+        "inline_query"
+        | "chosen_inline_result"
+        | "shipping_query"
+        | "pre_checkout_query"
+        | "purchased_paid_media" => user_of(obj.from),
+        "business_connection" | "managed_bot" | "subscription" => user_of(obj.user),
+        "poll_answer" => or(user_of(obj.user), || {
+            chat_route(obj.voter_chat, Conversation::Plain)
+        }),
+        "poll" => Ok(None),
+        _ => or(chat_route(obj.chat, Conversation::Plain), || {
+            or(message_chat(&obj), || {
+                or(user_of(obj.from), || user_of(obj.user))
+            })
+        }),
+    }
 }
 
-fn chat_route(chat: &Map<String, Value>, conversation: Conversation) -> Option<Route> {
-    Some(Route {
-        key: ScopeKey::Chat {
-            id: id_of(chat)?,
-            conversation,
-        },
-        subject: Value::Object(chat.clone()),
-    })
+/// A scope and its Chat or User object, or none; `Err` when an object on
+/// the way has a key given twice.
+type Found<'a> = Result<Option<(ScopeKey, &'a RawValue)>, Repeats>;
+
+/// An object with a key given twice, which a struct of fields refuses.
+struct Repeats;
+
+fn or<'a>(first: Found<'a>, then: impl FnOnce() -> Found<'a>) -> Found<'a> {
+    match first? {
+        Some(found) => Ok(Some(found)),
+        None => then(),
+    }
 }
 
-fn chat_in(obj: &Map<String, Value>, conversation: Conversation) -> Option<Route> {
-    chat_route(obj.get("chat")?.as_object()?, conversation)
+/// The fields of an object that route it, kept as they came.
+#[derive(Default, serde::Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    chat: Option<&'a RawValue>,
+    #[serde(borrow)]
+    message: Option<&'a RawValue>,
+    #[serde(borrow)]
+    from: Option<&'a RawValue>,
+    #[serde(borrow)]
+    user: Option<&'a RawValue>,
+    #[serde(borrow)]
+    voter_chat: Option<&'a RawValue>,
+    #[serde(borrow)]
+    business_connection_id: Option<&'a RawValue>,
 }
 
-fn user_in(obj: &Map<String, Value>, field: &str) -> Option<Route> {
-    let user = obj.get(field)?.as_object()?;
-    Some(Route {
-        key: ScopeKey::User { id: id_of(user)? },
-        subject: Value::Object(user.clone()),
-    })
+/// `None` when `text` is not an object. A struct also takes an array (by
+/// position), hence the check; on an object it fails only for a field
+/// given twice, as every field is taken as it is.
+fn fields(text: &str) -> Result<Option<Fields<'_>>, Repeats> {
+    if !text.starts_with('{') {
+        return Ok(None);
+    }
+    serde_json::from_str(text).map(Some).map_err(|_| Repeats)
+}
+
+/// An object's integer `id`.
+fn id_of(obj: &RawValue) -> Result<Option<i64>, Repeats> {
+    #[derive(serde::Deserialize)]
+    struct Id<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+    }
+    if !obj.get().starts_with('{') {
+        return Ok(None);
+    }
+    let id = serde_json::from_str::<Id<'_>>(obj.get()).map_err(|_| Repeats)?;
+    Ok(id
+        .id
+        .and_then(|id| serde_json::from_str::<i64>(id.get()).ok()))
+}
+
+fn chat_route(chat: Option<&RawValue>, conversation: Conversation) -> Found<'_> {
+    let Some(chat) = chat else { return Ok(None) };
+    Ok(id_of(chat)?.map(|id| (ScopeKey::Chat { id, conversation }, chat)))
+}
+
+fn message_chat<'a>(obj: &Fields<'a>) -> Found<'a> {
+    match obj.message.map(|m| fields(m.get())).transpose()?.flatten() {
+        Some(message) => chat_route(message.chat, Conversation::Plain),
+        None => Ok(None),
+    }
+}
+
+fn user_of(user: Option<&RawValue>) -> Found<'_> {
+    let Some(user) = user else { return Ok(None) };
+    Ok(id_of(user)?.map(|id| (ScopeKey::User { id }, user)))
 }
 
 #[cfg(test)]
@@ -211,11 +279,12 @@ mod tests {
 
     #[test]
     fn message_goes_to_its_chat_with_the_chat_object() {
-        let r = route(&update(json!({"update_id": 1, "message": {
-            "message_id": 5, "chat": {"id": -100, "type": "group", "title": "g"}, "text": "hi"}})))
-        .unwrap();
+        let u = update(json!({"update_id": 1, "message": {
+            "message_id": 5, "chat": {"id": -100, "type": "group", "title": "g"}, "text": "hi"}}));
+        let r = route(&u).unwrap();
         assert_eq!(r.key, ScopeKey::chat(-100));
-        assert_eq!(r.subject["title"], "g");
+        let subject: Value = serde_json::from_str(r.subject.get()).unwrap();
+        assert_eq!(subject["title"], "g");
         assert_eq!(r.key.to_string(), "chat:-100");
     }
 
@@ -284,6 +353,43 @@ mod tests {
         assert_eq!(key(json!({"update_id": 1})), Err(Unroutable::Empty));
         assert_eq!(
             key(json!({"update_id": 1, "message": "text"})),
+            Err(Unroutable::NotAnObject("message".into()))
+        );
+    }
+
+    #[test]
+    fn a_key_given_twice_counts_with_its_last_value_as_in_a_map() {
+        let text =
+            r#"{"update_id":1,"message":{"chat":{"id":1},"text":"a","chat":{"id":2,"id":3}}}"#;
+        let u = Update::from_json(text).unwrap();
+        let r = route(&u).unwrap();
+        assert_eq!(r.key, ScopeKey::chat(3));
+        let subject: Value = serde_json::from_str(r.subject.get()).unwrap();
+        assert_eq!(subject, json!({"id": 3}));
+        // The subject is the object as it came, not a copy re-encoded.
+        let u = update(json!({"update_id": 1, "message": {"chat": {"id": 4, "title": "t"}}}));
+        let r = route(&u).unwrap();
+        assert!(matches!(r.subject, Cow::Borrowed(_)));
+        assert_eq!(r.subject.get(), r#"{"id":4,"title":"t"}"#);
+    }
+
+    #[test]
+    fn objects_where_the_rules_want_them_and_nothing_else() {
+        // An array is not read by position as if it were the object.
+        assert_eq!(
+            key(json!({"update_id": 1, "message": {"chat": [5]}})),
+            Err(Unroutable::NoChatOrUser("message".into()))
+        );
+        assert_eq!(
+            key(json!({"update_id": 1, "message": {"chat": {"id": "5"}}})),
+            Err(Unroutable::NoChatOrUser("message".into()))
+        );
+        assert_eq!(
+            key(json!({"update_id": 1, "message": {"chat": {"id": 5.5}, "from": {"id": 6}}})),
+            Ok(ScopeKey::User { id: 6 })
+        );
+        assert_eq!(
+            key(json!({"update_id": 1, "message": [{"chat": {"id": 5}}]})),
             Err(Unroutable::NotAnObject("message".into()))
         );
     }

@@ -30,62 +30,50 @@ pub const MAX_COUNT: u64 = 1_000_000_000;
 /// Prefix of the environment variables that override settings.
 pub const ENV_PREFIX: &str = "ASGIGRAM";
 
-/// The bot token. A secret: `Debug` and `Display` print it redacted, and the
-/// only way to the real value is [`BotToken::expose`].
-#[derive(Clone, PartialEq, Eq)]
-pub struct BotToken(String);
+/// Defines a secret of the settings: `Debug` and `Display` print it
+/// redacted, and the only way to the value is `expose`, whose result is
+/// never logged.
+macro_rules! secret {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq)]
+        pub struct $name(String);
 
-impl BotToken {
-    pub fn new(token: impl Into<String>) -> Self {
-        BotToken(token.into())
-    }
+        impl $name {
+            pub fn new(value: impl Into<String>) -> Self {
+                $name(value.into())
+            }
 
-    /// The token itself, for building request URLs. Never log the result.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
+            /// The secret itself, for where it must go. Never log the result.
+            pub fn expose(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(concat!(stringify!($name), "(<redacted>)"))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("<redacted>")
+            }
+        }
+    };
 }
 
-impl fmt::Debug for BotToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("BotToken(<redacted>)")
-    }
-}
+secret!(
+    /// The bot token, in request URLs.
+    BotToken
+);
 
-impl fmt::Display for BotToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-/// The bearer token other programs present to `/v1/...` on the HTTP
-/// endpoint (`http.api_token`, `http.api_token_file`). A secret like the bot
-/// token: `Debug` and `Display` print it redacted.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ApiToken(String);
-
-impl ApiToken {
-    pub fn new(token: impl Into<String>) -> Self {
-        ApiToken(token.into())
-    }
-
-    /// The token itself, to compare a request's with. Never log the result.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ApiToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ApiToken(<redacted>)")
-    }
-}
-
-impl fmt::Display for ApiToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+secret!(
+    /// The bearer token other programs present to `/v1/...` on the HTTP
+    /// endpoint (`http.api_token`, `http.api_token_file`).
+    ApiToken
+);
 
 /// Whether the ASGI lifespan protocol is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -119,6 +107,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// `None`: polling mode (`webhook.url` is empty).
     pub webhook: Option<WebhookSettings>,
+    /// `None`: one node with the local journal (`cluster.nats_urls` is empty).
+    pub cluster: Option<ClusterSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +292,7 @@ struct RawSettings {
     http: RawHttp,
     log: RawLog,
     webhook: RawWebhook,
+    cluster: RawCluster,
 }
 
 #[derive(Deserialize)]
@@ -398,7 +389,45 @@ struct RawWebhook {
     upload_certificate: bool,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    nats_urls: Vec<String>,
+    credentials_file: String,
+    user: String,
+    password: String,
+    token: String,
+    ca_file: String,
+    node_id: String,
+    partitions: Number,
+    replicas: Number,
+    lease_ttl: Number,
+    lease_renew: Number,
+    duplicate_window: Number,
+}
+
 impl Settings {
+    /// Every secret these settings hold (the bot token, `http.api_token`,
+    /// the webhook's secret, NATS's password or token), for the log's
+    /// redaction ([`crate::ops::logging::register_secret`]).
+    pub fn secrets(&self) -> Vec<&str> {
+        let mut secrets = vec![self.telegram.token.expose()];
+        secrets.extend(self.http.api_token.as_ref().map(ApiToken::expose));
+        secrets.extend(self.webhook.as_ref().map(|w| w.secret_token.expose()));
+        if let Some(cluster) = &self.cluster {
+            match &cluster.auth {
+                NatsAuth::UserPassword {
+                    password: secret, ..
+                }
+                | NatsAuth::Token(secret) => {
+                    secrets.push(secret.expose());
+                }
+                NatsAuth::None | NatsAuth::CredentialsFile(_) => {}
+            }
+        }
+        secrets
+    }
+
     /// Reads the layers from the process environment.
     pub fn load(sources: &Sources) -> Result<Settings, SettingsError> {
         Self::load_with_env(sources, std::env::vars())
@@ -427,6 +456,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("telegram.allowed_updates")
+                .with_list_parse_key("cluster.nats_urls")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -444,13 +474,14 @@ impl Settings {
             .as_deref()
             .map(config_dir)
             .unwrap_or_else(|| PathBuf::from("."));
-        Self::validate(raw, &base_dir, sources.token_optional)
+        Self::validate(raw, &base_dir, sources.token_optional, system_host_name)
     }
 
     fn validate(
         raw: RawSettings,
         base_dir: &Path,
         token_optional: bool,
+        host_name: fn() -> Option<String>,
     ) -> Result<Settings, SettingsError> {
         let token = resolve_token(&raw.telegram, base_dir, token_optional)?;
 
@@ -589,6 +620,7 @@ impl Settings {
         })?;
 
         let webhook = validate_webhook(&raw.webhook, base_dir)?;
+        let cluster = validate_cluster(&raw.cluster, base_dir, host_name)?;
 
         Ok(Settings {
             telegram: TelegramSettings {
@@ -626,6 +658,7 @@ impl Settings {
                 stats_interval,
             },
             webhook,
+            cluster,
         })
     }
 }
@@ -947,30 +980,11 @@ pub fn validate_app_spec(spec: &str) -> Result<(), String> {
     }
 }
 
-/// The secret Telegram sends with every webhook request
-/// (`X-Telegram-Bot-Api-Secret-Token`). `Debug` and `Display` print it
-/// redacted; [`WebhookSecret::expose`] is the only way to the value.
-#[derive(Clone, PartialEq, Eq)]
-pub struct WebhookSecret(String);
-
-impl WebhookSecret {
-    /// The secret itself, for `setWebhook` and the comparison. Never log it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for WebhookSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("WebhookSecret(<redacted>)")
-    }
-}
-
-impl fmt::Display for WebhookSecret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+secret!(
+    /// The secret Telegram sends with every webhook request
+    /// (`X-Telegram-Bot-Api-Secret-Token`), for `setWebhook` and the comparison.
+    WebhookSecret
+);
 
 /// Webhook mode: Telegram POSTs updates to asgigramd instead of being polled.
 #[derive(Debug, Clone)]
@@ -1108,6 +1122,225 @@ fn validate_webhook(
         max_connections,
         tls,
         upload_certificate: raw.upload_certificate,
+    }))
+}
+
+secret!(
+    /// A NATS secret (`cluster.password`, `cluster.token`), for the
+    /// connection's options.
+    NatsSecret
+);
+
+/// How a node proves itself to NATS: at most one way, as the server takes one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    None,
+    /// A `.creds` file (JWT and NKey seed), read when connecting.
+    CredentialsFile(PathBuf),
+    UserPassword {
+        user: String,
+        password: NatsSecret,
+    },
+    Token(NatsSecret),
+}
+
+/// Cluster mode: several nodes share one bot through NATS JetStream
+/// (docs/cluster.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// `nats://` or `tls://` URLs of the NATS servers, without credentials.
+    pub nats_urls: Vec<String>,
+    pub auth: NatsAuth,
+    /// PEM file of the certificate authorities the servers' certificates are
+    /// checked against; set, the connection requires TLS.
+    pub ca_file: Option<PathBuf>,
+    /// This node's name in leases and status; unique in the cluster.
+    pub node_id: String,
+    /// Partitions of the update log; fixed when the bot's stream is created.
+    pub partitions: u32,
+    /// Copies JetStream keeps of the update log and the leases.
+    pub replicas: usize,
+    /// How long a lease outlives its holder's last renewal.
+    pub lease_ttl: Duration,
+    /// How often a holder renews its leases.
+    pub lease_renew: Duration,
+    /// How long the update log remembers an `update_id` to drop it when
+    /// published again.
+    pub duplicate_window: Duration,
+}
+
+/// Most partitions `cluster.partitions` accepts: each one is a lease and a
+/// consumer, so thousands would cost more in renewals than they spread.
+pub const MAX_PARTITIONS: u64 = 1024;
+
+/// JetStream replicates a stream at most this many times.
+pub const MAX_REPLICAS: u64 = 5;
+
+/// The host name, the default `cluster.node_id`.
+fn system_host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the pointer and length describe `buf`, which outlives the call.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    (!name.is_empty()).then_some(name)
+}
+
+/// A node id goes into KV keys, NATS subjects and log lines: letters,
+/// digits, '.', '_' and '-' keep it valid in all of them.
+fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Every `[cluster]` key is checked also when cluster mode is off, so that
+/// a typo shows before the day it is turned on; the host name is asked for
+/// only when it is on and no `node_id` is set.
+fn validate_cluster(
+    raw: &RawCluster,
+    base_dir: &Path,
+    host_name: fn() -> Option<String>,
+) -> Result<Option<ClusterSettings>, SettingsError> {
+    let mut nats_urls = Vec::new();
+    for url in raw
+        .nats_urls
+        .iter()
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+    {
+        let rest = ["nats://", "tls://"]
+            .iter()
+            .find_map(|scheme| url.strip_prefix(scheme));
+        let Some(rest) = rest else {
+            return Err(SettingsError::key(
+                "cluster.nats_urls",
+                format!("each must be nats://host:port or tls://host:port, got {url:?}"),
+            ));
+        };
+        // Credentials in a URL would travel into every log line that names
+        // the server; the message does not repeat the URL for that reason.
+        if rest.contains('@') {
+            return Err(SettingsError::key(
+                "cluster.nats_urls",
+                "a URL holds credentials (user:password@ or token@): set cluster.user and \
+                 cluster.password, cluster.token or cluster.credentials_file instead",
+            ));
+        }
+        if rest.is_empty() || rest.starts_with(':') || rest.contains('/') {
+            return Err(SettingsError::key(
+                "cluster.nats_urls",
+                format!("each must be nats://host:port or tls://host:port, got {url:?}"),
+            ));
+        }
+        nats_urls.push(url.to_string());
+    }
+    let text = |s: &str| s.trim().to_string();
+    let (user, password, token, creds) = (
+        text(&raw.user),
+        text(&raw.password),
+        text(&raw.token),
+        text(&raw.credentials_file),
+    );
+    let ways = [
+        !creds.is_empty(),
+        !user.is_empty() || !password.is_empty(),
+        !token.is_empty(),
+    ];
+    if ways.iter().filter(|&&set| set).count() > 1 {
+        return Err(SettingsError::key(
+            "cluster.credentials_file",
+            "cluster.credentials_file, cluster.user/cluster.password and cluster.token are \
+             different ways to authenticate: set one of them",
+        ));
+    }
+    let auth = if !creds.is_empty() {
+        NatsAuth::CredentialsFile(base_dir.join(creds))
+    } else if !token.is_empty() {
+        NatsAuth::Token(NatsSecret(token))
+    } else if user.is_empty() != password.is_empty() {
+        return Err(SettingsError::key(
+            if user.is_empty() {
+                "cluster.user"
+            } else {
+                "cluster.password"
+            },
+            "cluster.user and cluster.password go together: set both or neither",
+        ));
+    } else if !user.is_empty() {
+        NatsAuth::UserPassword {
+            user,
+            password: NatsSecret(password),
+        }
+    } else {
+        NatsAuth::None
+    };
+    let ca_file = (!raw.ca_file.trim().is_empty()).then(|| base_dir.join(raw.ca_file.trim()));
+    let partitions = count("cluster.partitions", raw.partitions, 1, MAX_PARTITIONS)? as u32;
+    let replicas = count("cluster.replicas", raw.replicas, 1, MAX_REPLICAS)? as usize;
+    let lease_ttl = seconds("cluster.lease_ttl", raw.lease_ttl, 1.0, 3600.0)?;
+    let lease_renew = seconds("cluster.lease_renew", raw.lease_renew, 0.1, 3600.0)?;
+    if lease_renew >= lease_ttl {
+        return Err(SettingsError::key(
+            "cluster.lease_renew",
+            format!(
+                "must be shorter than cluster.lease_ttl ({} s), or a lease lapses between two \
+                 renewals; a third of it is usual; got {} s",
+                lease_ttl.as_secs_f64(),
+                lease_renew.as_secs_f64()
+            ),
+        ));
+    }
+    // JetStream's own bounds for a stream's duplicate window are a second
+    // and the stream's age limit; a day matches Telegram's own retention.
+    let duplicate_window =
+        whole_seconds("cluster.duplicate_window", raw.duplicate_window, 1, 86_400)?;
+    let node_id = raw.node_id.trim();
+    if !node_id.is_empty() && !valid_node_id(node_id) {
+        return Err(SettingsError::key(
+            "cluster.node_id",
+            format!(
+                "must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'; got {node_id:?}"
+            ),
+        ));
+    }
+    if nats_urls.is_empty() {
+        return Ok(None);
+    }
+    let node_id = if node_id.is_empty() {
+        let host = host_name().ok_or_else(|| {
+            SettingsError::key(
+                "cluster.node_id",
+                "is empty and the host name cannot be read: set it",
+            )
+        })?;
+        if !valid_node_id(&host) {
+            return Err(SettingsError::key(
+                "cluster.node_id",
+                format!(
+                    "is empty and the host name {host:?} is not a valid node id \
+                     (1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'): set it"
+                ),
+            ));
+        }
+        host
+    } else {
+        node_id.to_string()
+    };
+    Ok(Some(ClusterSettings {
+        nats_urls,
+        auth,
+        ca_file,
+        node_id,
+        partitions,
+        replicas,
+        lease_ttl,
+        lease_renew,
+        duplicate_window,
     }))
 }
 
@@ -1661,6 +1894,216 @@ mod tests {
             })
         );
         assert!(hook.upload_certificate);
+    }
+
+    #[test]
+    fn cluster_is_off_by_default_and_on_with_urls_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        assert_eq!(load(Some(file.clone()), &[]).unwrap().cluster, None);
+        let s = load(
+            Some(file.clone()),
+            &[(
+                "ASGIGRAM_CLUSTER__NATS_URLS",
+                "nats://a:4222,tls://b.example.org:4222",
+            )],
+        )
+        .unwrap();
+        let c = s.cluster.expect("cluster mode");
+        assert_eq!(
+            c.nats_urls,
+            vec!["nats://a:4222", "tls://b.example.org:4222"]
+        );
+        assert_eq!(c.auth, NatsAuth::None);
+        assert_eq!(c.ca_file, None);
+        assert_eq!(Some(c.node_id), system_host_name());
+        assert_eq!(c.partitions, 16);
+        assert_eq!(c.replicas, 3);
+        assert_eq!(c.lease_ttl, Duration::from_secs(10));
+        assert_eq!(c.lease_renew, Duration::from_secs(3));
+        assert_eq!(c.duplicate_window, Duration::from_secs(600));
+
+        let text = format!(
+            "{MINIMAL}[cluster]\nnats_urls = [\"nats://127.0.0.1:4222\"]\nnode_id = \"node-1.a\"\n\
+             partitions = 4\nreplicas = 1\nlease_ttl = 2.5\nlease_renew = 0.5\n\
+             ca_file = \"ca.pem\"\ncredentials_file = \"/run/bot.creds\"\n"
+        );
+        let c = load(
+            Some(write(dir.path(), "b.toml", &text)),
+            &[("ASGIGRAM_CLUSTER__PARTITIONS", "8")],
+        )
+        .unwrap()
+        .cluster
+        .expect("cluster mode");
+        assert_eq!(c.node_id, "node-1.a");
+        assert_eq!(c.partitions, 8, "the environment wins over the file");
+        assert_eq!(c.replicas, 1);
+        assert_eq!(c.lease_ttl, Duration::from_millis(2500));
+        assert_eq!(c.lease_renew, Duration::from_millis(500));
+        assert_eq!(c.ca_file, Some(dir.path().join("ca.pem")));
+        assert_eq!(
+            c.auth,
+            NatsAuth::CredentialsFile(PathBuf::from("/run/bot.creds"))
+        );
+    }
+
+    #[test]
+    fn cluster_keys_are_checked_in_both_modes_and_errors_name_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        let on = ("ASGIGRAM_CLUSTER__NATS_URLS", "nats://127.0.0.1:4222");
+        for (key, value, named) in [
+            ("ASGIGRAM_CLUSTER__PARTITIONS", "0", "cluster.partitions"),
+            ("ASGIGRAM_CLUSTER__PARTITIONS", "1025", "cluster.partitions"),
+            ("ASGIGRAM_CLUSTER__PARTITIONS", "2.5", "cluster.partitions"),
+            ("ASGIGRAM_CLUSTER__REPLICAS", "6", "cluster.replicas"),
+            ("ASGIGRAM_CLUSTER__REPLICAS", "0", "cluster.replicas"),
+            ("ASGIGRAM_CLUSTER__LEASE_TTL", "0.2", "cluster.lease_ttl"),
+            ("ASGIGRAM_CLUSTER__LEASE_RENEW", "10", "cluster.lease_renew"),
+            ("ASGIGRAM_CLUSTER__LEASE_RENEW", "12", "cluster.lease_renew"),
+            (
+                "ASGIGRAM_CLUSTER__DUPLICATE_WINDOW",
+                "0",
+                "cluster.duplicate_window",
+            ),
+            ("ASGIGRAM_CLUSTER__NODE_ID", "a b", "cluster.node_id"),
+            ("ASGIGRAM_CLUSTER__NODE_ID", "a/b", "cluster.node_id"),
+            ("ASGIGRAM_CLUSTER__USER", "bot", "cluster.password"),
+            ("ASGIGRAM_CLUSTER__PASSWORD", "pw", "cluster.user"),
+            (
+                "ASGIGRAM_CLUSTER__NATS_URLS",
+                "http://a:4222",
+                "cluster.nats_urls",
+            ),
+            (
+                "ASGIGRAM_CLUSTER__NATS_URLS",
+                "nats://:4222",
+                "cluster.nats_urls",
+            ),
+            (
+                "ASGIGRAM_CLUSTER__NATS_URLS",
+                "nats://a:4222/x",
+                "cluster.nats_urls",
+            ),
+        ] {
+            let err = load(Some(file.clone()), &[on, (key, value)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{key}={value}: {err}");
+            if key != "ASGIGRAM_CLUSTER__NATS_URLS" {
+                // Checked with cluster mode off as well.
+                let err = load(Some(file.clone()), &[(key, value)])
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(named), "{key}={value} (off): {err}");
+            }
+        }
+        let two_ways = [
+            on,
+            ("ASGIGRAM_CLUSTER__TOKEN", "t0ken"),
+            ("ASGIGRAM_CLUSTER__CREDENTIALS_FILE", "x.creds"),
+        ];
+        let err = load(Some(file.clone()), &two_ways).unwrap_err().to_string();
+        assert!(err.contains("set one of them"), "{err}");
+        // The renewal must come before the lease lapses, not on the dot.
+        let err = load(
+            Some(file),
+            &[
+                on,
+                ("ASGIGRAM_CLUSTER__LEASE_TTL", "5"),
+                ("ASGIGRAM_CLUSTER__LEASE_RENEW", "5"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("shorter than cluster.lease_ttl"), "{err}");
+    }
+
+    #[test]
+    fn cluster_node_id_without_a_readable_host_name_is_an_error_naming_the_key() {
+        let raw = RawCluster {
+            nats_urls: vec!["nats://127.0.0.1:4222".into()],
+            credentials_file: String::new(),
+            user: String::new(),
+            password: String::new(),
+            token: String::new(),
+            ca_file: String::new(),
+            node_id: String::new(),
+            partitions: Number::Int(4),
+            replicas: Number::Int(3),
+            lease_ttl: Number::Int(10),
+            lease_renew: Number::Int(3),
+            duplicate_window: Number::Int(60),
+        };
+        let err = validate_cluster(&raw, Path::new("."), || None).unwrap_err();
+        assert!(err.to_string().contains("cluster.node_id"), "{err}");
+        let err = validate_cluster(&raw, Path::new("."), || {
+            Some("under_score but spaced".into())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("cluster.node_id"), "{err}");
+        let c = validate_cluster(&raw, Path::new("."), || Some("pod-7".into()))
+            .unwrap()
+            .expect("cluster mode");
+        assert_eq!(c.node_id, "pod-7");
+    }
+
+    #[test]
+    fn nats_secrets_never_appear_in_debug_or_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "a.toml", MINIMAL);
+        let on = ("ASGIGRAM_CLUSTER__NATS_URLS", "nats://127.0.0.1:4222");
+        let s = load(
+            Some(file.clone()),
+            &[
+                on,
+                ("ASGIGRAM_CLUSTER__USER", "botuser"),
+                ("ASGIGRAM_CLUSTER__PASSWORD", "SECRETpassword"),
+            ],
+        )
+        .unwrap();
+        assert!(!format!("{s:?}").contains("SECRET"), "{s:?}");
+        assert!(
+            s.secrets().contains(&"SECRETpassword"),
+            "redacted in the log"
+        );
+        assert!(s.secrets().contains(&s.telegram.token.expose()));
+        let c = s.cluster.expect("cluster mode");
+        match &c.auth {
+            NatsAuth::UserPassword { user, password } => {
+                assert_eq!(user, "botuser");
+                assert_eq!(password.expose(), "SECRETpassword");
+                assert_eq!(password.to_string(), "<redacted>");
+            }
+            other => panic!("expected user and password, got {other:?}"),
+        }
+        let s = load(
+            Some(file.clone()),
+            &[on, ("ASGIGRAM_CLUSTER__TOKEN", "SECRETtoken")],
+        )
+        .unwrap();
+        assert!(!format!("{s:?}").contains("SECRET"), "{s:?}");
+        assert!(s.secrets().contains(&"SECRETtoken"), "redacted in the log");
+        // A URL with credentials is refused without being repeated.
+        for url in ["nats://bot:SECRETpw@a:4222", "nats://SECRETtok@a:4222"] {
+            let err = load(Some(file.clone()), &[("ASGIGRAM_CLUSTER__NATS_URLS", url)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("cluster.nats_urls"), "{err}");
+            assert!(!err.contains("SECRET"), "the secret is repeated: {err}");
+        }
+        // Two ways at once: the message names the keys, not the values.
+        let err = load(
+            Some(file),
+            &[
+                on,
+                ("ASGIGRAM_CLUSTER__TOKEN", "SECRETtoken"),
+                ("ASGIGRAM_CLUSTER__PASSWORD", "SECRETpassword"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("SECRET"), "{err}");
     }
 
     #[test]

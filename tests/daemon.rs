@@ -26,6 +26,36 @@ fn asgi3_app_echoes_into_the_same_chat() {
     }
 }
 
+/// The bridge reaches the worker as bytecode on stdin (src/bridge/compiled.rs);
+/// the app still finds itself in `__main__` beside the bridge, and its
+/// stdin at /dev/null and at its end, as when the source came on the
+/// command line.
+#[test]
+fn the_worker_runs_the_bridge_from_bytecode_and_the_app_sees_stdin_closed() {
+    let sb = sandbox();
+    let d = Daemon::start(&config_for(&sb, "process_probe:app", ""), &[]);
+    sb.inject_text(102, "probe");
+    let texts = wait_texts(&sb, 102, 1, &d);
+    let probe = &texts[0];
+    assert!(
+        probe.starts_with("stdin=/dev/null read='' main=__main__ bridge=True command_bytes="),
+        "{probe}"
+    );
+    let command: usize = probe
+        .split("command_bytes=")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no command size in {probe}"));
+    assert!(
+        command < asgigramd::bridge::BRIDGE_SOURCE.len() / 10,
+        "the bridge's source was on the command line ({command} bytes): {probe}"
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("could not compile the bridge"), "{log}");
+}
+
 #[test]
 fn asgi2_class_app_runs_and_reply_to_is_passed_through() {
     let sb = sandbox();
@@ -356,11 +386,7 @@ fn a_killed_worker_is_restarted_and_its_chats_lose_nothing() {
     let d = Daemon::start(&config_for(&sb, "echo3:app", ""), &[]);
     sb.inject_text(21, "before");
     assert_eq!(wait_texts(&sb, 21, 1, &d), vec!["before"]);
-    let pid = worker_pids(&d.log())[0];
-    // SAFETY: kill(2) on the worker process this test's daemon started.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
+    kill_first_worker(&d);
     // Sent while the worker is dying or being replaced.
     for i in 0..5 {
         sb.inject_text(21, &format!("after {i}"));

@@ -1,6 +1,7 @@
 //! Property tests for the two decoders that take outside input: updates from
 //! the Bot API and frames from worker processes. Whatever arrives, they
-//! answer with a value or an error, never a panic.
+//! answer with a value or an error, never a panic; and an update's event,
+//! written from its bytes, is the JSON map it would have been built as.
 
 use asgigramd::bridge::FromWorker;
 use asgigramd::routing::route;
@@ -69,6 +70,27 @@ proptest! {
                 let _ = update.kind();
                 let _ = route(&update);
             }
+        }
+    }
+
+    #[test]
+    fn an_update_s_event_is_the_map_it_was_before_it_stayed_in_bytes(body in json_value(), id in any::<i64>(), kind in "[a-z_]{1,20}") {
+        prop_assume!(kind != "update_id");
+        let text = json!({"update_id": id, kind.clone(): body}).to_string();
+        let update = Update::from_json(&text).expect("an object with an integer update_id");
+        // The map as it was built from the same text (a float's digits
+        // decode to the same number both ways).
+        let mut map: Value = serde_json::from_str(&text).expect("written just above");
+        let mut written = Vec::new();
+        match map[&kind].take() {
+            Value::Object(mut fields) => {
+                prop_assert!(update.write_event(&mut written));
+                fields.insert("type".into(), json!(format!("telegram.{kind}")));
+                fields.insert("update_id".into(), json!(id));
+                let event: Value = serde_json::from_slice(&written).expect("the event is JSON");
+                prop_assert_eq!(event, Value::Object(fields));
+            }
+            _ => prop_assert!(!update.write_event(&mut written)),
         }
     }
 

@@ -96,16 +96,20 @@ fn a_file_over_20_mb_gets_the_error_response_and_never_a_part() {
     let sb = sandbox();
     let d = Daemon::start(&config_for(&sb, "downloads:app", ""), &[]);
     // getFile says it is too big: refused without fetching it.
-    let (_, said) = sb.inject_document(511, &b"small really"[..], "said.bin");
+    // Each file's size is faked before the app hears of it (`get <id>`), so
+    // getFile can never answer with the true size first.
+    let said = sb.add_file(&b"small really"[..], "said.bin");
     assert!(sb.fake_file_size(&said, 21 * 1024 * 1024));
+    sb.inject_text(511, &format!("get {said}"));
     let texts = wait_texts(&sb, 511, 1, &d);
     assert!(texts[0].starts_with(TOO_BIG), "{texts:?}");
     assert!(texts[0].contains("(22020096 bytes)"), "{texts:?}");
     assert!(texts[0].ends_with("bots may download files of up to 20 MB"));
     // getFile says it is small, but the body grows past 20 MB as it is
     // read: refused all the same.
-    let (_, lied) = sb.inject_document(512, content(20 * 1024 * 1024 + 1, 3), "lied.bin");
+    let lied = sb.add_file(content(20 * 1024 * 1024 + 1, 3), "lied.bin");
     assert!(sb.fake_file_size(&lied, 1000));
+    sb.inject_text(512, &format!("get {lied}"));
     let texts = wait_texts(&sb, 512, 1, &d);
     assert_eq!(
         texts,

@@ -93,17 +93,7 @@ fn record(path: &Path) -> Vec<i64> {
 
 fn start(sb: &asgigramd::sandbox::Sandbox, state: &Path, record: &Path, delay: &str) -> Daemon {
     let config = config_for(sb, "pushed:app", &http_with_token());
-    Daemon::start(
-        &config,
-        &[
-            (
-                "ASGIGRAM_JOURNAL__DIR",
-                state.to_str().expect("utf-8 temp path"),
-            ),
-            ("RECORD_FILE", record.to_str().expect("utf-8 temp path")),
-            ("RECORD_DELAY", delay),
-        ],
-    )
+    start_recording(&config, state, record, delay)
 }
 
 #[test]

@@ -41,11 +41,7 @@ fn echo_across_a_worker_kill(sb: &Sandbox, d: &Daemon, record: &Path, chats: std
         "{}",
         d.log()
     );
-    let pid = worker_pids(&d.log())[0];
-    // SAFETY: kill(2) on the worker process this test's daemon started.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
+    kill_first_worker(d);
     let replies = || {
         let mut seen: HashMap<String, usize> = HashMap::new();
         for chat in chats.clone() {

@@ -37,17 +37,7 @@ fn assert_each_answered_once(
 
 fn start(sb: &asgigramd::sandbox::Sandbox, state: &Path, record: &Path, delay: &str) -> Daemon {
     let config = config_for(sb, "recorder:app", "[sender]\nlimits = false\n");
-    Daemon::start(
-        &config,
-        &[
-            (
-                "ASGIGRAM_JOURNAL__DIR",
-                state.to_str().expect("utf-8 temp path"),
-            ),
-            ("RECORD_FILE", record.to_str().expect("utf-8 temp path")),
-            ("RECORD_DELAY", delay),
-        ],
-    )
+    start_recording(&config, state, record, delay)
 }
 
 #[test]
@@ -335,11 +325,7 @@ fn a_worker_killed_mid_stream_loses_nothing_and_answers_each_update_once() {
         "{}",
         d.log()
     );
-    let pid = worker_pids(&d.log())[0];
-    // SAFETY: kill(2) on the worker process this test's daemon started.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
+    kill_first_worker(&d);
     assert!(
         wait_for(DEADLINE, || received(&record) >= total),
         "{}",
@@ -470,50 +456,10 @@ fn calls_executed_but_unanswered_are_repeated_once_each_and_nothing_else_is() {
 #[test]
 fn an_update_goes_to_the_app_while_it_is_stored_and_a_failed_store_is_retried_before_confirming() {
     let sb = sandbox();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let state = dir.path().join("state");
-    let d = Daemon::start(
-        &config_for(&sb, "echo3:app", ""),
-        &[(
-            "ASGIGRAM_JOURNAL__DIR",
-            state.to_str().expect("utf-8 temp path"),
-        )],
-    );
-    let warm = sb.inject_text(71, "warm");
-    wait_texts(&sb, 71, 1, &d);
-    let file = std::fs::read_dir(&state)
-        .expect("the journal's directory exists")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "sqlite3"))
-        .expect("the journal file exists");
-
-    let mut other = rusqlite::Connection::open(&file).expect("journal opens");
-    // Once "warm" was stored (the watermark is its id) and it and its reply
-    // have left the journal, the daemon has nothing more to write. An empty
-    // journal alone does not say that: "warm" is answered before its
-    // append is written, and a slow journal thread may not have begun it.
-    let rows = |c: &rusqlite::Connection| -> i64 {
-        c.query_row(
-            "SELECT (SELECT COUNT(*) FROM updates) + (SELECT COUNT(*) FROM outbox)",
-            [],
-            |r| r.get(0),
-        )
-        .expect("journal readable")
-    };
-    let stored = |c: &rusqlite::Connection| -> bool {
-        c.query_row(
-            "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'watermark'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .is_ok_and(|w| w >= warm)
-    };
-    assert!(
-        wait_for(DEADLINE, || stored(&other) && rows(&other) == 0),
-        "{}",
-        d.log()
-    );
-    // ...so the next thing to meet the write lock that another connection
+    let state = StateDir::new();
+    let d = Daemon::start(&config_for(&sb, "echo3:app", ""), &state.env());
+    let (file, mut other) = warmed_up(&sb, &d, &state.path, 71);
+    // The next thing to meet the write lock that another connection
     // now holds is the append of "held": it waits SQLite's busy timeout
     // (10 s), and fails.
     let lock = other
@@ -570,9 +516,116 @@ fn an_update_goes_to_the_app_while_it_is_stored_and_a_failed_store_is_retried_be
     // a restart: whichever of the two is written first, the other agrees.
     let reader = rusqlite::Connection::open(&file).expect("journal opens");
     assert!(
-        wait_for(DEADLINE, || rows(&reader) == 0),
+        wait_for(DEADLINE, || journal_rows(&reader) == 0),
         "left in the journal: {} row(s); log:\n{}",
-        rows(&reader),
+        journal_rows(&reader),
         d.log()
+    );
+}
+
+/// Updates and calls the journal holds.
+fn journal_rows(c: &rusqlite::Connection) -> i64 {
+    c.query_row(
+        "SELECT (SELECT COUNT(*) FROM updates) + (SELECT COUNT(*) FROM outbox)",
+        [],
+        |r| r.get(0),
+    )
+    .expect("journal readable")
+}
+
+/// Sends "warm" to `chat` and waits until the daemon has nothing more to
+/// write: "warm" stored (the watermark is its id) and, with its reply, gone
+/// from the journal. An empty journal alone does not say that: "warm" is
+/// answered before its append is written, and a slow journal thread may not
+/// have begun it. Returns the journal's file and a connection to it.
+fn warmed_up(
+    sb: &asgigramd::sandbox::Sandbox,
+    d: &Daemon,
+    state: &Path,
+    chat: i64,
+) -> (std::path::PathBuf, rusqlite::Connection) {
+    let warm = sb.inject_text(chat, "warm");
+    wait_texts(sb, chat, 1, d);
+    let file = std::fs::read_dir(state)
+        .expect("the journal's directory exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "sqlite3"))
+        .expect("the journal file exists");
+    let c = rusqlite::Connection::open(&file).expect("journal opens");
+    let stored = |c: &rusqlite::Connection| -> bool {
+        c.query_row(
+            "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'watermark'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .is_ok_and(|w| w >= warm)
+    };
+    assert!(
+        wait_for(DEADLINE, || stored(&c) && journal_rows(&c) == 0),
+        "{}",
+        d.log()
+    );
+    (file, c)
+}
+
+/// SIGTERM while an update's append waits for the disk: the update is
+/// answered already (it goes to the app while it is stored), so the stop
+/// waits for the append and confirms it, and the next start does not
+/// deliver it again. Before, the stop dropped the append unwritten (the
+/// journal thread skips a message nobody waits for) and the reply came twice.
+#[test]
+fn sigterm_while_an_update_is_being_stored_writes_it_and_it_is_not_answered_again() {
+    let sb = sandbox();
+    let state = StateDir::new();
+    let env = state.env();
+    let config = config_for(&sb, "echo3:app", "");
+    let mut d = Daemon::start(&config, &env);
+    let (_, mut other) = warmed_up(&sb, &d, &state.path, 72);
+    // The append of "held" waits for this lock (SQLite's busy timeout is
+    // 10 s), so the stop comes while it is under way.
+    let lock = other
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .expect("write lock taken");
+    let held = sb.inject_text(72, "held");
+    assert_eq!(
+        wait_texts(&sb, 72, 2, &d)[1],
+        "held",
+        "answered while stored"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(d.pid(), libc::SIGTERM);
+    }
+    assert!(
+        wait_for(DEADLINE, || d.log().contains("Shutting down")),
+        "{}",
+        d.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    drop(lock);
+    drop(other);
+    let status = d.wait_exit();
+    let log = d.log();
+    assert!(status.success(), "{log}");
+    assert!(
+        sb.confirmed_offset() > held,
+        "the stored batch is confirmed at the stop (confirmed {}, held {held})\n{log}",
+        sb.confirmed_offset()
+    );
+
+    let d = Daemon::start(&config, &env);
+    sb.inject_text(72, "after");
+    assert_eq!(
+        wait_texts(&sb, 72, 3, &d),
+        ["warm", "held", "after"],
+        "{log}\n{}",
+        d.log()
+    );
+    let (status, log) = d.stop();
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        sb.sent_texts(72),
+        ["warm", "held", "after"],
+        "nothing answered twice\n{log}"
     );
 }

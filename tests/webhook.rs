@@ -49,17 +49,7 @@ fn start(
             webhook_section(port)
         ),
     );
-    let d = Daemon::start(
-        &config,
-        &[
-            (
-                "ASGIGRAM_JOURNAL__DIR",
-                state.to_str().expect("utf-8 temp path"),
-            ),
-            ("RECORD_FILE", record.to_str().expect("utf-8 temp path")),
-            ("RECORD_DELAY", delay),
-        ],
-    );
+    let d = start_recording(&config, state, record, delay);
     assert!(
         d.wait_log("Receiving updates by webhook as @"),
         "{}",
@@ -294,11 +284,7 @@ fn a_worker_killed_mid_stream_loses_nothing_and_answers_each_update_once() {
         "{}",
         d.log()
     );
-    let pid = worker_pids(&d.log())[0];
-    // SAFETY: kill(2) on the worker process this test's daemon started.
-    unsafe {
-        libc::kill(pid, libc::SIGKILL);
-    }
+    kill_first_worker(&d);
     assert!(
         wait_for(DEADLINE, || received(&record) >= total),
         "{}",
@@ -517,24 +503,20 @@ fn with_a_certificate_the_receiver_speaks_https_and_uploads_it() {
 #[test]
 fn back_to_polling_an_update_telegram_held_below_the_webhooks_ids_is_delivered() {
     let sb = sandbox();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let state = dir.path().join("state");
-    let env = [(
-        "ASGIGRAM_JOURNAL__DIR",
-        state.to_str().expect("utf-8 temp path"),
-    )];
+    let state = StateDir::new();
+    let env = state.env();
     let config = config_for(&sb, "echo3:app", "");
     let d = Daemon::start(&config, &env);
     let warm = sb.inject_text(81, "warm");
     assert_eq!(wait_texts(&sb, 81, 1, &d), ["warm"]);
-    let (status, log) = d.stop();
-    assert!(status.success(), "{log}");
+    let (status, first_log) = d.stop();
+    assert!(status.success(), "{first_log}");
 
     // What webhook mode would have left: the webhook delivered two updates
     // (their ids seen, the watermark at the higher), while Telegram still
     // holds them and one below them it never delivered. "warm" itself may
     // still be held too: the stop came before its offset was confirmed.
-    let file = std::fs::read_dir(&state)
+    let file = std::fs::read_dir(&state.path)
         .expect("the journal's directory exists")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "sqlite3"))
@@ -576,7 +558,8 @@ fn back_to_polling_an_update_telegram_held_below_the_webhooks_ids_is_delivered()
     assert_eq!(
         sb.sent_texts(81),
         ["warm", "held", "after"],
-        "the held update delivered, the webhook's and the polled one not again\n{}",
+        "the held update delivered, the webhook's and the polled one not again\n\
+         first run:\n{first_log}\nsecond run:\n{}",
         d.log()
     );
     assert!(sb.sent_texts(82).is_empty(), "{}", d.log());

@@ -14,8 +14,7 @@ use crate::telegram::Update;
 pub fn journal_rows(updates: &[Update]) -> Arc<[(i64, String)]> {
     updates
         .iter()
-        // A map of JSON values always serializes; the default is unreachable.
-        .map(|u| (u.id.0, serde_json::to_string(&u.raw).unwrap_or_default()))
+        .map(|u| (u.id.0, u.json().to_owned()))
         .collect::<Vec<_>>()
         .into()
 }

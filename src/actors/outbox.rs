@@ -22,9 +22,13 @@
 //! row id it will have, and writes the rows, the answers the Sender reports
 //! ([`Sent`]) and the finished updates to the journal in one transaction per
 //! batch (rule 5 of [`crate::journal`]), then tells the Sender which answers
-//! are written ([`Recorded`]). While one batch is being written the
-//! next one gathers, so under load many share a write; a reply never waits
-//! for one, only the chat's next call does (until its answer is written).
+//! are written ([`Recorded`]). A row goes into a batch only once it is
+//! needed, and a finished update waits up to [`ANSWERS_WAIT`] for its calls'
+//! answers, so that usually the update's deletion and its calls' answers
+//! share a batch and the calls need no row at all (`Gathered::due`). While
+//! one batch is being written the next one gathers, so under load many
+//! share a write; a reply never waits for one, only the chat's next call
+//! does (until its answer is written).
 //!
 //! A call whose key was made before, while its cause was not yet done, is a
 //! repeat: the cause was delivered again, after a crash or a worker's death.
@@ -39,10 +43,10 @@
 //! with or without a journal: it only reads, so it is neither stored nor
 //! recognised as a repeat.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use foldhash::{HashMap, HashSet};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
@@ -76,6 +80,15 @@ pub struct Recover(pub Recovered);
 /// The wait before writing a failed batch again: as the Poller's appends.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
+/// How long a finished update's handled mark waits for the answers to its
+/// calls (see [`Gathered::due`]), after which it is recorded handled
+/// whatever became of them. Telegram answers most calls well within it; a
+/// wait of 20 or 100 ms missed many answers even against the local
+/// sandbox, while the updates it leaves to be delivered again after a kill
+/// were about as many at 100 ms as at 1 s (docs/performance.md, "The
+/// journal's record per update").
+const ANSWERS_WAIT: Duration = Duration::from_secs(1);
+
 /// Resolves once everything received so far is written, or its write failed.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -88,6 +101,108 @@ struct Record {
     calls: Vec<NewCall>,
     handled: Vec<i64>,
     sent: Vec<SentCall>,
+}
+
+impl Record {
+    fn is_empty(&self) -> bool {
+        self.calls.is_empty() && self.handled.is_empty() && self.sent.is_empty()
+    }
+}
+
+/// An update the app is done with, not yet recorded handled.
+struct Finished {
+    id: i64,
+    /// Until when its handled mark may wait for its calls' answers; `None`:
+    /// it does not wait (a failed batch's, written again).
+    until: Option<Instant>,
+}
+
+/// What gathers for the journal's next write, in arrival order.
+#[derive(Default)]
+struct Gathered {
+    /// Rows not yet written.
+    calls: Vec<NewCall>,
+    handled: Vec<Finished>,
+    /// Answers not yet written, of rows written or not.
+    sent: Vec<SentCall>,
+}
+
+impl Gathered {
+    /// Takes what the next write must carry, leaving what may wait; `all`
+    /// takes everything (shutdown's [`Flush`]).
+    ///
+    /// A row is written only when something needs it (rules 5 and 6 of
+    /// [`crate::journal`]): a call with no cause before it goes (nothing
+    /// would make it again); a call whose answer is being written (the row,
+    /// marked sent, recognises a repeat while its cause may come again; the
+    /// journal writes none when the cause is handled in the same batch); a
+    /// call whose cause is being recorded handled (unanswered, it is sent
+    /// again after a restart). Until then a crash leaves its cause not
+    /// handled, to be delivered again and make the call again, as when the
+    /// daemon dies before a row it wrote at once.
+    ///
+    /// A finished update waits for the answers of its calls that have no
+    /// row, up to [`ANSWERS_WAIT`], so that the common case (the answer in
+    /// within milliseconds) writes the update's deletion and nothing for
+    /// its calls. Its calls answered meanwhile are written as sent, so that
+    /// their chats' next calls may go (the Sender's rule 1).
+    fn due(&mut self, all: bool, now: Instant) -> Record {
+        if all {
+            return Record {
+                calls: std::mem::take(&mut self.calls),
+                handled: self.handled.drain(..).map(|f| f.id).collect(),
+                sent: std::mem::take(&mut self.sent),
+            };
+        }
+        let answered: HashSet<i64> = self.sent.iter().map(|s| s.id).collect();
+        // Causes with a call that has neither a row nor an answer yet.
+        let waiting_for: HashSet<i64> = self
+            .calls
+            .iter()
+            .filter(|c| !answered.contains(&c.id))
+            .filter_map(|c| c.cause)
+            .collect();
+        let mut handled = Vec::new();
+        self.handled.retain(|f| {
+            let waits = waiting_for.contains(&f.id) && f.until.is_some_and(|until| now < until);
+            if !waits {
+                handled.push(f.id);
+            }
+            waits
+        });
+        let ready: HashSet<i64> = handled.iter().copied().collect();
+        let (calls, kept) = std::mem::take(&mut self.calls).into_iter().partition(|c| {
+            c.cause.is_none_or(|cause| ready.contains(&cause)) || answered.contains(&c.id)
+        });
+        self.calls = kept;
+        Record {
+            calls,
+            handled,
+            sent: std::mem::take(&mut self.sent),
+        }
+    }
+
+    /// When the first update that waits for answers stops waiting.
+    fn next_due(&self) -> Option<Instant> {
+        self.handled.iter().filter_map(|f| f.until).min()
+    }
+
+    /// A failed batch goes back in front of what gathered since, due at once.
+    fn put_back(&mut self, failed: Record) {
+        let Record {
+            mut calls,
+            handled,
+            mut sent,
+        } = failed;
+        calls.append(&mut self.calls);
+        sent.append(&mut self.sent);
+        let mut finished: Vec<Finished> = handled
+            .into_iter()
+            .map(|id| Finished { id, until: None })
+            .collect();
+        finished.append(&mut self.handled);
+        (self.calls, self.handled, self.sent) = (calls, finished, sent);
+    }
 }
 
 /// The batch's transaction rolled back whole: the Outbox writes `record`
@@ -118,10 +233,10 @@ pub struct Outbox {
     sender: Addr<Sender>,
     /// The row id of the next call stored.
     next_id: i64,
-    /// Gathered for the next write, in arrival order.
-    calls: Vec<NewCall>,
-    handled: Vec<i64>,
-    sent: Vec<SentCall>,
+    gathered: Gathered,
+    /// A write is due when the first update waiting for answers stops
+    /// waiting ([`Gathered::due`]).
+    wake_armed: bool,
     /// Rows of the `sent` calls not yet through a write: the Sender holds
     /// their chats until told ([`Recorded`]). A retried batch's rows were
     /// told already.
@@ -147,15 +262,14 @@ impl Outbox {
             journal,
             sender,
             next_id: 1,
-            calls: Vec::new(),
-            handled: Vec::new(),
-            sent: Vec::new(),
+            gathered: Gathered::default(),
+            wake_armed: false,
             releasing: Vec::new(),
             held: Vec::new(),
             held_writing: Vec::new(),
             writing: false,
             write_due: false,
-            made: HashMap::new(),
+            made: HashMap::default(),
             flush_waiters: Vec::new(),
             failures: 0,
         }
@@ -167,23 +281,29 @@ impl Outbox {
         if self.writing {
             return;
         }
-        if self.calls.is_empty() && self.handled.is_empty() && self.sent.is_empty() {
+        let Some(journal) = self.journal.clone() else {
+            // Nothing to store: calls went straight on and have no rows.
+            self.gathered.handled.clear();
             for w in self.flush_waiters.drain(..) {
                 let _ = w.send(());
             }
             return;
+        };
+        let now = Instant::now();
+        let record = self.gathered.due(!self.flush_waiters.is_empty(), now);
+        if record.is_empty() {
+            // What gathered may wait, the rows of held calls included (a
+            // call without a cause is always due, so these have one).
+            for call in self.held.drain(..) {
+                self.sender.do_send(call);
+            }
+            for w in self.flush_waiters.drain(..) {
+                let _ = w.send(());
+            }
+            self.wake_at(now, ctx);
+            return;
         }
-        let Some(journal) = self.journal.clone() else {
-            // Nothing to store: calls went straight on and have no rows.
-            self.handled.clear();
-            return self.write(ctx);
-        };
         self.writing = true;
-        let record = Record {
-            calls: std::mem::take(&mut self.calls),
-            handled: std::mem::take(&mut self.handled),
-            sent: std::mem::take(&mut self.sent),
-        };
         let releasing = std::mem::take(&mut self.releasing);
         self.held_writing = std::mem::take(&mut self.held);
         journal
@@ -198,6 +318,7 @@ impl Outbox {
                 for call in act.held_writing.drain(..) {
                     act.sender.do_send(call);
                 }
+                act.wake_at(Instant::now(), ctx);
                 match written {
                     Ok(Ok(())) => {
                         act.failures = 0;
@@ -233,15 +354,7 @@ impl Outbox {
             failed.handled.len(),
             delay.as_secs_f64()
         );
-        let Record {
-            mut calls,
-            mut handled,
-            mut sent,
-        } = failed;
-        calls.append(&mut self.calls);
-        handled.append(&mut self.handled);
-        sent.append(&mut self.sent);
-        (self.calls, self.handled, self.sent) = (calls, handled, sent);
+        self.gathered.put_back(failed);
         for w in self.flush_waiters.drain(..) {
             let _ = w.send(());
         }
@@ -249,6 +362,21 @@ impl Outbox {
             act.writing = false;
             act.write(ctx);
         });
+    }
+
+    /// Arms the one timer that writes once the first update waiting for
+    /// answers stops waiting, if one waits.
+    fn wake_at(&mut self, now: Instant, ctx: &mut Context<Self>) {
+        if self.wake_armed {
+            return;
+        }
+        if let Some(at) = self.gathered.next_due() {
+            self.wake_armed = true;
+            ctx.run_later(at.saturating_duration_since(now), |act, ctx| {
+                act.wake_armed = false;
+                act.write(ctx);
+            });
+        }
     }
 
     /// Writes once the mailbox is drained: a scope reports an app's calls
@@ -278,7 +406,7 @@ impl Outbox {
             let id = self.next_id;
             self.next_id += 1;
             call.row = Some(id);
-            self.calls.push(NewCall {
+            self.gathered.calls.push(NewCall {
                 id,
                 cause: call.cause.map(|c| c.update_id),
                 ordinal: call.cause.map_or(0, |c| c.ordinal),
@@ -368,7 +496,13 @@ impl Handler<Done> for Outbox {
         for id in &msg.0 {
             self.made.remove(id);
         }
-        self.handled.extend(msg.0);
+        let until = Instant::now() + ANSWERS_WAIT;
+        self.gathered
+            .handled
+            .extend(msg.0.into_iter().map(|id| Finished {
+                id,
+                until: Some(until),
+            }));
         self.write_soon(ctx);
     }
 }
@@ -392,7 +526,7 @@ impl Handler<Sent> for Outbox {
         }
         if let Some(id) = msg.row {
             self.releasing.push(id);
-            self.sent.push(SentCall {
+            self.gathered.sent.push(SentCall {
                 id,
                 outcome: msg.outcome.map(Outcome::into_answer),
             });
@@ -444,5 +578,159 @@ impl Handler<Flush> for Outbox {
         Box::pin(async move {
             let _ = rx.await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Journal;
+
+    fn call(id: i64, cause: Option<i64>) -> NewCall {
+        NewCall {
+            id,
+            cause,
+            ordinal: 0,
+            method: "sendMessage".into(),
+            params: r#"{"chat_id":1,"text":"hi"}"#.into(),
+        }
+    }
+
+    fn answer(id: i64) -> SentCall {
+        SentCall { id, outcome: None }
+    }
+
+    fn finished(id: i64, now: Instant) -> Finished {
+        Finished {
+            id,
+            until: Some(now + ANSWERS_WAIT),
+        }
+    }
+
+    fn ids(record: &Record) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
+        (
+            record.calls.iter().map(|c| c.id).collect(),
+            record.handled.clone(),
+            record.sent.iter().map(|s| s.id).collect(),
+        )
+    }
+
+    fn journal_with(dir: &std::path::Path, updates: &[i64]) -> Journal {
+        let mut j = Journal::open(dir, "j").unwrap();
+        let batch: Vec<(i64, String)> = updates.iter().map(|i| (*i, "{}".to_string())).collect();
+        j.append(&batch, None).unwrap();
+        j
+    }
+
+    /// A fresh journal holding update 10, the time, nothing gathered.
+    fn holding_update_10() -> (tempfile::TempDir, Journal, Instant, Gathered) {
+        let dir = tempfile::tempdir().unwrap();
+        let j = journal_with(dir.path(), &[10]);
+        (dir, j, Instant::now(), Gathered::default())
+    }
+
+    /// The journal as the next start finds it.
+    fn reopened(dir: &tempfile::TempDir, j: Journal) -> Journal {
+        drop(j);
+        Journal::open(dir.path(), "j").unwrap()
+    }
+
+    fn write(j: &mut Journal, record: &Record) {
+        j.record(&record.calls, &record.handled, &record.sent)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_finished_update_waits_for_its_calls_answer_and_then_needs_no_outbox_row() {
+        let (dir, mut j, now, mut g) = holding_update_10();
+        g.calls.push(call(1, Some(10)));
+        g.handled.push(finished(10, now));
+        let first = g.due(false, now);
+        assert!(first.is_empty(), "nothing is due yet: {:?}", ids(&first));
+        assert_eq!(g.next_due(), Some(now + ANSWERS_WAIT));
+        g.sent.push(answer(1));
+        let record = g.due(false, now);
+        assert_eq!(ids(&record), (vec![1], vec![10], vec![1]));
+        assert!(g.due(false, now).is_empty() && g.next_due().is_none());
+        write(&mut j, &record);
+        // After a restart nothing comes again: not the update, not the call.
+        let mut j = reopened(&dir, j);
+        assert!(j.is_empty().unwrap());
+        let r = j.recover().unwrap();
+        assert!(r.resend.is_empty() && r.answered.is_empty(), "{r:?}");
+        assert_eq!(r.next_id, 1, "no row was ever written");
+    }
+
+    #[test]
+    fn an_update_waits_no_longer_than_answers_wait_and_its_unanswered_call_is_sent_again() {
+        let (dir, mut j, now, mut g) = holding_update_10();
+        g.calls.push(call(1, Some(10)));
+        g.handled.push(finished(10, now));
+        assert!(g.due(false, now + ANSWERS_WAIT / 2).is_empty());
+        let record = g.due(false, now + ANSWERS_WAIT);
+        assert_eq!(ids(&record), (vec![1], vec![10], vec![]));
+        write(&mut j, &record);
+        let mut j = reopened(&dir, j);
+        assert!(j.is_empty().unwrap(), "recorded handled");
+        let r = j.recover().unwrap();
+        let resend: Vec<i64> = r.resend.iter().map(|c| c.id).collect();
+        assert_eq!(resend, vec![1], "its row brings the call back instead");
+    }
+
+    #[test]
+    fn an_answer_while_the_update_is_in_hand_is_written_with_its_row_to_recognise_a_repeat() {
+        let (dir, mut j, now, mut g) = holding_update_10();
+        g.calls.push(call(1, Some(10)));
+        g.calls.push(call(2, Some(10)));
+        assert!(g.due(false, now).is_empty(), "rows wait for a need");
+        g.sent.push(answer(1));
+        // The answer must be written before the chat's next call may go
+        // (the Sender's rule 1); the other call's row still waits.
+        let record = g.due(false, now);
+        assert_eq!(ids(&record), (vec![1], vec![], vec![1]));
+        write(&mut j, &record);
+        // Killed now: update 10 comes again; its call 0 was made, the other
+        // (no row) is made again by the redelivery.
+        let mut j = reopened(&dir, j);
+        assert_eq!(j.len().unwrap(), 1);
+        let r = j.recover().unwrap();
+        assert!(r.resend.is_empty(), "{r:?}");
+        assert_eq!(r.answered.len(), 1);
+        assert_eq!((r.answered[0].cause, r.answered[0].ordinal), (10, 0));
+    }
+
+    #[test]
+    fn a_call_without_a_cause_is_due_at_once_and_flush_takes_everything() {
+        let now = Instant::now();
+        let mut g = Gathered::default();
+        g.calls.push(call(1, None));
+        g.calls.push(call(2, Some(10)));
+        g.handled.push(finished(10, now));
+        g.handled.push(finished(11, now));
+        let record = g.due(false, now);
+        assert_eq!(
+            ids(&record),
+            (vec![1], vec![11], vec![]),
+            "no cause would make 1 again; 11 has no call to wait for"
+        );
+        let all = g.due(true, now);
+        assert_eq!(ids(&all), (vec![2], vec![10], vec![]));
+        assert!(g.calls.is_empty() && g.handled.is_empty());
+    }
+
+    #[test]
+    fn a_failed_batch_goes_back_in_front_and_is_due_at_once() {
+        let now = Instant::now();
+        let mut g = Gathered::default();
+        g.calls.push(call(3, Some(12)));
+        g.handled.push(finished(12, now));
+        g.put_back(Record {
+            calls: vec![call(1, Some(10))],
+            handled: vec![10],
+            sent: vec![],
+        });
+        assert_eq!(g.calls.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1, 3]);
+        let record = g.due(false, now);
+        assert_eq!(ids(&record), (vec![1], vec![10], vec![]), "12 still waits");
     }
 }

@@ -6,8 +6,9 @@
 //! Sends: [`WatchBackpressure`] to the Supervisor once, at start; each
 //! batch's new updates as [`Dispatch`] to the Supervisor and as [`Append`]
 //! to the journal; the [`FatalHook`] when polling cannot go on.
-//! Stops: on [`StopPolling`], answering with the offset to confirm; by
-//! itself when Telegram rejects the token (401), after calling the hook.
+//! Stops: on [`StopPolling`], answering with the offset to confirm (once
+//! an append under way is written: rule 9); by itself when Telegram
+//! rejects the token (401), after calling the hook.
 //!
 //! 1. Exactly one getUpdates is in flight; the next starts when it answered.
 //! 2. Updates the journal has seen before (Telegram resends what was not
@@ -44,11 +45,18 @@
 //! 7. 401 is fatal: the token was rejected and retrying cannot help.
 //! 8. 409 means another poller or a webhook holds the token: logged as such,
 //!    then backoff.
+//! 9. [`StopPolling`] during an append waits for it, then answers with the
+//!    offset past the batch. The journal thread skips a message whose
+//!    sender stopped waiting for the answer (actix drops it unhandled), so
+//!    cancelling the append would lose it: the apps have the batch already
+//!    and may have answered it, and the next start would deliver it again.
 
 use std::time::Duration;
 
 use actix::prelude::*;
+use futures_util::FutureExt;
 use serde_json::{json, Value};
+use tokio::sync::oneshot;
 
 use crate::actors::intake::{journal_rows, log_resent, Gate, GateWords};
 use crate::actors::supervisor::{Dispatch, Supervisor, WatchBackpressure};
@@ -107,6 +115,10 @@ pub struct Poller {
     failures: u32,
     fatal: Option<FatalHook>,
     in_flight: Option<SpawnHandle>,
+    /// An append is under way (not a retry's wait): rule 9.
+    storing: bool,
+    /// Who waits for the stop once the append under way is written.
+    stopping: Option<oneshot::Sender<Option<i64>>>,
     gate: Gate,
     /// A poll waits for the gate to open.
     deferred: bool,
@@ -163,6 +175,8 @@ impl Poller {
             failures: 0,
             fatal: Some(fatal),
             in_flight: None,
+            storing: false,
+            stopping: None,
             gate: Gate::default(),
             deferred: false,
             after_webhook,
@@ -251,17 +265,28 @@ impl Poller {
         // The journal's mailbox never nears its capacity (the Poller and the
         // Outbox each keep one message in flight), so `send` queues at once.
         let stored = journal.send(append.clone());
+        self.storing = true;
         self.in_flight = Some(ctx.spawn(stored.into_actor(self).map(move |result, act, ctx| {
+            let mut held = held;
             act.in_flight = None;
-            match result.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-                Ok(fresh) => {
-                    act.failures = 0;
-                    if let Some(held) = held {
-                        act.dispatch_fresh(held, &fresh);
-                    }
-                    act.offset = next;
-                    act.poll_when_ready(ctx);
+            act.storing = false;
+            let result =
+                result.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()));
+            if let Ok(fresh) = &result {
+                act.failures = 0;
+                if let Some(held) = held.take() {
+                    act.dispatch_fresh(held, fresh);
                 }
+                act.offset = next;
+            }
+            if let Some(stopping) = act.stopping.take() {
+                // Rule 9: stored or not, the offset now says what is on disk.
+                let _ = stopping.send(act.offset);
+                ctx.stop();
+                return;
+            }
+            match result {
+                Ok(_) => act.poll_when_ready(ctx),
                 Err(e) => {
                     // Not stored means not confirmed: Telegram keeps them,
                     // and the apps have them already, so the same batch is
@@ -450,13 +475,20 @@ impl Handler<Backpressure> for Poller {
 }
 
 impl Handler<StopPolling> for Poller {
-    type Result = Option<i64>;
-    fn handle(&mut self, _: StopPolling, ctx: &mut Context<Self>) -> Option<i64> {
+    type Result = ResponseFuture<Option<i64>>;
+    fn handle(&mut self, _: StopPolling, ctx: &mut Context<Self>) -> Self::Result {
+        if self.storing {
+            let (tx, rx) = oneshot::channel();
+            self.stopping = Some(tx);
+            return Box::pin(rx.map(Result::ok).map(Option::flatten));
+        }
+        // A getUpdates in flight, or a wait before the next one or before a
+        // failed append's retry: nothing is lost by cancelling it.
         if let Some(h) = self.in_flight.take() {
             ctx.cancel_future(h);
         }
         ctx.stop();
-        self.offset
+        Box::pin(std::future::ready(self.offset))
     }
 }
 
@@ -479,7 +511,11 @@ mod tests {
         );
         in_id_order(&mut batch);
         assert_eq!(ids(&batch), vec![50, 51, 52]);
-        assert_eq!(batch[2].raw["message"]["text"], "a", "the first 52 is kept");
+        assert_eq!(
+            batch[2].value()["message"]["text"],
+            "a",
+            "the first 52 is kept"
+        );
         // Rule 2 as the Poller and the journal apply it, in batch order.
         let mut watermark = Some(49);
         assert!(batch

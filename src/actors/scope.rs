@@ -48,7 +48,7 @@ use serde_json::{json, Map, Value};
 use crate::actors::call::{Call, CallDone, Cause, ReplyTo};
 use crate::actors::outbox::{Done, Outbox};
 use crate::actors::worker::{Attach, Death, InstanceMsg, Worker, Write};
-use crate::bridge::{Outgoing, OutgoingError, ScopeDict, Sid, ToWorker};
+use crate::bridge::{Event, Outgoing, OutgoingError, ScopeDict, Sid, ToWorker};
 use crate::routing::{Conversation, ScopeKey};
 use crate::telegram::methods;
 
@@ -59,7 +59,7 @@ static NEXT_SID: AtomicU64 = AtomicU64::new(1);
 /// New events for this scope, in update order.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Enqueue(pub Vec<Value>);
+pub struct Enqueue(pub Vec<Event>);
 
 /// The server ends the scope: `telegram.disconnect` with `reason`, then the
 /// grace period, then cancellation.
@@ -103,7 +103,7 @@ pub enum ScopeReport {
     /// waits for [`Terminate`].
     Stopped(Box<Stopped>, Addr<ScopeActor>),
     /// Events that reached the scope after it reported `Stopped`.
-    Bounced { key: ScopeKey, events: Vec<Value> },
+    Bounced { key: ScopeKey, events: Vec<Event> },
 }
 
 /// What a stopped scope hands back: `leftover` holds the events no instance
@@ -116,7 +116,7 @@ pub enum ScopeReport {
 pub struct Stopped {
     pub scope_id: u64,
     pub key: ScopeKey,
-    pub leftover: Vec<Value>,
+    pub leftover: Vec<Event>,
     pub in_hand: bool,
     /// Events not acked had been written to its worker.
     pub flushed: bool,
@@ -146,7 +146,7 @@ enum Instance {
 struct InHand {
     update_id: i64,
     /// Its event, given back if the worker dies before the app is done.
-    event: Value,
+    event: Event,
     /// Calls made so far while handling it.
     calls: u32,
 }
@@ -177,7 +177,7 @@ pub struct ScopeActor {
     bot: Rc<RawValue>,
     links: Rc<ScopeLinks>,
     /// Events not yet received, oldest first, each with its sequence number.
-    queue: VecDeque<(u64, Value)>,
+    queue: VecDeque<(u64, Event)>,
     next_seq: u64,
     /// Sequence number of the first queued event the current instance has
     /// not been given yet.
@@ -228,7 +228,7 @@ impl ScopeActor {
         }
     }
 
-    fn push(&mut self, event: Value) {
+    fn push(&mut self, event: Event) {
         self.queue.push_back((self.next_seq, event));
         self.next_seq += 1;
     }
@@ -325,14 +325,14 @@ impl ScopeActor {
         let flushed = self
             .queue
             .iter()
-            .any(|(seq, e)| *seq < self.unsent_from && !is_local_event(e));
+            .any(|(seq, e)| *seq < self.unsent_from && !e.is_disconnect());
         let leftover = self
             .in_hand
             .take()
             .map(|h| h.event)
             .into_iter()
             .chain(self.queue.drain(..).map(|(_, e)| e))
-            .filter(|e| !is_local_event(e))
+            .filter(|e| !e.is_disconnect())
             .collect();
         let stopped = Stopped {
             scope_id: self.scope_id,
@@ -416,13 +416,6 @@ fn takes(table: &[&str], method: &str) -> bool {
     table.binary_search(&method).is_ok()
 }
 
-/// The disconnect is made by the daemon for this scope's instance alone and
-/// is not handed on. (API responses never enter the queue: they go to the
-/// instance as they come, see [`CallDone`]'s handler.)
-fn is_local_event(event: &Value) -> bool {
-    event.get("type").and_then(Value::as_str) == Some("telegram.disconnect")
-}
-
 impl Actor for ScopeActor {
     type Context = Context<Self>;
 }
@@ -467,7 +460,9 @@ impl Handler<Close> for ScopeActor {
         match self.instance {
             Instance::Running { sid } => {
                 log::debug!("scope={} closing ({})", self.key, msg.reason);
-                self.push(json!({"type": "telegram.disconnect", "reason": msg.reason}));
+                self.push(Event::Json(
+                    json!({"type": "telegram.disconnect", "reason": msg.reason}),
+                ));
                 // Everything, awaited call or not: the bridge still gives the
                 // response first, and the instance must see the disconnect.
                 self.write_unsent(sid);
@@ -506,13 +501,13 @@ impl Handler<InstanceMsg> for ScopeActor {
                     let Some((_, e)) = self.queue.pop_front() else {
                         break;
                     };
-                    if is_local_event(&e) {
+                    if e.is_disconnect() {
                         // Still on the update in hand: the disconnect is
                         // part of handling it.
                         continue;
                     }
                     crate::ops::metrics::metrics().delivered(&e);
-                    if let Some(update_id) = e.get("update_id").and_then(Value::as_i64) {
+                    if let Some(update_id) = e.update_id() {
                         self.finish_in_hand();
                         ids.push(update_id);
                         self.in_hand = Some(Box::new(InHand {
@@ -569,7 +564,7 @@ impl Handler<InstanceMsg> for ScopeActor {
                 }
                 self.instance = Instance::None;
                 // Daemon-made events die with the instance they were for.
-                self.queue.retain(|(_, e)| !is_local_event(e));
+                self.queue.retain(|(_, e)| !e.is_disconnect());
                 if closing {
                     self.stop_with_leftovers(None, ctx);
                 } else if self.queue.is_empty() {

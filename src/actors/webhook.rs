@@ -379,7 +379,7 @@ async fn check_and_push(req: &HttpRequest, body: &mut web::Payload, shared: &Sha
         }
         bytes.extend_from_slice(&chunk);
     }
-    let update = match serde_json::from_slice(&bytes).map(Update::from_value) {
+    let update = match std::str::from_utf8(&bytes).map(Update::from_json) {
         Ok(Ok(update)) => update,
         _ => return Outcome::BadRequest,
     };

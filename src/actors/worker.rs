@@ -24,13 +24,13 @@
 //! [`Call`]s with no cause, and the outcomes it asked for come back here
 //! and go to it as `event` frames with the same sid.
 
-use std::collections::HashMap;
 use std::io;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use bytes::{Bytes, BytesMut};
+use foldhash::HashMap;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
@@ -208,7 +208,7 @@ impl Worker {
             ready: false,
             was_ready: false,
             writer: None,
-            instances: HashMap::new(),
+            instances: HashMap::default(),
             fatal: None,
             pings_sent: 0,
             last_pong: Instant::now(),

@@ -26,6 +26,7 @@ import collections
 import importlib
 import inspect
 import json
+import json.scanner
 import math
 import os
 import platform
@@ -38,7 +39,10 @@ import traceback
 
 SPEC_VERSION = "1.1"
 MAX_FRAME = 64 * 1024 * 1024
-READ_LIMIT = 4 * 1024 * 1024
+# The read buffer's size, and so what one read of the channel may take: a
+# burst's reads bring about 30 KiB (100 events); it grows for a larger frame
+# and shrinks back after it. Every page of it counts in the worker's RSS.
+READ_CHUNK = 64 * 1024
 # Bytes queued for the batched flush after which send() flushes right away so
 # backpressure (drain) sees them.
 FLUSH_THRESHOLD = 256 * 1024
@@ -79,6 +83,26 @@ _encode = json.JSONEncoder(
     default=_json_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 ).encode
 
+try:
+    from json.encoder import c_make_encoder as _c_make_encoder
+except ImportError:  # interpreters without the C accelerator
+    _c_make_encoder = None
+
+if _c_make_encoder is not None:
+    # The same encoder's C core, built once instead of on every encode()
+    # (which also builds a closure and a circular-reference table each time:
+    # about two thirds of a small frame's cost). It has no circular check:
+    # what it encodes is either built here or validated first, and
+    # validation refuses anything nested more than MAX_NESTING deep.
+    _c_encode = _c_make_encoder(
+        None, _json_default, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+
+    def _encode_fast(obj):
+        return "".join(_c_encode(obj, 0))
+else:
+    _encode_fast = _encode
+
 
 def _bytes_hook(obj):
     if len(obj) == 1 and "$bytes" in obj:
@@ -88,28 +112,45 @@ def _bytes_hook(obj):
     return obj
 
 
+# The decoders' scanners, called directly: json.loads() would first sniff the
+# encoding of bytes and match whitespace around the value on every frame.
+_scan = json.scanner.make_scanner(json.JSONDecoder())
+_scan_bytes = json.scanner.make_scanner(json.JSONDecoder(object_hook=_bytes_hook))
+
+
 def encode_frame(obj):
-    body = _encode(obj).encode("utf-8")
+    body = _encode_fast(obj).encode("utf-8")
     return _HEADER.pack(len(body)) + body
 
 
 def decode_body(body):
+    """The JSON value of a frame's body (bytes); ValueError if it is not JSON."""
     # The object_hook runs for every dict; skip it for the (common) frames that
     # cannot contain a $bytes marker.
-    if b'"$bytes"' in body:
-        return json.loads(body, object_hook=_bytes_hook)
-    return json.loads(body)
+    scan = _scan_bytes if b'"$bytes"' in body else _scan
+    text = body.decode("utf-8")
+    try:
+        value, end = scan(text, 0)
+    except StopIteration:
+        end = -1
+    if end != len(text):
+        # Leading or trailing whitespace, extra data, or not JSON at all:
+        # the full decoder accepts the first and words the errors.
+        return json.loads(text, object_hook=_bytes_hook if scan is _scan_bytes else None)
+    return value
 
 
-def received_frame(sid, seq):
-    # Acks are the most frequent frame; format them without the JSON encoder.
-    body = b'{"op":"received","sid":%d,"seq":%d}' % (sid, seq)
-    return _HEADER.pack(len(body)) + body
-
-
-def idle_frame(sid):
-    body = b'{"op":"idle","sid":%d}' % sid
-    return _HEADER.pack(len(body)) + body
+def decode_frame(channel, body):
+    """A frame's body as a dict, or None (logged on the channel) if it is not one."""
+    try:
+        msg = decode_body(body)
+    except (ValueError, RecursionError) as exc:
+        channel.log("warning", "dropped a malformed frame (%s): %r" % (exc, bytes(body[:200])))
+        return None
+    if not isinstance(msg, dict):
+        channel.log("warning", "dropped a frame that is not a JSON object: %r" % (bytes(body[:200]),))
+        return None
+    return msg
 
 
 # ---------------------------------------------------------------------------
@@ -130,9 +171,14 @@ class _BadValue(Exception):
         self.path = []
 
 
+# Leaf types that need no further look, by exact type: most values sent are
+# these, and checking them where their container is walked saves a call each.
+_PLAIN = frozenset((str, int, bool, type(None), bytes))
+
+
 def _check_value(value, depth):
     kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None or kind is bytes:
+    if kind in _PLAIN:
         return
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -144,8 +190,10 @@ def _check_value(value, depth):
         if depth >= MAX_NESTING:
             raise _BadValue(value, "deep")
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str and not isinstance(key, str):
                 raise _BadValue(key, "key")
+            if type(item) in _PLAIN:
+                continue
             try:
                 _check_value(item, depth + 1)
             except _BadValue as bad:
@@ -156,6 +204,8 @@ def _check_value(value, depth):
         if depth >= MAX_NESTING:
             raise _BadValue(value, "deep")
         for index, item in enumerate(value):
+            if type(item) in _PLAIN:
+                continue
             try:
                 _check_value(item, depth + 1)
             except _BadValue as bad:
@@ -268,12 +318,13 @@ def encode_send_frame(sid, event, scope):
     """Validate and encode a `send` frame; tuples become lists, bytes become $bytes."""
     validate_event(event, scope)
     try:
-        frame = encode_frame({"op": "send", "sid": sid, "event": event})
+        # The same bytes as encoding the whole frame, with the event encoded alone.
+        body = b'{"op":"send","sid":%d,"event":%s}' % (sid, _encode_fast(event).encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise ValueError("event contains a str that is not valid Unicode: %s" % exc) from None
-    if len(frame) - 4 > MAX_FRAME:
-        raise ValueError("event is too large to send (%d bytes encoded, limit %d)" % (len(frame) - 4, MAX_FRAME))
-    return frame
+    if len(body) > MAX_FRAME:
+        raise ValueError("event is too large to send (%d bytes encoded, limit %d)" % (len(body), MAX_FRAME))
+    return _HEADER.pack(len(body)) + body
 
 
 # ---------------------------------------------------------------------------
@@ -333,28 +384,152 @@ def load_app(spec, app_dir):
 # ---------------------------------------------------------------------------
 # The channel
 
-class Channel:
+class Channel(asyncio.BufferedProtocol):
     """Framed JSON over the daemon's socket.
+
+    A buffered protocol rather than a StreamReader: the socket is read into
+    one buffer allocated once (asyncio's fresh 256 KiB bytes object per read
+    costs an mmap, a page fault and an munmap each time, which is most of an event's
+    cost when events come one at a time), and every read is cut into frames
+    and dispatched in one pass, without a coroutine resumed per frame.
 
     Writes are appended to a pending list and flushed once per event-loop
     iteration (call_soon), so a burst of acks and sends costs one syscall."""
 
-    def __init__(self, reader, writer):
-        self._reader = reader
-        self._writer = writer
-        self._transport = writer.transport
-        self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+    def __init__(self, loop):
+        self._loop = loop
+        self._transport = None
         self._pending = []
-        self._pending_size = 0
+        self.pending_size = 0
         self._flush_scheduled = False
-        self._loop = asyncio.get_running_loop()
         self.closed = False
+        # Bytes read and not yet dispatched are _buffer[_start:_end].
+        self._buffer = bytearray(READ_CHUNK)
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        self._skipping = 0  # bytes of an oversized frame still to drop
+        self._on_frame = None  # set by start(); until then frames wait in the buffer
+        self.congested = False  # the transport holds more than WRITE_HIGH_WATER
+        self._drain_waiters = []
+        self._lost = loop.create_future()
+        # Resolved at EOF or when the connection is lost.
+        self.eof = loop.create_future()
 
     @classmethod
     async def open(cls, fd):
+        loop = asyncio.get_running_loop()
         sock = socket.socket(fileno=fd)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_LIMIT)
-        return cls(reader, writer)
+        channel = cls(loop)
+        await loop.connect_accepted_socket(lambda: channel, sock)
+        return channel
+
+    def start(self, on_frame):
+        """Dispatch frames (dicts) to on_frame from now on, beginning with any
+        that came before."""
+        self._on_frame = on_frame
+        self._frames()
+
+    def stop(self):
+        """No more frames are dispatched."""
+        self._on_frame = None
+
+    # -- asyncio.BufferedProtocol
+
+    def connection_made(self, transport):
+        self._transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def get_buffer(self, sizehint):
+        if self._end == len(self._buffer):
+            self._make_room(1)
+        return self._view[self._end:]
+
+    def buffer_updated(self, nbytes):
+        self._end += nbytes
+        if self._on_frame is not None:
+            self._frames()
+
+    def eof_received(self):
+        self._at_eof()
+        return False  # close the transport
+
+    def connection_lost(self, exc):
+        self._at_eof()
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self.congested = False
+        self._wake_drainers()
+
+    def pause_writing(self):
+        self.congested = True
+
+    def resume_writing(self):
+        self.congested = False
+        self._wake_drainers()
+
+    def _at_eof(self):
+        if not self.eof.done():
+            self.eof.set_result(None)
+
+    def _wake_drainers(self):
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- reading
+
+    def _frames(self):
+        buf = self._buffer
+        pos, end = self._start, self._end
+        if self._skipping:
+            dropped = min(self._skipping, end - pos)
+            self._skipping -= dropped
+            pos += dropped
+        unpack = _HEADER.unpack_from
+        while end - pos >= 4 and self._on_frame is not None:
+            (length,) = unpack(buf, pos)
+            if length > MAX_FRAME:
+                self.log("warning", "dropped a %d-byte frame (limit is %d bytes)" % (length, MAX_FRAME))
+                dropped = min(length, end - pos - 4)
+                self._skipping = length - dropped
+                pos += 4 + dropped
+                continue
+            if pos + 4 + length > end:
+                break
+            msg = decode_frame(self, buf[pos + 4:pos + 4 + length])
+            pos += 4 + length
+            if msg is not None:
+                self._on_frame(msg)
+        if pos == end:
+            self._start = self._end = 0
+            if len(buf) > READ_CHUNK:
+                self._replace(bytearray(READ_CHUNK))  # let a large frame's buffer go
+        else:
+            self._start = pos
+            if end - pos >= 4:
+                # A frame in part: make room for the whole of it.
+                self._make_room(4 + unpack(buf, pos)[0] - (end - pos))
+
+    def _make_room(self, more):
+        """At least `more` bytes free after _end, moving or growing the buffer."""
+        held = self._end - self._start
+        if len(self._buffer) - self._end >= more:
+            return
+        if len(self._buffer) - held >= max(more, len(self._buffer) // 4):
+            buf = self._buffer
+            buf[:held] = buf[self._start:self._end]  # same size: allowed with the view
+        else:
+            buf = bytearray(max(READ_CHUNK, held + more))
+            buf[:held] = self._view[self._start:self._end]
+            self._replace(buf)
+        self._start, self._end = 0, held
+
+    def _replace(self, buf):
+        self._view.release()
+        self._buffer = buf
+        self._view = memoryview(buf)
 
     # -- writing
 
@@ -362,7 +537,7 @@ class Channel:
         if self.closed:
             return
         self._pending.append(frame)
-        self._pending_size += len(frame)
+        self.pending_size += len(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -379,59 +554,30 @@ class Channel:
             return
         data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending = []
-        self._pending_size = 0
+        self.pending_size = 0
         # Writing to a transport that lost its peer makes asyncio log warnings
         # to stderr, which belongs to the app.
         if not self.closed and not self._transport.is_closing():
             self._transport.write(data)
 
     async def drain(self):
-        if self._pending_size >= FLUSH_THRESHOLD:
+        if self.pending_size >= FLUSH_THRESHOLD:
             self.flush()
-        try:
-            await self._writer.drain()
-        except (ConnectionError, OSError):
-            pass  # daemon gone; the reader sees EOF and shuts the worker down
+        if self.congested and not self._lost.done():
+            waiter = self._loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
 
     async def close(self):
         self.flush()
         self.closed = True
-        self._writer.close()
+        self._on_frame = None
+        if self._transport is not None:
+            self._transport.close()
         try:
-            await asyncio.wait_for(self._writer.wait_closed(), 5.0)
-        except (asyncio.TimeoutError, ConnectionError, OSError):
+            await asyncio.wait_for(asyncio.shield(self._lost), 5.0)
+        except asyncio.TimeoutError:
             pass
-
-    # -- reading
-
-    async def read_frame(self):
-        """Next frame as a dict, None for a dropped malformed one; EOFError at EOF."""
-        try:
-            header = await self._reader.readexactly(4)
-            (size,) = _HEADER.unpack(header)
-            if size > MAX_FRAME:
-                await self._skip(size)
-                self.log("warning", "dropped a %d-byte frame (limit is %d bytes)" % (size, MAX_FRAME))
-                return None
-            body = await self._reader.readexactly(size)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            raise EOFError from None
-        try:
-            msg = decode_body(body)
-        except (ValueError, RecursionError) as exc:
-            self.log("warning", "dropped a malformed frame (%s): %r" % (exc, body[:200]))
-            return None
-        if not isinstance(msg, dict):
-            self.log("warning", "dropped a frame that is not a JSON object: %r" % (body[:200],))
-            return None
-        return msg
-
-    async def _skip(self, size):
-        while size:
-            chunk = await self._reader.read(min(size, READ_LIMIT))
-            if not chunk:
-                raise asyncio.IncompleteReadError(b"", size)
-            size -= len(chunk)
 
 
 # ---------------------------------------------------------------------------
@@ -490,7 +636,11 @@ class Instance:
         # says so; with none, `idle` does, so the daemon need not wait for
         # the chat's next message.
         if self._in_hand and not self.events and not self.awaiting and not self.responses:
-            self.channel.write_raw(idle_frame(self.sid))
+            body = b'{"op":"idle","sid":%d}' % self.sid
+            self.channel.write_raw(_HEADER.pack(len(body)) + body)
+            # This frame waits below for the next event, idle scopes for
+            # long: every local it still holds costs each of them its size.
+            del body
         while True:
             if self.responses:
                 if self.awaiting:
@@ -508,7 +658,11 @@ class Instance:
                     self._waiters.remove(waiter)
         seq, event = self.events.popleft()
         self._in_hand = True
-        self.channel.write_raw(received_frame(self.sid, seq))
+        # Acks are the most frequent frame: formatted here, without the JSON
+        # encoder or a call (kept per instance, they would cost every idle
+        # scope about 100 bytes).
+        body = b'{"op":"received","sid":%d,"seq":%d}' % (self.sid, seq)
+        self.channel.write_raw(_HEADER.pack(len(body)) + body)
         if self.eager:
             self.channel.flush()
         if event.get("type") == "telegram.disconnect":
@@ -521,15 +675,16 @@ class Instance:
         frame = encode_send_frame(self.sid, event, self.scope)  # validates first
         # Backpressure: while the daemon's sender queue is full (`pause`),
         # send() waits here instead of queueing more; nothing is dropped.
-        resumed = self.worker.resumed
-        if resumed is not None and not resumed.is_set():
-            await resumed.wait()
+        if self.worker.paused:
+            await self.worker.resumed.wait()
             if self.ended:
                 raise RuntimeError("send() called after the application instance for this scope ended")
-        self.channel.write_raw(frame)
+        channel = self.channel
+        channel.write_raw(frame)
         if "request_id" in event:
             self.awaiting += 1
-        await self.channel.drain()
+        if channel.congested or channel.pending_size >= FLUSH_THRESHOLD:
+            await channel.drain()
 
     def close(self, grace):
         if self.ended:
@@ -624,12 +779,12 @@ class Lifespan:
         frame = encode_send_frame(LIFESPAN_SID, event, self.scope)  # validates first
         self._called = True
         # Backpressure holds it like an instance's send().
-        resumed = self.worker.resumed
-        if resumed is not None and not resumed.is_set():
-            await resumed.wait()
+        if self.worker.paused:
+            await self.worker.resumed.wait()
         channel = self.worker.channel
         channel.write_raw(frame)
-        await channel.drain()
+        if channel.congested or channel.pending_size >= FLUSH_THRESHOLD:
+            await channel.drain()
 
     def deliver(self, event):
         """A response to one of the app's calls, for its receive()."""
@@ -725,6 +880,7 @@ class Worker:
         self._bot = None  # future: the bot's User from the `bot` frame (None: not known)
         # Set unless the daemon said `pause`; created in run(), inside the loop.
         self.resumed = None
+        self.paused = False  # the daemon said `pause` (resumed is clear): a flag send() reads without a call
         self._handlers = {
             "event": self._on_event,
             "response": self._on_response,
@@ -766,13 +922,14 @@ class Worker:
         self.asgi_version = "2.0" if self.double else "3.0"
 
         # Read from the start so pings are answered and EOF noticed during startup.
-        reader = asyncio.ensure_future(self._read_loop())
+        self.channel.start(self._dispatch)
+        watch_eof = asyncio.ensure_future(self._watch_eof())
         if self.args.lifespan != "off":
             # The lifespan scope carries the bot, which the daemon sends once
             # getMe answered.
             await asyncio.wait({self._bot, self._stop}, return_when=asyncio.FIRST_COMPLETED)
             if not self._bot.done():  # shutdown or EOF before the bot came
-                reader.cancel()
+                watch_eof.cancel()
                 await self.channel.close()
                 return 0
             lifespan = Lifespan(self, required=self.args.lifespan == "on", bot=self._bot.result())
@@ -782,14 +939,14 @@ class Worker:
             if not startup.done():  # shutdown or EOF before the app was ready
                 startup.cancel()
                 lifespan.abort()
-                reader.cancel()
+                watch_eof.cancel()
                 await self.channel.close()
                 return 0
             try:
                 supported = startup.result()
             except Fatal as exc:
                 lifespan.abort()
-                reader.cancel()
+                watch_eof.cancel()
                 return await self._fail(str(exc))
             if supported:
                 self.lifespan = lifespan
@@ -806,7 +963,7 @@ class Worker:
         })
         grace = await self._stop
         await self._shutdown(grace)
-        reader.cancel()
+        watch_eof.cancel()
         await self.channel.close()
         return 0
 
@@ -844,28 +1001,22 @@ class Worker:
 
     # -- reading and dispatch
 
-    async def _read_loop(self):
-        read = self.channel.read_frame
-        handlers = self._handlers
-        while True:
-            try:
-                msg = await read()
-            except EOFError:
-                break
-            if msg is None:
-                continue
-            op = msg.get("op")
-            handler = handlers.get(op) if isinstance(op, str) else None
-            if handler is None:
-                self.channel.log("warning", "ignored a frame with unknown op %r" % (op,))
-                continue
-            try:
-                handler(msg)
-            except Exception as exc:
-                self.channel.log("warning", "ignored a malformed %r frame (%s: %s)" % (op, _tname(exc), exc))
+    async def _watch_eof(self):
+        await self.channel.eof
         if not self._eof.done():
             self._eof.set_result(None)
         self._request_stop(0.0)
+
+    def _dispatch(self, msg):
+        op = msg.get("op")
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self.channel.log("warning", "ignored a frame with unknown op %r" % (op,))
+            return
+        try:
+            handler(msg)
+        except Exception as exc:
+            self.channel.log("warning", "ignored a malformed %r frame (%s: %s)" % (op, _tname(exc), exc))
 
     def _on_event(self, msg):
         sid = msg["sid"]
@@ -924,9 +1075,11 @@ class Worker:
         self._request_stop(_grace(msg))
 
     def _on_pause(self, msg):
+        self.paused = True
         self.resumed.clear()
 
     def _on_resume(self, msg):
+        self.paused = False
         self.resumed.set()
 
     def _on_bot(self, msg):

@@ -3,12 +3,16 @@
 //! with the channel on fd 3.
 //!
 //! The Python side is `asgigram_bridge.py` beside this file, compiled into the
-//! binary and run with `python -c`, so the daemon needs nothing installed next
-//! to it but a Python interpreter.
+//! binary and given to each worker as bytecode ([`compiled`]; as source with
+//! `python -c` where that cannot be had), so the daemon needs nothing
+//! installed next to it but a Python interpreter.
+
+mod compiled;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
+use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 
 use bytes::Bytes;
@@ -18,6 +22,7 @@ use serde_json::{Map, Value};
 
 use crate::routing::{Conversation, ScopeKey};
 use crate::settings::{AppSettings, ENV_PREFIX};
+use crate::telegram::Update;
 
 /// Source of the Python bridge, run in every worker process.
 pub const BRIDGE_SOURCE: &str = include_str!("asgigram_bridge.py");
@@ -37,6 +42,67 @@ pub type Sid = u64;
 /// no instance ever has it.
 pub const LIFESPAN_SID: Sid = 0;
 
+/// An event for an instance's `receive()`, as its scope holds it until the
+/// instance received it.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// An update's event, written from the update's own bytes
+    /// ([`Update::write_event`]); [`Event::of_update`] makes sure it has
+    /// one.
+    Update(Update),
+    /// One the daemon makes (`telegram.disconnect`) or a program pushed.
+    Json(Value),
+}
+
+impl Event {
+    /// The update's event, or `None` when its kind's value is not an
+    /// object (an update without an event).
+    pub fn of_update(update: Update) -> Option<Event> {
+        let (_, value) = update.kind_value()?;
+        value.starts_with('{').then_some(Event::Update(update))
+    }
+
+    /// The update (or pushed event) it stands for.
+    pub fn update_id(&self) -> Option<i64> {
+        match self {
+            Event::Update(update) => Some(update.id.0),
+            Event::Json(event) => event.get("update_id").and_then(Value::as_i64),
+        }
+    }
+
+    /// A `telegram.disconnect`, which the daemon made for the scope's
+    /// instance alone and which is not handed on. (API responses never
+    /// enter a scope's queue: they go to the instance as they come.)
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, Event::Json(event)
+            if event.get("type").and_then(Value::as_str) == Some("telegram.disconnect"))
+    }
+
+    /// The event as a JSON tree (what the app's `receive()` returns).
+    pub fn to_value(&self) -> Value {
+        match self {
+            Event::Json(event) => event.clone(),
+            Event::Update(update) => {
+                let mut text = Vec::new();
+                update.write_event(&mut text);
+                // Written from an update decoded once already.
+                serde_json::from_slice(&text).unwrap_or(Value::Null)
+            }
+        }
+    }
+}
+
+impl Serialize for Event {
+    /// [`ToWorker::encode`] writes an update's event without serde; this
+    /// is for anything else that serializes one.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Event::Json(event) => event.serialize(s),
+            Event::Update(_) => self.to_value().serialize(s),
+        }
+    }
+}
+
 /// Daemon -> worker frames. Built from borrowed parts so an event is
 /// serialized once, straight from the scope's queue.
 #[derive(Debug, Serialize)]
@@ -53,7 +119,7 @@ pub enum ToWorker<'a> {
     Event {
         sid: Sid,
         seq: u64,
-        event: &'a Value,
+        event: &'a Event,
     },
     /// A `telegram.api.response` for a call the instance made: it goes
     /// ahead of the events queued for the instance (docs/worker-protocol.md).
@@ -128,6 +194,26 @@ impl<'a> ScopeDict<'a> {
 
 impl ToWorker<'_> {
     pub fn encode(&self) -> Bytes {
+        if let ToWorker::Event {
+            sid,
+            seq,
+            event: Event::Update(update),
+        } = self
+        {
+            // The bytes serde would write, with the update's own in the
+            // middle instead of a tree built from them and written back.
+            let mut out = Vec::with_capacity(update.json().len() + 80);
+            out.extend_from_slice(br#"{"op":"event","sid":"#);
+            out.extend_from_slice(sid.to_string().as_bytes());
+            out.extend_from_slice(br#","seq":"#);
+            out.extend_from_slice(seq.to_string().as_bytes());
+            out.extend_from_slice(br#","event":"#);
+            // `Event::of_update` made sure it has an event.
+            if update.write_event(&mut out) {
+                out.push(b'}');
+                return Bytes::from(out);
+            }
+        }
         // Serializing a tree of JSON values and numbers cannot fail.
         Bytes::from(serde_json::to_vec(self).expect("frames are plain JSON"))
     }
@@ -185,10 +271,47 @@ pub enum ChannelError {
 
 impl FromWorker {
     pub fn decode(frame: &[u8]) -> Result<FromWorker, ChannelError> {
+        if let Some(frame) = FromWorker::decode_common(frame) {
+            return Ok(frame);
+        }
         serde_json::from_slice(frame).map_err(|e| {
             let shown = String::from_utf8_lossy(&frame[..frame.len().min(120)]).into_owned();
             ChannelError::Malformed(format!("{e} in {shown:?}"))
         })
+    }
+}
+
+impl FromWorker {
+    /// The frames that come with every update (`received`, `idle`, `send`),
+    /// read field by field in place. The derived decoding of a tagged enum
+    /// first copies the whole frame into a buffer of its own, strings and
+    /// the app's event included, to find the tag. `None` for anything else,
+    /// which the derived decoding then reads (or refuses) as before.
+    fn decode_common(frame: &[u8]) -> Option<FromWorker> {
+        #[derive(Deserialize)]
+        struct Common<'a> {
+            #[serde(borrow)]
+            op: &'a str,
+            sid: Option<Sid>,
+            seq: Option<u64>,
+            #[serde(borrow)]
+            event: Option<&'a RawValue>,
+        }
+        // A struct would also take an array, by position.
+        if frame.first() != Some(&b'{') {
+            return None;
+        }
+        let common = serde_json::from_slice::<Common<'_>>(frame).ok()?;
+        let sid = common.sid?;
+        match (common.op, common.seq, common.event) {
+            ("received", Some(seq), _) => Some(FromWorker::Received { sid, seq }),
+            ("idle", _, _) => Some(FromWorker::Idle { sid }),
+            ("send", _, Some(event)) => Some(FromWorker::Send {
+                sid,
+                event: serde_json::from_str(event.get()).ok()?,
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -311,29 +434,9 @@ pub struct Spawned {
     pub channel: tokio::net::UnixStream,
 }
 
-/// Starts `python -u -c BRIDGE --fd 3 --app ... --app-dir ...` with the channel
-/// on fd 3 and stdout/stderr piped. Must be called inside a Tokio runtime.
-pub fn spawn_worker(app: &AppSettings) -> io::Result<Spawned> {
-    let (ours, theirs) = StdUnixStream::pair()?;
-    let theirs: OwnedFd = theirs.into();
-    let theirs_raw = theirs.as_raw_fd();
-    let mut cmd = tokio::process::Command::new(&app.python);
-    cmd.arg("-u")
-        .arg("-c")
-        .arg(BRIDGE_SOURCE)
-        .arg("--fd")
-        .arg(CHANNEL_FD.to_string())
-        .arg("--app")
-        .arg(&app.application)
-        .arg("--app-dir")
-        .arg(&app.app_dir)
-        .arg("--lifespan")
-        .arg(app.lifespan.as_str())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // The app never needs the token; keep it out of the worker's environment.
+/// The app never needs the token; keep it out of the environment of every
+/// Python process the daemon starts.
+fn without_token(cmd: &mut std::process::Command) {
     for (key, _) in std::env::vars_os() {
         if key
             .to_str()
@@ -342,6 +445,40 @@ pub fn spawn_worker(app: &AppSettings) -> io::Result<Spawned> {
             cmd.env_remove(key);
         }
     }
+}
+
+/// Starts `python -u -c LOADER --fd 3 --app ... --app-dir ...` with the
+/// bridge's bytecode on stdin (or `-c BRIDGE` without), the channel on fd 3
+/// and stdout/stderr piped. Must be called inside a Tokio runtime.
+pub fn spawn_worker(app: &AppSettings) -> io::Result<Spawned> {
+    let (ours, theirs) = StdUnixStream::pair()?;
+    let theirs: OwnedFd = theirs.into();
+    let theirs_raw = theirs.as_raw_fd();
+    let bytecode = compiled::bytecode(&app.python, without_token);
+    let mut cmd = std::process::Command::new(&app.python);
+    cmd.arg("-u")
+        .arg("-c")
+        .arg(if bytecode.is_some() {
+            compiled::LOADER
+        } else {
+            BRIDGE_SOURCE
+        })
+        .arg("--fd")
+        .arg(CHANNEL_FD.to_string())
+        .arg("--app")
+        .arg(&app.application)
+        .arg("--app-dir")
+        .arg(&app.app_dir)
+        .arg("--lifespan")
+        .arg(app.lifespan.as_str())
+        .stdin(if bytecode.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    without_token(&mut cmd);
     // SAFETY: between fork and exec only async-signal-safe calls (prctl,
     // setpgid, dup2, fcntl) are made, on fds owned by this function.
     unsafe {
@@ -372,13 +509,23 @@ pub fn spawn_worker(app: &AppSettings) -> io::Result<Spawned> {
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| {
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("cannot start Python interpreter {:?}: {e}", app.python),
         )
     })?;
     drop(theirs);
+    if let (Some(code), Some(mut stdin)) = (bytecode, child.stdin.take()) {
+        // More than a pipe holds: written as the worker reads it. A worker
+        // that died first makes this fail, which its exit reports.
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(&code).await;
+        });
+    }
     ours.set_nonblocking(true)?;
     let channel = tokio::net::UnixStream::from_std(ours)?;
     Ok(Spawned { child, channel })
@@ -426,7 +573,7 @@ mod tests {
         let v: Value = serde_json::from_slice(&f).unwrap();
         assert_eq!(v["scope"]["user"], json!({"id": 1}));
         assert!(v["scope"].get("chat").is_none());
-        let ev = json!({"type": "telegram.message"});
+        let ev = Event::Json(json!({"type": "telegram.message"}));
         let f = ToWorker::Event {
             sid: 4,
             seq: 9,

@@ -1,34 +1,32 @@
-//! `asgigramd --sandbox`: the terminal becomes a Telegram chat with the bot.
+//! `asgigramd --sandbox` and `--sandbox-web`: chat with the bot, no token,
+//! no network.
 //!
-//! The sandbox (a local Bot API emulator) runs on its own thread on loopback;
-//! the daemon polls it like it would poll Telegram. Each line read from stdin
-//! is a message from a sandbox user, or one of the chat's commands (see
-//! `input`): press a button, send a file, go to the group, become the
-//! other user. What the bot does prints as it happens (see `render`):
-//! messages with their keyboards as numbered buttons, media, edits,
-//! deletions and callback answers. With piped input each line waits for
-//! the bot to answer the one before (so `!1` presses a button the bot just
-//! sent), and the chat ends once the bot has been quiet for a moment after
-//! the last line, so a session can be scripted.
+//! The sandbox (a local Bot API emulator) runs on its own thread on
+//! loopback; the daemon polls it like it would poll Telegram. Two views play
+//! Telegram's client side on it, alone or together: the terminal
+//! (`terminal`: each line typed is a message, the bot's calls print as
+//! lines) and a web page (`web`: a Telegram-like chat in the browser, live).
+//! What both mean by the same action lives here: the two sandbox people
+//! (Alice and Bob), their private chats and the group they share with the
+//! bot, and what a person can do in a chat (write, press a button, send a
+//! file), all through the sandbox's own client side (`inject_text_from`,
+//! `press_button`, `inject_file_from`).
 
 mod input;
 mod render;
+mod terminal;
+pub mod web;
 
-use std::collections::HashMap;
-use std::io::{BufRead, IsTerminal, Write};
-use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::Notify;
 
-use crate::sandbox::{RecordedCall, Sandbox, SandboxOptions};
+use crate::sandbox::{ButtonError, Pressed, Sandbox, SandboxOptions};
 use crate::settings::{BotToken, Settings};
 use crate::RunError;
-
-use input::Command;
-use render::{Press, Screen};
 
 /// The first sandbox user's id, which is also their private chat's id.
 pub const SANDBOX_USER: i64 = 1000;
@@ -44,30 +42,48 @@ const PEOPLE: [(i64, &str, &str); 2] = [
     (SECOND_USER, "bob", "Bob"),
 ];
 
-/// How long the bot must stay quiet after piped input ended before the chat
-/// ends.
-const QUIET: Duration = Duration::from_millis(1500);
-/// How long the bot must stay quiet, once it answered a piped line, before
-/// the next line is read.
-const STEP_QUIET: Duration = Duration::from_millis(400);
-/// Upper bound on waiting for replies after piped input ended.
-const REPLY_DEADLINE: Duration = Duration::from_secs(60);
+/// Which views of the chat run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Views {
+    /// The terminal chat on stdin and stdout (`--sandbox`).
+    pub terminal: bool,
+    /// The web chat, served on this address (`--sandbox-web`).
+    pub web: Option<SocketAddr>,
+}
 
-/// Where the user is: who they are, and whether in the group or in their
-/// private chat.
+/// Where a person is: who they are, and whether in the group or in their
+/// private chat with the bot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Place {
+pub struct Place {
     /// Index into [`PEOPLE`].
     person: usize,
     in_group: bool,
 }
 
 impl Place {
-    fn user(self) -> i64 {
+    /// Alice in her private chat, where both chats start.
+    pub const START: Place = Place {
+        person: 0,
+        in_group: false,
+    };
+
+    /// User `user` in chat `chat`; None unless `user` is one of the sandbox
+    /// people and `chat` is their private chat or the group.
+    pub fn of(user: i64, chat: i64) -> Option<Place> {
+        let person = PEOPLE.iter().position(|(id, ..)| *id == user)?;
+        let in_group = match chat {
+            SANDBOX_GROUP => true,
+            _ if chat == user => false,
+            _ => return None,
+        };
+        Some(Place { person, in_group })
+    }
+
+    pub fn user(self) -> i64 {
         PEOPLE[self.person].0
     }
 
-    fn chat(self) -> i64 {
+    pub fn chat(self) -> i64 {
         if self.in_group {
             SANDBOX_GROUP
         } else {
@@ -80,90 +96,46 @@ impl Place {
         let place = if self.in_group { "group" } else { "private" };
         format!("[{} @ {place}]", PEOPLE[self.person].1)
     }
-}
 
-/// What both threads of the chat share: where the user is and what the bot
-/// showed.
-struct Chat {
-    place: Place,
-    screen: Screen,
-}
-
-/// The chat's output: stdout, with a `bot> ` prefix and a prompt when it
-/// is a terminal.
-struct Terminal {
-    interactive: bool,
-    chat: Mutex<Chat>,
-}
-
-impl Terminal {
-    /// As `Shared::lock` in the sandbox: the state stays usable after a
-    /// panic elsewhere.
-    fn chat(&self) -> MutexGuard<'_, Chat> {
-        self.chat.lock().unwrap_or_else(PoisonError::into_inner)
+    /// A text message from this person in this chat; the update's id.
+    pub fn send_text(self, sandbox: &Sandbox, text: &str) -> i64 {
+        sandbox.inject_text_from(self.chat(), self.user(), text)
     }
 
-    /// Prints what the bot did. In a terminal, the line being typed is
-    /// cleared first and the prompt shown again after.
-    fn bot(&self, lines: &[String]) -> bool {
-        if lines.is_empty() {
-            return true;
-        }
-        let mut text = String::new();
-        if self.interactive {
-            text.push_str("\r\x1b[2K");
-        }
-        for line in lines {
-            if self.interactive {
-                text.push_str(if line.starts_with(' ') {
-                    "     "
-                } else {
-                    "bot> "
-                });
-            }
-            text.push_str(line);
-            text.push('\n');
-        }
-        if self.interactive {
-            text.push_str(&self.chat().place.label());
-            text.push(' ');
-        }
-        write_out(&text)
+    /// Presses button `index` (0-based) of the inline keyboard on the bot's
+    /// message `message_id` here.
+    pub fn press(
+        self,
+        sandbox: &Sandbox,
+        message_id: i64,
+        index: usize,
+    ) -> Result<Pressed, ButtonError> {
+        sandbox.press_button(self.chat(), message_id, self.user(), index)
     }
 
-    /// Prints a line of the chat's own (help, errors, where the user went).
-    fn note(&self, text: &str) {
-        write_out(&format!("{text}\n"));
-    }
-
-    fn prompt(&self) {
-        if self.interactive {
-            let label = self.chat().place.label();
-            write_out(&format!("{label} "));
-        }
+    /// Sends a file: a photo, or with `document_name` a document of that
+    /// name. Returns the update's id.
+    pub fn send_file(
+        self,
+        sandbox: &Sandbox,
+        bytes: impl Into<bytes::Bytes>,
+        document_name: Option<&str>,
+        caption: Option<&str>,
+    ) -> i64 {
+        let (update, _) =
+            sandbox.inject_file_from(self.chat(), self.user(), bytes, document_name, caption);
+        update
     }
 }
 
-/// Writes to stdout; false once stdout is closed (e.g. `| head`), when
-/// there is nothing left to print to.
-fn write_out(text: &str) -> bool {
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())
-        .and_then(|_| out.flush())
-        .is_ok()
-}
-
-/// Runs the daemon against a fresh sandbox, with stdin/stdout as the chat.
-pub fn run(mut settings: Settings) -> Result<(), RunError> {
-    let sandbox = Sandbox::start(SandboxOptions::default()).map_err(RunError::Sandbox)?;
-    for (id, name, first_name) in PEOPLE {
-        sandbox.register_user(json!({"id": id, "first_name": first_name, "username": name}));
-    }
-    let members: Vec<i64> = PEOPLE.iter().map(|(id, ..)| *id).collect();
-    sandbox.create_group(SANDBOX_GROUP, GROUP_TITLE, &members);
+/// Runs the daemon against a fresh sandbox with the chosen views. With the
+/// terminal, the chat ends when its input does; with the web chat alone, at
+/// SIGINT or SIGTERM.
+pub fn run(mut settings: Settings, views: Views) -> Result<(), RunError> {
+    let sandbox = with_people(SandboxOptions::default())?;
     settings.telegram.api_url = sandbox.api_url();
     settings.telegram.token = BotToken::new(sandbox.token());
-    // Replies should print promptly; the sandbox answers long polls at once
+    // Replies should show promptly; the sandbox answers long polls at once
     // when a message arrives, so a short poll timeout costs nothing.
     settings.telegram.poll_timeout = Duration::from_secs(10);
     // Each sandbox starts its update ids afresh: a journal of its own, gone
@@ -172,254 +144,124 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
     settings.journal.dir = Some(state.clone());
     let sandbox = Arc::new(sandbox);
     let stop = Arc::new(Notify::new());
-    let mut names: HashMap<i64, String> = PEOPLE
-        .iter()
-        .map(|(id, name, _)| (*id, name.to_string()))
-        .collect();
-    names.insert(SANDBOX_GROUP, "group".to_string());
-    let terminal = Arc::new(Terminal {
-        interactive: std::io::stdin().is_terminal(),
-        chat: Mutex::new(Chat {
-            place: Place {
-                person: 0,
-                in_group: false,
-            },
-            screen: Screen::new(names),
-        }),
-    });
-
-    let replies = sandbox.subscribe();
-    {
-        let (sandbox, terminal) = (sandbox.clone(), terminal.clone());
-        std::thread::spawn(move || print_replies(&sandbox, replies, &terminal));
-    }
-    {
-        let (sandbox, stop, terminal) = (sandbox.clone(), stop.clone(), terminal.clone());
-        let app = settings.app.application.clone();
-        std::thread::spawn(move || read_lines(&sandbox, &stop, &terminal, &app));
+    let web = match views.web {
+        Some(addr) => {
+            let server = serve_web(addr, &sandbox)?;
+            // With the terminal chat, its end (Ctrl-D) ends both.
+            let ends = if views.terminal {
+                ""
+            } else {
+                " (Ctrl-C stops)"
+            };
+            terminal::write_out(&format!(
+                "Web chat with {}: {}{ends}\n",
+                settings.app.application,
+                server.url()
+            ));
+            Some(server)
+        }
+        None => None,
+    };
+    if views.terminal {
+        terminal::start(&sandbox, &stop, &settings.app.application);
     }
     let result = actix::System::new().block_on(crate::run(settings, Some(stop)));
+    if let Some(server) = web {
+        server.stop();
+    }
     let _ = std::fs::remove_dir_all(&state);
     result
 }
 
-fn read_lines(sandbox: &Sandbox, stop: &Notify, terminal: &Terminal, app: &str) {
-    let interactive = terminal.interactive;
-    if interactive {
-        terminal.note(&format!(
-            "Sandbox chat with {app}: you are Alice (user {SANDBOX_USER}) in a private chat \
-             with the bot. Type a message and press Enter; /help lists the chat's commands; \
-             Ctrl-D ends the chat."
-        ));
+/// A sandbox with the two people and their group, as both views expect.
+fn with_people(options: SandboxOptions) -> Result<Sandbox, RunError> {
+    let sandbox = Sandbox::start(options).map_err(RunError::Sandbox)?;
+    for (id, name, first_name) in PEOPLE {
+        sandbox.register_user(json!({"id": id, "first_name": first_name, "username": name}));
     }
-    let mut last = None;
-    terminal.prompt();
-    for line in std::io::stdin().lock().lines() {
-        let Ok(line) = line else { break };
-        if !interactive {
-            // Line by line: what the bot answered the previous line (a
-            // keyboard to press, say) is on show before the next is read.
-            if let Some(last) = last.take() {
-                wait_for_replies(sandbox, last, STEP_QUIET);
-            }
-        }
-        if let Some(update) = perform(sandbox, terminal, input::parse(&line)) {
-            last = Some(update);
-        }
-        terminal.prompt();
-    }
-    if !interactive {
-        if let Some(last) = last {
-            wait_for_replies(sandbox, last, QUIET);
-        }
-    }
-    stop.notify_one();
+    let members: Vec<i64> = PEOPLE.iter().map(|(id, ..)| *id).collect();
+    sandbox.create_group(SANDBOX_GROUP, GROUP_TITLE, &members);
+    Ok(sandbox)
 }
 
-/// Carries out one line of input; returns the id of the update it made.
-fn perform(sandbox: &Sandbox, terminal: &Terminal, command: Command) -> Option<i64> {
-    let place = terminal.chat().place;
-    let (chat, user) = (place.chat(), place.user());
-    match command {
-        Command::Nothing => None,
-        Command::Send(text) => Some(sandbox.inject_text_from(chat, user, &text)),
-        Command::Help => {
-            terminal.note(input::HELP);
-            Some(sandbox.inject_text_from(chat, user, "/help"))
-        }
-        Command::Usage(usage) => {
-            terminal.note(usage);
-            None
-        }
-        Command::Press(n) => {
-            let press = terminal.chat().screen.button(chat, n);
-            match press {
-                Ok(Press::Inline { message_id, index }) => {
-                    match sandbox.press_button(chat, message_id, user, index) {
-                        Ok(pressed) => Some(pressed.update_id),
-                        Err(e) => {
-                            terminal.note(&format!("({e})"));
-                            None
-                        }
-                    }
-                }
-                Ok(Press::Text(text)) => Some(sandbox.inject_text_from(chat, user, &text)),
-                Err(e) => {
-                    terminal.note(&format!("({e})"));
-                    None
-                }
-            }
-        }
-        Command::File {
-            path,
-            caption,
-            document,
-        } => match std::fs::read(&path) {
-            Ok(bytes) => {
-                let name = document.then(|| file_name(&path));
-                let (update, _) = sandbox.inject_file_from(
-                    chat,
-                    user,
-                    bytes,
-                    name.as_deref(),
-                    caption.as_deref(),
-                );
-                Some(update)
-            }
-            Err(e) => {
-                terminal.note(&format!("(cannot read {}: {e})", path.display()));
-                None
-            }
-        },
-        Command::Group | Command::Private | Command::User(_) => {
-            let Some(next) = moved(place, &command) else {
-                terminal.note("(no such user; they are alice and bob)");
-                return None;
-            };
-            terminal.chat().place = next;
-            if !terminal.interactive {
-                // A transcript of piped input says where each part happens.
-                terminal.note(&next.label());
-            }
-            None
-        }
+fn serve_web(addr: SocketAddr, sandbox: &Arc<Sandbox>) -> Result<web::WebChat, RunError> {
+    let server =
+        web::serve(addr, sandbox.clone()).map_err(|source| RunError::WebChat { addr, source })?;
+    if !server.addr().ip().is_loopback() {
+        log::warn!(
+            "the web chat listens on {}, which other machines can reach; it has no \
+             login, so anyone who can reach it can write as the sandbox users",
+            server.addr()
+        );
     }
+    Ok(server)
 }
 
-/// Where a /group, /private or /user command takes the user; None for a
-/// user who does not exist.
-fn moved(place: Place, command: &Command) -> Option<Place> {
-    Some(match command {
-        Command::Group => Place {
-            in_group: true,
-            ..place
-        },
-        Command::Private => Place {
-            in_group: false,
-            ..place
-        },
-        Command::User(None) => Place {
-            person: (place.person + 1) % PEOPLE.len(),
-            ..place
-        },
-        Command::User(Some(name)) => {
-            let person = PEOPLE
-                .iter()
-                .position(|(id, handle, _)| handle == name || id.to_string() == *name)?;
-            Place { person, ..place }
-        }
-        _ => place,
-    })
-}
-
-/// The name a document is sent with: the file's own.
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".to_string())
-}
-
-/// Waits until the daemon has taken update `last` and the bot, once it
-/// started answering (within [`QUIET`]), has sent nothing for `quiet`; or
-/// until [`REPLY_DEADLINE`] passes.
-fn wait_for_replies(sandbox: &Sandbox, last: i64, quiet: Duration) {
-    let deadline = Instant::now() + REPLY_DEADLINE;
-    // The daemon confirms a batch with its next getUpdates, right after it
-    // dispatched the batch.
-    while sandbox.confirmed_offset() <= last {
-        if Instant::now() >= deadline {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// `asgigramd sandbox`: the emulator alone on `listen`, for bots of any
+/// framework (and asgigramd nodes) pointed at it, with the web chat on
+/// `web` to play its users. Prints where both are and the token, then
+/// runs until SIGINT or SIGTERM.
+pub fn standalone(
+    listen: SocketAddr,
+    web: Option<SocketAddr>,
+    token: Option<String>,
+) -> Result<(), RunError> {
+    let mut options = SandboxOptions {
+        bind: listen,
+        ..SandboxOptions::default()
+    };
+    if let Some(token) = token {
+        options.token = token;
     }
-    let calls = || sandbox.inspect(|v| v.calls().len());
-    let taken = calls();
-    let started = Instant::now();
-    while calls() == taken {
-        if started.elapsed() >= QUIET {
-            // The bot does not answer this one.
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let sandbox = Arc::new(with_people(options)?);
+    if !sandbox.local_addr().ip().is_loopback() {
+        log::warn!(
+            "the sandbox listens on {}, which other machines can reach",
+            sandbox.local_addr()
+        );
     }
-    let mut seen = calls();
-    while Instant::now() < deadline {
-        std::thread::sleep(quiet);
-        let now = calls();
-        if now == seen {
-            return;
+    // The emulator's token is for local use and must be known to be used:
+    // printing it is the point (a real bot's token never reaches here).
+    terminal::write_out(&format!(
+        "Bot API sandbox: {}\ntoken: {}\n",
+        sandbox.api_url(),
+        sandbox.token()
+    ));
+    let web = match web {
+        Some(addr) => {
+            let server = serve_web(addr, &sandbox)?;
+            terminal::write_out(&format!("Web chat: {}\n", server.url()));
+            Some(server)
         }
-        seen = now;
-    }
-}
-
-fn print_replies(
-    sandbox: &Sandbox,
-    replies: std::sync::mpsc::Receiver<RecordedCall>,
-    terminal: &Terminal,
-) {
-    for call in replies {
-        let result = match (call.method.as_str(), call.result()) {
-            // copyMessage answers only the new message's id.
-            ("copyMessage", Some(copied)) => call.params["chat_id"]
-                .as_i64()
-                .zip(copied["message_id"].as_i64())
-                .and_then(|(chat, id)| sandbox.inspect(|v| v.message(chat, id).cloned()))
-                .unwrap_or(Value::Null),
-            (_, Some(result)) => result.clone(),
-            (_, None) => continue,
-        };
-        let lines = {
-            let mut chat = terminal.chat();
-            let here = chat.place.chat();
-            chat.screen.show(&call.method, &call.params, &result, here)
-        };
-        if !terminal.bot(&lines) {
-            return;
+        None => None,
+    };
+    terminal::write_out("(Ctrl-C stops)\n");
+    let signalled = actix::System::new().block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            interrupted = tokio::signal::ctrl_c() => interrupted,
+            _ = term.recv() => Ok(()),
         }
+    });
+    if let Some(server) = web {
+        server.stop();
     }
+    log::info!("sandbox stopped");
+    signalled.map_err(RunError::Sandbox)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALICE_PRIVATE: Place = Place {
-        person: 0,
-        in_group: false,
-    };
-
     #[test]
     fn places_name_their_chat_and_user() {
         assert_eq!(
-            (ALICE_PRIVATE.chat(), ALICE_PRIVATE.user()),
+            (Place::START.chat(), Place::START.user()),
             (SANDBOX_USER, SANDBOX_USER)
         );
-        assert_eq!(ALICE_PRIVATE.label(), "[alice @ private]");
-        let bob_group = Place {
-            person: 1,
-            in_group: true,
-        };
+        assert_eq!(Place::START.label(), "[alice @ private]");
+        let bob_group = Place::of(SECOND_USER, SANDBOX_GROUP).expect("Bob is in the group");
         assert_eq!(
             (bob_group.chat(), bob_group.user()),
             (SANDBOX_GROUP, SECOND_USER)
@@ -428,25 +270,14 @@ mod tests {
     }
 
     #[test]
-    fn switching_keeps_the_other_half_of_the_place() {
-        let in_group = moved(ALICE_PRIVATE, &Command::Group).expect("always possible");
-        assert_eq!(in_group.label(), "[alice @ group]");
-        let bob = moved(in_group, &Command::User(None)).expect("the other user");
-        assert_eq!(bob.label(), "[bob @ group]");
-        let back = moved(bob, &Command::Private).expect("always possible");
-        assert_eq!(back.chat(), SECOND_USER);
-        assert_eq!(moved(back, &Command::User(None)), Some(ALICE_PRIVATE));
+    fn people_write_only_in_their_own_chats() {
+        assert_eq!(Place::of(SANDBOX_USER, SANDBOX_USER), Some(Place::START));
         assert_eq!(
-            moved(back, &Command::User(Some("alice".into()))),
-            Some(ALICE_PRIVATE)
-        );
-        assert_eq!(
-            moved(ALICE_PRIVATE, &Command::User(Some("1001".into()))).map(Place::user),
+            Place::of(SECOND_USER, SECOND_USER).map(Place::chat),
             Some(SECOND_USER)
         );
-        assert_eq!(
-            moved(ALICE_PRIVATE, &Command::User(Some("carol".into()))),
-            None
-        );
+        assert_eq!(Place::of(SANDBOX_USER, SECOND_USER), None, "Bob's chat");
+        assert_eq!(Place::of(1002, 1002), None, "not a sandbox user");
+        assert_eq!(Place::of(SANDBOX_USER, -1), None, "not the group");
     }
 }

@@ -304,8 +304,9 @@ fn summary(content: &str) -> String {
     short
 }
 
-/// Media keys of a Message, in the order a client would show them.
-const MEDIA: [&str; 16] = [
+/// Media keys of a Message, in the order a client would show them; the
+/// first [`FILES`] carry a file (photos, videos, documents, ...).
+pub(super) const MEDIA: [&str; 16] = [
     "photo",
     "video",
     "animation",
@@ -323,6 +324,9 @@ const MEDIA: [&str; 16] = [
     "invoice",
     "story",
 ];
+
+/// How many of [`MEDIA`], from the first, are files.
+pub(super) const FILES: usize = 7;
 
 /// A message's content as one line: its text, or its media as
 /// `[kind details] caption`.

@@ -50,6 +50,14 @@ pub fn init(level: log::LevelFilter) {
 pub fn init_with(level: log::LevelFilter, format: LogFormat) {
     let mut builder = env_logger::Builder::new();
     builder.filter_level(level);
+    // actix-server's lines ("starting 1 workers", "starting service: ...")
+    // repeat what asgigramd says of its own servers; kept for debugging.
+    let server = if level >= log::LevelFilter::Debug {
+        level
+    } else {
+        level.min(log::LevelFilter::Warn)
+    };
+    builder.filter_module("actix_server", server);
     if let Ok(filters) = std::env::var("RUST_LOG") {
         builder.parse_filters(&filters);
     }

@@ -6,7 +6,6 @@
 //! worker thread, so everything here is atomics or small `Mutex`ed maps.
 //! Nothing here blocks for long: a lock is held only to bump or copy a map.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -61,41 +60,50 @@ impl Gauge {
 #[derive(Debug)]
 pub struct Labelled {
     names: &'static [&'static str],
-    values: Mutex<BTreeMap<Vec<String>, u64>>,
+    /// Every series counted so far, in label order.
+    values: Mutex<Vec<(Vec<String>, u64)>>,
 }
 
 impl Labelled {
     fn new(names: &'static [&'static str]) -> Labelled {
         Labelled {
             names,
-            values: Mutex::new(BTreeMap::new()),
+            values: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Where the series with these label values is (`Ok`) or would go.
+    fn find(values: &[(Vec<String>, u64)], labels: &[&str]) -> Result<usize, usize> {
+        // Compared as they are: a series counted before is found without
+        // building its key, and this runs several times per update.
+        values
+            .binary_search_by(|(key, _)| key.iter().map(String::as_str).cmp(labels.iter().copied()))
     }
 
     /// Adds one to the series with these label values (one per label name).
     pub fn inc(&self, labels: &[&str]) {
         debug_assert_eq!(labels.len(), self.names.len());
-        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-        *lock(&self.values).entry(key).or_default() += 1;
+        let mut values = lock(&self.values);
+        match Labelled::find(&values, labels) {
+            Ok(at) => values[at].1 += 1,
+            Err(at) => values.insert(at, (labels.iter().map(|s| s.to_string()).collect(), 1)),
+        }
     }
 
     /// Every series, in label order.
     pub fn snapshot(&self) -> Vec<(Vec<String>, u64)> {
-        lock(&self.values)
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect()
+        lock(&self.values).clone()
     }
 
     /// The sum over every series.
     pub fn total(&self) -> u64 {
-        lock(&self.values).values().sum()
+        lock(&self.values).iter().map(|(_, n)| n).sum()
     }
 
     /// The series with exactly these label values (0 if never counted).
     pub fn get(&self, labels: &[&str]) -> u64 {
-        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-        lock(&self.values).get(&key).copied().unwrap_or(0)
+        let values = lock(&self.values);
+        Labelled::find(&values, labels).map_or(0, |at| values[at].1)
     }
 }
 
@@ -329,7 +337,14 @@ impl Metrics {
 
     /// Counts an event an instance's `receive()` returned, by update kind
     /// (its `type` without the `telegram.` prefix).
-    pub fn delivered(&self, event: &serde_json::Value) {
+    pub fn delivered(&self, event: &crate::bridge::Event) {
+        let event = match event {
+            crate::bridge::Event::Update(update) => {
+                self.updates_delivered.inc(&[update.kind().unwrap_or("?")]);
+                return;
+            }
+            crate::bridge::Event::Json(event) => event,
+        };
         let kind = event
             .get("type")
             .and_then(serde_json::Value::as_str)

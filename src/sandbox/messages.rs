@@ -6,6 +6,7 @@ use serde_json::{json, Map, Value};
 
 use super::envelope::{ApiError, Outcome, Success};
 use super::fabricate::overlay;
+use super::formatting;
 use super::methods::{fabricate, resolve_chat, Request};
 use super::schema::schema;
 use super::state::{unix_now, State, UploadedFile};
@@ -46,15 +47,35 @@ const MEDIA_KEYS: [&str; 6] = [
 
 pub(super) fn send_message(state: &mut State, call: &Request, chat: &Value) -> Outcome {
     let text = call.text("text").unwrap_or_default();
+    let (text, entities) = formatted(state, text, call.get("parse_mode"), call.get("entities"))?;
     if text.encode_utf16().count() > MAX_TEXT_LENGTH {
         return Err(ApiError::bad_request("message is too long"));
     }
     let mut message = new_message(state, chat, call)?;
     message.insert("text".into(), text.into());
-    if let Some(entities) = call.get("entities").filter(|e| e.is_array()) {
-        message.insert("entities".into(), entities.clone());
+    if let Some(entities) = entities {
+        message.insert("entities".into(), entities);
     }
     Ok(finish_message(state, message).into())
+}
+
+/// Text and entities as Telegram stores them: `entities` as given, else
+/// what `parse_mode` makes of the markup (None: no entities).
+fn formatted(
+    state: &State,
+    text: String,
+    parse_mode: Option<&Value>,
+    entities: Option<&Value>,
+) -> Result<(String, Option<Value>), ApiError> {
+    if let Some(entities) = entities.filter(|e| e.is_array()) {
+        return Ok((text, Some(entities.clone())));
+    }
+    let Some(mode) = parse_mode.and_then(Value::as_str).filter(|m| !m.is_empty()) else {
+        return Ok((text, None));
+    };
+    let parsed = formatting::parse(&text, mode, &state.users).map_err(ApiError::bad_request)?;
+    let entities = (!parsed.entities.is_empty()).then_some(Value::Array(parsed.entities));
+    Ok((parsed.text, entities))
 }
 
 /// sendPhoto, sendLocation, sendPoll…: the content goes in the Message field
@@ -67,7 +88,7 @@ pub(super) fn send_content(state: &mut State, call: &Request, chat: &Value) -> O
         let content = build_content(state, &field, &ty, &call.params, upload, chat);
         message.insert(field, content);
     }
-    copy_caption(&call.params, &mut message);
+    copy_caption(state, &call.params, &mut message)?;
     Ok(finish_message(state, message).into())
 }
 
@@ -94,7 +115,7 @@ pub(super) fn send_media_group(state: &mut State, call: &Request, chat: &Value) 
             let content = build_content(state, kind, &ty, item, upload, chat);
             message.insert(kind.to_string(), content);
         }
-        copy_caption(item, &mut message);
+        copy_caption(state, item, &mut message)?;
         messages.push(finish_message(state, message));
     }
     Ok(Value::Array(messages).into())
@@ -185,15 +206,53 @@ fn finish_message(state: &mut State, message: Map<String, Value>) -> Value {
     message
 }
 
-fn copy_caption(source: &Map<String, Value>, message: &mut Map<String, Value>) {
-    for key in ["caption", "caption_entities", "show_caption_above_media"] {
-        if let Some(value) = source.get(key).filter(|v| !v.is_null()) {
-            message.insert(key.to_string(), value.clone());
-        }
+/// The caption of a message being sent, formatted by its `parse_mode`.
+fn copy_caption(
+    state: &State,
+    source: &Map<String, Value>,
+    message: &mut Map<String, Value>,
+) -> Result<(), ApiError> {
+    set_caption(state, source, message)?;
+    if let Some(value) = source
+        .get("show_caption_above_media")
+        .filter(|v| !v.is_null())
+    {
+        message.insert("show_caption_above_media".into(), value.clone());
     }
     if source.get("has_spoiler").and_then(Value::as_bool) == Some(true) {
         message.insert("has_media_spoiler".into(), true.into());
     }
+    Ok(())
+}
+
+/// Sets (or, when `source` has none, removes) a message's caption and its
+/// entities from `caption`, `parse_mode` and `caption_entities`.
+fn set_caption(
+    state: &State,
+    source: &Map<String, Value>,
+    message: &mut Map<String, Value>,
+) -> Result<(), ApiError> {
+    let caption = source
+        .get("caption")
+        .filter(|v| !v.is_null() && v.as_str() != Some(""))
+        .map(|c| match c {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        });
+    let Some(caption) = caption else {
+        message.remove("caption");
+        message.remove("caption_entities");
+        return Ok(());
+    };
+    let (caption, entities) = formatted(
+        state,
+        caption,
+        source.get("parse_mode"),
+        source.get("caption_entities").filter(|v| !v.is_null()),
+    )?;
+    message.insert("caption".into(), caption.into());
+    set_or_remove(message, "caption_entities", entities.as_ref());
+    Ok(())
 }
 
 /// `sendVideoNote` → `video_note`.
@@ -438,7 +497,7 @@ fn duplicate(
     }
     if copy {
         if call.get("caption").is_some() {
-            copy_caption(&call.params, &mut message);
+            copy_caption(state, &call.params, &mut message)?;
         }
     } else {
         message.insert("forward_origin".into(), origin_of(original));
@@ -487,7 +546,7 @@ pub(super) fn edit_message(state: &mut State, call: &Request, chat: Option<&Valu
         return Err(ApiError::bad_request("message can't be edited"));
     }
     let mut edited = original.clone();
-    apply_edit(state, call, &mut edited, chat);
+    apply_edit(state, call, &mut edited, chat)?;
     if edited == original && call.name() != "stopMessageLiveLocation" {
         return Err(ApiError::bad_request(
             "message is not modified: specified new message content and reply markup are exactly the same as a \
@@ -499,19 +558,27 @@ pub(super) fn edit_message(state: &mut State, call: &Request, chat: Option<&Valu
     Ok(edited.into())
 }
 
-fn apply_edit(state: &mut State, call: &Request, message: &mut Value, chat: &Value) {
+fn apply_edit(
+    state: &mut State,
+    call: &Request,
+    message: &mut Value,
+    chat: &Value,
+) -> Result<(), ApiError> {
     let Value::Object(fields) = message else {
-        return;
+        return Ok(());
     };
     match call.name() {
         "editMessageText" => {
-            fields.insert("text".into(), call.text("text").unwrap_or_default().into());
-            set_or_remove(fields, "entities", call.get("entities"));
+            let (text, entities) = formatted(
+                state,
+                call.text("text").unwrap_or_default(),
+                call.get("parse_mode"),
+                call.get("entities"),
+            )?;
+            fields.insert("text".into(), text.into());
+            set_or_remove(fields, "entities", entities.as_ref());
         }
-        "editMessageCaption" => {
-            set_or_remove(fields, "caption", call.get("caption"));
-            set_or_remove(fields, "caption_entities", call.get("caption_entities"));
-        }
+        "editMessageCaption" => set_caption(state, &call.params, fields)?,
         "editMessageMedia" => {
             if let Some(Value::Object(item)) = call.get("media") {
                 let kind = item
@@ -525,7 +592,7 @@ fn apply_edit(state: &mut State, call: &Request, message: &mut Value, chat: &Val
                     let upload = find_upload(item.get("media"), kind, &call.files);
                     let content = build_content(state, kind, &ty, item, upload, chat);
                     fields.insert(kind.to_string(), content);
-                    set_or_remove(fields, "caption", item.get("caption"));
+                    set_caption(state, item, fields)?;
                 }
             }
         }
@@ -543,6 +610,7 @@ fn apply_edit(state: &mut State, call: &Request, message: &mut Value, chat: &Val
         "reply_markup",
         inline_keyboard(call.get("reply_markup")).as_ref(),
     );
+    Ok(())
 }
 
 fn set_or_remove(fields: &mut Map<String, Value>, key: &str, value: Option<&Value>) {

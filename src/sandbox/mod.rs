@@ -34,6 +34,10 @@
 //!   return type. Messages get per-chat increasing ids, are remembered, and
 //!   can be replied to, edited, forwarded, copied and deleted with Telegram's
 //!   errors for unknown or unmodified messages.
+//! * Formatting: `parse_mode` HTML, MarkdownV2 and Markdown in texts and
+//!   captions become plain text and `entities` (UTF-16 offsets) by
+//!   Telegram's rules, and markup Telegram refuses is refused with its
+//!   `can't parse entities: …` error (see `formatting`).
 //! * Files: `getFile` answers the File of every file a user sent
 //!   ([`Sandbox::inject_document`], [`Sandbox::inject_photo`],
 //!   [`Sandbox::add_file`]) or the bot uploaded, and `400 Bad Request:
@@ -50,10 +54,10 @@
 //!
 //! # What is not emulated
 //!
-//! Self-signed webhook certificates, parse modes (text is echoed as sent, entities only as
-//! given), permissions, membership beyond the private-chat rule and the groups made
-//! by `create_group`, real media
-//! processing, file size limits other than the upload cap, the 3-second
+//! Self-signed webhook certificates, the entities Telegram detects by itself
+//! (URLs, mentions, hashtags in plain text; entities given are kept as
+//! given), permissions, membership beyond the private-chat rule and the
+//! groups made by `create_group`, real media processing, file size limits other than the upload cap, the 3-second
 //! throttling Telegram applies to busy-looping or conflicting `getUpdates`
 //! callers, and the 24-hour expiry of unconfirmed updates. File identifiers
 //! the sandbox never issued are accepted in messages the bot sends (and
@@ -72,6 +76,7 @@ mod buttons;
 mod envelope;
 mod fabricate;
 mod faults;
+pub(crate) mod formatting;
 mod messages;
 mod methods;
 mod params;
@@ -83,7 +88,10 @@ mod webhook;
 
 pub use buttons::{ButtonError, Pressed};
 pub use faults::{Fault, FaultPlan};
-pub use state::{RecordedCall, SandboxStats, SandboxView, UploadedFile};
+pub(crate) use params::{multipart_parts, Part, PartsError};
+pub use state::{
+    AnsweredPoll, RecordedCall, SandboxEvent, SandboxStats, SandboxView, UploadedFile, Watched,
+};
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -428,6 +436,14 @@ impl Sandbox {
     /// Receives every successful call from now on, as it happens.
     pub fn subscribe(&self) -> mpsc::Receiver<RecordedCall> {
         self.shared.update(State::subscribe)
+    }
+
+    /// Receives, from now on, every call the bot makes (failed ones too)
+    /// and every update queued for it, numbered in the order they happened
+    /// (see [`SandboxView::events`]): what a client needs to show a chat
+    /// live.
+    pub fn watch(&self) -> mpsc::Receiver<Watched> {
+        self.shared.update(State::watch)
     }
 
     /// Switches Telegram's flood limits on or off (off by default). Turning

@@ -89,10 +89,64 @@ async fn read_multipart(
     payload: web::Payload,
     input: &mut Input,
 ) -> Result<(), ApiError> {
-    let malformed = |_| ApiError::bad_request("can't parse multipart/form-data request");
+    let parts = multipart_parts(req, payload, MAX_BODY)
+        .await
+        .map_err(|e| match e {
+            PartsError::TooLarge => ApiError::payload_too_large(),
+            PartsError::Malformed(_) => {
+                ApiError::bad_request("can't parse multipart/form-data request")
+            }
+        })?;
+    for part in parts {
+        // A part with a file name is an upload; any other part is a plain
+        // value, exactly like a url-encoded one.
+        if part.file_name.is_some() {
+            input.files.push(UploadedFile {
+                name: part.name,
+                size: part.bytes.len(),
+                file_name: part.file_name,
+                content_type: part.content_type,
+                bytes: part.bytes.into(),
+            });
+        } else {
+            input.params.insert(
+                part.name,
+                Value::String(String::from_utf8_lossy(&part.bytes).into_owned()),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One part of a multipart/form-data body.
+pub(crate) struct Part {
+    pub name: String,
+    /// Present when the part is a file upload.
+    pub file_name: Option<String>,
+    pub content_type: Option<String>,
+    pub bytes: Vec<u8>,
+}
+
+/// Why a multipart/form-data body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PartsError {
+    #[error("{0}")]
+    Malformed(actix_multipart::MultipartError),
+    #[error("the body is larger than allowed")]
+    TooLarge,
+}
+
+/// Reads every part of a multipart/form-data body, refusing it once all the
+/// parts together exceed `max_total` bytes (before buffering more).
+pub(crate) async fn multipart_parts(
+    req: &HttpRequest,
+    payload: web::Payload,
+    max_total: usize,
+) -> Result<Vec<Part>, PartsError> {
     let mut multipart = actix_multipart::Multipart::new(req.headers(), payload);
+    let mut parts = Vec::new();
     let mut total = 0usize;
-    while let Some(mut field) = multipart.try_next().await.map_err(malformed)? {
+    while let Some(mut field) = multipart.try_next().await.map_err(PartsError::Malformed)? {
         let name = field.name().unwrap_or_default().to_string();
         let file_name = field
             .content_disposition()
@@ -100,31 +154,21 @@ async fn read_multipart(
             .map(str::to_string);
         let content_type = field.content_type().map(ToString::to_string);
         let mut bytes = Vec::new();
-        while let Some(chunk) = field.try_next().await.map_err(malformed)? {
+        while let Some(chunk) = field.try_next().await.map_err(PartsError::Malformed)? {
             total += chunk.len();
-            if total > MAX_BODY {
-                return Err(ApiError::payload_too_large());
+            if total > max_total {
+                return Err(PartsError::TooLarge);
             }
             bytes.extend_from_slice(&chunk);
         }
-        // A part with a file name is an upload; any other part is a plain
-        // value, exactly like a url-encoded one.
-        if file_name.is_some() {
-            input.files.push(UploadedFile {
-                name,
-                size: bytes.len(),
-                file_name,
-                content_type,
-                bytes: bytes.into(),
-            });
-        } else {
-            input.params.insert(
-                name,
-                Value::String(String::from_utf8_lossy(&bytes).into_owned()),
-            );
-        }
+        parts.push(Part {
+            name,
+            file_name,
+            content_type,
+            bytes,
+        });
     }
-    Ok(())
+    Ok(parts)
 }
 
 /// Converts every parameter known to `method` to the JSON type Telegram

@@ -1,12 +1,12 @@
 //! getUpdates: confirmation, long polling and conflicts between pollers.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
 use super::envelope::{ApiError, Outcome};
 use super::faults::Fault;
-use super::state::State;
+use super::state::{AnsweredPoll, State};
 use super::Shared;
 
 /// Longest long poll Telegram honours, in seconds.
@@ -111,12 +111,16 @@ enum Parked {
 pub(crate) async fn get_updates(
     shared: &Shared,
     params: &Map<String, Value>,
+    arrived: Instant,
     hung_up: impl Fn() -> bool,
 ) -> PollAnswer {
     let request = PollRequest::parse(params);
     // `update` wakes the request parked before, which then sees it lost.
     let (generation, fault) = match shared.update(|s| start(s, &request)) {
-        Start::Answer(answer) => return answer,
+        Start::Answer(answer) => {
+            note_answer(shared, &answer, arrived, false);
+            return answer;
+        }
         Start::Park(generation, fault) => (generation, fault),
     };
     let _parked = ParkedGuard(shared);
@@ -134,7 +138,11 @@ pub(crate) async fn get_updates(
         tokio::pin!(notified);
         notified.as_mut().enable();
         match shared.update_quietly(|s| check_parked(s, generation, request.limit, batching)) {
-            Parked::Done(outcome) => return PollAnswer::Outcome(outcome, fault),
+            Parked::Done(outcome) => {
+                let answer = PollAnswer::Outcome(outcome, fault);
+                note_answer(shared, &answer, arrived, true);
+                return answer;
+            }
             Parked::Ready => {
                 batching = true;
                 tokio::time::sleep(BATCH_DELAY).await;
@@ -150,6 +158,27 @@ pub(crate) async fn get_updates(
             }
         }
     }
+}
+
+/// Keeps an answer that carries updates in [`State::polls`], for latency
+/// breakdowns.
+fn note_answer(shared: &Shared, answer: &PollAnswer, arrived: Instant, parked: bool) {
+    let PollAnswer::Outcome(Ok(success), _) = answer else {
+        return;
+    };
+    let Some(batch) = success.result.as_array().filter(|b| !b.is_empty()) else {
+        return;
+    };
+    let poll = AnsweredPoll {
+        arrived,
+        answered: Instant::now(),
+        parked,
+        update_ids: batch
+            .iter()
+            .filter_map(|u| u.get("update_id").and_then(Value::as_i64))
+            .collect(),
+    };
+    shared.update_quietly(|s| s.polls.push(poll));
 }
 
 fn start(state: &mut State, request: &PollRequest) -> Start {

@@ -156,7 +156,7 @@ async fn api_call(
     if method.name == "getUpdates" {
         let socket = req.conn_data::<ConnectionSocket>().copied();
         let hung_up = || socket.is_some_and(|s| peer_closed(s.0));
-        return match polling::get_updates(&shared, &call.params, hung_up).await {
+        return match polling::get_updates(&shared, &call.params, arrived, hung_up).await {
             PollAnswer::Outcome(outcome, fault) => {
                 answer(&req, &Reply::from(&outcome), fault).await
             }

@@ -36,6 +36,19 @@ impl fmt::Debug for UploadedFile {
     }
 }
 
+/// One getUpdates answer that carried updates.
+#[derive(Clone, Debug)]
+pub struct AnsweredPoll {
+    /// When the getUpdates request arrived.
+    pub arrived: Instant,
+    /// When its answer was handed to the HTTP server to write.
+    pub answered: Instant,
+    /// Whether it waited for updates (parked) rather than finding some.
+    pub parked: bool,
+    /// The update_ids it carried.
+    pub update_ids: Vec<i64>,
+}
+
 /// One call the bot made.
 #[derive(Clone, Debug)]
 pub struct RecordedCall {
@@ -79,6 +92,24 @@ impl RecordedCall {
     }
 }
 
+/// Something that happened in the sandbox, for [`super::Sandbox::watch`].
+#[derive(Clone, Debug)]
+pub enum SandboxEvent {
+    /// A call the bot made (any but getUpdates), failed ones included.
+    Call(RecordedCall),
+    /// An update queued for the bot: a user's message, a button press.
+    Update(Value),
+}
+
+/// A [`SandboxEvent`] and its place in the sandbox's history: events are
+/// numbered from 1 in the order they happened, and
+/// [`SandboxView::events`] tells how many a view already shows.
+#[derive(Clone, Debug)]
+pub struct Watched {
+    pub seq: u64,
+    pub event: SandboxEvent,
+}
+
 /// Counters since the sandbox started.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SandboxStats {
@@ -108,6 +139,13 @@ impl<'a> SandboxView<'a> {
     /// Every call except getUpdates, in arrival order.
     pub fn calls(&self) -> &'a [RecordedCall] {
         &self.state.calls
+    }
+
+    /// The getUpdates answers that carried updates, in answer order: when
+    /// each request arrived and when its answer left, so that a latency can
+    /// be split into the wait for a poll and what the bot did after it.
+    pub fn answered_polls(&self) -> &'a [AnsweredPoll] {
+        &self.state.polls
     }
 
     /// The calls of one method (case-insensitive), in arrival order.
@@ -155,6 +193,38 @@ impl<'a> SandboxView<'a> {
 
     pub fn stats(&self) -> &'a SandboxStats {
         &self.state.stats
+    }
+
+    /// How many [`SandboxEvent`]s happened so far: the state seen here
+    /// includes the event numbered this and none after it.
+    pub fn events(&self) -> u64 {
+        self.state.events
+    }
+
+    /// A known user's User object.
+    pub fn user(&self, id: i64) -> Option<&'a Value> {
+        self.state.users.get(&id)
+    }
+
+    /// The messages of a chat the sandbox knows (sent by the bot or
+    /// injected, not deleted), oldest first.
+    pub fn messages_in(&self, chat_id: i64) -> Vec<&'a Value> {
+        let mut messages: Vec<(i64, &Value)> = self
+            .state
+            .messages
+            .iter()
+            .filter(|((chat, _), _)| *chat == chat_id)
+            .map(|((_, id), message)| (*id, message))
+            .collect();
+        messages.sort_unstable_by_key(|(id, _)| *id);
+        messages.into_iter().map(|(_, m)| m).collect()
+    }
+
+    /// The content of a file a user sent or the bot uploaded, and its
+    /// `file_path`; None for unknown ids and files known by id only.
+    pub fn file_content(&self, file_id: &str) -> Option<(Bytes, &'a str)> {
+        let file = self.state.files.get(file_id)?;
+        Some((file.bytes.clone()?, file.path.as_str()))
     }
 
     /// A known chat's Chat object.
@@ -245,7 +315,12 @@ pub(crate) struct State {
     files: HashMap<String, StoredFile>,
     pub serial: u64,
     pub calls: Vec<RecordedCall>,
+    /// The getUpdates answers that carried updates, in answer order.
+    pub polls: Vec<AnsweredPoll>,
     subscribers: Vec<mpsc::Sender<RecordedCall>>,
+    /// The number of the last [`SandboxEvent`].
+    events: u64,
+    watchers: Vec<mpsc::Sender<Watched>>,
     pub stats: SandboxStats,
     /// Flood limits; None while switched off.
     pub flood: Option<FloodControl>,
@@ -279,7 +354,10 @@ impl State {
             files: HashMap::new(),
             serial: 0,
             calls: Vec::new(),
+            polls: Vec::new(),
             subscribers: Vec::new(),
+            events: 0,
+            watchers: Vec::new(),
             stats: SandboxStats::default(),
             flood: None,
             faults: FaultInjector::new(opts.seed),
@@ -317,6 +395,7 @@ impl State {
         self.learn(&update);
         self.remember_messages(&update);
         let kind = update_type(&update).map(str::to_string);
+        self.tell(|| SandboxEvent::Update(update.clone()));
         self.updates.push_back(QueuedUpdate {
             id,
             kind,
@@ -341,6 +420,7 @@ impl State {
                 id
             }
         };
+        self.tell(|| SandboxEvent::Update(raw.clone()));
         self.updates.push_back(QueuedUpdate {
             id,
             kind: None,
@@ -728,7 +808,28 @@ impl State {
             // A closed receiver just means the subscriber lost interest.
             self.subscribers.retain(|s| s.send(call.clone()).is_ok());
         }
+        self.tell(|| SandboxEvent::Call(call.clone()));
         self.calls.push(call);
+    }
+
+    /// Numbers an event and hands it to the watchers; `event` is only
+    /// built when someone watches.
+    fn tell(&mut self, event: impl FnOnce() -> SandboxEvent) {
+        self.events += 1;
+        if self.watchers.is_empty() {
+            return;
+        }
+        let watched = Watched {
+            seq: self.events,
+            event: event(),
+        };
+        self.watchers.retain(|w| w.send(watched.clone()).is_ok());
+    }
+
+    pub fn watch(&mut self) -> mpsc::Receiver<Watched> {
+        let (sender, receiver) = mpsc::channel();
+        self.watchers.push(sender);
+        receiver
     }
 
     pub fn count_status(&mut self, status: u16) {

@@ -85,6 +85,22 @@ fn http(
     }))
 }
 
+/// A getUpdates with a 10 s timeout, on a thread of its own.
+fn long_poll(sb: &Sandbox) -> thread::JoinHandle<Response> {
+    let (addr, path) = (
+        sb.local_addr(),
+        format!("/bot{}/getUpdates?timeout=10", sb.token()),
+    );
+    thread::spawn(move || http(addr, "GET", &path, None, b"").unwrap().unwrap())
+}
+
+/// [`long_poll`], once the sandbox holds it parked.
+fn parked_poll(sb: &Sandbox) -> thread::JoinHandle<Response> {
+    let poller = long_poll(sb);
+    assert!(sb.wait_until(WAIT, |v| v.is_polling()));
+    poller
+}
+
 fn start() -> Sandbox {
     Sandbox::start(SandboxOptions {
         first_update_id: 500,
@@ -271,19 +287,39 @@ fn long_poll_wakes_up_on_inject_and_times_out() {
 }
 
 #[test]
+fn answered_polls_say_which_updates_each_answer_carried_and_whether_it_parked() {
+    let sb = start();
+    let poller = parked_poll(&sb);
+    let injected = Instant::now();
+    let woke = sb.inject_text(11, "wake up");
+    assert_eq!(update_ids(&result(poller.join().unwrap())), vec![woke]);
+
+    // Waiting already: answered at once, not parked.
+    let waiting = sb.inject_text(11, "waiting");
+    let at_once = result(call(&sb, "getUpdates", json!({"offset": woke + 1})));
+    assert_eq!(update_ids(&at_once), vec![waiting]);
+    // An empty answer is not kept.
+    result(call(&sb, "getUpdates", json!({"offset": waiting + 1})));
+
+    let polls = sb.inspect(|v| v.answered_polls().to_vec());
+    assert_eq!(polls.len(), 2, "{polls:?}");
+    assert_eq!(
+        (polls[0].parked, polls[0].update_ids.clone()),
+        (true, vec![woke])
+    );
+    assert!(polls[0].arrived < injected && polls[0].answered > injected);
+    assert_eq!(
+        (polls[1].parked, polls[1].update_ids.clone()),
+        (false, vec![waiting])
+    );
+    assert!(polls[1].arrived >= polls[0].answered && polls[1].answered >= polls[1].arrived);
+}
+
+#[test]
 fn second_poller_terminates_the_first() {
     let sb = start();
-    let (addr, path) = (
-        sb.local_addr(),
-        format!("/bot{}/getUpdates?timeout=10", sb.token()),
-    );
-    let first = thread::spawn(move || http(addr, "GET", &path, None, b"").unwrap().unwrap());
-    assert!(sb.wait_until(WAIT, |v| v.is_polling()));
-    let (addr, path) = (
-        sb.local_addr(),
-        format!("/bot{}/getUpdates?timeout=10", sb.token()),
-    );
-    let second = thread::spawn(move || http(addr, "GET", &path, None, b"").unwrap().unwrap());
+    let first = parked_poll(&sb);
+    let second = long_poll(&sb);
 
     let (status, description) = error(first.join().unwrap());
     assert_eq!(status, 409);
@@ -944,12 +980,7 @@ fn migrated_group_answers_with_the_new_id() {
 #[test]
 fn revoked_token_ends_parked_polls_too() {
     let sb = start();
-    let (addr, path) = (
-        sb.local_addr(),
-        format!("/bot{}/getUpdates?timeout=10", sb.token()),
-    );
-    let poller = thread::spawn(move || http(addr, "GET", &path, None, b"").unwrap().unwrap());
-    assert!(sb.wait_until(WAIT, |v| v.is_polling()));
+    let poller = parked_poll(&sb);
     sb.set_token_rejected(true);
     assert_eq!(error(poller.join().unwrap()), (401, "Unauthorized".into()));
     assert_eq!(
@@ -1292,4 +1323,105 @@ fn a_group_of_two_users_and_a_button_press() {
         sb.press_button(-4001, message_id, 1001, 0),
         Err(ButtonError::NoKeyboard)
     );
+}
+
+#[test]
+fn parse_modes_become_entities_and_bad_markup_is_refused_as_on_telegram() {
+    let sb = start();
+    sb.inject_text(42, "hi");
+    let sent = result(call(
+        &sb,
+        "sendMessage",
+        json!({"chat_id": 42, "text": "<b>Hi</b> &amp; <i>bye</i>", "parse_mode": "HTML"}),
+    ));
+    assert_eq!(sent["text"], "Hi & bye");
+    assert_eq!(
+        sent["entities"],
+        json!([{"type": "bold", "offset": 0, "length": 2},
+               {"type": "italic", "offset": 5, "length": 3}])
+    );
+    let id = sent["message_id"].clone();
+    let edited = result(call(
+        &sb,
+        "editMessageText",
+        json!({"chat_id": 42, "message_id": id, "text": "*now* plain\\.", "parse_mode": "MarkdownV2"}),
+    ));
+    assert_eq!(edited["text"], "now plain.");
+    assert_eq!(
+        edited["entities"],
+        json!([{"type": "bold", "offset": 0, "length": 3}])
+    );
+    // Entities given win over a parse mode, and text without one is as sent.
+    let given = result(call(
+        &sb,
+        "sendMessage",
+        json!({"chat_id": 42, "text": "<b>x</b>", "parse_mode": "HTML",
+               "entities": [{"type": "code", "offset": 0, "length": 8}]}),
+    ));
+    assert_eq!(given["text"], "<b>x</b>");
+    assert_eq!(given["entities"][0]["type"], "code");
+    let caption = result(call(
+        &sb,
+        "sendPhoto",
+        json!({"chat_id": 42, "photo": "SBXfile", "caption": "<u>sun</u>", "parse_mode": "HTML"}),
+    ));
+    assert_eq!(caption["caption"], "sun");
+    assert_eq!(caption["caption_entities"][0]["type"], "underline");
+
+    assert_eq!(
+        error(call(
+            &sb,
+            "sendMessage",
+            json!({"chat_id": 42, "text": "<script>x</script>", "parse_mode": "HTML"}),
+        )),
+        (
+            400,
+            "Bad Request: can't parse entities: Unsupported start tag \"script\" at byte offset 0"
+                .to_string()
+        )
+    );
+    assert_eq!(
+        error(call(
+            &sb,
+            "sendMessage",
+            json!({"chat_id": 42, "text": "1.5", "parse_mode": "MarkdownV2"}),
+        ))
+        .1,
+        "Bad Request: can't parse entities: Character '.' is reserved and must be escaped with the preceding '\\'"
+    );
+    assert_eq!(
+        error(call(
+            &sb,
+            "sendMessage",
+            json!({"chat_id": 42, "text": "x", "parse_mode": "BBCode"}),
+        ))
+        .1,
+        "Bad Request: unsupported parse_mode"
+    );
+    assert_eq!(sb.sent_texts(42), ["Hi & bye", "<b>x</b>"]);
+}
+
+#[test]
+fn watchers_see_every_call_and_update_numbered_in_order() {
+    let sb = start();
+    let watched = sb.watch();
+    sb.inject_text(42, "hi");
+    call(&sb, "sendMessage", json!({"chat_id": 42, "text": "ok"}));
+    call(&sb, "sendMessage", json!({"chat_id": 42}));
+    let seen: Vec<Watched> = (0..3)
+        .map(|_| watched.recv_timeout(WAIT).expect("an event"))
+        .collect();
+    assert_eq!(seen.iter().map(|w| w.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(matches!(&seen[0].event, SandboxEvent::Update(u) if u["message"]["text"] == "hi"));
+    assert!(matches!(&seen[1].event, SandboxEvent::Call(c) if c.ok()));
+    // Failed calls too, unlike `subscribe`.
+    assert!(matches!(&seen[2].event, SandboxEvent::Call(c) if c.status == 400));
+    assert_eq!(sb.inspect(|v| v.events()), 3);
+    let messages = sb.inspect(|v| {
+        v.messages_in(42)
+            .iter()
+            .map(|m| m["message_id"].as_i64().unwrap_or_default())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(messages, [1, 2]);
 }

@@ -33,11 +33,20 @@ use crate::settings::BotToken;
 pub struct UpdateId(pub i64);
 
 /// One update from getUpdates, validated only as far as the daemon needs.
+///
+/// It stays in the bytes Telegram sent: the journal stores them, routing
+/// reads a few fields from them, and the worker's event frame is written
+/// from them (see [`Update::write_event`]), so no JSON tree is built for an
+/// update the daemon only routes and forwards.
 #[derive(Debug, Clone)]
 pub struct Update {
     pub id: UpdateId,
-    /// The update object, `update_id` included.
-    pub raw: Map<String, Value>,
+    /// The update object, `update_id` included, as it came.
+    raw: Box<str>,
+    /// The update's kind (`message`, `callback_query`, ...): the one field
+    /// besides `update_id` (the first in byte order if there are several,
+    /// and of a field given twice the last), and where its value is in `raw`.
+    kind: Option<(Box<str>, std::ops::Range<usize>)>,
 }
 
 /// Why an element of getUpdates' result is not an update.
@@ -47,8 +56,8 @@ pub enum UpdateError {
     NotAnObject,
     #[error("update has no integer update_id")]
     NoUpdateId,
-    /// Well-formed JSON that serde_json cannot make a value of: nested
-    /// deeper than its recursion limit (128).
+    /// Well-formed JSON nested deeper than serde_json's recursion limit
+    /// (128): skipped, as it was when every update became a JSON tree.
     #[error("update cannot be decoded: {0}")]
     Undecodable(String),
 }
@@ -61,41 +70,225 @@ pub struct Skipped {
     pub error: UpdateError,
 }
 
+/// serde_json's recursion limit: a value whose arrays and objects nest this
+/// deep cannot be decoded.
+const MAX_DEPTH: usize = 128;
+
 impl Update {
+    /// An update from a JSON value, as tests build them.
     pub fn from_value(value: Value) -> Result<Update, UpdateError> {
-        let Value::Object(raw) = value else {
+        if !value.is_object() {
             return Err(UpdateError::NotAnObject);
-        };
-        let id = raw
-            .get("update_id")
-            .and_then(Value::as_i64)
-            .ok_or(UpdateError::NoUpdateId)?;
-        Ok(Update {
-            id: UpdateId(id),
-            raw,
-        })
+        }
+        Update::from_json(&value.to_string()).map_err(|s| s.error)
     }
 
     /// Decodes one element of getUpdates' result, on its own: an element
     /// that cannot be decoded spoils only itself, and its update_id is still
     /// read if it has one.
     pub fn from_raw(raw: &RawValue) -> Result<Update, Skipped> {
-        match serde_json::from_str::<Value>(raw.get()) {
-            Ok(value) => Update::from_value(value).map_err(|error| Skipped { id: None, error }),
-            Err(e) => Err(Skipped {
-                id: probe_update_id(raw),
-                error: UpdateError::Undecodable(e.to_string()),
-            }),
-        }
+        Update::from_json(raw.get())
     }
 
-    /// The update's kind (`message`, `callback_query`, ...) and its object:
-    /// the one field besides `update_id`.
-    pub fn kind(&self) -> Option<(&str, &Value)> {
-        self.raw
-            .iter()
-            .find(|(k, _)| k.as_str() != "update_id")
-            .map(|(k, v)| (k.as_str(), v))
+    /// [`Update::from_raw`] for a text that may not be JSON at all (the
+    /// journal's rows, a webhook's body).
+    pub fn from_json(text: &str) -> Result<Update, Skipped> {
+        let text = text.trim();
+        let skipped = |error| Skipped { id: None, error };
+        if !text.starts_with('{') {
+            return match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Ok(_) => Err(skipped(UpdateError::NotAnObject)),
+                Err(e) => Err(skipped(UpdateError::Undecodable(e.to_string()))),
+            };
+        }
+        let top = match too_deep(text) {
+            None => serde_json::from_str::<TopLevel<'_>>(text)
+                .map_err(|e| UpdateError::Undecodable(e.to_string())),
+            Some(at) => Err(UpdateError::Undecodable(format!(
+                "recursion limit exceeded at byte {at}"
+            ))),
+        };
+        let top = match top {
+            Ok(top) => top,
+            Err(error) => {
+                return Err(Skipped {
+                    id: serde_json::from_str::<&RawValue>(text)
+                        .ok()
+                        .and_then(probe_update_id),
+                    error,
+                })
+            }
+        };
+        let id = top
+            .id
+            .and_then(|id| serde_json::from_str::<i64>(id.get()).ok())
+            .ok_or(skipped(UpdateError::NoUpdateId))?;
+        let kind = top.kind.map(|(name, value)| {
+            let start = value.get().as_ptr() as usize - text.as_ptr() as usize;
+            (Box::from(name), start..start + value.get().len())
+        });
+        Ok(Update {
+            id: UpdateId(id),
+            raw: text.into(),
+            kind,
+        })
+    }
+
+    /// The update's kind (`message`, `callback_query`, ...).
+    pub fn kind(&self) -> Option<&str> {
+        self.kind.as_ref().map(|(name, _)| &**name)
+    }
+
+    /// The kind and its value as it came.
+    pub fn kind_value(&self) -> Option<(&str, &str)> {
+        self.kind
+            .as_ref()
+            .map(|(name, at)| (&**name, &self.raw[at.clone()]))
+    }
+
+    /// The update object as it came, for the journal.
+    pub fn json(&self) -> &str {
+        &self.raw
+    }
+
+    /// The update as a JSON tree (tests, and what reads it field by field).
+    pub fn value(&self) -> Value {
+        // `raw` was decoded once already and is nested within the limit.
+        serde_json::from_str(&self.raw).unwrap_or(Value::Null)
+    }
+
+    /// Writes the update's event, `{"type": "telegram.<kind>", ...the
+    /// kind's fields, "update_id": id}`, into `out`, the fields as they came.
+    /// `type` and `update_id` are written last, so that where the kind's
+    /// object has a field of either name, a JSON reader (the bridge's
+    /// `json.loads` among them) takes the event's, as it did when the event
+    /// was a map with both inserted. `false`, and nothing written, when the
+    /// kind's value is not an object (such an update has no event).
+    pub fn write_event(&self, out: &mut Vec<u8>) -> bool {
+        let Some((kind, object)) = self.kind_value() else {
+            return false;
+        };
+        let Some(inner) = object
+            .strip_prefix('{')
+            .and_then(|o| o.strip_suffix('}'))
+            .map(str::trim)
+        else {
+            return false;
+        };
+        out.push(b'{');
+        out.extend_from_slice(inner.as_bytes());
+        if !inner.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"type\":");
+        if kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            out.extend_from_slice(b"\"telegram.");
+            out.extend_from_slice(kind.as_bytes());
+            out.push(b'"');
+        } else {
+            // Serializing a string into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, &format!("telegram.{kind}"));
+        }
+        out.extend_from_slice(b",\"update_id\":");
+        out.extend_from_slice(self.id.0.to_string().as_bytes());
+        out.push(b'}');
+        true
+    }
+}
+
+/// Where `text` (well-formed JSON) nests its arrays and objects
+/// [`MAX_DEPTH`] deep, if it does: the byte offset of the bracket that
+/// goes too deep.
+fn too_deep(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    // The common case, with fewer brackets than the limit, in one pass the
+    // compiler vectorises.
+    if bytes.iter().filter(|&&b| b == b'[' || b == b'{').count() < MAX_DEPTH {
+        return None;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (at, &b) in bytes.iter().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth >= MAX_DEPTH {
+                    return Some(at);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// An update's top level: its `update_id` and its kind, each kept as it
+/// came.
+struct TopLevel<'a> {
+    id: Option<&'a RawValue>,
+    kind: Option<(std::borrow::Cow<'a, str>, &'a RawValue)>,
+}
+
+impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = TopLevel<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an update object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<TopLevel<'de>, A::Error> {
+                let mut top = TopLevel {
+                    id: None,
+                    kind: None,
+                };
+                while let Some(Key(key)) = map.next_key()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    if key == "update_id" {
+                        top.id = Some(value);
+                    } else if top.kind.as_ref().is_none_or(|(k, _)| key <= *k) {
+                        top.kind = Some((key, value));
+                    }
+                }
+                Ok(top)
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+/// An object key, borrowed unless it has escapes.
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> serde::de::Visitor<'de> for Text {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(Text)
     }
 }
 
@@ -216,6 +409,25 @@ pub fn parse_updates(
     status: u16,
     body: &[u8],
 ) -> Result<Vec<Result<Update, Skipped>>, TelegramError> {
+    // An ok answer with an array, read in one pass.
+    #[derive(serde::Deserialize)]
+    struct Batch<'a> {
+        #[serde(borrow)]
+        ok: Option<&'a RawValue>,
+        #[serde(borrow)]
+        result: Option<Vec<&'a RawValue>>,
+    }
+    // (A struct would also take an array, by position.)
+    let batch = body.first() == Some(&b'{');
+    if let Some(Ok(Batch {
+        ok: Some(ok),
+        result: Some(items),
+    })) = batch.then(|| serde_json::from_slice::<Batch<'_>>(body))
+    {
+        if ok.get() == "true" {
+            return Ok(items.into_iter().map(Update::from_raw).collect());
+        }
+    }
     let result = open_envelope(status, body)?;
     let Some(Ok(items)) = result.map(|r| serde_json::from_str::<Vec<&RawValue>>(r.get())) else {
         return Err(TelegramError::InvalidResponse(format!(
@@ -242,6 +454,9 @@ fn kind_of_raw(raw: &RawValue) -> &'static str {
 /// returned as it came (`None` when absent), or the error the envelope
 /// states.
 fn open_envelope(status: u16, body: &[u8]) -> Result<Option<&RawValue>, TelegramError> {
+    if let Some(result) = open_ok_envelope(body) {
+        return Ok(result);
+    }
     // Fields are kept raw first: serde_json skips a raw value without
     // recursing, so a result nested beyond its recursion limit does not
     // make the whole answer unreadable.
@@ -305,6 +520,35 @@ fn open_envelope(status: u16, body: &[u8]) -> Result<Option<&RawValue>, Telegram
     })
 }
 
+/// The `result` of an `ok: true` envelope, read without building a map of
+/// its fields (nearly every answer is one). `None` for anything else: an
+/// error envelope, a field given twice (the map keeps the last one), or
+/// not an object; [`open_envelope`] then reads it field by field.
+fn open_ok_envelope(body: &[u8]) -> Option<Option<&RawValue>> {
+    #[derive(serde::Deserialize)]
+    struct Ok<'a> {
+        #[serde(borrow)]
+        ok: Option<&'a RawValue>,
+        #[serde(borrow)]
+        result: Option<&'a RawValue>,
+    }
+    if body.first() != Some(&b'{') {
+        // A struct would also take an array, by position.
+        return None;
+    }
+    let envelope = serde_json::from_slice::<Ok<'_>>(body).ok()?;
+    (envelope.ok?.get() == "true").then_some(envelope.result)
+}
+
+/// Whether an answer opens as the Bot API's success does, `{"ok":true,`,
+/// which is all a caller that does not read the result needs to know:
+/// the rest of the body (the whole Message of a reply) is not scanned.
+fn says_ok(body: &[u8]) -> bool {
+    body.strip_prefix(br#"{"ok":true"#)
+        .is_some_and(|rest| matches!(rest.first(), Some(b',' | b'}')))
+        && body.ends_with(b"}")
+}
+
 /// The seconds a 429's `retry_after` may ask for. Telegram's own answers
 /// range from 1 s to about an hour; 0 or less would make the caller retry in
 /// a tight loop, and a huge value would stop it for good.
@@ -337,6 +581,9 @@ fn retry_after(asked: Option<&Value>) -> u64 {
 pub struct Bot {
     client: awc::Client,
     base: Rc<str>,
+    /// Each method's URL (`base` + method), parsed once: awc would parse
+    /// the text again for every call.
+    urls: Rc<std::cell::RefCell<foldhash::HashMap<String, awc::http::Uri>>>,
     /// Where files are downloaded from: `{api_url}/file/bot<token>/`.
     files: Rc<str>,
     http_timeout: Duration,
@@ -363,11 +610,17 @@ impl Bot {
                     .limit(256),
             )
             .disable_timeout()
+            // The Bot API answers where it is asked; a redirect would take
+            // the call (and the token in the next URL's path) elsewhere.
+            // Without redirects awc leaves its redirect layer out of every
+            // request, too.
+            .disable_redirects()
             .finish();
         let root = api_url.trim_end_matches('/');
         Bot {
             client,
             base: format!("{root}/bot{}/", token.expose()).into(),
+            urls: Rc::default(),
             files: format!("{root}/file/bot{}/", token.expose()).into(),
             http_timeout,
         }
@@ -383,6 +636,25 @@ impl Bot {
         metered(method, async {
             let (status, body) = self.exchange(method, params, timeout).await?;
             parse_envelope(status, &body)
+        })
+        .await
+    }
+
+    /// [`Bot::call`] for a caller that needs only to know whether the call
+    /// succeeded: the envelope is checked, its `result` is not decoded, and
+    /// `Value::Null` stands for it.
+    pub async fn call_unread(
+        &self,
+        method: &str,
+        params: &Value,
+        timeout: Duration,
+    ) -> Result<Value, TelegramError> {
+        metered(method, async {
+            let (status, body) = self.exchange(method, params, timeout).await?;
+            if says_ok(&body) {
+                return Ok(Value::Null);
+            }
+            open_envelope(status, &body).map(|_| Value::Null)
         })
         .await
     }
@@ -424,8 +696,11 @@ impl Bot {
         method: &str,
         params: &Value,
     ) -> Result<(u16, bytes::Bytes), TelegramError> {
-        let url = format!("{}{}", self.base, method);
-        let request = self.client.post(url);
+        let request = match self.url(method) {
+            Some(url) => self.client.post(url),
+            // Not a URL once the method is in it: awc says so, as before.
+            None => self.client.post(format!("{}{}", self.base, method)),
+        };
         let response = match params.as_object().filter(|_| upload::has_files(params)) {
             Some(map) => {
                 let (fields, files) = upload::split(map).map_err(|e| TelegramError::Api {
@@ -449,6 +724,22 @@ impl Bot {
             .await
             .map_err(|e| TelegramError::InvalidResponse(format!("reading the body: {e}")))?;
         Ok((status, body))
+    }
+
+    /// `method`'s URL, parsed the first time it is called. The methods are
+    /// the Bot API's (and what apps name), so the table stays small; a
+    /// method that does not make a URL is not kept.
+    fn url(&self, method: &str) -> Option<awc::http::Uri> {
+        if let Some(url) = self.urls.borrow().get(method) {
+            return Some(url.clone());
+        }
+        let url: awc::http::Uri = format!("{}{}", self.base, method).parse().ok()?;
+        let mut urls = self.urls.borrow_mut();
+        // Bounded: an app naming endless made-up methods must not grow it.
+        if urls.len() < 1024 {
+            urls.insert(method.to_string(), url.clone());
+        }
+        Some(url)
     }
 
     /// Calls a non-polling method with the configured HTTP timeout.
@@ -650,7 +941,87 @@ mod tests {
         );
         let u = Update::from_value(json!({"update_id": 5, "message": {"text": "hi"}})).unwrap();
         assert_eq!(u.id, UpdateId(5));
-        assert_eq!(u.kind().unwrap().0, "message");
+        assert_eq!(u.kind().unwrap(), "message");
+    }
+
+    #[test]
+    fn the_event_is_the_kind_s_fields_with_type_and_update_id() {
+        let event = |text: &str| {
+            let update = Update::from_json(text).unwrap();
+            let mut out = Vec::new();
+            assert!(update.write_event(&mut out), "{text}");
+            serde_json::from_slice::<Value>(&out).unwrap()
+        };
+        // What the daemon built as a map before it kept updates as bytes.
+        let as_map = |v: Value| {
+            let id = v["update_id"].clone();
+            let (kind, fields) = v
+                .as_object()
+                .unwrap()
+                .iter()
+                .find(|(k, _)| *k != "update_id")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .unwrap();
+            let mut fields = fields.as_object().unwrap().clone();
+            fields.insert("type".into(), json!(format!("telegram.{kind}")));
+            fields.insert("update_id".into(), id);
+            Value::Object(fields)
+        };
+        for v in [
+            json!({"update_id": 7, "message": {"text": "hi \"x\" \u{e9}", "chat": {"id": 1}}}),
+            json!({"message": {}, "update_id": -3}),
+            json!({"update_id": 8, "poll": {"type": "quiz", "update_id": 1, "id": "p"}}),
+            json!({"update_id": 9, "we\"ird": {"a": [1, {"b": null}]}}),
+        ] {
+            assert_eq!(event(&v.to_string()), as_map(v.clone()), "{v}");
+        }
+        // Spaces as a server may send them, and a kind given twice (the last
+        // counts) next to another kind (the first in byte order counts).
+        assert_eq!(
+            event(
+                r#" { "update_id" : 5 , "zz": {"a": 1}, "message" : { "text" : "a" } , "message": { "text": "b" } } "#
+            ),
+            json!({"text": "b", "type": "telegram.message", "update_id": 5})
+        );
+        // Nothing is written for a kind whose value is not an object.
+        let update = Update::from_json(r#"{"update_id": 1, "message": "x"}"#).unwrap();
+        let mut out = Vec::new();
+        assert!(!update.write_event(&mut out));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn updates_keep_their_bytes_for_the_journal() {
+        let text = r#"{"update_id":3,"message":{"b":1,"a":2}}"#;
+        let u = Update::from_json(text).unwrap();
+        assert_eq!(u.json(), text);
+        assert_eq!(u.kind_value(), Some(("message", r#"{"b":1,"a":2}"#)));
+        assert_eq!(
+            Update::from_json("[1]").unwrap_err().error,
+            UpdateError::NotAnObject
+        );
+        assert!(matches!(
+            Update::from_json("{nope").unwrap_err().error,
+            UpdateError::Undecodable(_)
+        ));
+        let skipped = Update::from_json(&nested(4, 200)).unwrap_err();
+        assert_eq!(skipped.id, Some(4));
+        // What decodes is what decoded as a JSON tree, to the level.
+        for depth in 120..130 {
+            assert_eq!(
+                Update::from_json(&nested(5, depth)).is_ok(),
+                serde_json::from_str::<Value>(&nested(5, depth)).is_ok(),
+                "{depth}"
+            );
+        }
+        assert!(Update::from_json(&nested(5, 120)).is_ok());
+        assert!(Update::from_json(&nested(5, 130)).is_err());
+        // Brackets inside strings do not count.
+        let text = format!(
+            r#"{{"update_id":6,"message":{{"text":"{}"}}}}"#,
+            "[".repeat(300)
+        );
+        assert!(Update::from_json(&text).is_ok());
     }
 
     #[test]

@@ -140,6 +140,28 @@ impl Drop for Daemon {
 }
 
 /// Polls `cond` every 20 ms until it holds or `deadline` passes.
+/// A journal directory of the test's own, removed with it.
+pub struct StateDir {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+impl StateDir {
+    pub fn new() -> StateDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("state");
+        StateDir { _dir: dir, path }
+    }
+
+    /// The environment that points a daemon at it.
+    pub fn env(&self) -> [(&'static str, &str); 1] {
+        [(
+            "ASGIGRAM_JOURNAL__DIR",
+            self.path.to_str().expect("utf-8 temp path"),
+        )]
+    }
+}
+
 pub fn wait_for(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
     loop {
@@ -194,6 +216,34 @@ pub fn worker_pids(log: &str) -> Vec<i32> {
         .filter_map(|l| l.split(" started pid=").nth(1))
         .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
         .collect()
+}
+
+/// A daemon journaling in `state` whose recording app (tests/apps, the
+/// `RECORD_FILE` convention) notes each update in `record`, taking `delay`
+/// seconds over each.
+pub fn start_recording(config: &str, state: &Path, record: &Path, delay: &str) -> Daemon {
+    Daemon::start(
+        config,
+        &[
+            (
+                "ASGIGRAM_JOURNAL__DIR",
+                state.to_str().expect("utf-8 temp path"),
+            ),
+            ("RECORD_FILE", record.to_str().expect("utf-8 temp path")),
+            ("RECORD_DELAY", delay),
+        ],
+    )
+}
+
+/// `kill -9` of the daemon's first worker, as its log names it.
+pub fn kill_first_worker(d: &Daemon) {
+    let pid = *worker_pids(&d.log())
+        .first()
+        .unwrap_or_else(|| panic!("no worker started yet:\n{}", d.log()));
+    // SAFETY: kill(2) on a worker process this test's daemon started.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
 }
 
 /// The pids of the daemon's worker processes (its children), from /proc.

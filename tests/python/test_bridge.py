@@ -977,6 +977,44 @@ class ChannelTests(BridgeTestCase):
         b.sock.close()
         self.assertEqual(b.wait(), 0)
 
+    def test_frames_split_anywhere_and_larger_than_one_read_arrive_whole(self):
+        b = self.bridge(ECHO_APP)
+        b.ready()
+        texts = ["short", "x" * 300000, "after the large one", "é" * 1000]
+        data = b""
+        for sid, text in enumerate(texts, 1):
+            for frame in ({"op": "start", "sid": sid, "scope": {"type": "telegram", "chat": {"id": sid}}},
+                          {"op": "event", "sid": sid, "seq": 1, "event": {"type": "telegram.message", "text": text}}):
+                body = json.dumps(frame).encode("utf-8")
+                data += HEADER.pack(len(body)) + body
+        # Cut inside headers and bodies, in pieces of 1 to 4,096 bytes, each
+        # written on its own so the bridge reads them one by one.
+        pos, step = 0, 1
+        while pos < len(data):
+            b.sock.sendall(data[pos:pos + step])
+            pos += step
+            step = step * 3 % 4093 + 1
+            if pos < 200 or step < 8:
+                time.sleep(0.001)
+        for sid, text in enumerate(texts, 1):
+            self.assertEqual(self.reply_text(b, sid), "3.0|" + text)
+
+    def test_a_frame_over_the_limit_is_skipped_and_the_next_one_read(self):
+        b = self.bridge(ECHO_APP)
+        b.ready()
+        limit = 64 * 1024 * 1024
+        b.sock.sendall(HEADER.pack(limit + 1))
+        chunk = b" " * (1 << 20)
+        for _ in range(64):
+            b.sock.sendall(chunk)
+        b.sock.sendall(b" ")
+        log = b.expect("log")
+        self.assertEqual(log["level"], "warning")
+        self.assertIn("dropped a %d-byte frame" % (limit + 1), log["message"])
+        b.start(1)
+        b.event(1, 1, {"type": "telegram.message", "text": "still here"})
+        self.assertEqual(self.reply_text(b, 1), "3.0|still here")
+
     def test_malformed_frames_are_logged_and_ignored(self):
         b = self.bridge(ECHO_APP)
         b.ready()

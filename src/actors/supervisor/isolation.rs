@@ -7,12 +7,12 @@
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use serde_json::Value;
 
 use super::quarantine::{Verdict, ISOLATED_DEATHS};
 use super::{Supervisor, MOVED};
 use crate::actors::outbox::Done;
 use crate::actors::worker::{describe, Death, ShutdownWorker};
+use crate::bridge::Event;
 use crate::ops::metrics::metrics;
 use crate::routing::ScopeKey;
 
@@ -51,7 +51,7 @@ impl Supervisor {
         key: &ScopeKey,
         lost: Option<Death>,
         in_hand: Option<i64>,
-        leftover: &mut Vec<Value>,
+        leftover: &mut Vec<Event>,
     ) {
         if self.quarantine.current() != Some(key) {
             return;

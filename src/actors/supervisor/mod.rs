@@ -65,11 +65,11 @@
 //! `reload.rs`); the scopes of a retired worker are closed and their events go,
 //! in order, to fresh scopes on the live workers.
 
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use foldhash::HashMap;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -97,7 +97,7 @@ use crate::actors::scope::{
 use crate::actors::worker::{
     describe, Death, GiveBot, Release, ShutdownWorker, Worker, WorkerEvent,
 };
-use crate::bridge::ToWorker;
+use crate::bridge::{Event, ToWorker};
 use crate::ops::metrics::{self, metrics};
 use crate::push::PushedEvent;
 use crate::routing::{self, ScopeKey, Unroutable};
@@ -298,56 +298,48 @@ impl Supervisor {
         }
     }
 
-    /// `{"type": "telegram.<kind>", ...fields, "update_id": id}`
-    fn event_for(update: Update) -> Option<Value> {
-        let id = update.id.0;
-        let (kind, value) = update.raw.into_iter().find(|(k, _)| k != "update_id")?;
-        let Value::Object(mut fields) = value else {
-            return None;
-        };
-        fields.insert("type".into(), Value::String(format!("telegram.{kind}")));
-        fields.insert("update_id".into(), json!(id));
-        Some(Value::Object(fields))
-    }
-
     fn dispatch(&mut self, updates: Vec<Update>) {
         // Group by scope, keeping update order within each scope.
-        let mut batches: Vec<(ScopeKey, Value, Vec<Value>)> = Vec::new();
-        let mut index: HashMap<ScopeKey, usize> = HashMap::new();
+        let mut batches: Vec<(ScopeKey, Box<RawValue>, Vec<Event>)> = Vec::new();
+        let mut index: HashMap<ScopeKey, usize> = HashMap::default();
         let mut skipped = Vec::new();
         for update in updates {
             metrics()
                 .updates_received
-                .inc(&[update.kind().map_or("(empty)", |(k, _)| k)]);
-            let routed = routing::route(&update);
+                .inc(&[update.kind().unwrap_or("(empty)")]);
             let id = update.id.0;
             self.dispatched_through = Some(self.dispatched_through.map_or(id, |d| d.max(id)));
-            match routed {
-                Ok(route) => {
-                    let Some(event) = Self::event_for(update) else {
-                        skipped.push(id);
-                        continue;
-                    };
-                    self.backlog.add(1);
-                    match index.get(&route.key) {
-                        Some(&i) => batches[i].2.push(event),
-                        None => {
-                            index.insert(route.key.clone(), batches.len());
-                            batches.push((route.key, route.subject, vec![event]));
-                        }
+            let at = match routing::route(&update) {
+                Ok(route) => match index.get(&route.key) {
+                    Some(&i) => i,
+                    None => {
+                        index.insert(route.key.clone(), batches.len());
+                        let subject = route.subject.into_owned();
+                        batches.push((route.key, subject, Vec::new()));
+                        batches.len() - 1
                     }
-                }
+                },
                 Err(why) => {
                     self.skip(id, why);
                     skipped.push(id);
+                    continue;
                 }
-            }
+            };
+            // Routed, so its kind's value is an object.
+            let Some(event) = Event::of_update(update) else {
+                skipped.push(id);
+                continue;
+            };
+            self.backlog.add(1);
+            batches[at].2.push(event);
         }
         if !skipped.is_empty() {
             self.outbox.do_send(Done(skipped));
         }
         for (key, subject, events) in batches {
-            self.deliver(key, || encode_subject(&subject), events);
+            if !events.is_empty() {
+                self.deliver(key, || subject, events);
+            }
         }
     }
 
@@ -377,7 +369,7 @@ impl Supervisor {
         &mut self,
         key: ScopeKey,
         subject: impl FnOnce() -> Box<RawValue>,
-        events: Vec<Value>,
+        events: Vec<Event>,
     ) {
         if let Some((addr, stalled)) = self.scopes.give(&key, events.len()) {
             if stalled {
@@ -479,7 +471,7 @@ impl Supervisor {
         let addr = actor.start();
         self.workers.scope_started(worker);
         metrics().scopes_started.inc();
-        let events: Vec<Value> = p.events.into();
+        let events: Vec<Event> = p.events.into();
         let dispatched = events.len() as u64;
         addr.do_send(Enqueue(events));
         log::debug!("scope={key} started on worker={worker}");
@@ -565,10 +557,7 @@ impl Supervisor {
             return;
         }
         let in_hand_id = if in_hand {
-            leftover
-                .first()
-                .and_then(|e| e.get("update_id"))
-                .and_then(Value::as_i64)
+            leftover.first().and_then(Event::update_id)
         } else {
             None
         };
@@ -587,7 +576,7 @@ impl Supervisor {
     }
 
     /// Events that reached a scope after it stopped by itself.
-    fn bounced(&mut self, key: &ScopeKey, events: Vec<Value>, ctx: &mut Context<Self>) {
+    fn bounced(&mut self, key: &ScopeKey, events: Vec<Event>, ctx: &mut Context<Self>) {
         if self.shutting_down {
             return;
         }
@@ -671,7 +660,7 @@ impl Handler<Push> for Supervisor {
         self.deliver(
             ScopeKey::chat(event.chat_id),
             || encode_subject(&subject),
-            vec![event.event],
+            vec![Event::Json(event.event)],
         );
         self.announce_backpressure();
     }

@@ -6,18 +6,19 @@
 //! stopped by itself come back ("bounce") and go in right after those
 //! leftovers, and the key waits until all of them are back.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
+use foldhash::HashMap;
 use serde_json::value::RawValue;
-use serde_json::Value;
 
+use crate::bridge::Event;
 use crate::routing::ScopeKey;
 
 /// One key's waiting events.
 pub struct Pending {
     /// The scope's Chat or User object, encoded, for its next scope dict.
     pub subject: Box<RawValue>,
-    pub events: VecDeque<Value>,
+    pub events: VecDeque<Event>,
     /// Bounced events still to come back, and where they go.
     bounces: u64,
     bounce_at: usize,
@@ -36,7 +37,7 @@ impl PendingEvents {
         &mut self,
         key: &ScopeKey,
         subject: impl FnOnce() -> Box<RawValue>,
-        events: Vec<Value>,
+        events: Vec<Event>,
     ) {
         match self.keys.get_mut(key) {
             Some(p) => p.events.extend(events),
@@ -61,7 +62,7 @@ impl PendingEvents {
         &mut self,
         key: &ScopeKey,
         subject: Box<RawValue>,
-        leftover: Vec<Value>,
+        leftover: Vec<Event>,
         bounces: u64,
     ) {
         if leftover.is_empty() && bounces == 0 {
@@ -84,7 +85,7 @@ impl PendingEvents {
 
     /// Bounced events are back. `None` when nothing waits for them (they
     /// were not announced); `Some(true)` once every announced one is back.
-    pub fn bounced(&mut self, key: &ScopeKey, events: Vec<Value>) -> Option<bool> {
+    pub fn bounced(&mut self, key: &ScopeKey, events: Vec<Event>) -> Option<bool> {
         let p = self.keys.get_mut(key)?;
         let n = events.len();
         for (i, event) in events.into_iter().enumerate() {
@@ -128,14 +129,11 @@ mod tests {
     }
 
     fn ids(p: &Pending) -> Vec<i64> {
-        p.events
-            .iter()
-            .map(|e| e["update_id"].as_i64().unwrap())
-            .collect()
+        p.events.iter().map(|e| e.update_id().unwrap()).collect()
     }
 
-    fn ev(id: i64) -> Value {
-        json!({"update_id": id})
+    fn ev(id: i64) -> Event {
+        Event::Json(json!({"update_id": id}))
     }
 
     #[test]

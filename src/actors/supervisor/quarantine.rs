@@ -14,7 +14,9 @@
 //! This module is the bookkeeping only; the Supervisor runs the isolation
 //! worker and holds the suspects' events meanwhile, in order.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashSet;
 
 use crate::routing::ScopeKey;
 

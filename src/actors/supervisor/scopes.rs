@@ -9,8 +9,10 @@
 //! what the Supervisor reaches a scope by: its actor address in the daemon,
 //! a plain value in tests.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
+
+use foldhash::HashMap;
 
 use crate::routing::ScopeKey;
 
@@ -149,9 +151,9 @@ impl<A> ScopeTable<A> {
     pub fn new(max_scopes: usize) -> ScopeTable<A> {
         ScopeTable {
             max_scopes,
-            live: HashMap::new(),
-            closing: HashMap::new(),
-            closing_keys: HashMap::new(),
+            live: HashMap::default(),
+            closing: HashMap::default(),
+            closing_keys: HashMap::default(),
             next_scope_id: 1,
             admit: VecDeque::new(),
             idle: BTreeMap::new(),
