@@ -190,7 +190,9 @@ async fn a_lease_is_taken_through_any_server_the_moment_another_node_created_its
         let bot = 5000 + round;
         let creator = (round % 3) as usize;
         let (js, s) = &nodes[creator];
-        Leases::open(js, bot, s).await.expect("the creator opens the bucket");
+        Leases::open(js, bot, s)
+            .await
+            .expect("the creator opens the bucket");
         // The others open it and take a lease at once, each through its own
         // server, which may not route the new bucket's subjects yet.
         let mut contenders = Vec::new();

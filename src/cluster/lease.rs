@@ -396,3 +396,38 @@ impl Lease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+
+    /// The errors as the client library builds them from a publish's answer.
+    fn update_error(kind: PublishErrorKind) -> kv::UpdateError {
+        kv::UpdateError::from(PublishError::new(kind))
+    }
+
+    #[test]
+    fn only_a_write_that_found_no_stream_is_tried_again() {
+        assert!(no_stream_yet(&update_error(
+            PublishErrorKind::StreamNotFound
+        )));
+        // A timed-out write may have been stored: not tried blindly.
+        for kind in [
+            PublishErrorKind::TimedOut,
+            PublishErrorKind::WrongLastSequence,
+            PublishErrorKind::BrokenPipe,
+            PublishErrorKind::Other,
+        ] {
+            assert!(!no_stream_yet(&update_error(kind)), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_last_sequence_is_a_lost_race_and_no_stream_is_not() {
+        assert!(lost_race(&update_error(
+            PublishErrorKind::WrongLastSequence
+        )));
+        assert!(!lost_race(&update_error(PublishErrorKind::StreamNotFound)));
+    }
+}
