@@ -214,6 +214,12 @@ impl Leases {
         }
     }
 
+    /// How often a holder renews (`cluster.lease_renew`); contenders try
+    /// for a free lease as often.
+    pub fn renew_every(&self) -> Duration {
+        self.renew_every
+    }
+
     /// The node holding `name` as the bucket's nearest copy last saw it;
     /// for status only (it may lag, and it decides nothing).
     pub async fn holder(&self, name: &str) -> Result<Option<String>, ClusterError> {
@@ -249,7 +255,7 @@ pub(crate) fn holder_of(value: &[u8]) -> Option<String> {
 /// 10071 or, as seen when several nodes write one key at once (2.15.1), with
 /// 10164, the same error without the sequence in its text; the client
 /// library names only the first.
-fn lost_race(e: &kv::UpdateError) -> bool {
+pub(crate) fn lost_race(e: &kv::UpdateError) -> bool {
     if e.kind() == UpdateErrorKind::WrongLastRevision {
         return true;
     }

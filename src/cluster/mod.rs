@@ -1,5 +1,6 @@
 //! Cluster mode's foundation on NATS JetStream (docs/cluster.md): the
-//! connection, the [`lease`] primitive and the bot's [`log`] of updates.
+//! connection, the [`lease`] primitive, the bot's [`log`] of updates, the
+//! [`outbox`] of its calls and the elected [`sender`] that makes them.
 //!
 //! Not yet wired into `run`: a daemon configured with `[cluster]` refuses to
 //! start (see `main.rs`) rather than run as a single node unannounced. Every
@@ -8,6 +9,8 @@
 
 pub mod lease;
 pub mod log;
+pub mod outbox;
+pub mod sender;
 pub mod status;
 
 use std::time::Duration;
@@ -17,6 +20,8 @@ use crate::settings::{BotToken, ClusterSettings, NatsAuth};
 
 pub use lease::{Lease, Leases};
 pub use log::{Published, UpdateLog};
+pub use outbox::{Outbox, Pending, Requester};
+pub use sender::{ElectedSender, Executor, SenderStatus};
 
 /// How long connecting to the first server may take before start-up fails:
 /// long enough for a TLS handshake across a data centre, short enough that a
@@ -63,6 +68,14 @@ pub enum ClusterError {
     /// must stop.
     #[error("lease {name} is no longer held by this node (fenced)")]
     Fenced { name: String },
+    /// A call's id cannot name it in the engine (it is a key of the
+    /// answers bucket).
+    #[error("call id {id:?} is not usable: letters, digits, '-', '_', '=' and inner dots only")]
+    CallId { id: String },
+    /// No answer to the call within the time the caller allowed; the call
+    /// stays in the outbox and asking again with its id gets its answer.
+    #[error("call {id}: no answer from the sender within {after:?}")]
+    CallTimeout { id: String, after: Duration },
 }
 
 impl ClusterError {

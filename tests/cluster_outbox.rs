@@ -1,0 +1,532 @@
+//! The outbox in the engine and the one elected sender, against a real
+//! three-node NATS JetStream cluster on loopback (tests/common/nats.rs):
+//! a call asked for twice is made once, calls from several nodes are all
+//! made by the one holder of the `sender` lease in each chat's order, a
+//! holder killed mid-run is taken over after the lease TTL with nothing lost
+//! and at most one call per chat made twice (the ones in doubt), a holder
+//! stopped gracefully hands over at once with nothing made twice, and the
+//! global rate holds for calls from several nodes.
+//!
+//! "Nodes" are separate NATS connections in one process; the calls are made
+//! by a fake executor that records what it made, where and when. Timing is
+//! asserted only as lower bounds (pacing) or with wide margins.
+
+
+#[path = "common/nats.rs"]
+mod nats;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use asgigramd::actors::call::Outcome;
+use asgigramd::cluster::{self, ElectedSender, Executor, Leases, Outbox, Requester, SenderStatus};
+use asgigramd::settings::{ClusterSettings, NatsAuth, SenderSettings};
+use asgigramd::telegram::limits::Limits;
+use asgigramd::telegram::TelegramError;
+use futures_util::future::join_all;
+use nats::NatsCluster;
+use serde_json::{json, Map, Value};
+use tokio::sync::watch;
+
+/// The bot of the tests' token "4242:SECRET-token_for-tests".
+const BOT: u64 = 4242;
+
+/// Short, for quick takeovers; renewals far enough apart that a loaded
+/// machine keeps up.
+const TTL: Duration = Duration::from_secs(3);
+const RENEW: Duration = Duration::from_secs(1);
+
+/// Generous: every call of a test answered, takeovers included, on a
+/// loaded machine.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(60);
+
+macro_rules! cluster_or_skip {
+    ($test:expr) => {
+        match NatsCluster::start($test) {
+            Some(nats) => {
+                nats.wait_ready().await;
+                nats
+            }
+            None => return,
+        }
+    };
+}
+
+fn settings(nats: &NatsCluster, node: &str, ttl: Duration) -> ClusterSettings {
+    ClusterSettings {
+        nats_urls: nats.urls(),
+        auth: NatsAuth::None,
+        ca_file: None,
+        node_id: node.to_string(),
+        partitions: 4,
+        replicas: 3,
+        lease_ttl: ttl,
+        lease_renew: RENEW,
+        duplicate_window: Duration::from_secs(120),
+    }
+}
+
+/// One node's view of the engine: its own connection, outbox and leases.
+struct Node {
+    outbox: Outbox,
+    leases: Leases,
+}
+
+async fn node(nats: &NatsCluster, name: &str, ttl: Duration) -> Node {
+    let s = settings(nats, name, ttl);
+    let js = cluster::connect(&s).await.expect("connects to NATS");
+    let outbox = Outbox::open(&js, BOT, &s).await.expect("the outbox opens");
+    let leases = Leases::open(&js, BOT, &s).await.expect("the lease bucket opens");
+    Node { outbox, leases }
+}
+
+/// A call made by a fake executor.
+#[derive(Debug, Clone)]
+struct Made {
+    node: String,
+    chat: i64,
+    /// The call's id, which the tests put in its text.
+    id: String,
+    at: Instant,
+}
+
+/// Records every call it is asked to make, then answers after `latency`.
+#[derive(Clone)]
+struct Fake {
+    node: String,
+    made: Rc<RefCell<Vec<Made>>>,
+    latency: Duration,
+}
+
+impl Executor for Fake {
+    fn execute(
+        &self,
+        _method: &str,
+        params: &Map<String, Value>,
+    ) -> impl Future<Output = Result<Value, TelegramError>> {
+        let chat = params["chat_id"].as_i64().expect("the tests' calls name a chat");
+        let id = params["text"].as_str().expect("the tests' calls have a text").to_string();
+        // Counted as made as soon as it is asked for: a sender killed while
+        // it waits has made the call as far as Telegram knows.
+        self.made.borrow_mut().push(Made {
+            node: self.node.clone(),
+            chat,
+            id: id.clone(),
+            at: Instant::now(),
+        });
+        let latency = self.latency;
+        async move {
+            tokio::time::sleep(latency).await;
+            Ok(json!({"message_id": 1, "text": id}))
+        }
+    }
+}
+
+fn sender_settings(limits: Limits) -> SenderSettings {
+    SenderSettings {
+        limits,
+        ..SenderSettings::default()
+    }
+}
+
+/// Starts a contender on `node`; returns its task, its status and the
+/// sender that stops it gracefully.
+fn contend(
+    node: &Node,
+    name: &str,
+    made: &Rc<RefCell<Vec<Made>>>,
+    latency: Duration,
+    limits: Limits,
+) -> (
+    tokio::task::JoinHandle<()>,
+    watch::Receiver<SenderStatus>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let fake = Fake {
+        node: name.to_string(),
+        made: made.clone(),
+        latency,
+    };
+    let sender = ElectedSender::new(
+        node.outbox.clone(),
+        node.leases.clone(),
+        fake,
+        sender_settings(limits),
+    );
+    let status = sender.status();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = actix_rt::spawn(sender.run(async move {
+        let _ = stop_rx.await;
+    }));
+    (task, status, stop_tx)
+}
+
+/// Waits until `status` says holding (or not), within `within`.
+async fn wait_holding(status: &mut watch::Receiver<SenderStatus>, holding: bool, within: Duration) {
+    let wait = status.wait_for(|s| s.holding == holding);
+    tokio::time::timeout(within, wait)
+        .await
+        .unwrap_or_else(|_| panic!("the sender's holding is not {holding} within {within:?}"))
+        .expect("the sender is alive");
+}
+
+fn message(chat: i64, id: &str) -> Map<String, Value> {
+    let Value::Object(p) = json!({"chat_id": chat, "text": id}) else {
+        unreachable!("a JSON object literal")
+    };
+    p
+}
+
+/// Submits `per_chat` calls to each chat in `chats` through `requester`,
+/// each chat's in order, the chats at once; returns every answer, by id.
+async fn ask(
+    requester: Requester,
+    chats: std::ops::Range<i64>,
+    per_chat: u32,
+) -> Vec<(String, Outcome)> {
+    let requester = &requester;
+    let per_chat_tasks = chats.map(|chat| async move {
+        let mut pending = Vec::new();
+        for i in 0..per_chat {
+            let id = cluster::outbox::call_id(chat * 1000 + i64::from(i), 0);
+            let p = requester
+                .submit(&id, "sendMessage", message(chat, &id))
+                .await
+                .expect("the call is stored");
+            pending.push(p);
+        }
+        let answers = join_all(pending.into_iter().map(|p| async move {
+            let id = p.id().to_string();
+            let outcome = p
+                .answer(ANSWER_DEADLINE)
+                .await
+                .unwrap_or_else(|e| panic!("call {id} answered: {e}"));
+            (id, outcome)
+        }))
+        .await;
+        answers
+    });
+    join_all(per_chat_tasks).await.into_iter().flatten().collect()
+}
+
+/// The ids the tests' calls to `chat` got, in submission order.
+fn expected(chat: i64, per_chat: u32) -> Vec<String> {
+    (0..per_chat)
+        .map(|i| cluster::outbox::call_id(chat * 1000 + i64::from(i), 0))
+        .collect()
+}
+
+fn answer_is_the_call(id: &str, outcome: &Outcome) {
+    assert_eq!(
+        outcome,
+        &Outcome::Result(json!({"message_id": 1, "text": id})),
+        "the answer of {id}"
+    );
+}
+
+/// The ids made for `chat`, in the order they were made.
+fn made_for(made: &[Made], chat: i64) -> Vec<String> {
+    made.iter().filter(|m| m.chat == chat).map(|m| m.id.clone()).collect()
+}
+
+async fn calls_left(nats: &NatsCluster) -> u64 {
+    let client = async_nats::connect(nats.url(0)).await.expect("connects");
+    let js = async_nats::jetstream::new(client);
+    js.get_stream(cluster::outbox::stream_name(BOT))
+        .await
+        .expect("the calls stream exists")
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .messages
+}
+
+#[actix_rt::test]
+async fn a_call_published_twice_is_made_once_and_both_get_the_answer() {
+    let nats = cluster_or_skip!("a_call_published_twice_is_made_once_and_both_get_the_answer");
+    let a = node(&nats, "node-a", TTL).await;
+    let b = node(&nats, "node-b", TTL).await;
+    let c = node(&nats, "node-c", TTL).await;
+    let id = cluster::outbox::call_id(77, 0);
+    // Both nodes ask before any sender runs: the stream holds it once.
+    let first = a
+        .outbox
+        .requester()
+        .submit(&id, "sendMessage", message(5, &id))
+        .await
+        .expect("stored");
+    let second = b
+        .outbox
+        .requester()
+        .submit(&id, "sendMessage", message(5, &id))
+        .await
+        .expect("stored");
+    assert_eq!(calls_left(&nats).await, 1, "one copy in the stream");
+
+    let made = Rc::new(RefCell::new(Vec::new()));
+    let (task, mut status, stop) = contend(&c, "node-c", &made, Duration::ZERO, Limits::off());
+    wait_holding(&mut status, true, Duration::from_secs(20)).await;
+    let (one, two) = tokio::join!(
+        first.answer(ANSWER_DEADLINE),
+        second.answer(ANSWER_DEADLINE)
+    );
+    let (one, two) = (one.expect("answered"), two.expect("answered"));
+    answer_is_the_call(&id, &one);
+    assert_eq!(one, two, "both askers get the one answer");
+
+    // Asked again after it was answered: the stored answer, nothing
+    // published, nothing made.
+    let again = a
+        .outbox
+        .requester()
+        .call(&id, "sendMessage", message(5, &id), ANSWER_DEADLINE)
+        .await
+        .expect("answered");
+    assert_eq!(again, one);
+    assert_eq!(made.borrow().len(), 1, "made once: {:?}", made.borrow());
+    assert_eq!(calls_left(&nats).await, 0, "the call left the stream once answered");
+
+    // A bad id is refused with a clear error, nothing stored.
+    let err = a
+        .outbox
+        .requester()
+        .submit("u1 .0", "sendMessage", message(5, "x"))
+        .await
+        .expect_err("an id with a space is refused");
+    assert!(err.to_string().contains("u1 .0"), "{err}");
+
+    let _ = stop.send(());
+    task.await.expect("the sender stops");
+    assert_eq!(made.borrow().len(), 1);
+    drop(nats);
+}
+
+#[actix_rt::test]
+async fn calls_from_two_nodes_are_all_made_by_the_one_elected_sender_in_each_chats_order() {
+    let nats = cluster_or_skip!(
+        "calls_from_two_nodes_are_all_made_by_the_one_elected_sender_in_each_chats_order"
+    );
+    let nodes = [
+        node(&nats, "node-a", TTL).await,
+        node(&nats, "node-b", TTL).await,
+        node(&nats, "node-c", TTL).await,
+    ];
+    let made = Rc::new(RefCell::new(Vec::new()));
+    let mut senders = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        senders.push(contend(
+            n,
+            &format!("node-{i}"),
+            &made,
+            Duration::from_millis(5),
+            Limits::off(),
+        ));
+    }
+    const PER_CHAT: u32 = 8;
+    let (from_a, from_b) = tokio::join!(
+        ask(nodes[0].outbox.requester(), 1..4, PER_CHAT),
+        ask(nodes[1].outbox.requester(), 4..7, PER_CHAT)
+    );
+    for (id, outcome) in from_a.iter().chain(&from_b) {
+        answer_is_the_call(id, outcome);
+    }
+    assert_eq!(from_a.len() + from_b.len(), 6 * PER_CHAT as usize);
+
+    let made = made.borrow().clone();
+    assert_eq!(made.len(), 6 * PER_CHAT as usize, "each call made once: {made:?}");
+    let makers: std::collections::HashSet<&str> = made.iter().map(|m| m.node.as_str()).collect();
+    assert_eq!(makers.len(), 1, "one sender made every call: {makers:?}");
+    let holders: Vec<bool> = senders.iter().map(|(_, s, _)| s.borrow().holding).collect();
+    assert_eq!(holders.iter().filter(|h| **h).count(), 1, "one holder: {holders:?}");
+    let holder = holders.iter().position(|h| *h).expect("one holder, as asserted");
+    assert_eq!(makers.into_iter().next(), Some(format!("node-{holder}").as_str()));
+    for chat in 1..7 {
+        assert_eq!(made_for(&made, chat), expected(chat, PER_CHAT), "chat {chat}'s order");
+    }
+    let status = senders[holder].1.borrow().clone();
+    assert_eq!(status.made, 6 * u64::from(PER_CHAT));
+    assert_eq!(status.in_doubt, 0);
+    assert!(status.lease_age().is_some());
+
+    for (task, _, stop) in senders {
+        let _ = stop.send(());
+        task.await.expect("the sender stops");
+    }
+    drop(nats);
+}
+
+#[actix_rt::test]
+async fn a_sender_killed_mid_run_is_taken_over_after_the_ttl_with_at_most_one_call_per_chat_made_twice(
+) {
+    let nats = cluster_or_skip!(
+        "a_sender_killed_mid_run_is_taken_over_after_the_ttl_with_at_most_one_call_per_chat_made_twice"
+    );
+    let a = node(&nats, "node-a", TTL).await;
+    let b = node(&nats, "node-b", TTL).await;
+    let c = node(&nats, "node-c", TTL).await;
+    let made = Rc::new(RefCell::new(Vec::new()));
+    // Slow calls, so that the kill finds some on their way.
+    let latency = Duration::from_millis(150);
+    let (first, mut first_status, _first_stop) = contend(&a, "node-a", &made, latency, Limits::off());
+    wait_holding(&mut first_status, true, Duration::from_secs(20)).await;
+    let (second, mut second_status, second_stop) =
+        contend(&b, "node-b", &made, latency, Limits::off());
+
+    const CHATS: i64 = 5;
+    const PER_CHAT: u32 = 10;
+    let requester = c.outbox.requester();
+    let asking = ask(requester.clone(), 1..1 + CHATS, PER_CHAT);
+    let kill = async {
+        // Bounded: the calls go out at about 30 a second (5 chats, 150 ms each).
+        let end = Instant::now() + ANSWER_DEADLINE;
+        while made.borrow().len() < 12 {
+            assert!(Instant::now() < end, "the first sender made too few calls");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Killed: the task aborted mid-call, its lease not released.
+        first.abort();
+        Instant::now()
+    };
+    let (answers, killed_at) = tokio::join!(asking, kill);
+    wait_holding(&mut second_status, true, Duration::from_secs(1)).await;
+    // The killed sender renewed at most RENEW before it died, and the
+    // server keeps that entry TTL after: no takeover before, less a second
+    // for the renewal's own time on a loaded machine.
+    let taken_at = second_status.borrow().held_since.expect("holding, as waited for");
+    assert!(
+        taken_at.saturating_duration_since(killed_at) >= TTL - RENEW - Duration::from_secs(1),
+        "taken over {:?} after the kill, before the killed sender's lease could expire",
+        taken_at.saturating_duration_since(killed_at)
+    );
+
+    assert_eq!(answers.len(), (CHATS as usize) * PER_CHAT as usize, "nothing lost");
+    for (id, outcome) in &answers {
+        answer_is_the_call(id, outcome);
+    }
+    let made = made.borrow().clone();
+    let mut twice_total = 0;
+    for chat in 1..1 + CHATS {
+        let ids = made_for(&made, chat);
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for id in &ids {
+            *seen.entry(id.as_str()).or_default() += 1;
+        }
+        let twice: Vec<&&str> = seen.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id).collect();
+        assert!(seen.values().all(|n| *n <= 2), "chat {chat}: {ids:?}");
+        assert!(twice.len() <= 1, "chat {chat}: at most one call in doubt: {ids:?}");
+        twice_total += twice.len();
+        // The order holds, the call in doubt made again right after itself.
+        let mut order = ids.clone();
+        order.dedup();
+        assert_eq!(order, expected(chat, PER_CHAT), "chat {chat}'s order: {ids:?}");
+    }
+    assert!(
+        made.iter().any(|m| m.node == "node-b"),
+        "the second sender made the rest"
+    );
+    let status = second_status.borrow().clone();
+    assert!(
+        twice_total as u64 <= status.in_doubt && status.in_doubt <= CHATS as u64,
+        "made twice {twice_total}, in doubt {}",
+        status.in_doubt
+    );
+    assert_eq!(calls_left(&nats).await, 0);
+
+    let _ = second_stop.send(());
+    second.await.expect("the second sender stops");
+    drop(nats);
+}
+
+#[actix_rt::test]
+async fn a_sender_stopped_gracefully_hands_over_at_once_with_no_call_made_twice() {
+    let nats =
+        cluster_or_skip!("a_sender_stopped_gracefully_hands_over_at_once_with_no_call_made_twice");
+    // A long TTL: a takeover well before it can only be the release's.
+    let ttl = Duration::from_secs(20);
+    let a = node(&nats, "node-a", ttl).await;
+    let b = node(&nats, "node-b", ttl).await;
+    let c = node(&nats, "node-c", ttl).await;
+    let made = Rc::new(RefCell::new(Vec::new()));
+    let latency = Duration::from_millis(100);
+    let (first, mut first_status, first_stop) =
+        contend(&a, "node-a", &made, latency, Limits::off());
+    wait_holding(&mut first_status, true, Duration::from_secs(20)).await;
+    let (second, mut second_status, second_stop) = contend(&b, "node-b", &made, latency, Limits::off());
+
+    const CHATS: i64 = 4;
+    const PER_CHAT: u32 = 10;
+    let requester = c.outbox.requester();
+    let asking = ask(requester.clone(), 1..1 + CHATS, PER_CHAT);
+    let handover = async {
+        let end = Instant::now() + ANSWER_DEADLINE;
+        while made.borrow().len() < 10 {
+            assert!(Instant::now() < end, "the first sender made too few calls");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = first_stop.send(());
+        first.await.expect("the first sender stops");
+        let stopped = Instant::now();
+        wait_holding(&mut second_status, true, ttl / 2).await;
+        stopped
+    };
+    let (answers, _stopped) = tokio::join!(asking, handover);
+    assert_eq!(answers.len(), (CHATS as usize) * PER_CHAT as usize, "nothing lost");
+    for (id, outcome) in &answers {
+        answer_is_the_call(id, outcome);
+    }
+    let made = made.borrow().clone();
+    for chat in 1..1 + CHATS {
+        assert_eq!(made_for(&made, chat), expected(chat, PER_CHAT), "chat {chat}: once each, in order");
+    }
+    assert!(made.iter().any(|m| m.node == "node-a") && made.iter().any(|m| m.node == "node-b"));
+    assert_eq!(second_status.borrow().in_doubt, 0);
+    assert!(!first_status.borrow().holding);
+
+    let _ = second_stop.send(());
+    second.await.expect("the second sender stops");
+    drop(nats);
+}
+
+#[actix_rt::test]
+async fn the_global_rate_holds_for_calls_from_two_nodes() {
+    let nats = cluster_or_skip!("the_global_rate_holds_for_calls_from_two_nodes");
+    let a = node(&nats, "node-a", TTL).await;
+    let b = node(&nats, "node-b", TTL).await;
+    let c = node(&nats, "node-c", TTL).await;
+    const PER_SECOND: u32 = 5;
+    let limits = Limits {
+        global_per_second: PER_SECOND,
+        ..Limits::default()
+    };
+    let made = Rc::new(RefCell::new(Vec::new()));
+    let (task, mut status, stop) = contend(&c, "node-c", &made, Duration::from_millis(5), limits.clone());
+    wait_holding(&mut status, true, Duration::from_secs(20)).await;
+    // 30 messages, two to each of 15 chats, from two nodes.
+    let (from_a, from_b) = tokio::join!(
+        ask(a.outbox.requester(), 1..8, 2),
+        ask(b.outbox.requester(), 8..16, 2)
+    );
+    assert_eq!(from_a.len() + from_b.len(), 30);
+    let made = made.borrow().clone();
+    assert_eq!(made.len(), 30, "each once");
+    let mut at: Vec<Instant> = made.iter().map(|m| m.at).collect();
+    at.sort();
+    // 30 messages at 5 a second take at least 5 s from the first to the
+    // last (less the pacer's margin for when Telegram counts a message).
+    let span = at[at.len() - 1].duration_since(at[0]);
+    let least = Duration::from_secs(5) - limits.safety_margin - Duration::from_millis(50);
+    assert!(span >= least, "30 messages in {span:?}, at {PER_SECOND}/s");
+    // And no burst: no second holds more than twice the limit even with a
+    // loaded machine's scheduling delays.
+    for (i, t) in at.iter().enumerate() {
+        let within = at[i..].iter().take_while(|u| u.duration_since(*t) < Duration::from_secs(1)).count();
+        assert!(within <= 2 * PER_SECOND as usize, "{within} messages within a second from {i}");
+    }
+    let _ = stop.send(());
+    task.await.expect("the sender stops");
+    drop(nats);
+}
