@@ -11,7 +11,6 @@
 //! by a fake executor that records what it made, where and when. Timing is
 //! asserted only as lower bounds (pacing) or with wide margins.
 
-
 #[path = "common/nats.rs"]
 mod nats;
 
@@ -23,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use asgigramd::actors::call::Outcome;
 use asgigramd::cluster::{self, ElectedSender, Executor, Leases, Outbox, Requester, SenderStatus};
-use asgigramd::settings::{ClusterSettings, NatsAuth, SenderSettings};
+use asgigramd::settings::{AmbiguousPolicy, ClusterSettings, NatsAuth, SenderSettings};
 use asgigramd::telegram::limits::Limits;
 use asgigramd::telegram::TelegramError;
 use futures_util::future::join_all;
@@ -79,7 +78,9 @@ async fn node(nats: &NatsCluster, name: &str, ttl: Duration) -> Node {
     let s = settings(nats, name, ttl);
     let js = cluster::connect(&s).await.expect("connects to NATS");
     let outbox = Outbox::open(&js, BOT, &s).await.expect("the outbox opens");
-    let leases = Leases::open(&js, BOT, &s).await.expect("the lease bucket opens");
+    let leases = Leases::open(&js, BOT, &s)
+        .await
+        .expect("the lease bucket opens");
     Node { outbox, leases }
 }
 
@@ -107,8 +108,13 @@ impl Executor for Fake {
         _method: &str,
         params: &Map<String, Value>,
     ) -> impl Future<Output = Result<Value, TelegramError>> {
-        let chat = params["chat_id"].as_i64().expect("the tests' calls name a chat");
-        let id = params["text"].as_str().expect("the tests' calls have a text").to_string();
+        let chat = params["chat_id"]
+            .as_i64()
+            .expect("the tests' calls name a chat");
+        let id = params["text"]
+            .as_str()
+            .expect("the tests' calls have a text")
+            .to_string();
         // Counted as made as soon as it is asked for: a sender killed while
         // it waits has made the call as far as Telegram knows.
         self.made.borrow_mut().push(Made {
@@ -139,7 +145,7 @@ fn contend(
     name: &str,
     made: &Rc<RefCell<Vec<Made>>>,
     latency: Duration,
-    limits: Limits,
+    settings: SenderSettings,
 ) -> (
     tokio::task::JoinHandle<()>,
     watch::Receiver<SenderStatus>,
@@ -150,12 +156,7 @@ fn contend(
         made: made.clone(),
         latency,
     };
-    let sender = ElectedSender::new(
-        node.outbox.clone(),
-        node.leases.clone(),
-        fake,
-        sender_settings(limits),
-    );
+    let sender = ElectedSender::new(node.outbox.clone(), node.leases.clone(), fake, settings);
     let status = sender.status();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = actix_rt::spawn(sender.run(async move {
@@ -209,7 +210,11 @@ async fn ask(
         .await;
         answers
     });
-    join_all(per_chat_tasks).await.into_iter().flatten().collect()
+    join_all(per_chat_tasks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// The ids the tests' calls to `chat` got, in submission order.
@@ -229,7 +234,10 @@ fn answer_is_the_call(id: &str, outcome: &Outcome) {
 
 /// The ids made for `chat`, in the order they were made.
 fn made_for(made: &[Made], chat: i64) -> Vec<String> {
-    made.iter().filter(|m| m.chat == chat).map(|m| m.id.clone()).collect()
+    made.iter()
+        .filter(|m| m.chat == chat)
+        .map(|m| m.id.clone())
+        .collect()
 }
 
 async fn calls_left(nats: &NatsCluster) -> u64 {
@@ -268,7 +276,13 @@ async fn a_call_published_twice_is_made_once_and_both_get_the_answer() {
     assert_eq!(calls_left(&nats).await, 1, "one copy in the stream");
 
     let made = Rc::new(RefCell::new(Vec::new()));
-    let (task, mut status, stop) = contend(&c, "node-c", &made, Duration::ZERO, Limits::off());
+    let (task, mut status, stop) = contend(
+        &c,
+        "node-c",
+        &made,
+        Duration::ZERO,
+        sender_settings(Limits::off()),
+    );
     wait_holding(&mut status, true, Duration::from_secs(20)).await;
     let (one, two) = tokio::join!(
         first.answer(ANSWER_DEADLINE),
@@ -288,7 +302,11 @@ async fn a_call_published_twice_is_made_once_and_both_get_the_answer() {
         .expect("answered");
     assert_eq!(again, one);
     assert_eq!(made.borrow().len(), 1, "made once: {:?}", made.borrow());
-    assert_eq!(calls_left(&nats).await, 0, "the call left the stream once answered");
+    assert_eq!(
+        calls_left(&nats).await,
+        0,
+        "the call left the stream once answered"
+    );
 
     // A bad id is refused with a clear error, nothing stored.
     let err = a
@@ -323,7 +341,7 @@ async fn calls_from_two_nodes_are_all_made_by_the_one_elected_sender_in_each_cha
             &format!("node-{i}"),
             &made,
             Duration::from_millis(5),
-            Limits::off(),
+            sender_settings(Limits::off()),
         ));
     }
     const PER_CHAT: u32 = 8;
@@ -337,18 +355,43 @@ async fn calls_from_two_nodes_are_all_made_by_the_one_elected_sender_in_each_cha
     assert_eq!(from_a.len() + from_b.len(), 6 * PER_CHAT as usize);
 
     let made = made.borrow().clone();
-    assert_eq!(made.len(), 6 * PER_CHAT as usize, "each call made once: {made:?}");
+    assert_eq!(
+        made.len(),
+        6 * PER_CHAT as usize,
+        "each call made once: {made:?}"
+    );
     let makers: std::collections::HashSet<&str> = made.iter().map(|m| m.node.as_str()).collect();
     assert_eq!(makers.len(), 1, "one sender made every call: {makers:?}");
     let holders: Vec<bool> = senders.iter().map(|(_, s, _)| s.borrow().holding).collect();
-    assert_eq!(holders.iter().filter(|h| **h).count(), 1, "one holder: {holders:?}");
-    let holder = holders.iter().position(|h| *h).expect("one holder, as asserted");
-    assert_eq!(makers.into_iter().next(), Some(format!("node-{holder}").as_str()));
+    assert_eq!(
+        holders.iter().filter(|h| **h).count(),
+        1,
+        "one holder: {holders:?}"
+    );
+    let holder = holders
+        .iter()
+        .position(|h| *h)
+        .expect("one holder, as asserted");
+    assert_eq!(
+        makers.into_iter().next(),
+        Some(format!("node-{holder}").as_str())
+    );
     for chat in 1..7 {
-        assert_eq!(made_for(&made, chat), expected(chat, PER_CHAT), "chat {chat}'s order");
+        assert_eq!(
+            made_for(&made, chat),
+            expected(chat, PER_CHAT),
+            "chat {chat}'s order"
+        );
     }
-    let status = senders[holder].1.borrow().clone();
-    assert_eq!(status.made, 6 * u64::from(PER_CHAT));
+    // The status counts a call once its answer is stored and acknowledged,
+    // a moment after the asker saw the answer.
+    let mut status = senders[holder].1.clone();
+    let counted = status.wait_for(|s| s.made == 6 * u64::from(PER_CHAT));
+    tokio::time::timeout(Duration::from_secs(10), counted)
+        .await
+        .expect("the holder counts every call it made")
+        .expect("the holder is alive");
+    let status = status.borrow().clone();
     assert_eq!(status.in_doubt, 0);
     assert!(status.lease_age().is_some());
 
@@ -359,35 +402,44 @@ async fn calls_from_two_nodes_are_all_made_by_the_one_elected_sender_in_each_cha
     drop(nats);
 }
 
-#[actix_rt::test]
-async fn a_sender_killed_mid_run_is_taken_over_after_the_ttl_with_at_most_one_call_per_chat_made_twice(
-) {
-    let nats = cluster_or_skip!(
-        "a_sender_killed_mid_run_is_taken_over_after_the_ttl_with_at_most_one_call_per_chat_made_twice"
-    );
-    let a = node(&nats, "node-a", TTL).await;
-    let b = node(&nats, "node-b", TTL).await;
-    let c = node(&nats, "node-c", TTL).await;
+/// What a kill of the first sender mid-run left: every answer, every call
+/// made, and the calls the second sender found in doubt.
+struct AfterKill {
+    answers: Vec<(String, Outcome)>,
+    made: Vec<Made>,
+    in_doubt: u64,
+}
+
+const KILL_CHATS: i64 = 5;
+const KILL_PER_CHAT: u32 = 10;
+
+/// Two contenders with `ambiguous`; the first, holding, is killed (its task
+/// aborted, its lease not released) while it has calls on their way; the
+/// second must take over after the lease TTL and answer the rest.
+async fn kill_mid_run(nats: &NatsCluster, ambiguous: AmbiguousPolicy) -> AfterKill {
+    let a = node(nats, "node-a", TTL).await;
+    let b = node(nats, "node-b", TTL).await;
+    let c = node(nats, "node-c", TTL).await;
     let made = Rc::new(RefCell::new(Vec::new()));
+    let settings = SenderSettings {
+        ambiguous,
+        ..sender_settings(Limits::off())
+    };
     // Slow calls, so that the kill finds some on their way.
     let latency = Duration::from_millis(150);
-    let (first, mut first_status, _first_stop) = contend(&a, "node-a", &made, latency, Limits::off());
+    let (first, mut first_status, _first_stop) =
+        contend(&a, "node-a", &made, latency, settings.clone());
     wait_holding(&mut first_status, true, Duration::from_secs(20)).await;
-    let (second, mut second_status, second_stop) =
-        contend(&b, "node-b", &made, latency, Limits::off());
+    let (second, mut second_status, second_stop) = contend(&b, "node-b", &made, latency, settings);
 
-    const CHATS: i64 = 5;
-    const PER_CHAT: u32 = 10;
-    let requester = c.outbox.requester();
-    let asking = ask(requester.clone(), 1..1 + CHATS, PER_CHAT);
+    let asking = ask(c.outbox.requester(), 1..1 + KILL_CHATS, KILL_PER_CHAT);
     let kill = async {
-        // Bounded: the calls go out at about 30 a second (5 chats, 150 ms each).
+        // Bounded: five chats' calls go out at about 30 a second.
         let end = Instant::now() + ANSWER_DEADLINE;
         while made.borrow().len() < 12 {
             assert!(Instant::now() < end, "the first sender made too few calls");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Killed: the task aborted mid-call, its lease not released.
         first.abort();
         Instant::now()
     };
@@ -396,48 +448,131 @@ async fn a_sender_killed_mid_run_is_taken_over_after_the_ttl_with_at_most_one_ca
     // The killed sender renewed at most RENEW before it died, and the
     // server keeps that entry TTL after: no takeover before, less a second
     // for the renewal's own time on a loaded machine.
-    let taken_at = second_status.borrow().held_since.expect("holding, as waited for");
+    let taken_at = second_status
+        .borrow()
+        .held_since
+        .expect("holding, as waited for");
+    let after = taken_at.saturating_duration_since(killed_at);
     assert!(
-        taken_at.saturating_duration_since(killed_at) >= TTL - RENEW - Duration::from_secs(1),
-        "taken over {:?} after the kill, before the killed sender's lease could expire",
-        taken_at.saturating_duration_since(killed_at)
+        after >= TTL - RENEW - Duration::from_secs(1),
+        "taken over {after:?} after the kill, before the killed sender's lease could expire"
     );
-
-    assert_eq!(answers.len(), (CHATS as usize) * PER_CHAT as usize, "nothing lost");
-    for (id, outcome) in &answers {
-        answer_is_the_call(id, outcome);
-    }
-    let made = made.borrow().clone();
-    let mut twice_total = 0;
-    for chat in 1..1 + CHATS {
-        let ids = made_for(&made, chat);
-        let mut seen: HashMap<&str, usize> = HashMap::new();
-        for id in &ids {
-            *seen.entry(id.as_str()).or_default() += 1;
-        }
-        let twice: Vec<&&str> = seen.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id).collect();
-        assert!(seen.values().all(|n| *n <= 2), "chat {chat}: {ids:?}");
-        assert!(twice.len() <= 1, "chat {chat}: at most one call in doubt: {ids:?}");
-        twice_total += twice.len();
-        // The order holds, the call in doubt made again right after itself.
-        let mut order = ids.clone();
-        order.dedup();
-        assert_eq!(order, expected(chat, PER_CHAT), "chat {chat}'s order: {ids:?}");
-    }
+    assert_eq!(
+        answers.len(),
+        KILL_CHATS as usize * KILL_PER_CHAT as usize,
+        "nothing lost"
+    );
     assert!(
-        made.iter().any(|m| m.node == "node-b"),
+        made.borrow().iter().any(|m| m.node == "node-b"),
         "the second sender made the rest"
     );
-    let status = second_status.borrow().clone();
-    assert!(
-        twice_total as u64 <= status.in_doubt && status.in_doubt <= CHATS as u64,
-        "made twice {twice_total}, in doubt {}",
-        status.in_doubt
-    );
-    assert_eq!(calls_left(&nats).await, 0);
-
+    assert_eq!(calls_left(nats).await, 0, "every call acknowledged");
+    // Counted once each answer is stored and acknowledged, a moment after
+    // the asker saw it: nothing in hand then.
+    let settled = second_status.wait_for(|s| s.pending == 0);
+    tokio::time::timeout(Duration::from_secs(10), settled)
+        .await
+        .expect("the second sender finishes every call in hand")
+        .expect("the second sender is alive");
+    let in_doubt = second_status.borrow().in_doubt;
     let _ = second_stop.send(());
     second.await.expect("the second sender stops");
+    let made = made.borrow().clone();
+    AfterKill {
+        answers,
+        made,
+        in_doubt,
+    }
+}
+
+/// Per chat: how many calls were made twice; asserts none more than twice
+/// and the chat's order kept (a call made again right after itself).
+fn made_twice_per_chat(made: &[Made]) -> Vec<usize> {
+    (1..1 + KILL_CHATS)
+        .map(|chat| {
+            let ids = made_for(made, chat);
+            let mut seen: HashMap<&str, usize> = HashMap::new();
+            for id in &ids {
+                *seen.entry(id.as_str()).or_default() += 1;
+            }
+            assert!(seen.values().all(|n| *n <= 2), "chat {chat}: {ids:?}");
+            let mut order = ids.clone();
+            order.dedup();
+            assert_eq!(
+                order,
+                expected(chat, KILL_PER_CHAT),
+                "chat {chat}'s order: {ids:?}"
+            );
+            seen.values().filter(|n| **n == 2).count()
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn a_sender_killed_mid_run_is_taken_over_after_the_ttl_with_at_most_one_call_per_chat_made_twice(
+) {
+    let nats = cluster_or_skip!(
+        "a_sender_killed_mid_run_is_taken_over_after_the_ttl_with_at_most_one_call_per_chat_made_twice"
+    );
+    let after = kill_mid_run(&nats, AmbiguousPolicy::Retry).await;
+    for (id, outcome) in &after.answers {
+        answer_is_the_call(id, outcome);
+    }
+    let twice = made_twice_per_chat(&after.made);
+    assert!(
+        twice.iter().all(|n| *n <= 1),
+        "at most one call in doubt per chat: {twice:?}"
+    );
+    let twice: usize = twice.iter().sum();
+    // Calls were on their way when the sender was killed; each was made
+    // again (sender.ambiguous = retry), unless the kill came between its
+    // mark and its making, which counts it in doubt and makes it once.
+    assert!(after.in_doubt >= 1, "the kill found calls in doubt");
+    assert!(
+        twice as u64 <= after.in_doubt && after.in_doubt <= KILL_CHATS as u64,
+        "made twice {twice}, in doubt {}",
+        after.in_doubt
+    );
+    drop(nats);
+}
+
+#[actix_rt::test]
+async fn with_ambiguous_fail_the_calls_in_doubt_after_a_kill_are_answered_with_an_error_not_made_again(
+) {
+    let nats = cluster_or_skip!(
+        "with_ambiguous_fail_the_calls_in_doubt_after_a_kill_are_answered_with_an_error_not_made_again"
+    );
+    let after = kill_mid_run(&nats, AmbiguousPolicy::Fail).await;
+    let twice = made_twice_per_chat(&after.made);
+    assert!(
+        twice.iter().all(|n| *n == 0),
+        "nothing made twice: {twice:?}"
+    );
+    let failed: Vec<&(String, Outcome)> = after
+        .answers
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Error(_)))
+        .collect();
+    for (id, outcome) in &failed {
+        let Outcome::Error(e) = outcome else {
+            unreachable!("filtered on errors")
+        };
+        let description = e["description"].as_str().unwrap_or_default();
+        assert!(description.contains("in doubt"), "{id}: {e}");
+    }
+    assert!(after.in_doubt >= 1, "the kill found calls in doubt");
+    assert_eq!(
+        failed.len() as u64,
+        after.in_doubt,
+        "each call in doubt answered with an error"
+    );
+    for (id, outcome) in after
+        .answers
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Result(_)))
+    {
+        answer_is_the_call(id, outcome);
+    }
     drop(nats);
 }
 
@@ -453,9 +588,10 @@ async fn a_sender_stopped_gracefully_hands_over_at_once_with_no_call_made_twice(
     let made = Rc::new(RefCell::new(Vec::new()));
     let latency = Duration::from_millis(100);
     let (first, mut first_status, first_stop) =
-        contend(&a, "node-a", &made, latency, Limits::off());
+        contend(&a, "node-a", &made, latency, sender_settings(Limits::off()));
     wait_holding(&mut first_status, true, Duration::from_secs(20)).await;
-    let (second, mut second_status, second_stop) = contend(&b, "node-b", &made, latency, Limits::off());
+    let (second, mut second_status, second_stop) =
+        contend(&b, "node-b", &made, latency, sender_settings(Limits::off()));
 
     const CHATS: i64 = 4;
     const PER_CHAT: u32 = 10;
@@ -474,13 +610,21 @@ async fn a_sender_stopped_gracefully_hands_over_at_once_with_no_call_made_twice(
         stopped
     };
     let (answers, _stopped) = tokio::join!(asking, handover);
-    assert_eq!(answers.len(), (CHATS as usize) * PER_CHAT as usize, "nothing lost");
+    assert_eq!(
+        answers.len(),
+        (CHATS as usize) * PER_CHAT as usize,
+        "nothing lost"
+    );
     for (id, outcome) in &answers {
         answer_is_the_call(id, outcome);
     }
     let made = made.borrow().clone();
     for chat in 1..1 + CHATS {
-        assert_eq!(made_for(&made, chat), expected(chat, PER_CHAT), "chat {chat}: once each, in order");
+        assert_eq!(
+            made_for(&made, chat),
+            expected(chat, PER_CHAT),
+            "chat {chat}: once each, in order"
+        );
     }
     assert!(made.iter().any(|m| m.node == "node-a") && made.iter().any(|m| m.node == "node-b"));
     assert_eq!(second_status.borrow().in_doubt, 0);
@@ -503,7 +647,13 @@ async fn the_global_rate_holds_for_calls_from_two_nodes() {
         ..Limits::default()
     };
     let made = Rc::new(RefCell::new(Vec::new()));
-    let (task, mut status, stop) = contend(&c, "node-c", &made, Duration::from_millis(5), limits.clone());
+    let (task, mut status, stop) = contend(
+        &c,
+        "node-c",
+        &made,
+        Duration::from_millis(5),
+        sender_settings(limits.clone()),
+    );
     wait_holding(&mut status, true, Duration::from_secs(20)).await;
     // 30 messages, two to each of 15 chats, from two nodes.
     let (from_a, from_b) = tokio::join!(
@@ -523,8 +673,14 @@ async fn the_global_rate_holds_for_calls_from_two_nodes() {
     // And no burst: no second holds more than twice the limit even with a
     // loaded machine's scheduling delays.
     for (i, t) in at.iter().enumerate() {
-        let within = at[i..].iter().take_while(|u| u.duration_since(*t) < Duration::from_secs(1)).count();
-        assert!(within <= 2 * PER_SECOND as usize, "{within} messages within a second from {i}");
+        let within = at[i..]
+            .iter()
+            .take_while(|u| u.duration_since(*t) < Duration::from_secs(1))
+            .count();
+        assert!(
+            within <= 2 * PER_SECOND as usize,
+            "{within} messages within a second from {i}"
+        );
     }
     let _ = stop.send(());
     task.await.expect("the sender stops");

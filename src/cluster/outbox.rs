@@ -376,10 +376,7 @@ impl Requester {
         params: Map<String, Value>,
         timeout: Duration,
     ) -> Result<Outcome, ClusterError> {
-        self.submit(id, method, params)
-            .await?
-            .answer(timeout)
-            .await
+        self.submit(id, method, params).await?.answer(timeout).await
     }
 }
 

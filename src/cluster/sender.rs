@@ -192,6 +192,9 @@ impl<E: Executor + 'static> ElectedSender<E> {
     /// then finishes the calls in flight and releases the lease (step 8).
     pub async fn run(self, stop: impl Future<Output = ()>) {
         tokio::pin!(stop);
+        // Set once `stop` completed: a completed future must not be polled
+        // again, and a tenure that ends while stopping ends the run.
+        let mut stopped = false;
         loop {
             let lease = loop {
                 match self.leases.try_acquire(SENDER_LEASE).await {
@@ -208,7 +211,8 @@ impl<E: Executor + 'static> ElectedSender<E> {
                 "sender lease taken revision={}; sending the outbox's calls",
                 lease.revision()
             );
-            match self.serve(lease, &mut stop).await {
+            let tenure = self.serve(lease, &mut stop, &mut stopped).await;
+            match tenure {
                 Tenure::Stopped(lease) => {
                     self.set_holding(false);
                     match lease.release().await {
@@ -219,6 +223,10 @@ impl<E: Executor + 'static> ElectedSender<E> {
                 }
                 Tenure::Fenced => {
                     self.set_holding(false);
+                    if stopped {
+                        ::log::warn!("sender lease lost while stopping");
+                        return;
+                    }
                     ::log::warn!("sender lease lost; stopped sending, contending again");
                 }
                 Tenure::Failed(lease, e) => {
@@ -226,6 +234,9 @@ impl<E: Executor + 'static> ElectedSender<E> {
                     ::log::warn!("sender stopped: {e}; releasing the lease, contending again");
                     if let Some(lease) = lease {
                         let _ = lease.release().await;
+                    }
+                    if stopped {
+                        return;
                     }
                     tokio::select! {
                         () = &mut stop => return,
@@ -258,8 +269,8 @@ impl<E: Executor + 'static> ElectedSender<E> {
         let mut names = stream.consumer_names();
         let mut others = Vec::new();
         while let Some(other) = names.next().await {
-            let other =
-                other.map_err(|e| ClusterError::engine(format!("listing consumers of {name}"), e))?;
+            let other = other
+                .map_err(|e| ClusterError::engine(format!("listing consumers of {name}"), e))?;
             if other != mine {
                 others.push(other);
             }
@@ -287,7 +298,12 @@ impl<E: Executor + 'static> ElectedSender<E> {
     }
 
     /// One tenure under `lease` (steps 2-8).
-    async fn serve(&self, lease: Lease, stop: &mut Pin<&mut impl Future<Output = ()>>) -> Tenure {
+    async fn serve(
+        &self,
+        lease: Lease,
+        stop: &mut Pin<&mut impl Future<Output = ()>>,
+        stopped: &mut bool,
+    ) -> Tenure {
         let revision = lease.revision();
         // Read by the calls in flight before each attempt, written only by
         // this loop: all in one task, so a Cell suffices.
@@ -359,6 +375,7 @@ impl<E: Executor + 'static> ElectedSender<E> {
                 () = stop.as_mut(), if !stopping => {
                     ::log::info!("sender stopping: finishing {} calls in flight", in_flight.len());
                     stopping = true;
+                    *stopped = true;
                     messages = None;
                 }
                 () = tokio::time::sleep_until(fence_at) => return Tenure::Fenced,
@@ -406,9 +423,14 @@ impl<E: Executor + 'static> ElectedSender<E> {
                             }
                             lanes.take(message, Instant::now());
                         }
-                        Some(Err(e)) => {
-                            return Tenure::Failed(lease, ClusterError::engine("pulling from the calls stream", e));
+                        // Deleted: a successor took over, so this lease
+                        // is lost even if the clock says otherwise.
+                        Some(Err(e)) if e.kind() == consumer::pull::MessagesErrorKind::ConsumerDeleted => {
+                            return Tenure::Fenced;
                         }
+                        // A missed heartbeat or a failed pull: the stream
+                        // pulls again on its own.
+                        Some(Err(e)) => ::log::warn!("calls stream: {e}; pulling again"),
                         None => {
                             return Tenure::Failed(lease, ClusterError::engine("pulling from the calls stream", "the consumer's stream ended (deleted by a successor?)"));
                         }
@@ -443,9 +465,10 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// A call in hand: pulled, not yet answered.
-struct Waiting {
-    message: jetstream::Message,
+/// A call in hand: pulled, not yet answered. `M` is the message to
+/// acknowledge (a JetStream message; `()` in unit tests).
+struct Waiting<M = jetstream::Message> {
+    message: M,
     call: StoredCall,
     /// Its place in the stream: the order of calls across chats.
     sequence: u64,
@@ -457,33 +480,42 @@ struct Waiting {
 }
 
 /// A call the lanes let start.
-struct Start {
+struct Start<M = jetstream::Message> {
     lane: Option<String>,
-    waiting: Waiting,
+    waiting: Waiting<M>,
     ticket: Option<Ticket>,
 }
 
-#[derive(Default)]
-struct Lane {
-    queue: VecDeque<Waiting>,
+struct Lane<M> {
+    queue: VecDeque<Waiting<M>>,
     busy: bool,
     held_until: Option<Instant>,
 }
 
+impl<M> Default for Lane<M> {
+    fn default() -> Self {
+        Lane {
+            queue: VecDeque::new(),
+            busy: false,
+            held_until: None,
+        }
+    }
+}
+
 /// Step 3's lanes and pacing, free of I/O.
-struct Lanes {
+struct Lanes<M = jetstream::Message> {
     pacer: Pacer,
-    lanes: HashMap<String, Lane>,
+    lanes: HashMap<String, Lane<M>>,
     /// Calls without a chat, each with when it may start.
-    unordered: VecDeque<(Instant, Waiting)>,
+    unordered: VecDeque<(Instant, Waiting<M>)>,
     /// Stream sequences in hand, so that a call delivered twice within a
     /// tenure is not taken twice.
     in_hand: HashSet<u64>,
     last_prune: Option<Instant>,
 }
 
-impl Lanes {
-    fn new(settings: &SenderSettings) -> Lanes {
+impl<M> Lanes<M> {
+    fn new(settings: &SenderSettings) -> Lanes<M> {
         Lanes {
             pacer: Pacer::new(settings.limits.clone()),
             lanes: HashMap::default(),
@@ -497,38 +529,12 @@ impl Lanes {
         self.in_hand.len()
     }
 
-    /// A pulled message: a call into its lane, or, if it is not a call, one
-    /// log line and off the stream (nothing can make it).
-    fn take(&mut self, message: jetstream::Message, now: Instant) {
-        let Ok(sequence) = message.info().map(|i| i.stream_sequence) else {
-            ::log::warn!("calls stream: a message without JetStream metadata; ignored");
-            return;
-        };
-        if !self.in_hand.insert(sequence) {
+    /// Queues a call in hand into its chat's lane.
+    fn push(&mut self, waiting: Waiting<M>, now: Instant) {
+        if !self.in_hand.insert(waiting.sequence) {
             return;
         }
-        let call = match serde_json::from_slice::<StoredCall>(&message.payload) {
-            Ok(call) => call,
-            Err(e) => {
-                ::log::error!("calls stream: message {sequence} is not a call ({e}); dropped");
-                self.in_hand.remove(&sequence);
-                tokio::spawn(async move {
-                    let _ = message.ack_with(AckKind::Term).await;
-                });
-                return;
-            }
-        };
-        let cost = message_cost(&call.method, &call.params);
-        let lane = call.params.get("chat_id").and_then(chat_of);
-        let waiting = Waiting {
-            message,
-            call,
-            sequence,
-            cost,
-            failures: 0,
-            maybe_made: false,
-        };
-        match lane {
+        match waiting.call.params.get("chat_id").and_then(chat_of) {
             None => self.unordered.push_back((now, waiting)),
             Some(lane) => self.lanes.entry(lane).or_default().queue.push_back(waiting),
         }
@@ -536,7 +542,7 @@ impl Lanes {
 
     /// The calls that may start at `now`, at most `room`, and when to look
     /// again.
-    fn poll(&mut self, now: Instant, room: usize) -> (Vec<Start>, Option<Instant>) {
+    fn poll(&mut self, now: Instant, room: usize) -> (Vec<Start<M>>, Option<Instant>) {
         if self
             .last_prune
             .is_none_or(|t| now >= t + Duration::from_secs(1))
@@ -642,7 +648,7 @@ impl Lanes {
         lane: Option<String>,
         ticket: Option<&Ticket>,
         answered_at: Instant,
-        waiting: Waiting,
+        waiting: Waiting<M>,
         at: Instant,
         hold_all: bool,
     ) {
@@ -665,6 +671,42 @@ impl Lanes {
 
     fn forget(&mut self, sequence: u64) {
         self.in_hand.remove(&sequence);
+    }
+}
+
+impl Lanes<jetstream::Message> {
+    /// A pulled message: a call into its lane, or, if it is not a call, one
+    /// log line and off the stream (nothing can make it).
+    fn take(&mut self, message: jetstream::Message, now: Instant) {
+        let Ok(sequence) = message.info().map(|i| i.stream_sequence) else {
+            ::log::warn!("calls stream: a message without JetStream metadata; ignored");
+            return;
+        };
+        if self.in_hand.contains(&sequence) {
+            return;
+        }
+        let call = match serde_json::from_slice::<StoredCall>(&message.payload) {
+            Ok(call) => call,
+            Err(e) => {
+                ::log::error!("calls stream: message {sequence} is not a call ({e}); dropped");
+                tokio::spawn(async move {
+                    let _ = message.ack_with(AckKind::Term).await;
+                });
+                return;
+            }
+        };
+        let cost = message_cost(&call.method, &call.params);
+        self.push(
+            Waiting {
+                message,
+                call,
+                sequence,
+                cost,
+                failures: 0,
+                maybe_made: false,
+            },
+            now,
+        );
     }
 }
 
@@ -829,7 +871,10 @@ async fn make<E: Executor>(
             return again(waiting, answered_at + delay, false, true);
         }
         Err(e) => {
-            ::log::debug!("call={id} method={} failed: {e}; that is its answer", waiting.call.method);
+            ::log::debug!(
+                "call={id} method={} failed: {e}; that is its answer",
+                waiting.call.method
+            );
             Outcome::Error(e.to_envelope())
         }
     };
@@ -851,7 +896,10 @@ async fn finish(
 ) -> End {
     let sequence = waiting.sequence;
     if let Err(e) = waiting.message.ack().await {
-        ::log::debug!("call={} acknowledgement failed: {e}; it will be found answered", waiting.call.id);
+        ::log::debug!(
+            "call={} acknowledgement failed: {e}; it will be found answered",
+            waiting.call.id
+        );
     }
     End::Answered {
         sequence,
@@ -919,5 +967,119 @@ async fn write(
         }
         tries += 1;
         tokio::time::sleep(WRITE_PAUSE).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn lanes(limits: crate::telegram::limits::Limits) -> Lanes<()> {
+        Lanes::new(&SenderSettings {
+            limits,
+            ..SenderSettings::default()
+        })
+    }
+
+    fn call(sequence: u64, params: Value) -> Waiting<()> {
+        let Value::Object(params) = params else {
+            unreachable!("the tests pass objects")
+        };
+        let method = if params.contains_key("chat_id") {
+            "sendMessage"
+        } else {
+            "answerCallbackQuery"
+        };
+        Waiting {
+            message: (),
+            cost: message_cost(method, &params),
+            call: StoredCall {
+                id: format!("u{sequence}.0"),
+                method: method.into(),
+                params,
+            },
+            sequence,
+            failures: 0,
+            maybe_made: false,
+        }
+    }
+
+    fn ids(starts: &[Start<()>]) -> Vec<u64> {
+        starts.iter().map(|s| s.waiting.sequence).collect()
+    }
+
+    #[test]
+    fn one_call_per_chat_at_a_time_in_stream_order_and_chatless_calls_at_once() {
+        let mut l = lanes(crate::telegram::limits::Limits::off());
+        let now = Instant::now();
+        l.push(call(1, json!({"chat_id": 1})), now);
+        l.push(call(2, json!({"chat_id": 1})), now);
+        l.push(call(3, json!({"chat_id": 2})), now);
+        l.push(call(4, json!({"callback_query_id": "q"})), now);
+        // Delivered again within a tenure: not taken twice.
+        l.push(call(1, json!({"chat_id": 1})), now);
+        let (starts, wake) = l.poll(now, 64);
+        assert_eq!(ids(&starts), vec![4, 1, 3]);
+        assert_eq!(wake, None);
+        // Chat 1's second call waits for the first's answer.
+        assert!(l.poll(now, 64).0.is_empty());
+        l.forget(1);
+        l.answered(Some("1"), None, now);
+        assert_eq!(ids(&l.poll(now, 64).0), vec![2]);
+        assert_eq!(l.in_hand(), 3);
+    }
+
+    #[test]
+    fn a_call_put_back_goes_first_in_its_chat_after_its_hold() {
+        let mut l = lanes(crate::telegram::limits::Limits::off());
+        let now = Instant::now();
+        l.push(call(1, json!({"chat_id": 1})), now);
+        l.push(call(2, json!({"chat_id": 1})), now);
+        let mut starts = l.poll(now, 64).0;
+        let first = starts.pop().expect("chat 1's first call starts");
+        let later = now + Duration::from_secs(3);
+        l.again(first.lane, None, now, first.waiting, later, false);
+        let (starts, wake) = l.poll(now, 64);
+        assert!(starts.is_empty());
+        assert_eq!(wake, Some(later));
+        assert_eq!(ids(&l.poll(later, 64).0), vec![1]);
+    }
+
+    #[test]
+    fn messages_are_paced_by_the_global_limit_oldest_chat_first() {
+        let limits = crate::telegram::limits::Limits {
+            global_per_second: 2,
+            ..crate::telegram::limits::Limits::default()
+        };
+        let mut l = lanes(limits);
+        let now = Instant::now();
+        for chat in 1..=4 {
+            l.push(call(chat as u64, json!({"chat_id": chat})), now);
+        }
+        let (starts, wake) = l.poll(now, 64);
+        assert_eq!(ids(&starts), vec![1, 2]);
+        let wake = wake.expect("the others wait for the budget");
+        assert!(
+            wake > now && wake <= now + Duration::from_secs(2),
+            "{wake:?}"
+        );
+        for s in &starts {
+            l.answered(s.lane.as_deref(), s.ticket.as_ref(), now);
+        }
+        // A second later the budget is back, for the two oldest waiting.
+        let (starts, _) = l.poll(now + Duration::from_millis(1100), 64);
+        assert_eq!(ids(&starts), vec![3, 4]);
+    }
+
+    #[test]
+    fn no_more_than_room_start() {
+        let mut l = lanes(crate::telegram::limits::Limits::off());
+        let now = Instant::now();
+        for chat in 1..=5 {
+            l.push(call(chat as u64, json!({"chat_id": chat})), now);
+        }
+        assert_eq!(l.poll(now, 2).0.len(), 2);
+        assert_eq!(l.poll(now, 64).0.len(), 3);
     }
 }
