@@ -50,6 +50,13 @@
 //!    at once and finds no call in doubt. Calls pulled but not started are
 //!    still in the stream for it.
 //!
+//! What a tenure costs when it ends badly: a holder fenced, or one whose
+//! writes to the engine keep failing (it then releases the lease and
+//! contends again), drops its calls in flight, and each of those chats'
+//! started call is in doubt for the next holder, at most one per chat, as
+//! after a death; that includes a call fenced between its mark and its
+//! making, which was not made.
+//!
 //! A new holder's pacer starts empty: what the previous one sent in its last
 //! second (or, for groups, minute) is not known to it. After a death the
 //! lease TTL has passed by then; after a handover, a chat's first message
@@ -774,8 +781,22 @@ async fn make<E: Executor>(
                              revision {by}, not answered); making it again (sender.ambiguous = retry)",
                             waiting.call.method
                         );
-                        if let Err(e) = write(answers, &id, mark, Some(last)).await {
-                            return End::Failed(e);
+                        match write(answers, &id, mark, Some(last)).await {
+                            Ok(true) => {}
+                            // Written meanwhile: the previous holder's
+                            // answer, landing late. Looked at afresh.
+                            Ok(false) => {
+                                return End::Again {
+                                    lane,
+                                    ticket,
+                                    answered_at: Instant::now(),
+                                    waiting: Box::new(waiting),
+                                    at: Instant::now(),
+                                    hold_all: false,
+                                    made: false,
+                                }
+                            }
+                            Err(e) => return End::Failed(e),
                         }
                     }
                     AmbiguousPolicy::Fail => {
