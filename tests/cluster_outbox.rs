@@ -21,9 +21,13 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use asgigramd::actors::call::Outcome;
-use asgigramd::cluster::{self, ElectedSender, Executor, Leases, Outbox, Requester, SenderStatus};
-use asgigramd::settings::{AmbiguousPolicy, ClusterSettings, NatsAuth, SenderSettings};
+use asgigramd::cluster::{
+    self, BotExecutor, ElectedSender, Executor, Leases, Outbox, Requester, SenderStatus,
+};
+use asgigramd::sandbox::{Sandbox, SandboxOptions};
+use asgigramd::settings::{AmbiguousPolicy, BotToken, ClusterSettings, NatsAuth, SenderSettings};
 use asgigramd::telegram::limits::Limits;
+use asgigramd::telegram::Bot;
 use asgigramd::telegram::TelegramError;
 use futures_util::future::join_all;
 use nats::NatsCluster;
@@ -587,11 +591,23 @@ async fn a_sender_stopped_gracefully_hands_over_at_once_with_no_call_made_twice(
     let c = node(&nats, "node-c", ttl).await;
     let made = Rc::new(RefCell::new(Vec::new()));
     let latency = Duration::from_millis(100);
-    let (first, mut first_status, first_stop) =
-        contend(&a, "node-a", &made, latency, sender_settings(Limits::off()));
+    // Telegram's limits, so that at the stop some chats' next calls are
+    // marked and waiting for their chat's budget.
+    let (first, mut first_status, first_stop) = contend(
+        &a,
+        "node-a",
+        &made,
+        latency,
+        sender_settings(Limits::default()),
+    );
     wait_holding(&mut first_status, true, Duration::from_secs(20)).await;
-    let (second, mut second_status, second_stop) =
-        contend(&b, "node-b", &made, latency, sender_settings(Limits::off()));
+    let (second, mut second_status, second_stop) = contend(
+        &b,
+        "node-b",
+        &made,
+        latency,
+        sender_settings(Limits::default()),
+    );
 
     const CHATS: i64 = 4;
     const PER_CHAT: u32 = 10;
@@ -599,10 +615,15 @@ async fn a_sender_stopped_gracefully_hands_over_at_once_with_no_call_made_twice(
     let asking = ask(requester.clone(), 1..1 + CHATS, PER_CHAT);
     let handover = async {
         let end = Instant::now() + ANSWER_DEADLINE;
-        while made.borrow().len() < 10 {
+        // Past every chat's burst of 3: the chats are paced, a second
+        // apart, all at once; between two such instants their next calls
+        // are marked and waiting for their budget, which is where the stop
+        // should find them (wherever it does, nothing may be made twice).
+        while made.borrow().len() < 16 {
             assert!(Instant::now() < end, "the first sender made too few calls");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        tokio::time::sleep(Duration::from_millis(400)).await;
         let _ = first_stop.send(());
         first.await.expect("the first sender stops");
         let stopped = Instant::now();
@@ -683,6 +704,81 @@ async fn the_global_rate_holds_for_calls_from_two_nodes() {
         );
     }
     let _ = stop.send(());
+    task.await.expect("the sender stops");
+    drop(nats);
+}
+
+#[actix_rt::test]
+async fn the_real_client_against_the_sandboxs_flood_limits_gets_no_429_with_calls_from_two_nodes() {
+    let nats = cluster_or_skip!(
+        "the_real_client_against_the_sandboxs_flood_limits_gets_no_429_with_calls_from_two_nodes"
+    );
+    let sb = Sandbox::start(SandboxOptions::default()).expect("sandbox starts on loopback");
+    sb.set_rate_limits(true);
+    for (chat, kind) in [(1, "private"), (2, "private"), (-3, "group")] {
+        sb.register_chat(json!({"id": chat, "type": kind, "title": "t", "first_name": "U"}));
+    }
+    let a = node(&nats, "node-a", TTL).await;
+    let b = node(&nats, "node-b", TTL).await;
+    let c = node(&nats, "node-c", TTL).await;
+    let bot = Bot::new(
+        &sb.api_url(),
+        &BotToken::new(sb.token()),
+        Duration::from_secs(30),
+    );
+    let sender = ElectedSender::new(
+        c.outbox.clone(),
+        c.leases.clone(),
+        BotExecutor::new(bot, Duration::from_secs(30)),
+        sender_settings(Limits::default()),
+    );
+    let mut status = sender.status();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = actix_rt::spawn(sender.run(async move {
+        let _ = stop_rx.await;
+    }));
+    wait_holding(&mut status, true, Duration::from_secs(20)).await;
+
+    // Chats 1 and 2 from one node, the group from the other, six messages
+    // each: more than each chat's burst, so the per-chat limit paces them.
+    let ask_chats = |requester: Requester, chats: Vec<i64>| async move {
+        let per_chat = chats.into_iter().map(|chat| {
+            let requester = requester.clone();
+            async move {
+                let mut pending = Vec::new();
+                for i in 0..6 {
+                    let id = format!("s{}.{i}", chat.unsigned_abs());
+                    let text = format!("m{i}");
+                    pending.push(
+                        requester
+                            .submit(&id, "sendMessage", message(chat, &text))
+                            .await
+                            .expect("stored"),
+                    );
+                }
+                for p in pending {
+                    let id = p.id().to_string();
+                    let outcome = p.answer(ANSWER_DEADLINE).await.expect("answered");
+                    assert!(matches!(outcome, Outcome::Result(_)), "{id}: {outcome:?}");
+                }
+            }
+        });
+        join_all(per_chat).await;
+    };
+    tokio::join!(
+        ask_chats(a.outbox.requester(), vec![1, 2]),
+        ask_chats(b.outbox.requester(), vec![-3])
+    );
+    let expected: Vec<String> = (0..6).map(|i| format!("m{i}")).collect();
+    for chat in [1, 2, -3] {
+        assert_eq!(
+            sb.sent_texts(chat),
+            expected,
+            "chat {chat}: each once, in order"
+        );
+    }
+    assert_eq!(sb.stats().too_many_requests, 0, "no 429");
+    let _ = stop_tx.send(());
     task.await.expect("the sender stops");
     drop(nats);
 }

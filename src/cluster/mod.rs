@@ -21,7 +21,7 @@ use crate::settings::{BotToken, ClusterSettings, NatsAuth};
 pub use lease::{Lease, Leases};
 pub use log::{Published, UpdateLog};
 pub use outbox::{Outbox, Pending, Requester};
-pub use sender::{ElectedSender, Executor, SenderStatus};
+pub use sender::{BotExecutor, ElectedSender, Executor, SenderStatus};
 
 /// How long connecting to the first server may take before start-up fails:
 /// long enough for a TLS handshake across a data centre, short enough that a

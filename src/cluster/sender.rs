@@ -7,7 +7,7 @@
 //! Every node runs an [`ElectedSender`]; all but one only contend. The
 //! holder reads the calls stream through a consumer of its own and makes
 //! each call through an [`Executor`] (in the daemon, the single node's
-//! Sender; in tests, a fake).
+//! Sender; [`BotExecutor`] is the Bot API client's; tests also use a fake).
 //!
 //! # The algorithm
 //!
@@ -19,13 +19,16 @@
 //!    With work-queue retention the stream holds exactly the calls not yet
 //!    acknowledged, in the order they were stored, so the new holder sees the
 //!    previous one's unfinished calls first, each chat's in its order.
-//! 3. Calls of one chat form a lane: at most one in flight, the next only
-//!    after the previous one's answer is stored, so at most one call per
-//!    chat can be in doubt when a holder dies. Calls without a chat go at
-//!    once. A message (see [`crate::telegram::limits`]) starts when its chat's
-//!    and the bot's budget allow; the oldest waiting lane gets the global
-//!    budget first.
-//! 4. Making a call: write its *started* mark (the lease's revision) to the
+//! 3. Calls of one chat form a lane: at most one marked or in flight, the
+//!    next only after the previous one's answer is stored, so at most one
+//!    call per chat can be in doubt when a holder dies. Calls without a chat
+//!    go at once. A lane's head is marked first (step 4), then made when its
+//!    chat's and the bot's budget allow (for a message, see
+//!    [`crate::telegram::limits`]); the oldest waiting lane gets the global
+//!    budget first. The budget is taken right before the request goes out,
+//!    not before the mark's round trip, so that the pacer never counts a
+//!    message earlier than Telegram does.
+//! 4. Marking a call: write its *started* mark (the lease's revision) to the
 //!    answers bucket on condition that it has no entry. Where it has one:
 //!    an answer means the call was made (the previous holder died between
 //!    storing the answer and acknowledging): acknowledge it, make nothing;
@@ -46,16 +49,18 @@
 //!    no call after that instant. A call already on its way to Telegram then
 //!    is what the successor finds in doubt.
 //! 8. Stopping (SIGTERM): stop pulling, finish the calls in flight (answer
-//!    stored, acknowledged), release the lease: the next contender takes over
-//!    at once and finds no call in doubt. Calls pulled but not started are
-//!    still in the stream for it.
+//!    stored, acknowledged), remove the marks of the calls marked and
+//!    waiting for the limits (not made), release the lease: the next
+//!    contender takes over at once and finds no call in doubt. Calls pulled
+//!    but not made are still in the stream for it.
 //!
 //! What a tenure costs when it ends badly: a holder fenced, or one whose
 //! writes to the engine keep failing (it then releases the lease and
 //! contends again), drops its calls in flight, and each of those chats'
-//! started call is in doubt for the next holder, at most one per chat, as
-//! after a death; that includes a call fenced between its mark and its
-//! making, which was not made.
+//! marked call is in doubt for the next holder, at most one per chat, as
+//! after a death; that includes a call marked and still waiting for the
+//! limits, which was not made (for `sender.ambiguous = fail`, an error
+//! answer to a call that could have been made).
 //!
 //! A new holder's pacer starts empty: what the previous one sent in its last
 //! second (or, for groups, minute) is not known to it. After a death the
@@ -83,7 +88,7 @@ use crate::actors::call::{chat_of, Outcome};
 use crate::backoff::Backoff;
 use crate::settings::{AmbiguousPolicy, SenderSettings};
 use crate::telegram::limits::{message_cost, Cost, Pacer, Ticket};
-use crate::telegram::TelegramError;
+use crate::telegram::{Bot, TelegramError};
 
 /// The lease's key in the lease bucket.
 pub const SENDER_LEASE: &str = "sender";
@@ -115,6 +120,31 @@ pub trait Executor {
         method: &str,
         params: &Map<String, Value>,
     ) -> impl Future<Output = Result<Value, TelegramError>>;
+}
+
+/// The Bot API client as an executor: each call made once, within
+/// `timeout`, with no retries of its own (the elected sender makes those).
+#[derive(Debug, Clone)]
+pub struct BotExecutor {
+    bot: Bot,
+    timeout: Duration,
+}
+
+impl BotExecutor {
+    pub fn new(bot: Bot, timeout: Duration) -> BotExecutor {
+        BotExecutor { bot, timeout }
+    }
+}
+
+impl Executor for BotExecutor {
+    fn execute(
+        &self,
+        method: &str,
+        params: &Map<String, Value>,
+    ) -> impl Future<Output = Result<Value, TelegramError>> {
+        let params = Value::Object(params.clone());
+        async move { self.bot.call(method, &params, self.timeout).await }
+    }
 }
 
 /// What the sender of this node is doing, for `/readyz` and `/metrics`.
@@ -348,19 +378,37 @@ impl<E: Executor + 'static> ElectedSender<E> {
                 lanes.poll(now, MAX_IN_FLIGHT - in_flight.len())
             };
             for start in starts {
-                in_flight.push(Box::pin(make(
-                    self.outbox.clone(),
-                    self.executor.clone(),
-                    start,
-                    revision,
-                    fence.clone(),
-                    self.settings.clone(),
-                )));
+                let step: Pin<Box<dyn Future<Output = End>>> = if start.waiting.marked {
+                    Box::pin(make_call(
+                        self.outbox.clone(),
+                        self.executor.clone(),
+                        start,
+                        fence.clone(),
+                        self.settings.clone(),
+                    ))
+                } else {
+                    Box::pin(mark_call(
+                        self.outbox.clone(),
+                        start,
+                        revision,
+                        self.settings.clone(),
+                    ))
+                };
+                in_flight.push(step);
             }
             self.status.send_modify(|s| {
                 s.pending = lanes.in_hand() as u64 + stream_pending;
             });
             if stopping && in_flight.is_empty() {
+                // Marked, waiting for the limits, never made: unmarked, so
+                // that the next holder makes them without doubt.
+                for id in lanes.marked_not_made() {
+                    if let Err(e) = unmark(self.outbox.answers(), &id, false).await {
+                        ::log::warn!(
+                            "call={id} stays marked: {e}; the next sender finds it in doubt"
+                        );
+                    }
+                }
                 return match lease {
                     Some(lease) => Tenure::Stopped(lease),
                     // Renewing: wait for it below, then stop.
@@ -413,6 +461,10 @@ impl<E: Executor + 'static> ElectedSender<E> {
                                 s.in_doubt += u64::from(in_doubt);
                                 s.made += u64::from(made);
                             });
+                        }
+                        End::Marked { lane, waiting, in_doubt } => {
+                            lanes.marked(lane, *waiting, Instant::now());
+                            self.status.send_modify(|s| s.in_doubt += u64::from(in_doubt));
                         }
                         End::Again { lane, ticket, answered_at, waiting, at, hold_all, made } => {
                             lanes.again(lane, ticket.as_ref(), answered_at, *waiting, at, hold_all);
@@ -484,6 +536,8 @@ struct Waiting<M = jetstream::Message> {
     failures: u32,
     /// An earlier attempt may have executed (its fate was unknown).
     maybe_made: bool,
+    /// Its started mark is written: it may be made once the limits allow.
+    marked: bool,
 }
 
 /// A call the lanes let start.
@@ -595,9 +649,14 @@ impl<M> Lanes<M> {
                 wake_at(until);
                 continue;
             }
+            // Listed for its head.
             let head = lane.queue.front().expect("a listed lane has a head");
             let mut ticket = None;
-            if let Some(cost) = head.cost.filter(|_| self.pacer.enabled()) {
+            // Marking is no message: only making the call counts, and the
+            // ticket is taken right before the request goes out, so that the
+            // pacer's anchor is no earlier than Telegram's count.
+            let paced = head.cost.filter(|_| head.marked && self.pacer.enabled());
+            if let Some(cost) = paced {
                 let blocked = if cost.paid {
                     &mut paid_blocked
                 } else {
@@ -619,6 +678,7 @@ impl<M> Lanes<M> {
                 }
                 ticket = Some(self.pacer.record(&name, cost, now));
             }
+            // Its head was looked at just above.
             let waiting = lane.queue.pop_front().expect("a listed lane has a head");
             lane.busy = true;
             lane.held_until = None;
@@ -676,6 +736,31 @@ impl<M> Lanes<M> {
         }
     }
 
+    /// A call's started mark is written: it goes back to the head of its
+    /// lane, to be made once the limits allow.
+    fn marked(&mut self, lane: Option<String>, waiting: Waiting<M>, now: Instant) {
+        match lane {
+            None => self.unordered.push_front((now, waiting)),
+            Some(name) => {
+                let l = self.lanes.entry(name).or_default();
+                l.busy = false;
+                l.queue.push_front(waiting);
+            }
+        }
+    }
+
+    /// The ids of the calls in hand that are marked, surely not made (no
+    /// attempt of unknown fate), and not in flight.
+    fn marked_not_made(&self) -> Vec<String> {
+        self.lanes
+            .values()
+            .filter_map(|l| l.queue.front())
+            .chain(self.unordered.iter().map(|(_, w)| w))
+            .filter(|w| w.marked && !w.maybe_made)
+            .map(|w| w.call.id.clone())
+            .collect()
+    }
+
     fn forget(&mut self, sequence: u64) {
         self.in_hand.remove(&sequence);
     }
@@ -711,6 +796,7 @@ impl Lanes<jetstream::Message> {
                 cost,
                 failures: 0,
                 maybe_made: false,
+                marked: false,
             },
             now,
         );
@@ -728,6 +814,13 @@ enum End {
         in_doubt: bool,
         made: bool,
     },
+    /// Marked (step 4): to be made once the limits allow. `in_doubt`: it
+    /// was another holder's, not answered, and is made again.
+    Marked {
+        lane: Option<String>,
+        waiting: Box<Waiting>,
+        in_doubt: bool,
+    },
     /// To be tried again at `at` (step 6).
     Again {
         lane: Option<String>,
@@ -744,15 +837,9 @@ enum End {
     Failed(ClusterError),
 }
 
-/// Steps 4-6 for one call.
-async fn make<E: Executor>(
-    outbox: Outbox,
-    executor: Rc<E>,
-    start: Start,
-    revision: u64,
-    fence: Rc<Cell<Instant>>,
-    settings: SenderSettings,
-) -> End {
+/// Step 4 for one call: its started mark, unless it is this tenure's own
+/// (a retry), or what an existing entry says.
+async fn mark_call(outbox: Outbox, start: Start, revision: u64, settings: SenderSettings) -> End {
     let Start {
         lane,
         mut waiting,
@@ -828,6 +915,30 @@ async fn make<E: Executor>(
         },
         Err(e) => return End::Failed(e),
     }
+    waiting.marked = true;
+    End::Marked {
+        lane,
+        waiting: Box::new(waiting),
+        in_doubt,
+    }
+}
+
+/// Steps 5 and 6 for one call, marked: made, its answer stored, and
+/// acknowledged; or put back for a retry.
+async fn make_call<E: Executor>(
+    outbox: Outbox,
+    executor: Rc<E>,
+    start: Start,
+    fence: Rc<Cell<Instant>>,
+    settings: SenderSettings,
+) -> End {
+    let Start {
+        lane,
+        mut waiting,
+        ticket,
+    } = start;
+    let id = waiting.call.id.clone();
+    let answers = outbox.answers();
     if Instant::now() >= fence.get() {
         return End::Fenced;
     }
@@ -835,14 +946,20 @@ async fn make<E: Executor>(
         .execute(&waiting.call.method, &waiting.call.params)
         .await;
     let answered_at = Instant::now();
-    let again = |waiting: Waiting, at: Instant, hold_all: bool, made: bool| End::Again {
-        lane: lane.clone(),
-        ticket: ticket.clone(),
-        answered_at,
-        waiting: Box::new(waiting),
-        at,
-        hold_all,
-        made,
+    // Marked again before its next attempt: a removed mark is written
+    // anew, one kept (the call may have been made) is found to be this
+    // tenure's.
+    let again = |mut waiting: Waiting, at: Instant, hold_all: bool, made: bool| {
+        waiting.marked = false;
+        End::Again {
+            lane: lane.clone(),
+            ticket: ticket.clone(),
+            answered_at,
+            waiting: Box::new(waiting),
+            at,
+            hold_all,
+            made,
+        }
     };
     let outcome = match result {
         Ok(result) => Outcome::Result(result),
@@ -902,7 +1019,7 @@ async fn make<E: Executor>(
     if let Err(e) = store(answers, &id, &outcome).await {
         return End::Failed(e);
     }
-    finish(waiting, lane, ticket, answered_at, in_doubt, true).await
+    finish(waiting, lane, ticket, answered_at, false, true).await
 }
 
 /// Step 5's acknowledgement. A lost one is harmless: the call comes again
@@ -1023,6 +1140,7 @@ mod tests {
             sequence,
             failures: 0,
             maybe_made: false,
+            marked: true,
         }
     }
 
@@ -1091,6 +1209,34 @@ mod tests {
         // A second later the budget is back, for the two oldest waiting.
         let (starts, _) = l.poll(now + Duration::from_millis(1100), 64);
         assert_eq!(ids(&starts), vec![3, 4]);
+    }
+
+    #[test]
+    fn marking_is_not_paced_and_making_is() {
+        let limits = crate::telegram::limits::Limits {
+            global_per_second: 1,
+            ..crate::telegram::limits::Limits::default()
+        };
+        let mut l = lanes(limits);
+        let now = Instant::now();
+        for chat in 1..=3 {
+            let mut c = call(chat as u64, json!({"chat_id": chat}));
+            c.marked = false;
+            l.push(c, now);
+        }
+        // Every chat's head is marked at once, whatever the budget.
+        let starts = l.poll(now, 64).0;
+        assert_eq!(ids(&starts), vec![1, 2, 3]);
+        assert!(starts.iter().all(|s| s.ticket.is_none()));
+        for mut s in starts {
+            s.waiting.marked = true;
+            l.marked(s.lane, s.waiting, now);
+        }
+        // Made one a second: the ticket is taken as each is made.
+        let (starts, wake) = l.poll(now, 64);
+        assert_eq!(ids(&starts), vec![1]);
+        assert!(starts[0].ticket.is_some());
+        assert!(wake.is_some());
     }
 
     #[test]
