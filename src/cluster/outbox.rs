@@ -250,9 +250,11 @@ impl Outbox {
         &self.answers
     }
 
-    /// The stored answer of call `id`, read from the bucket's leader (a
-    /// replica may lag behind a mark just written): `None` if the bucket
-    /// has no entry for it.
+    /// Call `id`'s entry (its mark, and the entry's revision for a write
+    /// on condition), read from the bucket's leader: a replica may lag
+    /// behind a mark just written, and the sender decides by it whether to
+    /// make the call. `None` if the bucket has no entry for it; a removed
+    /// mark reads as `None` too.
     pub(crate) async fn mark(&self, id: &str) -> Result<Option<(Mark, u64)>, ClusterError> {
         let stream = self
             .js
