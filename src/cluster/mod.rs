@@ -1,5 +1,6 @@
 //! Cluster mode's foundation on NATS JetStream (docs/cluster.md): the
-//! connection, the [`lease`] primitive and the bot's [`log`] of updates.
+//! connection, the [`lease`] primitive, the bot's [`log`] of updates, the
+//! live nodes ([`membership`]) and the [`partitions`]' owners.
 //!
 //! Not yet wired into `run`: a daemon configured with `[cluster]` refuses to
 //! start (see `main.rs`) rather than run as a single node unannounced. Every
@@ -8,6 +9,8 @@
 
 pub mod lease;
 pub mod log;
+pub mod membership;
+pub mod partitions;
 pub mod status;
 
 use std::time::Duration;
@@ -17,6 +20,10 @@ use crate::settings::{BotToken, ClusterSettings, NatsAuth};
 
 pub use lease::{Lease, Leases};
 pub use log::{Published, UpdateLog};
+pub use membership::{Membership, Node};
+pub use partitions::{
+    assign, AckHandle, Delivery, Owner, OwnerSettings, OwnerStatus, PartitionStatus,
+};
 
 /// How long connecting to the first server may take before start-up fails:
 /// long enough for a TLS handshake across a data centre, short enough that a
