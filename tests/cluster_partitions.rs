@@ -74,7 +74,9 @@ fn owner_settings() -> OwnerSettings {
 }
 
 macro_rules! cluster_or_skip {
-    ($test:expr) => {
+    ($test:expr) => {{
+        // RUST_LOG=asgigramd::cluster=info shows the owners' decisions.
+        let _ = env_logger::builder().is_test(true).try_init();
         match NatsCluster::start($test) {
             Some(nats) => {
                 nats.wait_ready().await;
@@ -82,7 +84,7 @@ macro_rules! cluster_or_skip {
             }
             None => return,
         }
-    };
+    }};
 }
 
 /// One delivery as a receiver saw it.
@@ -387,6 +389,16 @@ async fn wait_all_delivered(records: &Records, sent: &BTreeMap<i64, u64>) {
 /// delivered after the one before it (a new owner starts again from the
 /// first unacknowledged update, never past it).
 fn check_order_and_nothing_lost(records: &[Record], sent: &BTreeMap<i64, u64>) {
+    let mut by_node: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for r in records {
+        let counts = by_node.entry(&r.node).or_default();
+        counts.0 += 1;
+        counts.1 += usize::from(r.redelivered);
+    }
+    eprintln!(
+        "{} updates published, deliveries (all, redelivered) by node: {by_node:?}",
+        sent.values().sum::<u64>()
+    );
     let mut last_on_node: HashMap<(&str, i64), u64> = HashMap::new();
     let mut first_seen: BTreeMap<i64, u64> = BTreeMap::new();
     for r in records {
@@ -674,6 +686,14 @@ async fn a_paused_owner_stops_delivering_before_another_node_starts() {
     })
     .await;
     let held_a = partitions_of(&a).await;
+    wait_until("node-0 delivers", || {
+        let n = records_of(&records)
+            .iter()
+            .filter(|r| r.node == "node-0")
+            .count();
+        async move { n >= 10 }
+    })
+    .await;
     // Paused past its leases while updates flow: its last pull request is
     // answered into its socket meanwhile, and it wakes to find them.
     let woke = a.pause(TTL * 2).await;

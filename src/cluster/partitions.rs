@@ -413,6 +413,11 @@ async fn coordinate(
             _ = &mut stopped => break,
             Some(joined) = tasks.join_next() => ended(&ctx, &mut held, joined),
             _ = tick.tick() => {
+                // No one takes deliveries any more (the daemon is stopping):
+                // hand everything over rather than take partitions again.
+                if ctx.deliver.is_closed() {
+                    break;
+                }
                 membership.keep(&mut announcement).await;
                 match membership.live_nodes().await {
                     Ok(nodes) if nodes != live => {
@@ -692,7 +697,9 @@ async fn own_partition(
                  waiting for their redelivery",
                 info.num_ack_pending
             );
-            pull_from += ctx.ttl + ctx.settings.pull_wait + ctx.renew_every;
+            // The consumer's own ack wait, which is the TTL it was created
+            // with (a consumer is not changed once created).
+            pull_from += info.config.ack_wait + ctx.settings.pull_wait + ctx.renew_every;
             state.send_modify(|s| s.status.awaiting_redelivery = true);
         }
         Ok(_) => {}
