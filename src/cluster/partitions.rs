@@ -25,8 +25,8 @@
 //! 1. A partition assigned to this node and not held: take its lease
 //!    `partition.<n>` if free (`try_acquire`; held by the previous owner
 //!    until it hands over or its lease expires).
-//! 2. A partition held but assigned elsewhere (a node joined): hand it over,
-//!    as on stop (below).
+//! 2. A partition held but assigned elsewhere (a node joined, or the
+//!    shares changed): hand it over, as on stop (below).
 //!
 //! Each held partition has a task of its own, which owns the lease and the
 //! partition's durable pull consumer (`partition_<n>`, explicit acks,
@@ -332,9 +332,9 @@ pub struct Owner {
     status: watch::Receiver<OwnerStatus>,
 }
 
-/// What every partition task needs, shared.
+/// What the Owner's tasks share.
 #[derive(Clone)]
-struct Context {
+struct Shared {
     js: jetstream::Context,
     log: UpdateLog,
     settings: OwnerSettings,
@@ -362,7 +362,7 @@ impl Owner {
             node_id: leases.node_id().to_string(),
             ..OwnerStatus::default()
         });
-        let ctx = Context {
+        let ctx = Shared {
             js,
             log,
             settings,
@@ -414,6 +414,9 @@ impl Drop for Owner {
 struct Held {
     stop: Option<oneshot::Sender<()>>,
     state: watch::Receiver<PartitionState>,
+    /// Its task: an ended task's partition may have been taken again by a
+    /// newer one by the time its end is read.
+    task: tokio::task::Id,
 }
 
 /// How a partition task ended.
@@ -431,7 +434,7 @@ enum PartitionEnd {
 /// The Owner's own task: announcement, live set, assignment, and the
 /// partition tasks.
 async fn coordinate(
-    ctx: Context,
+    ctx: Shared,
     leases: Leases,
     membership: Membership,
     mut stopped: oneshot::Receiver<()>,
@@ -454,7 +457,7 @@ async fn coordinate(
     loop {
         tokio::select! {
             _ = &mut stopped => break,
-            Some(joined) = tasks.join_next() => ended(&ctx, &mut held, joined),
+            Some(joined) = tasks.join_next_with_id() => ended(&ctx, &mut held, joined),
             _ = tick.tick() => {
                 // No one takes deliveries any more (the daemon is stopping):
                 // hand everything over rather than take partitions again.
@@ -509,7 +512,7 @@ async fn coordinate(
     }
     let bound = ctx.settings.drain_timeout + ctx.settings.pull_wait + ctx.renew_every * 2;
     let drained = tokio::time::timeout(bound, async {
-        while let Some(joined) = tasks.join_next().await {
+        while let Some(joined) = tasks.join_next_with_id().await {
             ended(&ctx, &mut held, joined);
         }
     })
@@ -528,29 +531,31 @@ async fn coordinate(
 /// A partition task ended: forget it (it is taken again on a later tick if
 /// still assigned here).
 fn ended(
-    ctx: &Context,
+    ctx: &Shared,
     held: &mut BTreeMap<u32, Held>,
-    joined: Result<(u32, PartitionEnd), tokio::task::JoinError>,
+    joined: Result<(tokio::task::Id, (u32, PartitionEnd)), tokio::task::JoinError>,
 ) {
+    let task = match &joined {
+        Ok((task, _)) => *task,
+        Err(e) => e.id(),
+    };
+    held.retain(|_, h| h.task != task);
     match joined {
-        Ok((partition, end)) => {
-            held.remove(&partition);
-            match end {
-                PartitionEnd::Released => {
-                    ::log::info!("node={} partition={partition} handed over", ctx.node_id)
-                }
-                PartitionEnd::Fenced => ::log::warn!(
-                    "node={} partition={partition} lease lost; stopped delivering",
-                    ctx.node_id
-                ),
-                PartitionEnd::Failed(e) => ::log::warn!(
-                    "node={} partition={partition} released after an error, retrying: {e}",
-                    ctx.node_id
-                ),
+        Ok((_, (partition, end))) => match end {
+            PartitionEnd::Released => {
+                ::log::info!("node={} partition={partition} handed over", ctx.node_id)
             }
-        }
-        // A panic in a partition task: its entry stays until the Owner stops,
-        // so the partition is not taken again by a task that would panic too.
+            PartitionEnd::Fenced => ::log::warn!(
+                "node={} partition={partition} lease lost; stopped delivering",
+                ctx.node_id
+            ),
+            PartitionEnd::Failed(e) => ::log::warn!(
+                "node={} partition={partition} released after an error, retrying: {e}",
+                ctx.node_id
+            ),
+        },
+        // A panic in a partition task: the partition is taken again once its
+        // lease, not released, expired.
         Err(e) => ::log::error!("node={} partition task failed: {e}", ctx.node_id),
     }
 }
@@ -558,7 +563,7 @@ fn ended(
 /// Takes the free partitions assigned here, hands over the held ones
 /// assigned elsewhere.
 async fn rebalance(
-    ctx: &Context,
+    ctx: &Shared,
     leases: &Leases,
     membership: &Membership,
     live: &[Node],
@@ -606,20 +611,23 @@ async fn rebalance(
                         },
                         lease_written: lease.written_at(),
                     });
+                    let task = tasks
+                        .spawn(own_partition(
+                            ctx.clone(),
+                            partition,
+                            lease,
+                            stopped,
+                            state_tx,
+                        ))
+                        .id();
                     held.insert(
                         partition,
                         Held {
                             stop: Some(stop),
                             state,
+                            task,
                         },
                     );
-                    tasks.spawn(own_partition(
-                        ctx.clone(),
-                        partition,
-                        lease,
-                        stopped,
-                        state_tx,
-                    ));
                 }
                 // Still the previous owner's: it hands over or expires.
                 Ok(None) => {}
@@ -634,7 +642,7 @@ async fn rebalance(
 }
 
 fn publish(
-    ctx: &Context,
+    ctx: &Shared,
     status: &watch::Sender<OwnerStatus>,
     announced: bool,
     live: &[Node],
@@ -672,7 +680,7 @@ struct InHand {
 
 /// Opens the partition's durable consumer, creating it on first use.
 async fn consumer(
-    ctx: &Context,
+    ctx: &Shared,
     partition: u32,
 ) -> Result<jetstream::consumer::PullConsumer, ClusterError> {
     let name = format!("partition_{partition}");
@@ -716,7 +724,7 @@ async fn next_in(
 
 /// Reads one partition while its lease holds (the module's numbered list).
 async fn own_partition(
-    ctx: Context,
+    ctx: Shared,
     partition: u32,
     mut lease: Lease,
     mut stop: oneshot::Receiver<()>,
