@@ -510,7 +510,7 @@ async fn partitions_spread_over_the_nodes_and_a_joining_node_takes_its_share_exa
         holding_as_assigned(vec![&a, &b, &c])
     })
     .await;
-    // Each holds its share, the newcomer's taken from the other two.
+    // Each holds its share.
     let held_c = partitions_of(&c).await;
     let (now_a, now_b) = (partitions_of(&a).await, partitions_of(&b).await);
     for held in [&now_a, &now_b, &held_c] {
@@ -520,9 +520,18 @@ async fn partitions_spread_over_the_nodes_and_a_joining_node_takes_its_share_exa
             "{now_a:?} {now_b:?} {held_c:?}"
         );
     }
-    assert!(held_c
-        .iter()
-        .all(|p| held_a.contains(p) || held_b.contains(p)));
+    // What /readyz and /metrics will read.
+    for node in [&a, &b, &c] {
+        let status = node.status().await;
+        assert!(status.announced, "{status:?}");
+        assert_eq!(status.node_id, node.id);
+        assert_eq!(status.live.len(), 3, "{status:?}");
+        for p in &status.partitions {
+            assert!(p.revision > 0 && p.lease_age < TTL, "{status:?}");
+            // Nothing was left unacknowledged by a handover.
+            assert!(!p.awaiting_redelivery, "{status:?}");
+        }
+    }
 
     // A while with all three, then the rest comes out.
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -230,7 +230,8 @@ impl Leases {
     }
 
     /// What a holder writes: who it is and since when (wall clock, for
-    /// people reading the bucket; no decision uses it).
+    /// people reading the bucket; no decision uses them), and `fields` (a
+    /// node's announcement: its worker count, which the assignment reads).
     fn value(&self, mut fields: serde_json::Map<String, serde_json::Value>) -> Bytes {
         let since_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
