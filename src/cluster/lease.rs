@@ -209,10 +209,19 @@ impl Leases {
         value: &Bytes,
         last: u64,
     ) -> Result<Option<u64>, ClusterError> {
-        match self.kv.update(name, value.clone(), last).await {
-            Ok(revision) => Ok(Some(revision)),
-            Err(e) if lost_race(&e) => Ok(None),
-            Err(e) => Err(ClusterError::engine(format!("acquiring lease {name}"), e)),
+        let mut tries = 0;
+        loop {
+            match self.kv.update(name, value.clone(), last).await {
+                Ok(revision) => return Ok(Some(revision)),
+                Err(e) if lost_race(&e) => return Ok(None),
+                // No server stored the write, so trying again cannot write
+                // twice.
+                Err(e) if no_stream_yet(&e) && tries < NO_STREAM_TRIES => {
+                    tries += 1;
+                    tokio::time::sleep(NO_STREAM_PAUSE).await;
+                }
+                Err(e) => return Err(ClusterError::engine(format!("acquiring lease {name}"), e)),
+            }
         }
     }
 
@@ -305,6 +314,28 @@ fn lost_race(e: &kv::UpdateError) -> bool {
     while let Some(c) = cause {
         if let Some(js) = c.downcast_ref::<jetstream::Error>() {
             return js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// How often, and how far apart, a write that found no stream is tried
+/// again: a bucket another node has just created is known to the meta group
+/// before every server routes its subjects, and the server this node is
+/// connected to answers "no responders" until it does (seen for well under
+/// a second on a loopback cluster). Two seconds in all, so that a bucket
+/// really missing still fails quickly.
+const NO_STREAM_TRIES: u32 = 20;
+const NO_STREAM_PAUSE: Duration = Duration::from_millis(100);
+
+/// Whether a write failed because the server it reached routes no stream
+/// for the key's subject (yet).
+fn no_stream_yet(e: &kv::UpdateError) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(publish) = c.downcast_ref::<jetstream::context::PublishError>() {
+            return publish.kind() == jetstream::context::PublishErrorKind::StreamNotFound;
         }
         cause = c.source();
     }
@@ -426,5 +457,40 @@ impl Lease {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+
+    /// The errors as the client library builds them from a publish's answer.
+    fn update_error(kind: PublishErrorKind) -> kv::UpdateError {
+        kv::UpdateError::from(PublishError::new(kind))
+    }
+
+    #[test]
+    fn only_a_write_that_found_no_stream_is_tried_again() {
+        assert!(no_stream_yet(&update_error(
+            PublishErrorKind::StreamNotFound
+        )));
+        // A timed-out write may have been stored: not tried blindly.
+        for kind in [
+            PublishErrorKind::TimedOut,
+            PublishErrorKind::WrongLastSequence,
+            PublishErrorKind::BrokenPipe,
+            PublishErrorKind::Other,
+        ] {
+            assert!(!no_stream_yet(&update_error(kind)), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_wrong_last_sequence_is_a_lost_race_and_no_stream_is_not() {
+        assert!(lost_race(&update_error(
+            PublishErrorKind::WrongLastSequence
+        )));
+        assert!(!lost_race(&update_error(PublishErrorKind::StreamNotFound)));
     }
 }
