@@ -1,6 +1,7 @@
 //! Cluster mode's foundation on NATS JetStream (docs/cluster.md): the
 //! connection, the [`lease`] primitive, the bot's [`log`] of updates, the
-//! [`outbox`] of its calls and the elected [`sender`] that makes them.
+//! live nodes ([`membership`]), the [`partitions`]' owners, the [`outbox`]
+//! of its calls and the elected [`sender`] that makes them.
 //!
 //! Not yet wired into `run`: a daemon configured with `[cluster]` refuses to
 //! start (see `main.rs`) rather than run as a single node unannounced. Every
@@ -9,7 +10,9 @@
 
 pub mod lease;
 pub mod log;
+pub mod membership;
 pub mod outbox;
+pub mod partitions;
 pub mod sender;
 pub mod status;
 
@@ -20,7 +23,11 @@ use crate::settings::{BotToken, ClusterSettings, NatsAuth};
 
 pub use lease::{Lease, Leases};
 pub use log::{Published, UpdateLog};
+pub use membership::{Membership, Node};
 pub use outbox::{Outbox, Pending, Requester};
+pub use partitions::{
+    assign, AckHandle, Delivery, Owner, OwnerSettings, OwnerStatus, PartitionStatus,
+};
 pub use sender::{BotExecutor, ElectedSender, Executor, SenderStatus};
 
 /// How long connecting to the first server may take before start-up fails:
