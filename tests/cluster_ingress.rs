@@ -509,6 +509,10 @@ async fn a_holder_stopped_gracefully_hands_over_at_once() {
     wait_stored(&mut log, expected.len() as u64, DEADLINE).await;
     assert_stored_once(&read_log(&mut log).await, &expected);
     assert_eq!(sandbox.stats().conflicts, 0, "two getUpdates at once (409)");
+    // node-a confirmed what it stored before it let go: node-b fetched
+    // nothing the log had.
+    let b = nodes[other].status();
+    assert_eq!((b.stored, b.duplicates), (300, 0), "{b:?}");
 }
 
 /// One webhook node: its own NATS connection and update log, serving on a

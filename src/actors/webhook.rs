@@ -39,6 +39,8 @@
 //!    duplicate the log drops, answered 200 all the same. A failed store is
 //!    500. The HTTP handler publishes itself, with no actor between: the
 //!    log is shared by every node, so there is no local order to keep.
+//!    There is no backpressure here (rule 4): what waits for the apps is
+//!    bounded where the log is read, by each partition's consumer.
 
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;

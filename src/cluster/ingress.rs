@@ -42,6 +42,10 @@
 //!    since the successor fetched the same unconfirmed updates first.
 //! 7. 429, 409, 5xx and no answer: the Poller's waits and log lines. 401:
 //!    the lease is released and `run` returns [`ClusterError::TokenRejected`].
+//! 8. On stop, a publish under way is finished, what was stored is
+//!    confirmed (a getUpdates that waits for nothing, while the lease is
+//!    valid), and the lease is released: the next holder takes over at
+//!    once and starts after the last stored update.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -242,37 +246,75 @@ impl Ingress {
     }
 
     /// Rules 3 to 7: polls, stores, confirms, for as long as the lease is
-    /// valid and `stop` has not completed.
+    /// valid and `stop` has not completed; on stop, confirms what it stored.
     async fn poll_while_valid(
         &self,
         mut valid: watch::Receiver<Validity>,
         stop: &mut Stop<'_>,
     ) -> Held {
         let mut offset: Option<i64> = None;
+        let held = self.poll_until_done(&mut valid, stop, &mut offset).await;
+        if matches!(held, Held::Stopped) {
+            self.confirm(offset, &mut valid).await;
+        }
+        held
+    }
+
+    /// Tells Telegram, on a graceful stop, that everything below `offset`
+    /// is stored, so the next holder does not fetch the last batch again:
+    /// a getUpdates that waits for nothing, whose answer stays unconfirmed
+    /// for the next holder. Only while the lease is valid; a failure costs
+    /// only that the next holder fetches the batch again, and the log drops
+    /// it.
+    async fn confirm(&self, offset: Option<i64>, valid: &mut watch::Receiver<Validity>) {
+        if offset.is_none() || !is_valid(valid) {
+            return;
+        }
+        let mut params = self.poll.params(offset);
+        params["timeout"] = 0.into();
+        params["limit"] = 1.into();
+        self.status.send_modify(|s| s.last_offset = offset);
+        tokio::select! {
+            biased;
+            () = lost(valid) => {}
+            answer = self.bot.get_updates(&params, self.bot.http_timeout()) => {
+                if let Err(e) = answer {
+                    log::warn!("getUpdates: the last batch could not be confirmed on stop ({e}); the next poller fetches it again");
+                }
+            }
+        }
+    }
+
+    async fn poll_until_done(
+        &self,
+        valid: &mut watch::Receiver<Validity>,
+        stop: &mut Stop<'_>,
+        offset: &mut Option<i64>,
+    ) -> Held {
         let mut failures = 0u32;
         loop {
-            if !is_valid(&valid) {
+            if !is_valid(valid) {
                 return Held::Fenced;
             }
-            let params = self.poll.params(offset);
-            self.status.send_modify(|s| s.last_offset = offset);
+            let params = self.poll.params(*offset);
+            self.status.send_modify(|s| s.last_offset = *offset);
             let answer = tokio::select! {
                 biased;
                 () = stop.as_mut() => return Held::Stopped,
-                () = lost(&mut valid) => return Held::Fenced,
+                () = lost(valid) => return Held::Fenced,
                 answer = self.bot.get_updates(&params, self.poll.deadline(&self.bot)) => answer,
             };
             let wait = match answer {
                 Ok(items) => {
                     failures = 0;
-                    let mut next = offset;
+                    let mut next = *offset;
                     let mut updates = take_batch_as(module_path!(), &mut next, items);
                     in_id_order_as(module_path!(), &mut updates);
                     if updates.is_empty() {
-                        offset = next;
+                        *offset = next;
                         continue;
                     }
-                    if !is_valid(&valid) {
+                    if !is_valid(valid) {
                         self.status.send_modify(|s| s.abandoned += 1);
                         return Held::Fenced;
                     }
@@ -280,11 +322,10 @@ impl Ingress {
                     let revision = valid.borrow().revision;
                     let batch = self.entries(&updates);
                     // Not raced against `stop`: a batch half stored is
-                    // stored whole first, so the next holder fetches it
-                    // again only if this node dies.
+                    // stored whole first, and confirmed on stop.
                     let stored = tokio::select! {
                         biased;
-                        () = lost(&mut valid) => {
+                        () = lost(valid) => {
                             self.status.send_modify(|s| s.abandoned += 1);
                             return Held::Fenced;
                         }
@@ -303,7 +344,7 @@ impl Ingress {
                                     "update log: {duplicates} of {count} update(s) were stored already (fetched again); dropped as duplicates"
                                 );
                             }
-                            offset = next;
+                            *offset = next;
                             continue;
                         }
                         Err(e) => {
@@ -328,7 +369,7 @@ impl Ingress {
             tokio::select! {
                 biased;
                 () = stop.as_mut() => return Held::Stopped,
-                () = lost(&mut valid) => return Held::Fenced,
+                () = lost(valid) => return Held::Fenced,
                 () = tokio::time::sleep(wait) => {}
             }
         }
@@ -416,5 +457,52 @@ async fn lost(valid: &mut watch::Receiver<Validity>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validity(until: Instant) -> Validity {
+        Validity { until, revision: 1 }
+    }
+
+    #[actix_rt::test]
+    async fn the_lease_is_lost_when_it_runs_out_and_at_once_when_fenced() {
+        let start = Instant::now();
+        let (tx, mut rx) = watch::channel(validity(start + Duration::from_millis(200)));
+        assert!(is_valid(&rx));
+        lost(&mut rx).await;
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        assert!(!is_valid(&rx));
+
+        // A renewal moves the end; a fencing moves it to now, waking the
+        // wait at once rather than at the old end.
+        tx.send_replace(validity(Instant::now() + Duration::from_secs(3600)));
+        assert!(is_valid(&rx));
+        let renewed = tx.clone();
+        let fence = async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            renewed.send_modify(|v| v.until = Instant::now());
+        };
+        let waited = Instant::now();
+        tokio::join!(lost(&mut rx), fence);
+        assert!(waited.elapsed() < Duration::from_secs(3600));
+        assert!(!is_valid(&rx));
+
+        // Renewals ended: valid until the last one said, then lost.
+        let (tx, mut rx) = watch::channel(validity(Instant::now() + Duration::from_millis(100)));
+        drop(tx);
+        lost(&mut rx).await;
+        assert!(!is_valid(&rx));
+    }
+
+    #[test]
+    fn the_status_has_a_lease_age_only_while_holding() {
+        let mut status = IngressStatus::default();
+        assert_eq!(status.lease_age(), None);
+        status.held_since = Some(Instant::now());
+        assert!(status.lease_age().is_some());
     }
 }
