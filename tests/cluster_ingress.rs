@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use asgigramd::cluster::log::LEASE_REVISION_HEADER;
 use asgigramd::cluster::{self, partition_of, Ingress, IngressStatus, Leases, UpdateLog};
 use asgigramd::routing::ScopeKey;
-use asgigramd::sandbox::Sandbox;
+use asgigramd::sandbox::{Fault, FaultPlan, Sandbox};
 use asgigramd::settings::{
     BotToken, ClusterSettings, NatsAuth, TelegramSettings, WebhookSecret, WebhookSettings,
 };
@@ -513,6 +513,46 @@ async fn a_holder_stopped_gracefully_hands_over_at_once() {
     // nothing the log had.
     let b = nodes[other].status();
     assert_eq!((b.stored, b.duplicates), (300, 0), "{b:?}");
+}
+
+#[actix_rt::test]
+async fn telegram_failing_get_updates_is_waited_out_as_by_the_poller_and_nothing_is_lost_or_stored_twice(
+) {
+    let nats = cluster_or_skip!("telegram_failing_get_updates");
+    let sandbox = common::sandbox();
+    // The first getUpdates calls fail as Telegram's do: 429, a proxy's 502,
+    // a connection dropped before and after the call ran, a slow answer.
+    sandbox.set_faults(FaultPlan::get_updates(vec![
+        Fault::RetryAfter(1),
+        Fault::BadGatewayHtml,
+        Fault::DropBeforeExecute,
+        Fault::DropAfterExecute,
+        Fault::Delay(Duration::from_millis(300)),
+    ]));
+    let node = Node::start(&sandbox, "node-a", nats.urls(), TTL).await;
+    let mut log = stream(&nats.url(0)).await;
+    let mut expected = inject(&sandbox, 500, 25).await;
+    wait_stored(&mut log, expected.len() as u64, DEADLINE).await;
+    assert_eq!(sandbox.stats().faults_injected, 5);
+
+    // Another getUpdates (a second bot instance somewhere): Telegram ends
+    // the holder's long poll with 409, and it polls again after a backoff.
+    let telegram = telegram_settings(&sandbox);
+    let other = Bot::new(&telegram.api_url, &telegram.token, telegram.http_timeout);
+    let mut tries = 0;
+    while sandbox.stats().conflicts == 0 && tries < 20 {
+        tries += 1;
+        // A long poll of its own (one that returns at once takes no
+        // turn), without an offset, so it confirms nothing.
+        let _ = other.request("getUpdates", &json!({"timeout": 1})).await;
+    }
+    assert!(sandbox.stats().conflicts >= 1, "no 409 in {tries} tries");
+    expected.extend(inject(&sandbox, 500, 25).await);
+    wait_stored(&mut log, expected.len() as u64, DEADLINE).await;
+    assert_stored_once(&read_log(&mut log).await, &expected);
+    let status = node.status();
+    assert!(status.holding, "{status:?}");
+    assert_eq!(status.acquired, 1, "the lease was kept through it all");
 }
 
 /// One webhook node: its own NATS connection and update log, serving on a

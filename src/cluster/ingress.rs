@@ -164,8 +164,10 @@ impl Ingress {
         self.status.subscribe()
     }
 
-    /// Contends for the lease and polls while holding it (rules 1 to 7),
-    /// until `stop` completes or Telegram rejects the token.
+    /// Contends for the lease and polls while holding it (rules 1 to 8),
+    /// until `stop` completes or Telegram rejects the token. It runs on the
+    /// actix System's thread, as the Poller does (the Bot's connection pool
+    /// is that thread's).
     pub async fn run(self, stop: impl Future<Output = ()>) -> Result<(), ClusterError> {
         let mut stop: Stop<'_> = Box::pin(stop);
         let mut failures = 0u32;
