@@ -602,6 +602,57 @@ mod tests {
         assert_eq!(ids(&rising), vec![7, 9]);
     }
 
+    #[test]
+    fn get_updates_parameters_and_the_wait_after_a_failure_are_the_pollers_rules() {
+        let poll = PollParams {
+            poll_timeout: Duration::from_secs(25),
+            limit: 100,
+            allowed_updates: vec!["message".into()],
+        };
+        assert_eq!(
+            poll.params(Some(7)),
+            json!({"timeout": 25, "limit": 100, "offset": 7, "allowed_updates": ["message"]})
+        );
+        let plain = PollParams {
+            allowed_updates: Vec::new(),
+            ..poll
+        };
+        assert_eq!(plain.params(None), json!({"timeout": 25, "limit": 100}));
+
+        let target = module_path!();
+        let retry_after = TelegramError::RetryAfter {
+            retry_after: 7,
+            description: "Too Many Requests".into(),
+        };
+        assert_eq!(
+            after_failure(target, &retry_after, 5),
+            AfterFailure::Retry(Duration::from_secs(7)),
+            "429 waits exactly retry_after, whatever failed before"
+        );
+        assert_eq!(
+            after_failure(target, &TelegramError::Unauthorized, 0),
+            AfterFailure::TokenRejected
+        );
+        for e in [
+            TelegramError::Conflict {
+                description: "terminated by other getUpdates request".into(),
+            },
+            TelegramError::Server {
+                code: 502,
+                description: "Bad Gateway".into(),
+            },
+            TelegramError::Timeout(Duration::from_secs(35)),
+        ] {
+            let AfterFailure::Retry(delay) = after_failure(target, &e, 3) else {
+                panic!("{e} is retried");
+            };
+            assert!(
+                delay <= BACKOFF.ceiling(3) && delay >= BACKOFF.ceiling(3) / 2,
+                "{e}: {delay:?}"
+            );
+        }
+    }
+
     fn items(result: &str) -> Vec<Item> {
         let body = format!(r#"{{"ok":true,"result":{result}}}"#);
         crate::telegram::parse_updates(200, body.as_bytes()).expect("an envelope")

@@ -316,8 +316,8 @@ impl RefusalLog {
 enum Store {
     /// The single node's journal, through the [`Receiver`] (rules 2 to 4).
     Journal(Addr<Receiver>),
-    /// The cluster's update log (rule 5); boxed, as it is ten times the
-    /// size of an address and there is one per server.
+    /// The cluster's update log (rule 5); boxed, so that the journal's case
+    /// does not take the log's ten times larger size.
     Log(Box<UpdateLog>),
 }
 
