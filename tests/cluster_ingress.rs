@@ -8,8 +8,9 @@
 //! What every test checks of the log at the end ([`assert_stored_once`]):
 //! every update injected is stored exactly once, in its chat's partition,
 //! in update_id order within each partition, and the lease revision the
-//! updates were published under never goes down in the stream's order (a
-//! stale holder's publish never lands after its successor's). Deadlines are
+//! updates were published under never goes down in the stream's order
+//! (here, where a stale holder's late publishes reach the stream only after
+//! its successor stored the same updates, none of them is stored). Deadlines are
 //! generous; the only timing bounds asserted are the issue's "within the
 //! lease time plus a margin" and, for a graceful stop, "well before the
 //! lease could have expired".

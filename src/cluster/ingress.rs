@@ -36,10 +36,12 @@
 //!    (the long poll, the publish, a backoff) ends the moment the lease
 //!    stops being valid by this node's clock: the node stops at once,
 //!    fenced, and contends again. What it had fetched and not confirmed
-//!    Telegram gives to the next holder. Each update carries the lease's
-//!    revision ([`super::log::LEASE_REVISION_HEADER`]); a stale holder's
-//!    publish still buffered in its connection can only land as a duplicate,
-//!    since the successor fetched the same unconfirmed updates first.
+//!    Telegram gives to the next holder. A stale holder's publish still
+//!    buffered in its connection holds only such unconfirmed updates, which
+//!    the successor publishes too, from the same offset and in the same id
+//!    order: the first copy of each to reach the stream is stored, so
+//!    nothing is stored twice and a chat's order holds. Each update carries
+//!    the lease's revision ([`super::log::LEASE_REVISION_HEADER`]).
 //! 7. 429, 409, 5xx and no answer: the Poller's waits and log lines. 401:
 //!    the lease is released and `run` returns [`ClusterError::TokenRejected`].
 //! 8. On stop, a publish under way is finished, what was stored is

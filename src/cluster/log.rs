@@ -73,9 +73,10 @@ impl std::fmt::Debug for UpdateLog {
 }
 
 /// The header naming the revision of the `ingress` lease an update was
-/// published under: a later holder's is larger, so in the stream's order it
-/// never goes down unless a stale holder's publish landed after its
-/// successor's (which the tests check never happens).
+/// published under (a later holder's is larger): which holder stored each
+/// update, for people reading the stream and for the tests, which check
+/// that a stale holder's late publish stored nothing after its successor's.
+/// No decision reads it.
 pub const LEASE_REVISION_HEADER: &str = "Asgigram-Lease-Revision";
 
 /// One update to store, for [`UpdateLog::publish_all`].
