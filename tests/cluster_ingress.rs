@@ -556,6 +556,47 @@ async fn telegram_failing_get_updates_is_waited_out_as_by_the_poller_and_nothing
     assert_eq!(status.acquired, 1, "the lease was kept through it all");
 }
 
+#[actix_rt::test]
+async fn a_rejected_token_ends_the_ingress_with_its_error_and_the_lease_released() {
+    let nats = cluster_or_skip!("a_rejected_token_ends_the_ingress");
+    let sandbox = common::sandbox();
+    // A long TTL: the lease free at once can only be the release.
+    let ttl = Duration::from_secs(30);
+    let mut node = Node::start(&sandbox, "node-a", nats.urls(), ttl).await;
+    assert!(
+        wait_until(DEADLINE, || node.holding()).await,
+        "node-a took no lease"
+    );
+    sandbox.set_token_rejected(true);
+    let ended = tokio::time::timeout(DEADLINE, &mut node.task)
+        .await
+        .expect("run returns once Telegram answers 401")
+        .expect("not aborted");
+    assert!(
+        matches!(ended, Err(cluster::ClusterError::TokenRejected)),
+        "{ended:?}"
+    );
+    let message = ended.expect_err("as just matched").to_string();
+    assert!(
+        !message.contains("SECRET"),
+        "the token in the error: {message}"
+    );
+    assert!(!node.holding());
+    let settings = cluster_settings(nats.urls(), "node-b", ttl);
+    let js = cluster::connect(&settings).await.expect("connects to NATS");
+    let leases = Leases::open(&js, BOT, &settings)
+        .await
+        .expect("lease bucket opens");
+    assert!(
+        leases
+            .try_acquire("ingress")
+            .await
+            .expect("acquiring answers")
+            .is_some(),
+        "the lease was not released"
+    );
+}
+
 /// One webhook node: its own NATS connection and update log, serving on a
 /// loopback port.
 async fn webhook_node(nats: &NatsCluster, i: usize) -> (String, actix_web::dev::ServerHandle) {
