@@ -176,13 +176,37 @@ async fn stream(url: &str) -> async_nats::jetstream::stream::Stream {
         .expect("the update log exists")
 }
 
-async fn stored_count(stream: &mut async_nats::jetstream::stream::Stream) -> u64 {
-    match stream.info().await {
-        Ok(info) => info.state.messages,
-        // A stream electing a leader (a server paused) answers nothing
-        // for a moment: not yet.
-        Err(_) => 0,
+/// A request to the stream, tried again while it fails: a stream electing
+/// a leader (a server paused or back), or a loaded machine, can let one
+/// time out; only failing until [`DEADLINE`] fails the test.
+async fn persist<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut request: impl FnMut() -> F,
+) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        match request().await {
+            Ok(answer) => return answer,
+            Err(_) if Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{what} still fails after {DEADLINE:?}: {e}"),
+        }
     }
+}
+
+/// The stream's state, as its leader answers.
+async fn stream_state(
+    stream: &async_nats::jetstream::stream::Stream,
+) -> async_nats::jetstream::stream::State {
+    persist("stream info", || async {
+        stream.clone().info().await.map(|info| info.state.clone())
+    })
+    .await
+}
+
+async fn stored_count(stream: &mut async_nats::jetstream::stream::Stream) -> u64 {
+    stream_state(stream).await.messages
 }
 
 /// Waits until the log holds `n` updates, polling its count.
@@ -216,16 +240,16 @@ struct Stored {
 
 /// Every message of the log, in stream order.
 async fn read_log(stream: &mut async_nats::jetstream::stream::Stream) -> Vec<Stored> {
-    let state = stream.info().await.expect("stream info").state.clone();
+    let state = stream_state(stream).await;
     let mut stored = Vec::new();
     if state.messages == 0 {
         return stored;
     }
     for sequence in state.first_sequence..=state.last_sequence {
-        let message = stream
-            .get_raw_message(sequence)
-            .await
-            .unwrap_or_else(|e| panic!("message {sequence}: {e}"));
+        let message = persist(&format!("message {sequence}"), || {
+            stream.get_raw_message(sequence)
+        })
+        .await;
         let partition = message
             .subject
             .rsplit('.')

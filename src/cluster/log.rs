@@ -28,17 +28,26 @@ pub(crate) const PARTITIONS_KEY: &str = "asgigram.partitions";
 /// for 24 hours, and a log that outlived that would only grow.
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
 
-/// How many times, and how far apart, an update is sent again while the
-/// stream stores another copy of it ([`UpdateLog::publish`]): storing one
-/// takes a round trip among the replicas, milliseconds; five seconds in all
-/// cover an election in between.
-const IN_PROCESS_ATTEMPTS: u32 = 50;
-const IN_PROCESS_WAIT: Duration = Duration::from_millis(100);
+/// How many times, and how far apart, an update is sent again when the
+/// stream could not take it yet ([`send_again`]): storing another copy
+/// takes a round trip among the replicas, and a server learns to route a
+/// just-created stream's subjects within a second; five seconds in all
+/// also cover an election in between, and a stream really missing still
+/// fails soon.
+const AGAIN_ATTEMPTS: u32 = 50;
+const AGAIN_WAIT: Duration = Duration::from_millis(100);
 
-/// Whether a publish was refused because the stream is storing another
-/// copy of the same message id at this moment (10158), which the client
-/// library does not name.
-fn in_process(e: &jetstream::context::PublishError) -> bool {
+/// Whether a publish was refused in a way that sending it again a moment
+/// later can cure, without storing it twice (its `update_id` is its
+/// message id): the stream is storing another copy of the same id at this
+/// moment (10158, which the client library does not name: two webhook
+/// nodes given Telegram's retry at once, a poller and a stale one), or the
+/// server reached routes no stream for the subject yet (a stream another
+/// node has just created).
+fn send_again(e: &jetstream::context::PublishError) -> bool {
+    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+        return true;
+    }
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
         if let Some(js) = c.downcast_ref::<jetstream::Error>() {
@@ -236,7 +245,7 @@ impl UpdateLog {
                     sequence: ack.sequence,
                     duplicate: ack.duplicate,
                 },
-                Err(e) if in_process(&e) => {
+                Err(e) if send_again(&e) => {
                     self.publish_one(
                         entry.update_id,
                         entry.partition,
@@ -252,11 +261,8 @@ impl UpdateLog {
     }
 
     /// Publishes one update and waits for its acknowledgement, sending it
-    /// again while the stream is storing another copy of the same
-    /// `update_id` right now (two webhook nodes given Telegram's retry at
-    /// once, a poller and a stale one): the stream refuses the second copy
-    /// then instead of calling it a duplicate, and the answer to the copy
-    /// sent again once the first is stored is "duplicate".
+    /// again while the stream cannot take it yet ([`send_again`]): the
+    /// answer to a copy sent again once another is stored is "duplicate".
     async fn publish_one(
         &self,
         update_id: i64,
@@ -276,9 +282,9 @@ impl UpdateLog {
                         duplicate: ack.duplicate,
                     })
                 }
-                Err(e) if in_process(&e) && attempts < IN_PROCESS_ATTEMPTS => {
+                Err(e) if send_again(&e) && attempts < AGAIN_ATTEMPTS => {
                     attempts += 1;
-                    tokio::time::sleep(IN_PROCESS_WAIT).await;
+                    tokio::time::sleep(AGAIN_WAIT).await;
                 }
                 Err(e) => return Err(self.store_error(update_id, e)),
             }
