@@ -96,12 +96,14 @@ impl Node {
         let settings = cluster_settings(urls, name, ttl);
         let js = cluster::connect(&settings).await.expect("connects to NATS");
         let client = js.client();
-        let leases = Leases::open(&js, BOT, &settings)
-            .await
-            .expect("lease bucket opens");
-        let log = UpdateLog::open(&js, BOT, &settings)
-            .await
-            .expect("update log opens");
+        let leases = persist("opening the lease bucket", || {
+            Leases::open(&js, BOT, &settings)
+        })
+        .await;
+        let log = persist("opening the update log", || {
+            UpdateLog::open(&js, BOT, &settings)
+        })
+        .await;
         let telegram = telegram_settings(sandbox);
         let bot = Bot::new(&telegram.api_url, &telegram.token, telegram.http_timeout);
         let ingress = Ingress::new(bot, leases, log, &telegram, &settings);
@@ -170,10 +172,9 @@ async fn the_holder(nodes: &[&Node], deadline: Duration) -> usize {
 /// A client of its own, to read the stream as an operator would.
 async fn stream(url: &str) -> async_nats::jetstream::stream::Stream {
     let client = async_nats::connect(url).await.expect("connects");
-    async_nats::jetstream::new(client)
-        .get_stream(asgigramd::cluster::log::stream_name(BOT))
-        .await
-        .expect("the update log exists")
+    let js = async_nats::jetstream::new(client);
+    let name = asgigramd::cluster::log::stream_name(BOT);
+    persist("opening the update log", || js.get_stream(&name)).await
 }
 
 /// A request to the stream, tried again while it fails: a stream electing
@@ -608,9 +609,10 @@ async fn a_rejected_token_ends_the_ingress_with_its_error_and_the_lease_released
     assert!(!node.holding());
     let settings = cluster_settings(nats.urls(), "node-b", ttl);
     let js = cluster::connect(&settings).await.expect("connects to NATS");
-    let leases = Leases::open(&js, BOT, &settings)
-        .await
-        .expect("lease bucket opens");
+    let leases = persist("opening the lease bucket", || {
+        Leases::open(&js, BOT, &settings)
+    })
+    .await;
     assert!(
         leases
             .try_acquire("ingress")
@@ -626,9 +628,10 @@ async fn a_rejected_token_ends_the_ingress_with_its_error_and_the_lease_released
 async fn webhook_node(nats: &NatsCluster, i: usize) -> (String, actix_web::dev::ServerHandle) {
     let settings = cluster_settings(vec![nats.url(i)], &format!("hook-{i}"), TTL);
     let js = cluster::connect(&settings).await.expect("connects to NATS");
-    let log = UpdateLog::open(&js, BOT, &settings)
-        .await
-        .expect("update log opens");
+    let log = persist("opening the update log", || {
+        UpdateLog::open(&js, BOT, &settings)
+    })
+    .await;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     let addr = listener.local_addr().expect("bound");
     let webhook = WebhookSettings {
