@@ -153,7 +153,18 @@ impl Leases {
 
     /// Takes the lease `name` if no one holds it; `None` if someone does.
     pub async fn try_acquire(&self, name: &str) -> Result<Option<Lease>, ClusterError> {
-        let value = self.value();
+        self.try_acquire_with(name, serde_json::Map::new()).await
+    }
+
+    /// [`Leases::try_acquire`], with `extra` fields in the entry's value
+    /// beside the node and the time (a node's announcement carries its
+    /// worker count this way).
+    pub async fn try_acquire_with(
+        &self,
+        name: &str,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<Lease>, ClusterError> {
+        let value = self.value(extra);
         let sent = Instant::now();
         // Not `kv::Store::create`: when another node creates the key between
         // its conditional write and its read-back, and the read is served by
@@ -228,12 +239,58 @@ impl Leases {
     }
 
     /// What a holder writes: who it is and since when (wall clock, for
-    /// people reading the bucket; no decision uses it).
-    fn value(&self) -> Bytes {
+    /// people reading the bucket; no decision uses them), and `fields` (a
+    /// node's announcement: its worker count, which the assignment reads).
+    fn value(&self, mut fields: serde_json::Map<String, serde_json::Value>) -> Bytes {
         let since_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        Bytes::from(serde_json::json!({"node": self.node_id, "since_ms": since_ms}).to_string())
+        fields.insert("node".into(), self.node_id.clone().into());
+        fields.insert("since_ms".into(), since_ms.into());
+        Bytes::from(serde_json::Value::Object(fields).to_string())
+    }
+
+    /// This node's id, as its leases name it.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// How long an entry outlives its last write (the bucket's `max_age`).
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// How often a holder renews (`cluster.lease_renew`).
+    pub fn renew_every(&self) -> Duration {
+        self.renew_every
+    }
+
+    /// The live entries whose key starts with `prefix`, as the bucket's
+    /// nearest copy holds them: for listings that decide nothing on their
+    /// own (the live nodes; a partition is still taken only by a lease).
+    pub(crate) async fn entries(&self, prefix: &str) -> Result<Vec<kv::Entry>, ClusterError> {
+        use futures_util::TryStreamExt;
+        let what = || format!("listing {prefix}* in bucket {}", self.bucket);
+        let keys: Vec<String> = match self.kv.keys().await {
+            Ok(keys) => keys
+                .try_collect()
+                .await
+                .map_err(|e| ClusterError::engine(what(), e))?,
+            Err(e) => return Err(ClusterError::engine(what(), e)),
+        };
+        let mut entries = Vec::new();
+        for key in keys.into_iter().filter(|k| k.starts_with(prefix)) {
+            let entry = self
+                .kv
+                .entry(key.as_str())
+                .await
+                .map_err(|e| ClusterError::engine(what(), e))?;
+            // Deleted or expired between the listing and the read.
+            if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) {
+                entries.push(entry);
+            }
+        }
+        Ok(entries)
     }
 }
 
@@ -322,6 +379,12 @@ impl Lease {
 
     pub fn valid_until(&self) -> Instant {
         self.valid_until
+    }
+
+    /// When this holder last wrote the entry (acquired or renewed), on its
+    /// own clock: the lease's age runs from here.
+    pub fn written_at(&self) -> Instant {
+        self.valid_until - (self.ttl - self.ttl / 10)
     }
 
     /// Rewrites the entry on condition that it is still this holder's.

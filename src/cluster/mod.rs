@@ -1,6 +1,7 @@
 //! Cluster mode's foundation on NATS JetStream (docs/cluster.md): the
-//! connection, the [`lease`] primitive, the bot's [`log`] of updates, and
-//! the [`ingress`] that fills it under the `ingress` lease.
+//! connection, the [`lease`] primitive, the bot's [`log`] of updates, the
+//! [`ingress`] that fills it under the `ingress` lease, the live nodes
+//! ([`membership`]) and the [`partitions`]' owners.
 //!
 //! Not yet wired into `run`: a daemon configured with `[cluster]` refuses to
 //! start (see `main.rs`) rather than run as a single node unannounced. Every
@@ -10,6 +11,8 @@
 pub mod ingress;
 pub mod lease;
 pub mod log;
+pub mod membership;
+pub mod partitions;
 pub mod status;
 
 use std::time::Duration;
@@ -21,6 +24,10 @@ use crate::telegram::Update;
 pub use ingress::{Ingress, IngressStatus};
 pub use lease::{Lease, Leases};
 pub use log::{Entry, Published, UpdateLog};
+pub use membership::{Membership, Node};
+pub use partitions::{
+    assign, AckHandle, Delivery, Owner, OwnerSettings, OwnerStatus, PartitionStatus,
+};
 
 /// How long connecting to the first server may take before start-up fails:
 /// long enough for a TLS handshake across a data centre, short enough that a
