@@ -67,7 +67,91 @@ use crate::telegram::{Bot, Skipped, TelegramError, Update};
 /// The kind label under which skipped malformed updates are counted.
 const MALFORMED: &str = "(malformed)";
 
-const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+/// The wait after a failed getUpdates or store (rule 6); the cluster's
+/// ingress waits the same.
+pub(crate) const BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+
+/// getUpdates' parameters that stay the same from call to call, shared with
+/// the cluster's ingress so that both poll alike.
+#[derive(Debug, Clone)]
+pub(crate) struct PollParams {
+    pub poll_timeout: Duration,
+    pub limit: u8,
+    pub allowed_updates: Vec<String>,
+}
+
+impl PollParams {
+    pub(crate) fn new(telegram: &crate::settings::TelegramSettings) -> PollParams {
+        PollParams {
+            poll_timeout: telegram.poll_timeout,
+            limit: telegram.poll_limit,
+            allowed_updates: telegram.allowed_updates.clone(),
+        }
+    }
+
+    /// The parameters of one getUpdates, confirming everything below
+    /// `offset`.
+    pub(crate) fn params(&self, offset: Option<i64>) -> Value {
+        let mut params = json!({
+            "timeout": self.poll_timeout.as_secs(),
+            "limit": self.limit,
+        });
+        if let Some(offset) = offset {
+            params["offset"] = json!(offset);
+        }
+        if !self.allowed_updates.is_empty() {
+            params["allowed_updates"] = json!(self.allowed_updates);
+        }
+        params
+    }
+
+    /// The deadline of one getUpdates: the long poll plus the HTTP timeout.
+    pub(crate) fn deadline(&self, bot: &Bot) -> Duration {
+        self.poll_timeout + bot.http_timeout()
+    }
+}
+
+/// What to do after getUpdates failed (rules 6 to 8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterFailure {
+    /// Poll again after this wait.
+    Retry(Duration),
+    /// The token was rejected (401): polling cannot go on.
+    TokenRejected,
+}
+
+/// Decides the wait after getUpdates failed for the `failures`-th time in a
+/// row (0-based) and logs the one line that says so, under `target` (the
+/// Poller's module, or the cluster's ingress).
+pub(crate) fn after_failure(target: &str, e: &TelegramError, failures: u32) -> AfterFailure {
+    match e {
+        TelegramError::RetryAfter { retry_after, .. } => {
+            log::warn!(target: target, "getUpdates: 429 from Telegram; polling again in {retry_after}s");
+            AfterFailure::Retry(Duration::from_secs(*retry_after))
+        }
+        TelegramError::Unauthorized => {
+            log::error!(target: target, "getUpdates: the token was rejected (401 Unauthorized); stopping");
+            AfterFailure::TokenRejected
+        }
+        other => {
+            let delay = BACKOFF.delay(failures);
+            match other {
+                TelegramError::Conflict { description } => log::error!(
+                    target: target,
+                    "getUpdates: 409 Conflict: another poller or a webhook holds this token ({description}); retrying in {:.1}s",
+                    delay.as_secs_f64()
+                ),
+                other => log::warn!(
+                    target: target,
+                    "getUpdates failed: {other}; retrying in {:.1}s",
+                    delay.as_secs_f64()
+                ),
+            }
+            AfterFailure::Retry(delay)
+        }
+    }
+}
 
 /// Stop polling; answers with the offset that confirms everything stored.
 #[derive(Message)]
@@ -105,9 +189,7 @@ const GATE_WORDS: GateWords = GateWords {
 pub struct Poller {
     bot: Bot,
     delivery: Delivery,
-    poll_timeout: Duration,
-    limit: u8,
-    allowed_updates: Vec<String>,
+    poll: PollParams,
     /// The offset of the next getUpdates: one past everything stored.
     offset: Option<i64>,
     /// The journal's watermark (its rule 2), as of the batches sent to it.
@@ -163,9 +245,7 @@ impl Poller {
         Poller {
             bot,
             delivery,
-            poll_timeout: telegram.poll_timeout,
-            limit: telegram.poll_limit,
-            allowed_updates: telegram.allowed_updates.clone(),
+            poll: PollParams::new(telegram),
             offset: if after_webhook {
                 None
             } else {
@@ -324,24 +404,10 @@ impl Poller {
         }
     }
 
-    fn params(&self) -> Value {
-        let mut params = json!({
-            "timeout": self.poll_timeout.as_secs(),
-            "limit": self.limit,
-        });
-        if let Some(offset) = self.offset {
-            params["offset"] = json!(offset);
-        }
-        if !self.allowed_updates.is_empty() {
-            params["allowed_updates"] = json!(self.allowed_updates);
-        }
-        params
-    }
-
     fn poll(&mut self, ctx: &mut Context<Self>) {
         let bot = self.bot.clone();
-        let params = self.params();
-        let timeout = self.poll_timeout + bot.http_timeout();
+        let params = self.poll.params(self.offset);
+        let timeout = self.poll.deadline(&bot);
         let fut = async move { bot.get_updates(&params, timeout).await };
         self.in_flight = Some(ctx.spawn(fut.into_actor(self).map(|result, act, ctx| {
             act.in_flight = None;
@@ -357,28 +423,15 @@ impl Poller {
                 let updates = take_batch(&mut next, items);
                 self.store_and_dispatch(updates, next, ctx);
             }
-            Err(TelegramError::RetryAfter { retry_after, .. }) => {
-                log::warn!("getUpdates: 429 from Telegram; polling again in {retry_after}s");
-                self.retry(Duration::from_secs(retry_after), ctx);
-            }
-            Err(TelegramError::Unauthorized) => {
-                log::error!("getUpdates: the token was rejected (401 Unauthorized); stopping");
-                if let Some(fatal) = self.fatal.take() {
-                    fatal(TelegramError::Unauthorized);
+            Err(e) => match after_failure(module_path!(), &e, self.failures) {
+                AfterFailure::Retry(delay) => self.retry(delay, ctx),
+                AfterFailure::TokenRejected => {
+                    if let Some(fatal) = self.fatal.take() {
+                        fatal(TelegramError::Unauthorized);
+                    }
+                    ctx.stop();
                 }
-                ctx.stop();
-            }
-            Err(e) => {
-                let delay = BACKOFF.delay(self.failures);
-                match &e {
-                    TelegramError::Conflict { description } => log::error!(
-                        "getUpdates: 409 Conflict: another poller or a webhook holds this token ({description}); retrying in {:.1}s",
-                        delay.as_secs_f64()
-                    ),
-                    other => log::warn!("getUpdates failed: {other}; retrying in {:.1}s", delay.as_secs_f64()),
-                }
-                self.retry(delay, ctx);
-            }
+            },
         }
     }
 
@@ -391,6 +444,11 @@ impl Poller {
 /// Puts a batch in update_id order and drops repeated ids (rule 4), saying
 /// so in one line when it had to.
 fn in_id_order(updates: &mut Vec<Update>) {
+    in_id_order_as(module_path!(), updates);
+}
+
+/// [`in_id_order`], logging under `target` (the cluster's ingress shares it).
+pub(crate) fn in_id_order_as(target: &str, updates: &mut Vec<Update>) {
     if updates.windows(2).all(|w| w[0].id < w[1].id) {
         return;
     }
@@ -413,16 +471,26 @@ fn in_id_order(updates: &mut Vec<Update>) {
         n => format!("; {n} repeated id(s) dropped"),
     };
     log::warn!(
+        target: target,
         "getUpdates answered update ids that went backwards ({arrived}); delivering the {} update(s) in update_id order{repeated}",
         updates.len()
     );
 }
 
 /// One element of getUpdates' result.
-type Item = Result<Update, Skipped>;
+pub(crate) type Item = Result<Update, Skipped>;
 
 /// Turns getUpdates' result into updates and moves the offset past them.
 fn take_batch(offset: &mut Option<i64>, items: Vec<Item>) -> Vec<Update> {
+    take_batch_as(module_path!(), offset, items)
+}
+
+/// [`take_batch`], logging under `target` (the cluster's ingress shares it).
+pub(crate) fn take_batch_as(
+    target: &str,
+    offset: &mut Option<i64>,
+    items: Vec<Item>,
+) -> Vec<Update> {
     let mut updates = Vec::with_capacity(items.len());
     for item in items {
         // Even a malformed element usually has an id; confirm past it.
@@ -437,10 +505,13 @@ fn take_batch(offset: &mut Option<i64>, items: Vec<Item>) -> Vec<Update> {
             Ok(update) => updates.push(update),
             Err(Skipped { id, error }) => {
                 match id {
-                    Some(id) => log::warn!("update={id} is malformed and skipped: {error}"),
-                    None => {
-                        log::warn!("a malformed element of getUpdates' result skipped: {error}")
+                    Some(id) => {
+                        log::warn!(target: target, "update={id} is malformed and skipped: {error}")
                     }
+                    None => log::warn!(
+                        target: target,
+                        "a malformed element of getUpdates' result skipped: {error}"
+                    ),
                 }
                 crate::ops::metrics::metrics()
                     .updates_skipped
@@ -529,6 +600,57 @@ mod tests {
         );
         in_id_order(&mut rising);
         assert_eq!(ids(&rising), vec![7, 9]);
+    }
+
+    #[test]
+    fn get_updates_parameters_and_the_wait_after_a_failure_are_the_pollers_rules() {
+        let poll = PollParams {
+            poll_timeout: Duration::from_secs(25),
+            limit: 100,
+            allowed_updates: vec!["message".into()],
+        };
+        assert_eq!(
+            poll.params(Some(7)),
+            json!({"timeout": 25, "limit": 100, "offset": 7, "allowed_updates": ["message"]})
+        );
+        let plain = PollParams {
+            allowed_updates: Vec::new(),
+            ..poll
+        };
+        assert_eq!(plain.params(None), json!({"timeout": 25, "limit": 100}));
+
+        let target = module_path!();
+        let retry_after = TelegramError::RetryAfter {
+            retry_after: 7,
+            description: "Too Many Requests".into(),
+        };
+        assert_eq!(
+            after_failure(target, &retry_after, 5),
+            AfterFailure::Retry(Duration::from_secs(7)),
+            "429 waits exactly retry_after, whatever failed before"
+        );
+        assert_eq!(
+            after_failure(target, &TelegramError::Unauthorized, 0),
+            AfterFailure::TokenRejected
+        );
+        for e in [
+            TelegramError::Conflict {
+                description: "terminated by other getUpdates request".into(),
+            },
+            TelegramError::Server {
+                code: 502,
+                description: "Bad Gateway".into(),
+            },
+            TelegramError::Timeout(Duration::from_secs(35)),
+        ] {
+            let AfterFailure::Retry(delay) = after_failure(target, &e, 3) else {
+                panic!("{e} is retried");
+            };
+            assert!(
+                delay <= BACKOFF.ceiling(3) && delay >= BACKOFF.ceiling(3) / 2,
+                "{e}: {delay:?}"
+            );
+        }
     }
 
     fn items(result: &str) -> Vec<Item> {

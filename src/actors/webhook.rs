@@ -32,6 +32,15 @@
 //! 4. While the apps hold `journal.max_undelivered` updates not received,
 //!    requests get 503 with `Retry-After` (backpressure), and Telegram keeps
 //!    the rest. Before the Supervisor's first word they get 503 too.
+//! 5. In cluster mode ([`serve_to_log`]) every node serves the same checks
+//!    (rule 1), and an update is answered 200 once the cluster's update log
+//!    acknowledged it, that is once a majority of its replicas hold it; a
+//!    resend (Telegram's retry, or the same update at another node) is a
+//!    duplicate the log drops, answered 200 all the same. A failed store is
+//!    500. The HTTP handler publishes itself, with no actor between: the
+//!    log is shared by every node, so there is no local order to keep.
+//!    There is no backpressure here (rule 4): what waits for the apps is
+//!    bounded where the log is read, by each partition's consumer.
 
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
@@ -51,6 +60,7 @@ use crate::actors::intake::{journal_rows, log_resent, Gate, GateWords};
 use crate::actors::poller::{Backpressure, Delivery, FatalHook};
 use crate::actors::supervisor::{Dispatch, WatchBackpressure};
 use crate::backoff::Backoff;
+use crate::cluster::{partition_of_update, UpdateLog};
 use crate::journal::Append;
 use crate::ops::metrics::{metrics, WebhookHealth};
 use crate::settings::WebhookSettings;
@@ -88,7 +98,7 @@ pub enum Outcome {
     /// Backpressure, or the receiver is not taking updates (yet, or any
     /// more).
     Busy,
-    /// The journal could not store it.
+    /// The journal (or, in cluster mode, the update log) could not store it.
     StoreFailed,
 }
 
@@ -132,7 +142,7 @@ impl Outcome {
             Outcome::TooLarge => "413: body too large",
             Outcome::BadRequest => "400: the body is not a JSON Update",
             Outcome::Busy => "503: backpressure or not ready",
-            Outcome::StoreFailed => "500: the journal could not store the update",
+            Outcome::StoreFailed => "500: the update could not be stored",
         })
     }
 }
@@ -302,11 +312,47 @@ impl RefusalLog {
     }
 }
 
+/// Where an update that passed the checks is stored.
+enum Store {
+    /// The single node's journal, through the [`Receiver`] (rules 2 to 4).
+    Journal(Addr<Receiver>),
+    /// The cluster's update log (rule 5); boxed, so that the journal's case
+    /// does not take the log's ten times larger size.
+    Log(Box<UpdateLog>),
+}
+
+impl Store {
+    async fn store(&self, update: Update) -> Outcome {
+        match self {
+            Store::Journal(receiver) => match receiver.send(Push(update)).await {
+                // A dropped answer means the receiver stopped: Telegram tries again.
+                Ok(answer) => answer.await.unwrap_or(Outcome::Busy),
+                Err(_) => Outcome::Busy,
+            },
+            Store::Log(log) => {
+                let id = update.id.0;
+                let partition = partition_of_update(&update, log.partitions());
+                let json = bytes::Bytes::copy_from_slice(update.json().as_bytes());
+                match log.publish(id, partition, json).await {
+                    Ok(published) if published.duplicate => Outcome::Duplicate,
+                    Ok(_) => Outcome::Accepted,
+                    Err(e) => {
+                        log::error!(
+                            "update log: cannot store update={id} from the webhook: {e}; answered 500, Telegram sends it again"
+                        );
+                        Outcome::StoreFailed
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// What the HTTP handler needs, shared by its workers.
 struct Shared {
     path: String,
     secret: Vec<u8>,
-    receiver: Addr<Receiver>,
+    store: Store,
     refusals: Mutex<RefusalLog>,
 }
 
@@ -341,25 +387,32 @@ async fn receive(
     mut body: web::Payload,
     shared: web::Data<Shared>,
 ) -> HttpResponse {
-    let outcome = check_and_push(&req, &mut body, &shared).await;
+    let outcome = match check(&req, &mut body, &shared).await {
+        Ok(update) => shared.store.store(update).await,
+        Err(refused) => refused,
+    };
     shared.answer(outcome, &req)
 }
 
-/// Rules 1 and 2, in that order: nothing is read before the path, the
-/// method and the secret are right.
-async fn check_and_push(req: &HttpRequest, body: &mut web::Payload, shared: &Shared) -> Outcome {
+/// Rule 1: the update a request carries, or why it is refused. Nothing is
+/// read before the path, the method and the secret are right.
+async fn check(
+    req: &HttpRequest,
+    body: &mut web::Payload,
+    shared: &Shared,
+) -> Result<Update, Outcome> {
     if req.path() != shared.path {
-        return Outcome::NotFound;
+        return Err(Outcome::NotFound);
     }
     if req.method() != Method::POST {
-        return Outcome::MethodNotAllowed;
+        return Err(Outcome::MethodNotAllowed);
     }
     let given = req
         .headers()
         .get("X-Telegram-Bot-Api-Secret-Token")
         .map_or(&[][..], |v| v.as_bytes());
     if !same_secret(given, &shared.secret) {
-        return Outcome::Unauthorized;
+        return Err(Outcome::Unauthorized);
     }
     let declared = req
         .headers()
@@ -367,26 +420,21 @@ async fn check_and_push(req: &HttpRequest, body: &mut web::Payload, shared: &Sha
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > MAX_BODY) {
-        return Outcome::TooLarge;
+        return Err(Outcome::TooLarge);
     }
     let mut bytes = web::BytesMut::with_capacity(declared.unwrap_or(1024).min(MAX_BODY));
     while let Some(chunk) = body.next().await {
         let Ok(chunk) = chunk else {
-            return Outcome::BadRequest;
+            return Err(Outcome::BadRequest);
         };
         if bytes.len() + chunk.len() > MAX_BODY {
-            return Outcome::TooLarge;
+            return Err(Outcome::TooLarge);
         }
         bytes.extend_from_slice(&chunk);
     }
-    let update = match std::str::from_utf8(&bytes).map(Update::from_json) {
-        Ok(Ok(update)) => update,
-        _ => return Outcome::BadRequest,
-    };
-    match shared.receiver.send(Push(update)).await {
-        // A dropped answer means the receiver stopped: Telegram tries again.
-        Ok(answer) => answer.await.unwrap_or(Outcome::Busy),
-        Err(_) => Outcome::Busy,
+    match std::str::from_utf8(&bytes).map(Update::from_json) {
+        Ok(Ok(update)) => Ok(update),
+        _ => Err(Outcome::BadRequest),
     }
 }
 
@@ -415,13 +463,33 @@ pub fn serve(
     settings: &WebhookSettings,
     receiver: Addr<Receiver>,
 ) -> Result<ServerHandle, ServeError> {
+    serve_into(listener, settings, Store::Journal(receiver))
+}
+
+/// Serves on `listener`, with the same checks as [`serve`], storing each
+/// update in the cluster's update log instead of the journal (rule 5),
+/// until the returned handle stops it. It needs no actor: every node runs
+/// one, and each request waits for the log's acknowledgement.
+pub fn serve_to_log(
+    listener: TcpListener,
+    settings: &WebhookSettings,
+    log: UpdateLog,
+) -> Result<ServerHandle, ServeError> {
+    serve_into(listener, settings, Store::Log(Box::new(log)))
+}
+
+fn serve_into(
+    listener: TcpListener,
+    settings: &WebhookSettings,
+    store: Store,
+) -> Result<ServerHandle, ServeError> {
     let addr = listener
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
     let shared = web::Data::new(Shared {
         path: settings.path.clone(),
         secret: settings.secret_token.expose().as_bytes().to_vec(),
-        receiver,
+        store,
         refusals: Mutex::default(),
     });
     let server = HttpServer::new(move || {
@@ -429,7 +497,9 @@ pub fn serve(
             .app_data(shared.clone())
             .default_service(web::to(receive))
     })
-    // The handler only checks and forwards; the work is on the actor thread.
+    // The handler only checks and forwards; the work is on the actor thread
+    // (or, for the update log, in the engine, which the one worker waits on
+    // for many requests at once).
     .workers(1)
     // Telegram opens at most webhook.max_connections; a few more leave room
     // for a proxy's health checks.

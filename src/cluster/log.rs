@@ -28,6 +28,36 @@ pub(crate) const PARTITIONS_KEY: &str = "asgigram.partitions";
 /// for 24 hours, and a log that outlived that would only grow.
 const RETENTION: Duration = Duration::from_secs(24 * 3600);
 
+/// How many times, and how far apart, an update is sent again when the
+/// stream could not take it yet ([`send_again`]): storing another copy
+/// takes a round trip among the replicas, and a server learns to route a
+/// just-created stream's subjects within a second; five seconds in all
+/// also cover an election in between, and a stream really missing still
+/// fails soon.
+const AGAIN_ATTEMPTS: u32 = 50;
+const AGAIN_WAIT: Duration = Duration::from_millis(100);
+
+/// Whether a publish was refused in a way that sending it again a moment
+/// later can cure, without storing it twice (its `update_id` is its
+/// message id): the stream is storing another copy of the same id at this
+/// moment (10158, which the client library does not name: two webhook
+/// nodes given Telegram's retry at once, a poller and a stale one), or the
+/// server reached routes no stream for the subject yet (a stream another
+/// node has just created).
+fn send_again(e: &jetstream::context::PublishError) -> bool {
+    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+        return true;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(js) = c.downcast_ref::<jetstream::Error>() {
+            return js.error_code() == jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// The stream's name for a bot.
 pub fn stream_name(bot_id: u64) -> String {
     format!("ASGIGRAM_UPDATES_{bot_id}")
@@ -49,6 +79,22 @@ impl std::fmt::Debug for UpdateLog {
             .field("partitions", &self.partitions)
             .finish()
     }
+}
+
+/// The header naming the revision of the `ingress` lease an update was
+/// published under (a later holder's is larger): which holder stored each
+/// update, for people reading the stream and for the tests, which check
+/// that a stale holder's late publish stored nothing after its successor's.
+/// No decision reads it.
+pub const LEASE_REVISION_HEADER: &str = "Asgigram-Lease-Revision";
+
+/// One update to store, for [`UpdateLog::publish_all`].
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub update_id: i64,
+    pub partition: u32,
+    /// The update's JSON as Telegram sent it.
+    pub update: Bytes,
 }
 
 /// Where a published update is.
@@ -164,14 +210,89 @@ impl UpdateLog {
         partition: u32,
         update: Bytes,
     ) -> Result<Published, ClusterError> {
-        let ack = self.send(update_id, partition, update).await?;
-        let ack = ack.await.map_err(|e| {
-            ClusterError::engine(format!("storing update {update_id} in {}", self.stream), e)
-        })?;
-        Ok(Published {
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+        self.publish_one(update_id, partition, update, None).await
+    }
+
+    /// Stores a batch: sends every update first, then waits for all the
+    /// acknowledgements, so a batch costs about one round trip to a majority
+    /// rather than one per update. The updates are sent in the batch's
+    /// order on one connection, so within a partition they are stored in
+    /// that order. `lease_revision` goes with each update in
+    /// [`LEASE_REVISION_HEADER`]. An error means some may be stored and
+    /// some not: the caller sends the whole batch again, and the stream
+    /// drops the copies it has.
+    pub async fn publish_all(
+        &self,
+        batch: Vec<Entry>,
+        lease_revision: Option<u64>,
+    ) -> Result<Vec<Published>, ClusterError> {
+        let mut acks = Vec::with_capacity(batch.len());
+        for entry in batch {
+            let ack = self
+                .send(
+                    entry.update_id,
+                    entry.partition,
+                    entry.update.clone(),
+                    lease_revision,
+                )
+                .await?;
+            acks.push((entry, ack));
+        }
+        let mut published = Vec::with_capacity(acks.len());
+        for (entry, ack) in acks {
+            published.push(match ack.await {
+                Ok(ack) => Published {
+                    sequence: ack.sequence,
+                    duplicate: ack.duplicate,
+                },
+                Err(e) if send_again(&e) => {
+                    self.publish_one(
+                        entry.update_id,
+                        entry.partition,
+                        entry.update,
+                        lease_revision,
+                    )
+                    .await?
+                }
+                Err(e) => return Err(self.store_error(entry.update_id, e)),
+            });
+        }
+        Ok(published)
+    }
+
+    /// Publishes one update and waits for its acknowledgement, sending it
+    /// again while the stream cannot take it yet ([`send_again`]): the
+    /// answer to a copy sent again once another is stored is "duplicate".
+    async fn publish_one(
+        &self,
+        update_id: i64,
+        partition: u32,
+        update: Bytes,
+        lease_revision: Option<u64>,
+    ) -> Result<Published, ClusterError> {
+        let mut attempts = 0;
+        loop {
+            let ack = self
+                .send(update_id, partition, update.clone(), lease_revision)
+                .await?;
+            match ack.await {
+                Ok(ack) => {
+                    return Ok(Published {
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    })
+                }
+                Err(e) if send_again(&e) && attempts < AGAIN_ATTEMPTS => {
+                    attempts += 1;
+                    tokio::time::sleep(AGAIN_WAIT).await;
+                }
+                Err(e) => return Err(self.store_error(update_id, e)),
+            }
+        }
+    }
+
+    fn store_error(&self, update_id: i64, e: impl std::fmt::Display) -> ClusterError {
+        ClusterError::engine(format!("storing update {update_id} in {}", self.stream), e)
     }
 
     async fn send(
@@ -179,6 +300,7 @@ impl UpdateLog {
         update_id: i64,
         partition: u32,
         update: Bytes,
+        lease_revision: Option<u64>,
     ) -> Result<PublishAckFuture, ClusterError> {
         if partition >= self.partitions {
             return Err(ClusterError::engine(
@@ -186,12 +308,15 @@ impl UpdateLog {
                 format!("partition {partition} of {}", self.partitions),
             ));
         }
-        let message = PublishMessage::build()
+        let mut message = PublishMessage::build()
             .payload(update)
             .message_id(update_id.to_string())
             // A stream of another name on these subjects is a mistake to
             // report, not a place to store the update.
             .expected_stream(&self.stream);
+        if let Some(revision) = lease_revision {
+            message = message.header(LEASE_REVISION_HEADER, revision.to_string());
+        }
         self.js
             .send_publish(self.subject(partition), message)
             .await

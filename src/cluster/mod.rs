@@ -1,13 +1,15 @@
 //! Cluster mode's foundation on NATS JetStream (docs/cluster.md): the
 //! connection, the [`lease`] primitive, the bot's [`log`] of updates, the
-//! live nodes ([`membership`]), the [`partitions`]' owners, the [`outbox`]
-//! of its calls and the elected [`sender`] that makes them.
+//! [`ingress`] that fills it under the `ingress` lease, the live nodes
+//! ([`membership`]), the [`partitions`]' owners, the [`outbox`] of its
+//! calls and the elected [`sender`] that makes them.
 //!
 //! Not yet wired into `run`: a daemon configured with `[cluster]` refuses to
 //! start (see `main.rs`) rather than run as a single node unannounced. Every
 //! name in the engine comes from the bot's numeric id, never from its token,
 //! so that `nats stream ls` and the servers' logs show nothing secret.
 
+pub mod ingress;
 pub mod lease;
 pub mod log;
 pub mod membership;
@@ -20,9 +22,11 @@ use std::time::Duration;
 
 use crate::routing::ScopeKey;
 use crate::settings::{BotToken, ClusterSettings, NatsAuth};
+use crate::telegram::Update;
 
+pub use ingress::{Ingress, IngressStatus};
 pub use lease::{Lease, Leases};
-pub use log::{Published, UpdateLog};
+pub use log::{Entry, Published, UpdateLog};
 pub use membership::{Membership, Node};
 pub use outbox::{Outbox, Pending, Requester};
 pub use partitions::{
@@ -83,6 +87,10 @@ pub enum ClusterError {
     /// stays in the outbox and asking again with its id gets its answer.
     #[error("call {id}: no answer from the sender within {after:?}")]
     CallTimeout { id: String, after: Duration },
+    /// Telegram rejected the bot token (401): polling cannot go on on any
+    /// node; the operator replaces the token.
+    #[error("getUpdates: the bot token was rejected by Telegram (401 Unauthorized)")]
+    TokenRejected,
 }
 
 impl ClusterError {
@@ -180,6 +188,19 @@ pub fn partition_of(key: &ScopeKey, partitions: u32) -> u32 {
     (hash % u64::from(partitions.max(1))) as u32
 }
 
+/// The partition an update goes to: its scope's ([`partition_of`]), or 0
+/// for an update that routes to no scope (no chat or user, a kind without
+/// an object). Such an update belongs to no chat whose order it could
+/// break, and a fixed partition keeps it stored rather than dropped, so
+/// that whoever owns that partition decides about it as the single node
+/// does (logs and skips it).
+pub fn partition_of_update(update: &Update, partitions: u32) -> u32 {
+    match crate::routing::route(update) {
+        Ok(route) => partition_of(&route.key, partitions),
+        Err(_) => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +232,17 @@ mod tests {
         }
         assert!(seen.iter().all(|&n| (700..1300).contains(&n)), "{seen:?}");
         assert_eq!(partition_of(&ScopeKey::User { id: 5 }, 1), 0);
+    }
+
+    #[test]
+    fn an_update_goes_to_its_chats_partition_and_one_without_a_scope_to_0() {
+        let update = |v: serde_json::Value| Update::from_value(v).expect("an update");
+        let chat = update(serde_json::json!({"update_id": 1, "message": {"chat": {"id": 2}}}));
+        assert_eq!(partition_of_update(&chat, 16), FIXED_PARTITIONS[1]);
+        let strange = update(serde_json::json!({"update_id": 2, "new_kind": {"x": 1}}));
+        assert_eq!(partition_of_update(&strange, 16), 0);
+        let bare = update(serde_json::json!({"update_id": 3}));
+        assert_eq!(partition_of_update(&bare, 16), 0);
     }
 
     // FNV-1a 64 of "chat:1", "chat:2", "chat:3", "chat:-100", modulo 16, as

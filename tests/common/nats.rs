@@ -4,8 +4,9 @@
 //! which puts it in the test virtualenv's `bin/`, on `PATH` under the
 //! README's test command. Each server gets free client and cluster ports, a
 //! store directory in a temp dir, and routes to the other two. A server can
-//! be killed with SIGKILL and restarted on the same ports and store. All are
-//! killed on drop. Where the binary is missing, [`NatsCluster::start`]
+//! be killed with SIGKILL and restarted on the same ports and store, or
+//! paused (SIGSTOP) and resumed (SIGCONT), as a machine that stalls. All
+//! are killed on drop, paused or not. Where the binary is missing, [`NatsCluster::start`]
 //! returns `None` after saying so on stderr, unless `ASGIGRAMD_REQUIRE_NATS`
 //! is set (as `.ci/run` does), which makes it a failure.
 
@@ -227,9 +228,33 @@ impl NatsCluster {
     /// SIGKILL to server `i`, waiting until it is gone.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.servers[i].child.take() {
+            // A paused server dies of SIGKILL all the same.
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// SIGSTOP to server `i`: it holds its connections open and answers
+    /// nothing, as a stalled machine does, until [`NatsCluster::resume`].
+    pub fn pause(&mut self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    /// SIGCONT to server `i` after [`NatsCluster::pause`].
+    pub fn resume(&mut self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, signal: libc::c_int) {
+        let child = self.servers[i]
+            .child
+            .as_ref()
+            .unwrap_or_else(|| panic!("server {i} is not running"));
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid fits in pid_t");
+        // SAFETY: kill(2) with the pid of a child this harness started and
+        // has not reaped; it touches no memory of this process.
+        let done = unsafe { libc::kill(pid, signal) };
+        assert_eq!(done, 0, "signal {signal} to server {i}");
     }
 
     /// Starts server `i` again on its ports and store.
