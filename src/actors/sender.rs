@@ -102,7 +102,7 @@ use crate::actors::worker::{Worker, Write};
 use crate::backoff::Backoff;
 use crate::bridge::ToWorker;
 use crate::settings::{AmbiguousPolicy, SenderSettings};
-use crate::telegram::limits::{message_cost, Cost, Pacer, Ticket};
+use crate::telegram::limits::{message_cost, Cost, Pacer, Pass, Ticket};
 use crate::telegram::{Bot, TelegramError};
 
 const MAX_IN_FLIGHT: usize = 64;
@@ -298,8 +298,7 @@ impl Core {
 
         // Once the free (or paid) global budget is found short, later lanes
         // may not take it: the earlier lane gets it first.
-        let mut free_blocked = false;
-        let mut paid_blocked = false;
+        let mut pass = Pass::default();
         // Walk the ready lanes in order by cursor rather than by a copy of
         // the set: the loop removes lanes as it goes, and a copy per pass
         // costs an allocation per lane on the hot path.
@@ -329,26 +328,15 @@ impl Core {
             let mut ticket = None;
             // With the limits off there is nothing to count.
             if let Some(cost) = head.cost.filter(|_| self.pacer.enabled()) {
-                let blocked = if cost.paid {
-                    &mut paid_blocked
-                } else {
-                    &mut free_blocked
-                };
-                if *blocked {
-                    continue;
+                match self.pacer.admit(&name, cost, now, &mut pass) {
+                    Ok(counted) => ticket = Some(counted),
+                    Err(again) => {
+                        if let Some(at) = again {
+                            wake_at(at);
+                        }
+                        continue;
+                    }
                 }
-                let chat_at = self.pacer.chat_ready_at(&name, cost, now);
-                if chat_at > now {
-                    wake_at(chat_at);
-                    continue;
-                }
-                let global_at = self.pacer.global_ready_at(cost, now);
-                if global_at > now {
-                    wake_at(global_at);
-                    *blocked = true;
-                    continue;
-                }
-                ticket = Some(self.pacer.record(&name, cost, now));
             }
             self.ready.remove(&key);
             // The lane and its head were looked up above.

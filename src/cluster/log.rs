@@ -131,30 +131,7 @@ impl UpdateLog {
             )]),
             ..Default::default()
         };
-        let info = match js.get_stream(&name).await {
-            Ok(mut stream) => stream
-                .info()
-                .await
-                .map_err(|e| ClusterError::engine(format!("reading stream {name}"), e))?
-                .clone(),
-            Err(_) => match js.create_stream(config).await {
-                Ok(mut stream) => stream
-                    .info()
-                    .await
-                    .map_err(|e| ClusterError::engine(format!("reading stream {name}"), e))?
-                    .clone(),
-                // Created meanwhile by another node, perhaps differently: the
-                // check below tells.
-                Err(create) => js
-                    .get_stream(&name)
-                    .await
-                    .map_err(|_| ClusterError::engine(format!("creating stream {name}"), create))?
-                    .info()
-                    .await
-                    .map_err(|e| ClusterError::engine(format!("reading stream {name}"), e))?
-                    .clone(),
-            },
-        };
+        let info = super::open_stream(js, config).await?;
         let stored = info.config.metadata.get(PARTITIONS_KEY);
         let Some(stored) = stored.and_then(|p| p.parse::<u32>().ok()) else {
             return Err(ClusterError::engine(

@@ -102,6 +102,29 @@ impl ClusterError {
     }
 }
 
+/// The stream `config` names, created with `config` on first use, or as it
+/// already is: the caller checks what matters in the answer, since another
+/// node may have created it first, perhaps with other settings.
+pub(crate) async fn open_stream(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+) -> Result<async_nats::jetstream::stream::Info, ClusterError> {
+    let name = config.name.clone();
+    let reading = |e| ClusterError::engine(format!("reading stream {name}"), e);
+    let mut stream = match js.get_stream(&name).await {
+        Ok(stream) => stream,
+        Err(_) => match js.create_stream(config).await {
+            Ok(stream) => stream,
+            // Created meanwhile by another node.
+            Err(create) => js
+                .get_stream(&name)
+                .await
+                .map_err(|_| ClusterError::engine(format!("creating stream {name}"), create))?,
+        },
+    };
+    Ok(stream.info().await.map_err(reading)?.clone())
+}
+
 /// The bot's numeric id: the part of its token before the ':'.
 pub fn bot_id(token: &BotToken) -> Result<u64, ClusterError> {
     token

@@ -170,30 +170,7 @@ impl Outbox {
             duplicate_window: settings.duplicate_window,
             ..Default::default()
         };
-        let info = match js.get_stream(&name).await {
-            Ok(mut s) => s
-                .info()
-                .await
-                .map_err(|e| ClusterError::engine(format!("reading stream {name}"), e))?
-                .clone(),
-            Err(_) => match js.create_stream(config).await {
-                Ok(mut s) => s
-                    .info()
-                    .await
-                    .map_err(|e| ClusterError::engine(format!("reading stream {name}"), e))?
-                    .clone(),
-                // Created meanwhile by another node: the check below tells
-                // whether it is usable.
-                Err(create) => js
-                    .get_stream(&name)
-                    .await
-                    .map_err(|_| ClusterError::engine(format!("creating stream {name}"), create))?
-                    .info()
-                    .await
-                    .map_err(|e| ClusterError::engine(format!("reading stream {name}"), e))?
-                    .clone(),
-            },
-        };
+        let info = super::open_stream(js, config).await?;
         if info.config.retention != stream::RetentionPolicy::WorkQueue {
             // Without it a call acknowledged stays, and a new sender's
             // consumer, reading from the start, would see it again.

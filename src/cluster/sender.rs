@@ -87,7 +87,7 @@ use super::ClusterError;
 use crate::actors::call::{chat_of, Outcome};
 use crate::backoff::Backoff;
 use crate::settings::{AmbiguousPolicy, SenderSettings};
-use crate::telegram::limits::{message_cost, Cost, Pacer, Ticket};
+use crate::telegram::limits::{message_cost, Cost, Pacer, Pass, Ticket};
 use crate::telegram::{Bot, TelegramError};
 
 /// The lease's key in the lease bucket.
@@ -637,8 +637,8 @@ impl<M> Lanes<M> {
             .filter_map(|(name, l)| l.queue.front().map(|w| (w.sequence, name.clone())))
             .collect();
         ready.sort_unstable();
-        let mut free_blocked = false;
-        let mut paid_blocked = false;
+        // The oldest lane gets a short overall budget first.
+        let mut pass = Pass::default();
         for (_, name) in ready {
             if starts.len() >= room {
                 break;
@@ -657,26 +657,15 @@ impl<M> Lanes<M> {
             // pacer's anchor is no earlier than Telegram's count.
             let paced = head.cost.filter(|_| head.marked && self.pacer.enabled());
             if let Some(cost) = paced {
-                let blocked = if cost.paid {
-                    &mut paid_blocked
-                } else {
-                    &mut free_blocked
-                };
-                if *blocked {
-                    continue;
+                match self.pacer.admit(&name, cost, now, &mut pass) {
+                    Ok(counted) => ticket = Some(counted),
+                    Err(again) => {
+                        if let Some(at) = again {
+                            wake_at(at);
+                        }
+                        continue;
+                    }
                 }
-                let chat_at = self.pacer.chat_ready_at(&name, cost, now);
-                if chat_at > now {
-                    wake_at(chat_at);
-                    continue;
-                }
-                let global_at = self.pacer.global_ready_at(cost, now);
-                if global_at > now {
-                    wake_at(global_at);
-                    *blocked = true;
-                    continue;
-                }
-                ticket = Some(self.pacer.record(&name, cost, now));
             }
             // Its head was looked at just above.
             let waiting = lane.queue.pop_front().expect("a listed lane has a head");

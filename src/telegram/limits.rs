@@ -233,6 +233,14 @@ struct ChatPace {
     group: Option<Window>,
 }
 
+/// One pass of [`Pacer::admit`] over the waiting chats: whether the free
+/// and the paid overall budget were found short in it.
+#[derive(Debug, Default)]
+pub struct Pass {
+    free_short: bool,
+    paid_short: bool,
+}
+
 /// The pacing decisions, free of actors and of real time: every method takes
 /// `now`, so tests drive it with made-up instants.
 #[derive(Debug)]
@@ -319,6 +327,38 @@ impl Pacer {
     pub fn ready_at(&self, chat: &str, cost: Cost, now: Instant) -> Instant {
         self.chat_ready_at(chat, cost, now)
             .max(self.global_ready_at(cost, now))
+    }
+
+    /// Admits a send of `cost` to `chat` at `now` within one pass over the
+    /// waiting chats in their order: a ticket (the send is counted), or
+    /// `Err(Some(at))` to look again at `at`, or `Err(None)` when an earlier
+    /// chat in this pass already found the overall budget short, which it
+    /// then gets first.
+    pub fn admit(
+        &mut self,
+        chat: &str,
+        cost: Cost,
+        now: Instant,
+        pass: &mut Pass,
+    ) -> Result<Ticket, Option<Instant>> {
+        let short = if cost.paid {
+            &mut pass.paid_short
+        } else {
+            &mut pass.free_short
+        };
+        if *short {
+            return Err(None);
+        }
+        let chat_at = self.chat_ready_at(chat, cost, now);
+        if chat_at > now {
+            return Err(Some(chat_at));
+        }
+        let global_at = self.global_ready_at(cost, now);
+        if global_at > now {
+            *short = true;
+            return Err(Some(global_at));
+        }
+        Ok(self.record(chat, cost, now))
     }
 
     /// Counts a send of `cost` to `chat` made at `now`. Call
@@ -514,6 +554,38 @@ mod tests {
             paid: true,
         };
         assert_eq!(p.ready_at("99", paid, t0 + ms(30)), t0 + ms(30));
+    }
+
+    #[test]
+    fn a_pass_gives_a_short_overall_budget_to_the_first_chat_that_found_it_short() {
+        let mut p = Pacer::new(Limits {
+            chat_burst: 1,
+            ..limits()
+        });
+        let t0 = Instant::now();
+        let mut pass = Pass::default();
+        for chat in 0..30 {
+            assert!(p.admit(&chat.to_string(), ONE, t0, &mut pass).is_ok());
+        }
+        // The 31st chat learns when the window has room again; every later
+        // chat in the same pass waits behind it, with no time of its own.
+        assert_eq!(p.admit("30", ONE, t0, &mut pass), Err(Some(t0 + ms(1050))));
+        assert_eq!(p.admit("31", ONE, t0, &mut pass), Err(None));
+        // The paid budget is another one, and a chat's own limit says when.
+        let paid = Cost {
+            messages: 1,
+            paid: true,
+        };
+        assert!(p.admit("32", paid, t0, &mut pass).is_ok());
+        // A chat's own limit holds back that chat only.
+        let mut next = Pass::default();
+        let later = t0 + ms(1050);
+        assert!(p.admit("30", ONE, later, &mut next).is_ok());
+        let Err(Some(at)) = p.admit("30", ONE, later, &mut next) else {
+            panic!("chat 30 sent again at once")
+        };
+        assert!(at > later);
+        assert!(p.admit("31", ONE, later, &mut next).is_ok());
     }
 
     #[test]
