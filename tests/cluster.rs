@@ -9,6 +9,7 @@
 //! "within the lease time plus a margin".
 
 mod common;
+#[macro_use]
 #[path = "common/nats.rs"]
 mod nats;
 
@@ -69,18 +70,6 @@ async fn stream_info(url: &str, name: &str) -> async_nats::jetstream::stream::In
         .await
         .expect("stream info")
         .clone()
-}
-
-macro_rules! cluster_or_skip {
-    ($test:expr) => {
-        match NatsCluster::start($test) {
-            Some(nats) => {
-                nats.wait_ready().await;
-                nats
-            }
-            None => return,
-        }
-    };
 }
 
 /// Rounds of the all-at-once race, enough to lose some by a hair.

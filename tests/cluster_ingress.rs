@@ -16,6 +16,7 @@
 //! lease could have expired".
 
 mod common;
+#[macro_use]
 #[path = "common/nats.rs"]
 mod nats;
 
@@ -127,20 +128,6 @@ impl Node {
     fn holding(&self) -> bool {
         self.status.borrow().holding
     }
-}
-
-macro_rules! cluster_or_skip {
-    ($test:expr) => {{
-        // The daemon's lines, shown with a failing test's output.
-        let _ = env_logger::builder().is_test(true).try_init();
-        match NatsCluster::start($test) {
-            Some(nats) => {
-                nats.wait_ready().await;
-                nats
-            }
-            None => return,
-        }
-    }};
 }
 
 /// Polls `cond` every 50 ms until it holds or `deadline` passes.

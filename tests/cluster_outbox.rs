@@ -11,6 +11,7 @@
 //! by a fake executor that records what it made, where and when. Timing is
 //! asserted only as lower bounds (pacing) or with wide margins.
 
+#[macro_use]
 #[path = "common/nats.rs"]
 mod nats;
 
@@ -45,18 +46,6 @@ const RENEW: Duration = Duration::from_secs(1);
 /// Generous: every call of a test answered, takeovers included, on a
 /// loaded machine.
 const ANSWER_DEADLINE: Duration = Duration::from_secs(60);
-
-macro_rules! cluster_or_skip {
-    ($test:expr) => {
-        match NatsCluster::start($test) {
-            Some(nats) => {
-                nats.wait_ready().await;
-                nats
-            }
-            None => return,
-        }
-    };
-}
 
 fn settings(nats: &NatsCluster, node: &str, ttl: Duration) -> ClusterSettings {
     ClusterSettings {

@@ -17,6 +17,7 @@
 //! machine). Waits poll with generous deadlines; no test asserts how fast
 //! anything happened.
 
+#[macro_use]
 #[path = "common/nats.rs"]
 mod nats;
 
@@ -71,20 +72,6 @@ fn owner_settings() -> OwnerSettings {
         pull_wait: Duration::from_millis(500),
         drain_timeout: Duration::from_secs(10),
     }
-}
-
-macro_rules! cluster_or_skip {
-    ($test:expr) => {{
-        // RUST_LOG=asgigramd::cluster=info shows the owners' decisions.
-        let _ = env_logger::builder().is_test(true).try_init();
-        match NatsCluster::start($test) {
-            Some(nats) => {
-                nats.wait_ready().await;
-                nats
-            }
-            None => return,
-        }
-    }};
 }
 
 /// One delivery as a receiver saw it.

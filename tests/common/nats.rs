@@ -275,3 +275,20 @@ impl Drop for NatsCluster {
         }
     }
 }
+
+/// Starts a cluster for the test named `$test` and waits until it takes
+/// three-replica streams, or returns from the test where `nats-server` is
+/// missing (see [`NatsCluster::start`]). The daemon's log lines go with a
+/// failing test's output (`RUST_LOG=asgigramd::cluster=info` for more).
+macro_rules! cluster_or_skip {
+    ($test:expr) => {{
+        let _ = env_logger::builder().is_test(true).try_init();
+        match crate::nats::NatsCluster::start($test) {
+            Some(nats) => {
+                nats.wait_ready().await;
+                nats
+            }
+            None => return,
+        }
+    }};
+}
