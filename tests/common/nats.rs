@@ -280,6 +280,8 @@ impl Drop for NatsCluster {
 /// three-replica streams, or returns from the test where `nats-server` is
 /// missing (see [`NatsCluster::start`]). The daemon's log lines go with a
 /// failing test's output (`RUST_LOG=asgigramd::cluster=info` for more).
+// benches/cluster_log.rs includes this file for `NatsCluster` alone.
+#[allow(unused_macros)]
 macro_rules! cluster_or_skip {
     ($test:expr) => {{
         let _ = env_logger::builder().is_test(true).try_init();
