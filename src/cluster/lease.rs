@@ -307,17 +307,10 @@ pub(crate) fn holder_of(value: &[u8]) -> Option<String> {
 /// 10164, the same error without the sequence in its text; the client
 /// library names only the first.
 pub(crate) fn lost_race(e: &kv::UpdateError) -> bool {
-    if e.kind() == UpdateErrorKind::WrongLastRevision {
-        return true;
-    }
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if let Some(js) = c.downcast_ref::<jetstream::Error>() {
-            return js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT;
-        }
-        cause = c.source();
-    }
-    false
+    e.kind() == UpdateErrorKind::WrongLastRevision
+        || super::cause::<jetstream::Error>(e).is_some_and(|js| {
+            js.error_code() == jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+        })
 }
 
 /// How often, and how far apart, a write that found no stream is tried
@@ -332,14 +325,8 @@ const NO_STREAM_PAUSE: Duration = Duration::from_millis(100);
 /// Whether a write failed because the server it reached routes no stream
 /// for the key's subject (yet).
 fn no_stream_yet(e: &kv::UpdateError) -> bool {
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if let Some(publish) = c.downcast_ref::<jetstream::context::PublishError>() {
-            return publish.kind() == jetstream::context::PublishErrorKind::StreamNotFound;
-        }
-        cause = c.source();
-    }
-    false
+    super::cause::<jetstream::context::PublishError>(e)
+        .is_some_and(|p| p.kind() == jetstream::context::PublishErrorKind::StreamNotFound)
 }
 
 /// Until when a lease written at `sent` is safely the writer's (see the

@@ -45,17 +45,10 @@ const AGAIN_WAIT: Duration = Duration::from_millis(100);
 /// server reached routes no stream for the subject yet (a stream another
 /// node has just created).
 fn send_again(e: &jetstream::context::PublishError) -> bool {
-    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
-        return true;
-    }
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        if let Some(js) = c.downcast_ref::<jetstream::Error>() {
-            return js.error_code() == jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT;
-        }
-        cause = c.source();
-    }
-    false
+    e.kind() == jetstream::context::PublishErrorKind::StreamNotFound
+        || super::cause::<jetstream::Error>(e).is_some_and(|js| {
+            js.error_code() == jetstream::ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT
+        })
 }
 
 /// The stream's name for a bot.

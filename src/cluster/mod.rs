@@ -102,6 +102,22 @@ impl ClusterError {
     }
 }
 
+/// The first error of type `T` among `e`'s sources: the client library
+/// wraps the server's answer (its JetStream error code) in errors of its
+/// own, some of which name no kind for it.
+pub(crate) fn cause<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut source = e.source();
+    while let Some(c) = source {
+        if let Some(t) = c.downcast_ref::<T>() {
+            return Some(t);
+        }
+        source = c.source();
+    }
+    None
+}
+
 /// The stream `config` names, created with `config` on first use, or as it
 /// already is: the caller checks what matters in the answer, since another
 /// node may have created it first, perhaps with other settings.
