@@ -102,7 +102,7 @@ use serde_json::{json, Value};
 use tokio::sync::{oneshot, Notify};
 
 use actors::ingress::{Ingress, Open};
-use actors::outbox::{Flush, Outbox, Recover};
+use actors::outbox::{Flush, Outbox, OutboxLink, Recover};
 use actors::poller::Delivery;
 use actors::poller::{Poller, Start, StopPolling};
 use actors::sender::{Drained, Sender};
@@ -181,16 +181,10 @@ pub enum RunError {
     /// waiting for what is still shutting down. The log has said so.
     #[error("interrupted by a second signal")]
     Interrupted,
-    /// `[cluster]` is configured, but this version cannot run as a cluster
-    /// node yet; running as a single node instead would poll beside the
-    /// cluster's poller and keep updates in a local journal the other nodes
-    /// never see.
-    #[error(
-        "cluster mode ([cluster] with cluster.nats_urls set) is not yet available in this \
-         version (docs/cluster.md says what exists); leave cluster.nats_urls empty to run \
-         a single node"
-    )]
-    ClusterUnavailable,
+    /// Cluster mode: the engine cannot be reached or refused what the
+    /// node asked for at start, or the ingress stopped for good.
+    #[error("cluster: {0}")]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// What the journal held at start.
@@ -363,11 +357,11 @@ fn journal_name(settings: &Settings) -> String {
 /// Runs the daemon until a signal (or `stop`) asks it to stop.
 /// Must be awaited inside an actix `System`.
 pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), RunError> {
-    if settings.cluster.is_some() {
-        return Err(RunError::ClusterUnavailable);
-    }
     for secret in settings.secrets() {
         ops::logging::register_secret(secret);
+    }
+    if let Some(cluster) = settings.cluster.clone() {
+        return cluster::node::run(settings, cluster, stop).await;
     }
     let bot = Bot::new(
         &settings.telegram.api_url,
@@ -407,7 +401,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     // First in the Outbox's mailbox: repeats of calls made before the
     // restart must be known before any app runs.
     outbox.do_send(Recover(unsent));
-    let supervisor = Supervisor::new(settings.clone(), outbox.clone()).start();
+    let supervisor = Supervisor::new(settings.clone(), OutboxLink::to(&outbox)).start();
     // Only where a program can reach it: an endpoint, and a token to open it.
     let ingress = settings
         .http
@@ -430,53 +424,9 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
         let _operations =
             ops::http::start_operations(listener, &settings, &supervisor, ingress.clone())?;
 
-        log::info!("Waiting for application startup.");
-        // getMe runs while the workers import the app: their lifespan scope
-        // starts once it has the bot, and an app that cannot be imported
-        // stops the daemon without waiting for Telegram.
-        let mut startup = Startup(Some(supervisor.send(WaitReady).await?));
-        let me = tokio::select! {
-            me = get_me(&bot) => me,
-            e = startup.failed() => {
-                // As when readiness failed after getMe: the workers are
-                // told to stop, and the error is shown at once.
-                supervisor.do_send(StopWorkers {
-                    grace: Duration::ZERO,
-                });
-                return Err(e);
-            }
-            _ = shutdown.wait() => {
-                stop_workers(&supervisor, Duration::ZERO, settings.shutdown.worker_timeout).await;
-                return Ok(());
-            }
+        let Some(name) = start_apps(&settings, &supervisor, &bot, &shutdown).await? else {
+            return Ok(());
         };
-        let me = match me {
-            Ok(me) => me,
-            Err(e) => {
-                stop_workers(
-                    &supervisor,
-                    Duration::ZERO,
-                    settings.shutdown.worker_timeout,
-                )
-                .await;
-                return Err(e);
-            }
-        };
-        let name = me
-            .get("username")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_string();
-        supervisor.do_send(SetBot(me));
-        startup
-            .ready(settings.app.startup_timeout)
-            .await
-            .inspect_err(|_| {
-                supervisor.do_send(StopWorkers {
-                    grace: Duration::ZERO,
-                });
-            })?;
-        log::info!("Application startup complete.");
         if !replayed.is_empty() {
             log::info!(
                 "Delivering {} update(s) left in the journal",
@@ -597,17 +547,7 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
             Intake::Webhook(server) => server.stop(true).await,
         }
         let grace = settings.scopes.disconnect_grace;
-        match supervisor.send(CloseAll).await {
-            Ok(rx) => {
-                if tokio::time::timeout(grace + Duration::from_secs(2), rx)
-                    .await
-                    .is_err()
-                {
-                    log::warn!("some scopes did not end within the grace period");
-                }
-            }
-            Err(e) => log::warn!("closing scopes: {e}"),
-        }
+        close_scopes(&supervisor, grace).await;
         let _ = outbox.send(Flush).await;
         let drain = settings.shutdown.drain_timeout;
         if tokio::time::timeout(drain, sender.send(Drained))
@@ -637,6 +577,61 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
     }
 }
 
+/// Starts the apps: getMe runs while the workers import the app, then
+/// readiness is awaited within `app.startup_timeout`. Returns the bot's
+/// username, or `None` when a signal came first; on an error or a signal
+/// the workers are told to stop.
+pub(crate) async fn start_apps(
+    settings: &Settings,
+    supervisor: &Addr<Supervisor>,
+    bot: &Bot,
+    shutdown: &ShutdownSignal,
+) -> Result<Option<String>, RunError> {
+    log::info!("Waiting for application startup.");
+    // getMe runs while the workers import the app: their lifespan scope
+    // starts once it has the bot, and an app that cannot be imported
+    // stops the daemon without waiting for Telegram.
+    let mut startup = Startup(Some(supervisor.send(WaitReady).await?));
+    let me = tokio::select! {
+        me = get_me(bot) => me,
+        e = startup.failed() => {
+            // As when readiness failed after getMe: the workers are
+            // told to stop, and the error is shown at once.
+            supervisor.do_send(StopWorkers {
+                grace: Duration::ZERO,
+            });
+            return Err(e);
+        }
+        _ = shutdown.wait() => {
+            stop_workers(supervisor, Duration::ZERO, settings.shutdown.worker_timeout).await;
+            return Ok(None);
+        }
+    };
+    let me = match me {
+        Ok(me) => me,
+        Err(e) => {
+            stop_workers(supervisor, Duration::ZERO, settings.shutdown.worker_timeout).await;
+            return Err(e);
+        }
+    };
+    let name = me
+        .get("username")
+        .and_then(Value::as_str)
+        .unwrap_or("?")
+        .to_string();
+    supervisor.do_send(SetBot(me));
+    startup
+        .ready(settings.app.startup_timeout)
+        .await
+        .inspect_err(|_| {
+            supervisor.do_send(StopWorkers {
+                grace: Duration::ZERO,
+            });
+        })?;
+    log::info!("Application startup complete.");
+    Ok(Some(name))
+}
+
 /// How updates come in: polled, or pushed to the webhook receiver.
 enum Intake {
     Poller(Addr<Poller>),
@@ -652,7 +647,7 @@ pub async fn check(mut settings: Settings) -> Result<(), RunError> {
         settings.telegram.http_timeout,
     );
     let (_, outbox) = start_sending(bot, &settings, None);
-    let supervisor = Supervisor::new(settings.clone(), outbox)
+    let supervisor = Supervisor::new(settings.clone(), OutboxLink::to(&outbox))
         .without_lifespan_calls()
         .start();
     // No getMe: the check needs no Telegram, and its lifespan scope no bot.
@@ -704,9 +699,28 @@ impl Startup {
     }
 }
 
+/// Disconnects every scope, each instance given `grace` to end.
+pub(crate) async fn close_scopes(supervisor: &Addr<Supervisor>, grace: Duration) {
+    match supervisor.send(CloseAll).await {
+        Ok(rx) => {
+            if tokio::time::timeout(grace + Duration::from_secs(2), rx)
+                .await
+                .is_err()
+            {
+                log::warn!("some scopes did not end within the grace period");
+            }
+        }
+        Err(e) => log::warn!("closing scopes: {e}"),
+    }
+}
+
 /// Ends the workers: instances get `grace` seconds, the processes
 /// `deadline` more to run lifespan shutdown and exit.
-async fn stop_workers(supervisor: &Addr<Supervisor>, grace: Duration, deadline: Duration) {
+pub(crate) async fn stop_workers(
+    supervisor: &Addr<Supervisor>,
+    grace: Duration,
+    deadline: Duration,
+) {
     if let Ok(rx) = supervisor.send(StopWorkers { grace }).await {
         if tokio::time::timeout(grace + deadline, rx).await.is_err() {
             log::warn!("workers did not exit within the deadline; killing them");
@@ -744,13 +758,13 @@ async fn confirm_offset(bot: &Bot, offset: i64) {
 
 /// SIGTERM, SIGINT, or a programmatic stop. A second signal makes
 /// [`ShutdownSignal::forced`] resolve, and `run` returns at once.
-struct ShutdownSignal {
+pub(crate) struct ShutdownSignal {
     notify: Arc<Notify>,
     forced: Rc<Notify>,
 }
 
 impl ShutdownSignal {
-    fn install(stop: Option<Arc<Notify>>) -> Result<ShutdownSignal, RunError> {
+    pub(crate) fn install(stop: Option<Arc<Notify>>) -> Result<ShutdownSignal, RunError> {
         use tokio::signal::unix::SignalKind;
         let notify = stop.unwrap_or_default();
         let handler = |signal: &'static str, kind: SignalKind| {
@@ -771,12 +785,12 @@ impl ShutdownSignal {
         Ok(ShutdownSignal { notify, forced })
     }
 
-    async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         self.notify.notified().await
     }
 
     /// Resolves at the second signal.
-    async fn forced(&self) {
+    pub(crate) async fn forced(&self) {
         self.forced.notified().await
     }
 }

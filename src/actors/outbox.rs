@@ -61,6 +61,37 @@ use crate::ops::metrics::metrics;
 #[rtype(result = "()")]
 pub struct Done(pub Vec<i64>);
 
+/// Where the scopes and workers send the calls their apps make and the
+/// updates they are done with: on a single node the [`Outbox`] in front of
+/// the journal, in a cluster the relay to the engine
+/// (`cluster::relay::Relay`). They see no difference.
+#[derive(Clone)]
+pub struct OutboxLink {
+    calls: Recipient<Call>,
+    done: Recipient<Done>,
+}
+
+impl OutboxLink {
+    pub fn to<A>(addr: &Addr<A>) -> OutboxLink
+    where
+        A: Actor + Handler<Call> + Handler<Done>,
+        A::Context: actix::dev::ToEnvelope<A, Call> + actix::dev::ToEnvelope<A, Done>,
+    {
+        OutboxLink {
+            calls: addr.clone().recipient(),
+            done: addr.clone().recipient(),
+        }
+    }
+
+    pub fn call(&self, call: Call) {
+        self.calls.do_send(call);
+    }
+
+    pub fn done(&self, updates: Vec<i64>) {
+        self.done.do_send(Done(updates));
+    }
+}
+
 /// A tracked call (one with a row or a cause) has its final outcome: from
 /// the Sender.
 #[derive(Message)]

@@ -46,7 +46,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::actors::call::{Call, CallDone, Cause, ReplyTo};
-use crate::actors::outbox::{Done, Outbox};
+use crate::actors::outbox::OutboxLink;
 use crate::actors::worker::{Attach, Death, InstanceMsg, Worker, Write};
 use crate::bridge::{Event, Outgoing, OutgoingError, ScopeDict, Sid, ToWorker};
 use crate::routing::{Conversation, ScopeKey};
@@ -157,7 +157,7 @@ struct InHand {
 pub struct ScopeLinks {
     pub worker: Addr<Worker>,
     pub supervisor: Recipient<ScopeReport>,
-    pub outbox: Addr<Outbox>,
+    pub outbox: OutboxLink,
     /// How long a closed instance may take to end before it is cancelled.
     pub grace: Duration,
 }
@@ -297,7 +297,7 @@ impl ScopeActor {
     /// The instance is done with the update in hand.
     fn finish_in_hand(&mut self) {
         if let Some(h) = self.in_hand.take() {
-            self.links.outbox.do_send(Done(vec![h.update_id]));
+            self.links.outbox.done(vec![h.update_id]);
         }
     }
 
@@ -390,7 +390,7 @@ impl ScopeActor {
             });
             h.calls += 1;
         }
-        self.links.outbox.do_send(call);
+        self.links.outbox.call(call);
     }
 
     /// `chat_id` (and a business conversation's `business_connection_id`) default to

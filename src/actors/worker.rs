@@ -36,7 +36,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use crate::actors::call::{Call, CallDone, Outcome, ReplyTo};
-use crate::actors::outbox::Outbox;
+use crate::actors::outbox::OutboxLink;
 use crate::bridge::{self, FromWorker, Outgoing, OutgoingError, Sid, ToWorker, LIFESPAN_SID};
 use crate::settings::AppSettings;
 
@@ -162,7 +162,7 @@ pub struct Worker {
     supervisor: Recipient<WorkerEvent>,
     /// Where the lifespan scope's calls go; `None` under `--check`, which
     /// makes none.
-    outbox: Option<Addr<Outbox>>,
+    outbox: Option<OutboxLink>,
     /// The `bot` frame is written: the lifespan scope may start.
     bot_given: bool,
     pid: u32,
@@ -196,7 +196,7 @@ impl Worker {
         index: usize,
         app: AppSettings,
         supervisor: Recipient<WorkerEvent>,
-        outbox: Option<Addr<Outbox>>,
+        outbox: Option<OutboxLink>,
     ) -> Worker {
         Worker {
             index,
@@ -383,7 +383,7 @@ impl Worker {
             return;
         };
         let call = Call::new(method, params, reply).from_worker(ctx.address());
-        outbox.do_send(if download { call.as_download() } else { call });
+        outbox.call(if download { call.as_download() } else { call });
     }
 
     fn kill(&mut self, why: &'static str) {

@@ -13,8 +13,10 @@ pub mod ingress;
 pub mod lease;
 pub mod log;
 pub mod membership;
+pub mod node;
 pub mod outbox;
 pub mod partitions;
+pub mod relay;
 pub mod sender;
 pub mod status;
 
@@ -83,6 +85,17 @@ pub enum ClusterError {
     /// answers bucket).
     #[error("call id {id:?} is not usable: letters, digits, '-', '_', '=' and inner dots only")]
     CallId { id: String },
+    /// The call, as stored, is larger than the NATS servers take in one
+    /// message (their `max_payload`): it can never be stored.
+    #[error(
+        "call {id} is {size} bytes as stored, more than the NATS servers' max_payload of {limit} \
+         bytes; it is not made (raise max_payload on the servers for calls this large)"
+    )]
+    CallTooLarge {
+        id: String,
+        size: usize,
+        limit: usize,
+    },
     /// No answer to the call within the time the caller allowed; the call
     /// stays in the outbox and asking again with its id gets its answer.
     #[error("call {id}: no answer from the sender within {after:?}")]

@@ -322,6 +322,34 @@ impl Requester {
                 state: PendingState::Answered(outcome),
             });
         }
+        self.publish(id, method, params).await?;
+        Ok(Pending {
+            id: id.to_string(),
+            state: PendingState::Waiting(Box::new(watch)),
+        })
+    }
+
+    /// Stores call `id` for the sender, for a caller that does not wait for
+    /// its answer: no watch, no read of the answers bucket. A call answered
+    /// before is stored again only to be acknowledged by the sender
+    /// unmade, and one still in the duplicate window not at all.
+    pub async fn store(
+        &self,
+        id: &str,
+        method: &str,
+        params: Map<String, Value>,
+    ) -> Result<(), ClusterError> {
+        check_id(id)?;
+        self.publish(id, method, params).await
+    }
+
+    /// Publishes the call and waits for the stream's acknowledgement.
+    async fn publish(
+        &self,
+        id: &str,
+        method: &str,
+        params: Map<String, Value>,
+    ) -> Result<(), ClusterError> {
         let call = StoredCall {
             id: id.to_string(),
             method: method.to_string(),
@@ -329,6 +357,14 @@ impl Requester {
         };
         // A StoredCall is strings and JSON values: it always serializes.
         let payload = serde_json::to_vec(&call).expect("a StoredCall serializes");
+        let limit = self.outbox.js.client().server_info().max_payload;
+        if payload.len() > limit {
+            return Err(ClusterError::CallTooLarge {
+                id: id.to_string(),
+                size: payload.len(),
+                limit,
+            });
+        }
         let message = PublishMessage::build()
             .payload(payload.into())
             .message_id(id)
@@ -341,10 +377,7 @@ impl Requester {
             .map_err(|e| ClusterError::engine(format!("storing call {id}"), e))?;
         ack.await
             .map_err(|e| ClusterError::engine(format!("storing call {id}"), e))?;
-        Ok(Pending {
-            id: id.to_string(),
-            state: PendingState::Waiting(Box::new(watch)),
-        })
+        Ok(())
     }
 
     /// [`Requester::submit`], then [`Pending::answer`].

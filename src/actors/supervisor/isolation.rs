@@ -10,7 +10,6 @@ use actix::prelude::*;
 
 use super::quarantine::{Verdict, ISOLATED_DEATHS};
 use super::{Supervisor, MOVED};
-use crate::actors::outbox::Done;
 use crate::actors::worker::{describe, Death, ShutdownWorker};
 use crate::bridge::Event;
 use crate::ops::metrics::metrics;
@@ -64,7 +63,7 @@ impl Supervisor {
                         ISOLATED_DEATHS
                     );
                     leftover.remove(0);
-                    self.outbox.do_send(Done(vec![id]));
+                    self.outbox.done(vec![id]);
                     self.backlog.remove(1);
                     metrics().updates_dropped.inc();
                 }

@@ -89,7 +89,7 @@ use quarantine::Quarantine;
 use reload::{Exit, Next, Reload};
 use scopes::{IdleReport, Scope, ScopeTable};
 
-use crate::actors::outbox::{Done, Outbox};
+use crate::actors::outbox::OutboxLink;
 use crate::actors::poller::Backpressure;
 use crate::actors::scope::{
     Close, Enqueue, ScopeActor, ScopeLinks, ScopeReport, Stopped, Terminate, SHUTDOWN,
@@ -200,7 +200,7 @@ pub struct Supervisor {
     settings: Settings,
     /// Where scopes send their calls and finished updates; skipped and
     /// dropped updates are finished here.
-    outbox: Addr<Outbox>,
+    outbox: OutboxLink,
     /// The bot's User object, encoded once for every scope dict.
     bot: Rc<RawValue>,
     /// [`SetBot`] came: workers get the bot as they start.
@@ -232,7 +232,7 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(settings: Settings, outbox: Addr<Outbox>) -> Supervisor {
+    pub fn new(settings: Settings, outbox: OutboxLink) -> Supervisor {
         Supervisor {
             scopes: ScopeTable::new(settings.scopes.max_scopes),
             backlog: Backlog::new(settings.journal.max_undelivered),
@@ -334,7 +334,7 @@ impl Supervisor {
             batches[at].2.push(event);
         }
         if !skipped.is_empty() {
-            self.outbox.do_send(Done(skipped));
+            self.outbox.done(skipped);
         }
         for (key, subject, events) in batches {
             if !events.is_empty() {

@@ -1,0 +1,328 @@
+//! The daemon as a cluster node: the single node's apps (Supervisor, scopes,
+//! workers) with the cluster's parts around them in place of the journal,
+//! the Poller and the Sender (docs/cluster.md, "A node").
+//!
+//! Every node runs every part and the engine decides who does what: the
+//! [`Ingress`] polls only while it holds the `ingress` lease (or, with a
+//! webhook, every node stores what Telegram posts to it); the [`Owner`]
+//! takes the partitions assigned to this node and hands their updates to
+//! the scopes; the [`Relay`] stores the apps' calls in the engine's outbox
+//! and acknowledges updates the apps are done with; the [`ElectedSender`]
+//! makes the bot's calls only while it holds the `sender` lease.
+//!
+//! Shutdown (SIGTERM) hands over before it stops: the ingress lease is
+//! released; the Owner withdraws this node, lets the scopes finish the
+//! updates in hand and releases its partitions (their next owners deliver
+//! nothing twice); then the scopes close, the Relay stores what they sent
+//! last, the sender finishes its calls in flight and releases its lease, and
+//! the workers end.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::partitions::{Delivery, OwnerSettings};
+use super::relay::{Held, Relay};
+use super::{
+    bot_id, BotExecutor, ClusterError, ElectedSender, Ingress, Leases, Membership, Owner, UpdateLog,
+};
+use crate::actors::outbox::{Flush, OutboxLink};
+use crate::actors::sender::Sender;
+use crate::actors::supervisor::{Dispatch, Supervisor};
+use crate::settings::{ClusterSettings, Settings};
+use crate::telegram::{Bot, Update};
+use crate::{ops, RunError};
+
+/// Updates in hand per partition, delivered to the scopes and not yet done:
+/// enough to keep every worker busy, few enough that a takeover redelivers
+/// little.
+const IN_HAND_PER_PARTITION: usize = 64;
+
+/// Runs the daemon as a cluster node until a signal (or `stop`) asks it to
+/// stop. Must be awaited inside an actix `System`.
+pub async fn run(
+    settings: Settings,
+    cluster: ClusterSettings,
+    stop: Option<Arc<Notify>>,
+) -> Result<(), RunError> {
+    let bot = Bot::new(
+        &settings.telegram.api_url,
+        &settings.telegram.token,
+        settings.telegram.http_timeout,
+    );
+    log::info!(
+        "asgigramd {} starting as cluster node {}: app={} workers={} python={}",
+        env!("CARGO_PKG_VERSION"),
+        cluster.node_id,
+        settings.app.application,
+        settings.app.workers,
+        settings.app.python
+    );
+    if settings.http.api_token.is_some() {
+        log::warn!(
+            "http.api_token: the push API (/v1) is not available in cluster mode yet; \
+             it is not served"
+        );
+    }
+    let listener = crate::ops::http::bind(&settings)?;
+    let webhook_listener =
+        match &settings.webhook {
+            Some(hook) => Some(crate::actors::webhook::bind(hook).map_err(|source| {
+                RunError::WebhookListen {
+                    addr: hook.listen,
+                    source,
+                }
+            })?),
+            None => None,
+        };
+    let shutdown = crate::ShutdownSignal::install(stop)?;
+    let parts = tokio::select! {
+        parts = Parts::open(&settings, &cluster) => parts?,
+        _ = shutdown.wait() => return Ok(()),
+        () = shutdown.forced() => return Err(RunError::Interrupted),
+    };
+    let serve = serve(
+        settings,
+        cluster,
+        bot,
+        parts,
+        listener,
+        webhook_listener,
+        &shutdown,
+    );
+    tokio::select! {
+        result = serve => result,
+        () = shutdown.forced() => Err(RunError::Interrupted),
+    }
+}
+
+/// What a node opens in the engine before anything runs.
+struct Parts {
+    js: async_nats::jetstream::Context,
+    leases: Leases,
+    log: UpdateLog,
+    outbox: super::Outbox,
+}
+
+impl Parts {
+    /// Connects and opens (creating where missing) the bot's streams and
+    /// buckets; a partition count or lease TTL that differs from what the
+    /// engine holds stops the node here.
+    async fn open(settings: &Settings, cluster: &ClusterSettings) -> Result<Parts, ClusterError> {
+        let id = bot_id(&settings.telegram.token)?;
+        let js = super::connect(cluster).await?;
+        let leases = Leases::open(&js, id, cluster).await?;
+        let log = UpdateLog::open(&js, id, cluster).await?;
+        let outbox = super::Outbox::open(&js, id, cluster).await?;
+        log::info!(
+            "cluster: connected; update log {} ({} partitions), outbox {}",
+            log.stream(),
+            log.partitions(),
+            outbox.stream()
+        );
+        Ok(Parts {
+            js,
+            leases,
+            log,
+            outbox,
+        })
+    }
+}
+
+/// Stops one part: its `run` awaits the receiving end.
+fn stopper() -> (oneshot::Sender<()>, impl Future<Output = ()> + 'static) {
+    let (tx, rx) = oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}
+
+async fn serve(
+    settings: Settings,
+    cluster: ClusterSettings,
+    bot: Bot,
+    parts: Parts,
+    listener: Option<std::net::TcpListener>,
+    webhook_listener: Option<std::net::TcpListener>,
+    shutdown: &crate::ShutdownSignal,
+) -> Result<(), RunError> {
+    let Parts {
+        js,
+        leases,
+        log,
+        outbox,
+    } = parts;
+    // Downloads only: every call that changes something goes through the
+    // engine to the elected sender.
+    let local = Sender::new(bot.clone(), settings.sender.clone()).start();
+    let relay = Relay::start(outbox.requester(), local, &cluster.node_id);
+    let supervisor = Supervisor::new(settings.clone(), OutboxLink::to(&relay)).start();
+    let _operations = ops::http::start_operations(listener, &settings, &supervisor, None)?;
+    let Some(name) = crate::start_apps(&settings, &supervisor, &bot, shutdown).await? else {
+        return Ok(());
+    };
+    log::info!("Application startup complete.");
+
+    // The sender contends from the start: calls stored before this node
+    // came (or by its apps' lifespan) are made whoever holds it.
+    let elected = ElectedSender::new(
+        outbox,
+        leases.clone(),
+        BotExecutor::new(bot.clone(), settings.telegram.http_timeout),
+        settings.sender.clone(),
+    );
+    let (stop_sender, sender_stop) = stopper();
+    let sender_task = actix::spawn(elected.run(sender_stop));
+
+    let (deliver, deliveries) = mpsc::channel(IN_HAND_PER_PARTITION);
+    let owner = Owner::start(
+        js,
+        log.clone(),
+        leases.clone(),
+        Membership::new(leases.clone(), settings.app.workers as u32),
+        OwnerSettings::new(&cluster, IN_HAND_PER_PARTITION),
+        deliver,
+    );
+    let handing = actix::spawn(hand_to_scopes(
+        deliveries,
+        supervisor.clone(),
+        relay.clone(),
+    ));
+
+    let (stop_ingress, ingress_stop) = stopper();
+    let ingress = match (&settings.webhook, webhook_listener) {
+        (Some(hook), Some(listener)) => {
+            let server = crate::actors::webhook::serve_to_log(listener, hook, log)?;
+            let registered = tokio::select! {
+                r = crate::actors::webhook::register(&bot, hook, &settings.telegram.allowed_updates) => Some(r),
+                _ = shutdown.wait() => None,
+            };
+            match registered {
+                Some(Ok(())) => log::info!("Receiving updates by webhook as @{name}"),
+                Some(Err(crate::actors::webhook::RegisterError::TokenRejected)) => {
+                    server.stop(false).await;
+                    return Err(RunError::TokenRejected);
+                }
+                Some(Err(e)) => {
+                    server.stop(false).await;
+                    return Err(e.into());
+                }
+                None => {}
+            }
+            Intake::Webhook(server)
+        }
+        _ => {
+            let poller = Ingress::new(bot.clone(), leases, log, &settings.telegram, &cluster);
+            log::info!("Polling Telegram as @{name} while this node holds the ingress lease");
+            Intake::Polling(actix::spawn(poller.run(ingress_stop)))
+        }
+    };
+    let fatal = match ingress {
+        Intake::Polling(mut task) => {
+            let fatal = tokio::select! {
+                _ = shutdown.wait() => None,
+                ended = &mut task => Some(ended),
+            };
+            if fatal.is_none() {
+                let _ = stop_ingress.send(());
+                let _ = task.await;
+            }
+            fatal
+        }
+        Intake::Webhook(server) => {
+            shutdown.wait().await;
+            server.stop(true).await;
+            None
+        }
+    };
+    log::info!("Shutting down");
+    ops::metrics::metrics().set_shutting_down();
+    // Handing over needs the scopes running: the updates in hand must be
+    // done before their partitions are released.
+    owner.stop().await;
+    let _ = handing.await;
+    let grace = settings.scopes.disconnect_grace;
+    crate::close_scopes(&supervisor, grace).await;
+    let drain = settings.shutdown.drain_timeout;
+    if tokio::time::timeout(drain, relay.send(Flush))
+        .await
+        .is_err()
+    {
+        log::warn!(
+            "cluster: the last calls were not stored within {:.1}s (shutdown.drain_timeout); \
+             their updates were not acknowledged and come again to the next owner",
+            drain.as_secs_f64()
+        );
+    }
+    let _ = stop_sender.send(());
+    if tokio::time::timeout(drain, sender_task).await.is_err() {
+        log::warn!(
+            "cluster: the sender did not finish within {:.1}s (shutdown.drain_timeout); its \
+             lease expires and the next sender makes what is left",
+            drain.as_secs_f64()
+        );
+    }
+    crate::stop_workers(&supervisor, grace, settings.shutdown.worker_timeout).await;
+    let result = match fatal {
+        Some(Ok(Err(ClusterError::TokenRejected))) => Err(RunError::TokenRejected),
+        Some(Ok(Err(e))) => Err(e.into()),
+        _ => Ok(()),
+    };
+    log::info!("Finished.");
+    result
+}
+
+enum Intake {
+    Polling(tokio::task::JoinHandle<Result<(), ClusterError>>),
+    Webhook(actix_web::dev::ServerHandle),
+}
+
+/// Hands the partitions' updates to the Supervisor, each with its
+/// acknowledgement given to the Relay first, so that the scope's `Done`
+/// finds it. Ends when the Owner stops.
+async fn hand_to_scopes(
+    mut deliveries: mpsc::Receiver<Delivery>,
+    supervisor: Addr<Supervisor>,
+    relay: Addr<Relay>,
+) {
+    let mut batch = Vec::new();
+    while deliveries.recv_many(&mut batch, 256).await > 0 {
+        let mut updates = Vec::with_capacity(batch.len());
+        for delivery in batch.drain(..) {
+            let read = std::str::from_utf8(&delivery.update)
+                .map_err(|e| e.to_string())
+                .and_then(|text| Update::from_json(text).map_err(|s| s.error.to_string()));
+            match read {
+                Ok(update) => {
+                    if delivery.redelivered {
+                        log::info!(
+                            "update={} delivered again (partition {}): its previous owner \
+                             stopped with it in hand",
+                            update.id.0,
+                            delivery.partition
+                        );
+                    }
+                    relay.do_send(Held {
+                        update_id: update.id.0,
+                        ack: delivery.ack,
+                    });
+                    updates.push(update);
+                }
+                Err(e) => {
+                    log::error!(
+                        "partition {} sequence {}: the update log holds an update that cannot \
+                         be read ({e}); acknowledged and skipped",
+                        delivery.partition,
+                        delivery.sequence
+                    );
+                    delivery.ack.done();
+                }
+            }
+        }
+        if !updates.is_empty() {
+            supervisor.do_send(Dispatch(updates));
+        }
+    }
+}

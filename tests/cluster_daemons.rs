@@ -1,0 +1,286 @@
+//! The whole cluster, for real: three (or four) `asgigramd` processes with
+//! their Python workers, a three-node NATS JetStream cluster, and one Bot
+//! API emulator they all share, with Telegram's flood limits on. During a
+//! run of updates over many chats a node or a server is killed, paused or
+//! stopped, and afterwards every update is answered, in order within its
+//! chat, repeated only where a call was in doubt.
+//!
+//! Skipped (with a line on stderr) where `nats-server` is missing, unless
+//! `ASGIGRAMD_REQUIRE_NATS` is set, as in CI.
+
+mod common;
+#[macro_use]
+#[path = "common/nats.rs"]
+mod nats;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use asgigramd::sandbox::Sandbox;
+use common::{apps_dir, Daemon};
+use nats::NatsCluster;
+
+/// Chats in a run, and messages per chat: Telegram lets a chat get one
+/// message a second, so a run takes about `PER_CHAT` seconds at least, and
+/// the bot 30 a second, so `CHATS * PER_CHAT / 30` at least.
+const CHATS: i64 = 40;
+const PER_CHAT: usize = 12;
+
+/// Within this, the cluster has answered everything after a failure.
+const ANSWERED_WITHIN: Duration = Duration::from_secs(150);
+
+/// The cluster's nodes and what they share.
+struct Nodes {
+    sandbox: Sandbox,
+    nats: NatsCluster,
+    nodes: BTreeMap<String, Daemon>,
+    /// Killed nodes, kept so that their logs outlive them.
+    dead: Vec<Daemon>,
+}
+
+impl Nodes {
+    fn start(sandbox: Sandbox, nats: NatsCluster, names: &[&str]) -> Nodes {
+        let mut nodes = Nodes {
+            sandbox,
+            nats,
+            nodes: BTreeMap::new(),
+            dead: Vec::new(),
+        };
+        for name in names {
+            nodes.add(name);
+        }
+        nodes
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "[telegram]\ntoken = \"{}\"\napi_url = \"{}\"\npoll_timeout = 2\n\n\
+             [app]\napplication = \"echo3:app\"\napp_dir = \"{}\"\nworkers = 1\n\n\
+             [cluster]\npartitions = 8\nlease_ttl = 4.0\nlease_renew = 1.0\n",
+            self.sandbox.token(),
+            self.sandbox.api_url(),
+            apps_dir().display()
+        )
+    }
+
+    fn add(&mut self, name: &str) {
+        let urls = self.nats.urls().join(",");
+        let daemon = Daemon::start(
+            &self.config(),
+            &[
+                ("ASGIGRAM_CLUSTER__NATS_URLS", &urls),
+                ("ASGIGRAM_CLUSTER__NODE_ID", name),
+                ("RUST_LOG", "info"),
+            ],
+        );
+        assert!(
+            daemon.wait_log("Application startup complete."),
+            "node {name} did not start:\n{}",
+            daemon.log()
+        );
+        self.nodes.insert(name.to_string(), daemon);
+    }
+
+    /// The node whose log last says it took `lease` (the ingress's
+    /// "lease=ingress taken", the sender's "sender lease taken").
+    fn holder(&self, taken: &str, lost: &[&str]) -> Option<String> {
+        self.nodes
+            .iter()
+            .filter(|(_, d)| d.child_alive())
+            .filter_map(|(name, d)| {
+                let log = d.log();
+                let at = log.rfind(taken)?;
+                let after = &log[at..];
+                (!lost.iter().any(|l| after.contains(l))).then(|| name.clone())
+            })
+            .next()
+    }
+
+    fn wait_holder(&self, taken: &str, lost: &[&str]) -> String {
+        let mut found = None;
+        common::wait_for(Duration::from_secs(60), || {
+            found = self.holder(taken, lost);
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no node took {taken:?}:\n{}", self.logs()))
+    }
+
+    fn poller(&self) -> String {
+        self.wait_holder(
+            "lease=ingress taken",
+            &["lease=ingress lost", "lease=ingress released"],
+        )
+    }
+
+    fn sender(&self) -> String {
+        self.wait_holder(
+            "sender lease taken",
+            &["sender lease lost", "sender lease released"],
+        )
+    }
+
+    fn kill(&mut self, name: &str) {
+        let mut daemon = self.nodes.remove(name).expect("a node of this cluster");
+        let _ = daemon.child.kill();
+        let _ = daemon.child.wait();
+        // Its workers notice their channel close and exit; the test does
+        // not wait for them.
+        self.dead.push(daemon);
+    }
+
+    fn logs(&self) -> String {
+        let mut all = String::new();
+        for (name, d) in &self.nodes {
+            all.push_str(&format!("===== node {name}\n{}\n", tail(&d.log(), 60)));
+        }
+        for d in &self.dead {
+            all.push_str(&format!("===== a killed node\n{}\n", tail(&d.log(), 30)));
+        }
+        all
+    }
+}
+
+trait Alive {
+    fn child_alive(&self) -> bool;
+}
+
+impl Alive for Daemon {
+    fn child_alive(&self) -> bool {
+        // SAFETY: kill(2) with signal 0 only checks our own child's pid.
+        unsafe { libc::kill(self.pid(), 0) == 0 }
+    }
+}
+
+fn tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn text(chat: i64, i: usize) -> String {
+    format!("c{chat}.m{i}")
+}
+
+/// Writes message `i` in every chat.
+fn write_round(sandbox: &Sandbox, i: usize) {
+    for chat in 1..=CHATS {
+        sandbox.inject_text(chat, &text(chat, i));
+    }
+}
+
+/// What the run's replies came to: per chat, whether every message was
+/// answered in order, and how many replies were repeats.
+struct Outcome {
+    unanswered: Vec<String>,
+    out_of_order: Vec<String>,
+    repeats: usize,
+}
+
+fn outcome(sandbox: &Sandbox) -> Outcome {
+    let mut result = Outcome {
+        unanswered: Vec::new(),
+        out_of_order: Vec::new(),
+        repeats: 0,
+    };
+    for chat in 1..=CHATS {
+        let sent = sandbox.sent_texts(chat);
+        // A repeat of a call in doubt comes right after the first, or after
+        // later replies of the same chat: drop every second sighting.
+        let mut seen = std::collections::HashSet::new();
+        let mut firsts = Vec::new();
+        for t in sent {
+            if seen.insert(t.clone()) {
+                firsts.push(t);
+            } else {
+                result.repeats += 1;
+            }
+        }
+        let expected: Vec<String> = (0..PER_CHAT).map(|i| text(chat, i)).collect();
+        for t in &expected {
+            if !firsts.contains(t) {
+                result.unanswered.push(t.clone());
+            }
+        }
+        let answered: Vec<&String> = firsts.iter().filter(|t| expected.contains(t)).collect();
+        let in_order: Vec<&String> = expected.iter().filter(|t| firsts.contains(t)).collect();
+        if answered != in_order {
+            result.out_of_order.push(format!("chat {chat}: {firsts:?}"));
+        }
+    }
+    result
+}
+
+/// Waits until every message of the run is answered (or the deadline).
+fn wait_answered(nodes: &Nodes) -> Outcome {
+    let deadline = Instant::now() + ANSWERED_WITHIN;
+    loop {
+        let o = outcome(&nodes.sandbox);
+        if o.unanswered.is_empty() || Instant::now() > deadline {
+            return o;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn assert_whole(nodes: &Nodes, o: &Outcome, repeats_at_most: usize) {
+    assert!(
+        o.unanswered.is_empty(),
+        "{} unanswered (first: {:?}):\n{}",
+        o.unanswered.len(),
+        &o.unanswered[..o.unanswered.len().min(10)],
+        nodes.logs()
+    );
+    assert!(
+        o.out_of_order.is_empty(),
+        "out of order: {:?}\n{}",
+        o.out_of_order,
+        nodes.logs()
+    );
+    assert!(
+        o.repeats <= repeats_at_most,
+        "{} repeated replies, more than the {repeats_at_most} calls that can be in doubt\n{}",
+        o.repeats,
+        nodes.logs()
+    );
+}
+
+/// The emulator's flood limits on: a call beyond them is answered 429.
+fn limited_sandbox() -> Sandbox {
+    let sandbox = common::sandbox();
+    sandbox.set_rate_limits(true);
+    sandbox
+}
+
+#[actix_rt::test]
+async fn killing_the_polling_node_then_the_sending_node_loses_nothing_and_keeps_chat_order() {
+    let nats = cluster_or_skip!("cluster_daemons_kill");
+    let mut nodes = Nodes::start(limited_sandbox(), nats, &["node-a", "node-b", "node-c"]);
+    for i in 0..PER_CHAT / 3 {
+        write_round(&nodes.sandbox, i);
+    }
+    let poller = nodes.poller();
+    nodes.kill(&poller);
+    for i in PER_CHAT / 3..2 * PER_CHAT / 3 {
+        write_round(&nodes.sandbox, i);
+    }
+    let new_poller = nodes.poller();
+    assert_ne!(new_poller, poller);
+    let sender = nodes.sender();
+    nodes.kill(&sender);
+    for i in 2 * PER_CHAT / 3..PER_CHAT {
+        write_round(&nodes.sandbox, i);
+    }
+    let o = wait_answered(&nodes);
+    // Each killed node: at most one call in doubt per chat it had in hand.
+    assert_whole(&nodes, &o, 2 * CHATS as usize);
+    let stats = nodes.sandbox.stats();
+    eprintln!(
+        "after two kills: {} repeats, {} answers 429, {} sendMessage",
+        o.repeats,
+        stats.too_many_requests,
+        stats
+            .calls_by_method
+            .get("sendMessage")
+            .copied()
+            .unwrap_or(0)
+    );
+}
