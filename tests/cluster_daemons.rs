@@ -284,3 +284,123 @@ async fn killing_the_polling_node_then_the_sending_node_loses_nothing_and_keeps_
             .unwrap_or(0)
     );
 }
+
+fn signal(daemon: &Daemon, signal: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(daemon.pid(), signal);
+    }
+}
+
+/// How many partitions `name`'s log says it took.
+fn partitions_taken(nodes: &Nodes, name: &str) -> usize {
+    nodes.nodes[name]
+        .log()
+        .lines()
+        .filter(|l| l.contains(&format!("node={name} partition=")) && l.contains("taken"))
+        .count()
+}
+
+#[actix_rt::test]
+async fn a_sigterm_handover_and_a_fourth_node_joining_repeat_nothing() {
+    let nats = cluster_or_skip!("cluster_daemons_handover");
+    let mut nodes = Nodes::start(limited_sandbox(), nats, &["node-a", "node-b", "node-c"]);
+    for i in 0..PER_CHAT / 3 {
+        write_round(&nodes.sandbox, i);
+    }
+    // A node that holds partitions stops as an orchestrator stops it.
+    assert!(
+        common::wait_for(Duration::from_secs(60), || nodes.nodes["node-b"]
+            .log()
+            .contains("node=node-b partition=")),
+        "node-b took no partition:\n{}",
+        nodes.logs()
+    );
+    let stopping = nodes.nodes.remove("node-b").expect("started");
+    let (status, log) = stopping.stop();
+    assert!(
+        status.success(),
+        "node-b did not stop cleanly: {status}\n{log}"
+    );
+    assert!(log.contains("handing over"), "{log}");
+    for i in PER_CHAT / 3..2 * PER_CHAT / 3 {
+        write_round(&nodes.sandbox, i);
+    }
+    // A fourth node joins and takes its share after settling.
+    nodes.add("node-d");
+    assert!(
+        common::wait_for(Duration::from_secs(60), || {
+            nodes.nodes["node-d"]
+                .log()
+                .contains("node=node-d partition=")
+                && nodes.nodes["node-d"].log().contains("taken (revision")
+        }),
+        "node-d took no partition:\n{}",
+        nodes.logs()
+    );
+    for i in 2 * PER_CHAT / 3..PER_CHAT {
+        write_round(&nodes.sandbox, i);
+    }
+    let o = wait_answered(&nodes);
+    // A handover finishes what it has in hand: nothing is made twice.
+    assert_whole(&nodes, &o, 0);
+    assert!(partitions_taken(&nodes, "node-d") > 0);
+    eprintln!(
+        "after a SIGTERM and a join: {} answers 429",
+        nodes.sandbox.stats().too_many_requests
+    );
+}
+
+#[actix_rt::test]
+async fn an_app_node_killed_a_nats_server_killed_and_a_paused_owner_lose_nothing() {
+    let nats = cluster_or_skip!("cluster_daemons_faults");
+    let mut nodes = Nodes::start(limited_sandbox(), nats, &["node-a", "node-b", "node-c"]);
+    write_round(&nodes.sandbox, 0);
+    let (poller, sender) = (nodes.poller(), nodes.sender());
+    let names: Vec<String> = nodes.nodes.keys().cloned().collect();
+    let app_only = names
+        .iter()
+        .find(|n| **n != poller && **n != sender)
+        .cloned();
+    // Three nodes, two roles: at least one node holds neither.
+    let app_only = app_only.expect("a node with no role");
+    assert!(
+        common::wait_for(Duration::from_secs(60), || nodes.nodes[&app_only]
+            .log()
+            .contains("taken (revision")),
+        "{app_only} took no partition:\n{}",
+        nodes.logs()
+    );
+    write_round(&nodes.sandbox, 1);
+    nodes.kill(&app_only);
+    write_round(&nodes.sandbox, 2);
+    nodes.nats.kill(1);
+    for i in 3..6 {
+        write_round(&nodes.sandbox, i);
+    }
+    nodes.nats.restart(1);
+    write_round(&nodes.sandbox, 6);
+    // A partition owner paused past its lease (a long GC pause, a frozen
+    // VM): the others take its partitions, and once it runs again it must
+    // deliver nothing of them.
+    let paused = nodes
+        .nodes
+        .keys()
+        .find(|n| **n != nodes.poller())
+        .cloned()
+        .expect("two nodes left");
+    signal(&nodes.nodes[&paused], libc::SIGSTOP);
+    write_round(&nodes.sandbox, 7);
+    std::thread::sleep(Duration::from_secs(7));
+    signal(&nodes.nodes[&paused], libc::SIGCONT);
+    for i in 8..PER_CHAT {
+        write_round(&nodes.sandbox, i);
+    }
+    let o = wait_answered(&nodes);
+    assert_whole(&nodes, &o, 2 * CHATS as usize);
+    eprintln!(
+        "after an app node's kill, a NATS server's kill and a pause: {} repeats, {} answers 429",
+        o.repeats,
+        nodes.sandbox.stats().too_many_requests
+    );
+}
