@@ -56,6 +56,7 @@ impl Nodes {
         format!(
             "[telegram]\ntoken = \"{}\"\napi_url = \"{}\"\npoll_timeout = 2\n\n\
              [app]\napplication = \"echo3:app\"\napp_dir = \"{}\"\nworkers = 1\n\n\
+             [http]\nbind = \"127.0.0.1:0\"\n\n\
              [cluster]\npartitions = 8\nlease_ttl = 4.0\nlease_renew = 1.0\n",
             self.sandbox.token(),
             self.sandbox.api_url(),
@@ -316,6 +317,7 @@ async fn a_sigterm_handover_and_a_fourth_node_joining_repeat_nothing() {
         "node-b took no partition:\n{}",
         nodes.logs()
     );
+    check_operations(&nodes);
     let stopping = nodes.nodes.remove("node-b").expect("started");
     let (status, log) = stopping.stop();
     assert!(
@@ -402,5 +404,57 @@ async fn an_app_node_killed_a_nats_server_killed_and_a_paused_owner_lose_nothing
         "after an app node's kill, a NATS server's kill and a pause: {} repeats, {} answers 429",
         o.repeats,
         nodes.sandbox.stats().too_many_requests
+    );
+}
+
+/// `/readyz` and `/metrics` of every node name its roles and partitions, and
+/// exactly one node says it polls and one that it sends.
+fn check_operations(nodes: &Nodes) {
+    let (poller, sender) = (nodes.poller(), nodes.sender());
+    let mut partitions = 0.0;
+    for (name, daemon) in &nodes.nodes {
+        let addr = common::endpoint(daemon);
+        let mut scrape = String::new();
+        let settled = common::wait_for(Duration::from_secs(30), || {
+            scrape = common::get(&addr, "/metrics").1;
+            let role = |r: &str| {
+                common::sample(
+                    &scrape,
+                    &format!("asgigram_cluster_role{{node=\"{name}\",role=\"{r}\"}}"),
+                )
+            };
+            role("poller") == Some(f64::from(u8::from(*name == poller)))
+                && role("sender") == Some(f64::from(u8::from(*name == sender)))
+        });
+        assert!(
+            settled,
+            "{name}'s roles in /metrics are wrong (poller {poller}, sender {sender}):\n{scrape}"
+        );
+        let held = common::sample(&scrape, "asgigram_cluster_partitions_held").expect("partitions");
+        partitions += held;
+        if *name == poller {
+            assert!(
+                common::sample(
+                    &scrape,
+                    "asgigram_cluster_lease_age_seconds{lease=\"ingress\"}"
+                )
+                .is_some(),
+                "{scrape}"
+            );
+        }
+        let (status, body) = common::get(&addr, "/readyz");
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains(&format!("cluster node {name}: roles: ")),
+            "{body}"
+        );
+        if *name == poller {
+            assert!(body.contains("poller"), "{body}");
+        }
+    }
+    // Every partition has one owner once the assignment settled.
+    assert!(
+        partitions <= 8.0,
+        "{partitions} partitions held among the nodes"
     );
 }

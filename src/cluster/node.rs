@@ -31,6 +31,7 @@ use super::{
 use crate::actors::outbox::{Flush, OutboxLink};
 use crate::actors::sender::Sender;
 use crate::actors::supervisor::{Dispatch, Supervisor};
+use crate::ops::metrics::{ClusterView, PartitionView};
 use crate::settings::{ClusterSettings, Settings};
 use crate::telegram::{Bot, Update};
 use crate::{ops, RunError};
@@ -173,6 +174,7 @@ async fn serve(
         BotExecutor::new(bot.clone(), settings.telegram.http_timeout),
         settings.sender.clone(),
     );
+    let sender_status = elected.status();
     let (stop_sender, sender_stop) = stopper();
     let sender_task = actix::spawn(elected.run(sender_stop));
 
@@ -191,6 +193,7 @@ async fn serve(
         relay.clone(),
     ));
 
+    let mut ingress_status = None;
     let (stop_ingress, ingress_stop) = stopper();
     let ingress = match (&settings.webhook, webhook_listener) {
         (Some(hook), Some(listener)) => {
@@ -215,10 +218,18 @@ async fn serve(
         }
         _ => {
             let poller = Ingress::new(bot.clone(), leases, log, &settings.telegram, &cluster);
+            ingress_status = Some(poller.status());
             log::info!("Polling Telegram as @{name} while this node holds the ingress lease");
             Intake::Polling(actix::spawn(poller.run(ingress_stop)))
         }
     };
+    let view = View {
+        node_id: cluster.node_id.clone(),
+        ingress: ingress_status,
+        sender: sender_status,
+        owner: owner.status_watch(),
+    };
+    let viewing = actix::spawn(view.refresh(cluster.lease_renew));
     let fatal = match ingress {
         Intake::Polling(mut task) => {
             let fatal = tokio::select! {
@@ -241,6 +252,7 @@ async fn serve(
     ops::metrics::metrics().set_shutting_down();
     // Handing over needs the scopes running: the updates in hand must be
     // done before their partitions are released.
+    viewing.abort();
     owner.stop().await;
     let _ = handing.await;
     let grace = settings.scopes.disconnect_grace;
@@ -323,6 +335,73 @@ async fn hand_to_scopes(
         }
         if !updates.is_empty() {
             supervisor.do_send(Dispatch(updates));
+        }
+    }
+}
+
+/// What `/readyz` and `/metrics` show of this node, read from its parts.
+struct View {
+    node_id: String,
+    ingress: Option<tokio::sync::watch::Receiver<super::IngressStatus>>,
+    sender: tokio::sync::watch::Receiver<super::SenderStatus>,
+    owner: tokio::sync::watch::Receiver<super::OwnerStatus>,
+}
+
+impl View {
+    fn read(&self) -> ClusterView {
+        let ingress = self.ingress.as_ref().map(|s| s.borrow().clone());
+        let sender = self.sender.borrow().clone();
+        let owner = self.owner.borrow().clone();
+        ClusterView {
+            node_id: self.node_id.clone(),
+            live_nodes: owner.live.len(),
+            poller: ingress
+                .as_ref()
+                .filter(|i| i.holding)
+                .and_then(|i| i.lease_age()),
+            sender: sender.lease_age().filter(|_| sender.holding),
+            partitions: owner
+                .partitions
+                .iter()
+                .map(|p| PartitionView {
+                    partition: p.partition,
+                    lease_age: p.lease_age,
+                    in_hand: p.in_hand,
+                    lag: p.lag,
+                    redelivered: p.redelivered,
+                })
+                .collect(),
+            calls_pending: if sender.holding { sender.pending } else { 0 },
+            calls_in_doubt: sender.in_doubt,
+            updates_stored: ingress.as_ref().map_or(0, |i| i.stored),
+            updates_fetched_again: ingress.as_ref().map_or(0, |i| i.duplicates),
+        }
+    }
+
+    /// Publishes the view every `every`, and logs one line when the node's
+    /// roles or partitions change, for log-based monitoring.
+    async fn refresh(self, every: std::time::Duration) {
+        let mut last: Option<(String, Vec<u32>)> = None;
+        loop {
+            let view = self.read();
+            let part = (
+                view.roles(),
+                view.partitions
+                    .iter()
+                    .map(|p| p.partition)
+                    .collect::<Vec<_>>(),
+            );
+            if last.as_ref() != Some(&part) {
+                log::info!(
+                    "cluster: node={} roles: {}; partitions: {:?}",
+                    view.node_id,
+                    part.0,
+                    part.1
+                );
+                last = Some(part);
+            }
+            ops::metrics::metrics().set_cluster(view);
+            tokio::time::sleep(every).await;
         }
     }
 }

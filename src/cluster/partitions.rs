@@ -301,6 +301,9 @@ pub struct PartitionStatus {
     pub lease_age: Duration,
     /// Updates delivered and not yet acknowledged.
     pub in_hand: usize,
+    /// Updates the log holds for the partition beyond those delivered, as
+    /// of the last delivery (the stream's lag behind this owner).
+    pub lag: u64,
     /// Updates delivered since the partition was taken.
     pub delivered: u64,
     /// Of those, the ones delivered before (by a previous owner).
@@ -382,6 +385,11 @@ impl Owner {
     /// What this node holds, as of its last renewal tick.
     pub fn status(&self) -> OwnerStatus {
         self.status.borrow().clone()
+    }
+
+    /// [`Owner::status`], as it changes.
+    pub fn status_watch(&self) -> watch::Receiver<OwnerStatus> {
+        self.status.clone()
     }
 
     /// SIGTERM's handover: withdraws this node's announcement, stops taking
@@ -897,12 +905,15 @@ async fn own_partition(
                     ::log::debug!("node={node} partition={partition} pull ended: {e}");
                     batch = None;
                 }
-                Some(Ok(message)) => match message.info().map(|i| (i.stream_sequence, i.delivered)) {
-                    Ok((sequence, delivered)) => {
+                Some(Ok(message)) => match message.info().map(|i| (i.stream_sequence, i.delivered, i.pending)) {
+                    Ok((sequence, delivered, lag)) => {
                         let update = message.payload.clone();
                         in_hand.insert(sequence, InHand { message, done: false });
                         let n = in_hand.len();
-                        state.send_modify(|s| s.status.in_hand = n);
+                        state.send_modify(|s| {
+                            s.status.in_hand = n;
+                            s.status.lag = lag;
+                        });
                         pending = Some(Delivery {
                             partition,
                             sequence,

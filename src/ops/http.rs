@@ -34,9 +34,16 @@ async fn readyz() -> HttpResponse {
     match metrics().readiness() {
         Ok(()) => HttpResponse::Ok()
             .content_type(ContentType::plaintext())
-            .body(match metrics().webhook_report() {
-                Some(webhook) => format!("ready\n{webhook}\n"),
-                None => "ready\n".to_string(),
+            .body({
+                let mut body = "ready\n".to_string();
+                for line in [metrics().webhook_report(), metrics().cluster_report()]
+                    .into_iter()
+                    .flatten()
+                {
+                    body.push_str(&line);
+                    body.push('\n');
+                }
+                body
             }),
         Err(why) => HttpResponse::ServiceUnavailable()
             .content_type(ContentType::plaintext())

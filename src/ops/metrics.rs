@@ -239,6 +239,80 @@ pub struct Metrics {
     webhook: Mutex<Option<WebhookHealth>>,
     poll_state: Mutex<PollState>,
     shutting_down: std::sync::atomic::AtomicBool,
+    /// Cluster mode: this node's roles and partitions; `None` on a single
+    /// node.
+    cluster: Mutex<Option<ClusterView>>,
+}
+
+/// A cluster node's part, as of the last refresh (every lease renewal):
+/// plain numbers, so that the endpoint's thread needs nothing of the
+/// cluster's tasks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterView {
+    pub node_id: String,
+    /// The nodes announced live, this one included.
+    pub live_nodes: usize,
+    /// How long this node has held the `ingress` lease, if it does.
+    pub poller: Option<Duration>,
+    /// How long it has held the `sender` lease, if it does.
+    pub sender: Option<Duration>,
+    pub partitions: Vec<PartitionView>,
+    /// Calls in the engine's outbox not yet made, as the sender last saw
+    /// them (0 on a node that is not the sender).
+    pub calls_pending: u64,
+    /// Calls found in doubt by this node's sender since it started.
+    pub calls_in_doubt: u64,
+    /// Updates the ingress stored since start, and those it fetched again.
+    pub updates_stored: u64,
+    pub updates_fetched_again: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PartitionView {
+    pub partition: u32,
+    pub lease_age: Duration,
+    pub in_hand: usize,
+    /// Updates the log holds for it beyond those delivered.
+    pub lag: u64,
+    /// Updates delivered again since this node took it.
+    pub redelivered: u64,
+}
+
+impl ClusterView {
+    /// The roles, for `/readyz`'s body and the log.
+    pub fn roles(&self) -> String {
+        let mut roles = Vec::new();
+        if self.poller.is_some() {
+            roles.push("poller");
+        }
+        if self.sender.is_some() {
+            roles.push("sender");
+        }
+        if roles.is_empty() {
+            roles.push("apps only");
+        }
+        roles.join(", ")
+    }
+
+    fn report(&self) -> String {
+        let held: Vec<String> = self
+            .partitions
+            .iter()
+            .map(|p| p.partition.to_string())
+            .collect();
+        format!(
+            "cluster node {}: roles: {}; partitions: {} ({}); live nodes: {}",
+            self.node_id,
+            self.roles(),
+            self.partitions.len(),
+            if held.is_empty() {
+                "none".to_string()
+            } else {
+                held.join(",")
+            },
+            self.live_nodes
+        )
+    }
 }
 
 /// getUpdates round trips: short ones when updates are waiting, up to the
@@ -307,6 +381,7 @@ impl Metrics {
             webhook: Mutex::new(None),
             poll_state: Mutex::new(PollState::Starting),
             shutting_down: Default::default(),
+            cluster: Mutex::new(None),
         }
     }
 
@@ -405,6 +480,19 @@ impl Metrics {
             return Err(NotReady::Workers { ready, want });
         }
         Ok(())
+    }
+
+    pub fn set_cluster(&self, view: ClusterView) {
+        *lock(&self.cluster) = Some(view);
+    }
+
+    pub fn cluster(&self) -> Option<ClusterView> {
+        lock(&self.cluster).clone()
+    }
+
+    /// Cluster mode: one line for `/readyz`'s body, on the node's part.
+    pub fn cluster_report(&self) -> Option<String> {
+        lock(&self.cluster).as_ref().map(ClusterView::report)
     }
 
     pub fn set_webhook_health(&self, health: WebhookHealth) {
@@ -643,6 +731,9 @@ impl Metrics {
             "gauge",
             self.journal_bytes().to_string(),
         );
+        if let Some(view) = self.cluster() {
+            render_cluster(&mut out, &view);
+        }
         single(
             &mut out,
             "asgigram_ready",
@@ -658,6 +749,112 @@ impl Metrics {
             format!("{:.3}", self.started.elapsed().as_secs_f64()),
         );
         out
+    }
+}
+
+/// Cluster mode's series: roles, lease ages, partitions, lag, redeliveries.
+fn render_cluster(out: &mut String, view: &ClusterView) {
+    let node = escape(&view.node_id);
+    header(
+        out,
+        "asgigram_cluster_role",
+        "1 where this node holds the role's lease.",
+        "gauge",
+    );
+    for (role, held) in [("poller", view.poller), ("sender", view.sender)] {
+        let _ = writeln!(
+            out,
+            "asgigram_cluster_role{{node=\"{node}\",role=\"{role}\"}} {}",
+            u8::from(held.is_some())
+        );
+    }
+    header(
+        out,
+        "asgigram_cluster_lease_age_seconds",
+        "Since this node took the role's lease, or last renewed the partition's.",
+        "gauge",
+    );
+    for (lease, held) in [("ingress", view.poller), ("sender", view.sender)] {
+        if let Some(age) = held {
+            let _ = writeln!(
+                out,
+                "asgigram_cluster_lease_age_seconds{{lease=\"{lease}\"}} {:.3}",
+                age.as_secs_f64()
+            );
+        }
+    }
+    for p in &view.partitions {
+        let _ = writeln!(
+            out,
+            "asgigram_cluster_lease_age_seconds{{lease=\"partition.{}\"}} {:.3}",
+            p.partition,
+            p.lease_age.as_secs_f64()
+        );
+    }
+    let per_partition: [(&str, &str, fn(&PartitionView) -> u64); 3] = [
+        (
+            "asgigram_cluster_partition_in_hand",
+            "Updates delivered to the scopes and not yet done, per partition held.",
+            |p| p.in_hand as u64,
+        ),
+        (
+            "asgigram_cluster_partition_lag",
+            "Updates the log holds beyond those delivered, per partition held.",
+            |p| p.lag,
+        ),
+        (
+            "asgigram_cluster_partition_redelivered",
+            "Updates delivered again since this node took the partition.",
+            |p| p.redelivered,
+        ),
+    ];
+    for (name, help, value) in per_partition {
+        header(out, name, help, "gauge");
+        for p in &view.partitions {
+            let _ = writeln!(out, "{name}{{partition=\"{}\"}} {}", p.partition, value(p));
+        }
+    }
+    let singles = [
+        (
+            "asgigram_cluster_partitions_held",
+            "Partitions this node owns.",
+            "gauge",
+            view.partitions.len() as u64,
+        ),
+        (
+            "asgigram_cluster_live_nodes",
+            "Nodes announced live.",
+            "gauge",
+            view.live_nodes as u64,
+        ),
+        (
+            "asgigram_cluster_calls_pending",
+            "Calls in the engine's outbox not yet made (on the sender).",
+            "gauge",
+            view.calls_pending,
+        ),
+        (
+            "asgigram_cluster_calls_in_doubt_total",
+            "Calls this node's sender found in doubt.",
+            "counter",
+            view.calls_in_doubt,
+        ),
+        (
+            "asgigram_cluster_updates_stored_total",
+            "Updates this node's ingress stored in the log.",
+            "counter",
+            view.updates_stored,
+        ),
+        (
+            "asgigram_cluster_updates_fetched_again_total",
+            "Updates the ingress fetched that the log already had.",
+            "counter",
+            view.updates_fetched_again,
+        ),
+    ];
+    for (name, help, kind, value) in singles {
+        header(out, name, help, kind);
+        let _ = writeln!(out, "{name} {value}");
     }
 }
 
