@@ -34,20 +34,33 @@ struct Nodes {
     sandbox: Sandbox,
     nats: NatsCluster,
     nodes: BTreeMap<String, Daemon>,
+    /// The app every node runs, from tests/apps.
+    app: &'static str,
     /// Killed nodes, kept so that their logs outlive them.
     dead: Vec<Daemon>,
 }
 
 impl Nodes {
     fn start(sandbox: Sandbox, nats: NatsCluster, names: &[&str]) -> Nodes {
+        Nodes::start_with("echo3:app", sandbox, nats, names, &[])
+    }
+
+    fn start_with(
+        app: &'static str,
+        sandbox: Sandbox,
+        nats: NatsCluster,
+        names: &[&str],
+        env: &[(&str, &str)],
+    ) -> Nodes {
         let mut nodes = Nodes {
             sandbox,
             nats,
+            app,
             nodes: BTreeMap::new(),
             dead: Vec::new(),
         };
         for name in names {
-            nodes.add(name);
+            nodes.add_with(name, env);
         }
         nodes
     }
@@ -55,25 +68,29 @@ impl Nodes {
     fn config(&self) -> String {
         format!(
             "[telegram]\ntoken = \"{}\"\napi_url = \"{}\"\npoll_timeout = 2\n\n\
-             [app]\napplication = \"echo3:app\"\napp_dir = \"{}\"\nworkers = 1\n\n\
+             [app]\napplication = \"{}\"\napp_dir = \"{}\"\nworkers = 1\n\n\
              [http]\nbind = \"127.0.0.1:0\"\n\n\
              [cluster]\npartitions = 8\nlease_ttl = 4.0\nlease_renew = 1.0\n",
             self.sandbox.token(),
             self.sandbox.api_url(),
+            self.app,
             apps_dir().display()
         )
     }
 
     fn add(&mut self, name: &str) {
+        self.add_with(name, &[]);
+    }
+
+    fn add_with(&mut self, name: &str, extra_env: &[(&str, &str)]) {
         let urls = self.nats.urls().join(",");
-        let daemon = Daemon::start(
-            &self.config(),
-            &[
-                ("ASGIGRAM_CLUSTER__NATS_URLS", &urls),
-                ("ASGIGRAM_CLUSTER__NODE_ID", name),
-                ("RUST_LOG", "info"),
-            ],
-        );
+        let mut env = vec![
+            ("ASGIGRAM_CLUSTER__NATS_URLS", urls.as_str()),
+            ("ASGIGRAM_CLUSTER__NODE_ID", name),
+            ("RUST_LOG", "info"),
+        ];
+        env.extend_from_slice(extra_env);
+        let daemon = Daemon::start(&self.config(), &env);
         assert!(
             daemon.wait_log("Application startup complete."),
             "node {name} did not start:\n{}",
@@ -456,5 +473,53 @@ fn check_operations(nodes: &Nodes) {
     assert!(
         partitions <= 8.0,
         "{partitions} partitions held among the nodes"
+    );
+}
+
+/// The lifespan scope's calls go through the engine too: on the cluster's
+/// first node its startup awaits setMyCommands (the sender must already
+/// contend), its background broadcast reaches every chat in order, and a
+/// later awaited call's answer comes back to it from the answers bucket.
+#[actix_rt::test]
+async fn lifespan_calls_awaited_and_broadcast_go_through_the_clusters_sender() {
+    let nats = cluster_or_skip!("cluster_daemons_lifespan");
+    let sandbox = common::sandbox();
+    let chats = [301i64, 302, 303];
+    for id in chats {
+        sandbox.register_chat(
+            serde_json::json!({"id": id, "type": "private", "first_name": format!("user{id}")}),
+        );
+    }
+    let list = chats.map(|c| c.to_string()).join(",");
+    let nodes = Nodes::start_with(
+        "lifespan_calls:app",
+        sandbox,
+        nats,
+        &["node-a", "node-b"],
+        &[("LIFESPAN_BROADCAST", &list)],
+    );
+    let daemon = &nodes.nodes["node-a"];
+    for chat in chats {
+        // Each node's lifespan broadcasts: two rounds from each of two nodes.
+        let texts = common::wait_texts(&nodes.sandbox, chat, 4, daemon);
+        let ones = texts.iter().position(|t| t == "news 2");
+        assert!(
+            ones.is_some_and(|i| texts[..i].contains(&"news 1".to_string())),
+            "chat {chat}: {texts:?}"
+        );
+    }
+    nodes.sandbox.inject_text(400, "status");
+    let status = common::wait_texts(&nodes.sandbox, 400, 1, daemon)
+        .pop()
+        .unwrap_or_default();
+    assert!(
+        status.contains("commands=telegram.api.response:commands:True"),
+        "{status}\n{}",
+        nodes.logs()
+    );
+    assert!(
+        status.contains("later=telegram.api.response:2:True"),
+        "{status}\n{}",
+        nodes.logs()
     );
 }

@@ -161,13 +161,9 @@ async fn serve(
     let relay = Relay::start(outbox.requester(), local, &cluster.node_id);
     let supervisor = Supervisor::new(settings.clone(), OutboxLink::to(&relay)).start();
     let _operations = ops::http::start_operations(listener, &settings, &supervisor, None)?;
-    let Some(name) = crate::start_apps(&settings, &supervisor, &bot, shutdown).await? else {
-        return Ok(());
-    };
-    log::info!("Application startup complete.");
-
-    // The sender contends from the start: calls stored before this node
-    // came (or by its apps' lifespan) are made whoever holds it.
+    // The sender contends before the apps start: a lifespan startup that
+    // awaits a call (setMyCommands, say) on the cluster's first node must
+    // find a sender.
     let elected = ElectedSender::new(
         outbox,
         leases.clone(),
@@ -177,6 +173,17 @@ async fn serve(
     let sender_status = elected.status();
     let (stop_sender, sender_stop) = stopper();
     let sender_task = actix::spawn(elected.run(sender_stop));
+    let name = match crate::start_apps(&settings, &supervisor, &bot, shutdown).await {
+        Ok(Some(name)) => name,
+        // The apps never ran: the sender lets its lease go at once rather
+        // than have the others wait out its TTL.
+        other => {
+            let _ = stop_sender.send(());
+            let _ = tokio::time::timeout(settings.shutdown.drain_timeout, sender_task).await;
+            return other.map(|_| ());
+        }
+    };
+    log::info!("Application startup complete.");
 
     let (deliver, deliveries) = mpsc::channel(IN_HAND_PER_PARTITION);
     let owner = Owner::start(
