@@ -443,7 +443,10 @@ fn a_node_that_cannot_reach_nats_stops_with_one_clear_line_and_no_secret() {
     let status = daemon.wait_exit();
     let log = daemon.log();
     assert_eq!(status.code(), Some(1), "{log}");
-    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.starts_with("asgigramd: error"))
+        .collect();
     assert_eq!(errors.len(), 1, "{log}");
     assert!(errors[0].contains("cannot connect to NATS"), "{log}");
     assert!(errors[0].contains("nats://127.0.0.1:9"), "{log}");
