@@ -19,8 +19,8 @@
 //!   update is injected at once; the time until its reply is the ingress's
 //!   failover, lease TTL included (`cluster.lease_ttl` = 4 s here).
 
-mod common;
 #[allow(dead_code)]
+mod common;
 #[path = "../tests/common/nats.rs"]
 mod nats;
 

@@ -791,7 +791,8 @@ fn render_cluster(out: &mut String, view: &ClusterView) {
             p.lease_age.as_secs_f64()
         );
     }
-    let per_partition: [(&str, &str, fn(&PartitionView) -> u64); 3] = [
+    type Series = (&'static str, &'static str, fn(&PartitionView) -> u64);
+    let per_partition: [Series; 3] = [
         (
             "asgigram_cluster_partition_in_hand",
             "Updates delivered to the scopes and not yet done, per partition held.",
