@@ -23,11 +23,12 @@ use nats::NatsCluster;
 /// Chats in a run, and messages per chat: Telegram lets a chat get one
 /// message a second, so a run takes about `PER_CHAT` seconds at least, and
 /// the bot 30 a second, so `CHATS * PER_CHAT / 30` at least.
-const CHATS: i64 = 40;
-const PER_CHAT: usize = 12;
+const CHATS: i64 = 150;
+const PER_CHAT: usize = 14;
 
-/// Within this, the cluster has answered everything after a failure.
-const ANSWERED_WITHIN: Duration = Duration::from_secs(150);
+/// Within this, the cluster has answered everything after the last
+/// failure: 2,100 replies at 30/s take 70 s.
+const ANSWERED_WITHIN: Duration = Duration::from_secs(300);
 
 /// The cluster's nodes and what they share.
 struct Nodes {
@@ -239,7 +240,18 @@ fn wait_answered(nodes: &Nodes) -> Outcome {
     }
 }
 
+/// 429s as rare as on one node: the one elected sender paces the whole
+/// bot. A new sender starts with an empty pacer, so a chat's first message
+/// after a handover may come early, once; a few such are allowed.
+const TOO_MANY_AT_MOST: u64 = 5;
+
 fn assert_whole(nodes: &Nodes, o: &Outcome, repeats_at_most: usize) {
+    let too_many = nodes.sandbox.stats().too_many_requests;
+    assert!(
+        too_many <= TOO_MANY_AT_MOST,
+        "the sandbox answered 429 {too_many} times\n{}",
+        nodes.logs()
+    );
     assert!(
         o.unanswered.is_empty(),
         "{} unanswered (first: {:?}):\n{}",
