@@ -233,6 +233,31 @@ impl AckHandle {
     }
 }
 
+/// Whether a detached [`AckHandle`] was acknowledged: for the Relay's tests.
+#[cfg(test)]
+pub(crate) struct AckProbe(mpsc::UnboundedReceiver<Settled>);
+
+#[cfg(test)]
+impl AckProbe {
+    pub(crate) fn acked(&mut self) -> bool {
+        matches!(self.0.try_recv(), Ok(Settled::Done(_)))
+    }
+}
+
+#[cfg(test)]
+impl AckHandle {
+    /// A handle on no partition, and the probe that tells its fate.
+    pub(crate) fn detached() -> (AckHandle, AckProbe) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = AckHandle {
+            sequence: 0,
+            tx,
+            settled: false,
+        };
+        (handle, AckProbe(rx))
+    }
+}
+
 impl Drop for AckHandle {
     fn drop(&mut self) {
         if !self.settled {

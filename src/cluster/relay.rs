@@ -3,32 +3,45 @@
 //! the calls in the engine's outbox for the elected sender, and
 //! acknowledges an update to its partition once the app is done with it.
 //!
-//! Owns: the acknowledgement handles of the updates in hand, and one
-//! queue of work done strictly in arrival order.
+//! Owns: the acknowledgement handles of the updates in hand; the work in
+//! arrival order: calls being stored (up to [`STORING_AT_MOST`] at once, one
+//! per chat), calls waiting behind their chat's, finished updates waiting
+//! for the calls before them.
 //! Takes: [`Call`] and [`Done`] from the scopes and workers; [`Held`] from
 //! the delivery of a partition's update; [`Flush`] at shutdown.
 //! Sends: [`CallDone`] to an app that awaited a call's outcome; a download's
 //! getFile straight to this node's Sender (it only reads, so it neither
 //! counts for the bot's limits nor needs to be made once).
 //!
-//! Arrival order is the whole argument. A scope reports an update done after
-//! the calls its app made for it, so the update is acknowledged only once
-//! those calls are in the outbox (a majority of its replicas): a node killed
-//! at any moment either has them stored, and the update's redelivery asks
-//! for the same call ids and makes nothing twice, or has not acknowledged
-//! the update, and the next owner handles it again. And a node's calls reach
-//! the stream in the order its apps made them, which is the order the sender
-//! makes each chat's calls in.
+//! Two rules of order carry the guarantees.
+//!
+//! - **A finished update waits for every call before it.** A scope reports
+//!   an update done after the calls its app made for it, so the update is
+//!   acknowledged only once every call that arrived before its `Done` is in
+//!   the outbox (a majority of its replicas). A node killed at any moment has
+//!   either stored an update's calls, so its redelivery asks for the same
+//!   call ids and nothing is made twice, or not acknowledged the update, so
+//!   the next owner handles it again.
+//! - **A chat's calls are stored one after the other**, each once the one
+//!   before it is acknowledged by the stream, so they are in the stream in
+//!   the order the app made them, which is the order the sender makes them
+//!   in, even where a store failed and was retried. Calls of different chats
+//!   are stored concurrently: a store is a round trip to the stream's
+//!   leader and its replicas, and one at a time would cap the node's calls
+//!   at one per round trip.
 //!
 //! Storing a call that fails for the engine's sake (no server reachable, no
-//! majority) is retried with backoff, holding everything behind it, rather
-//! than dropped: the outgoing path stalls, and the apps' `send()` with it, as
-//! a single node's does when Telegram is unreachable.
+//! majority) is retried with backoff rather than dropped, holding its chat's
+//! later calls and every later finished update behind it: the outgoing path
+//! stalls, and the apps' `send()` with it, as a single node's does when
+//! Telegram is unreachable.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
+use futures_util::future::LocalBoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::outbox::{call_id, Requester};
@@ -74,7 +87,11 @@ impl Relay {
     pub fn start(requester: Requester, local: Addr<Sender>, node_id: &str) -> Addr<Relay> {
         let (queue, rx) = mpsc::unbounded_channel();
         let ids = CallIds::new(node_id);
-        actix::spawn(relay(rx, requester, local, ids));
+        let store: StoreFn = Box::new(move |id, call| {
+            let requester = requester.clone();
+            Box::pin(async move { store(&requester, id, call).await })
+        });
+        actix::spawn(relay(rx, store, local.recipient(), ids));
         Relay { queue }.start()
     }
 
@@ -155,35 +172,163 @@ impl CallIds {
     }
 }
 
-async fn relay(
-    mut rx: mpsc::UnboundedReceiver<Work>,
-    requester: Requester,
-    local: Addr<Sender>,
-    mut ids: CallIds,
-) {
-    let mut held: HashMap<i64, Vec<AckHandle>> = HashMap::new();
-    while let Some(work) = rx.recv().await {
+/// Calls being stored at once, at most: enough to overlap the engine's
+/// round trips, few enough that a failing engine holds a bounded number.
+const STORING_AT_MOST: usize = 128;
+
+/// How the queue stores one call (the engine's outbox; a fake in tests).
+type StoreFn = Box<dyn Fn(String, Call) -> LocalBoxFuture<'static, ()>>;
+
+/// The calls of one chat are stored one after the other; calls with no
+/// chat (setMyCommands, say) form one lane of their own.
+type Lane = Option<String>;
+
+/// The queue's state: see the module's rules. Every piece of work gets a
+/// number in arrival order; a finished update is acknowledged once every
+/// call numbered before it is stored.
+struct Queue {
+    store: StoreFn,
+    local: Recipient<Call>,
+    ids: CallIds,
+    held: HashMap<i64, Vec<AckHandle>>,
+    next: u64,
+    /// Calls not yet stored (being stored, or waiting), by number.
+    unstored: BTreeSet<u64>,
+    /// Finished updates and flushes, waiting for the calls before them.
+    barriers: VecDeque<(u64, Barrier)>,
+    /// Per lane, the calls waiting behind the one being stored.
+    waiting: HashMap<Lane, VecDeque<(u64, Call)>>,
+    /// Lanes with a call being stored.
+    busy: HashSet<Lane>,
+    /// Lanes not busy whose next call waits for room under the cap, in
+    /// the order they got it.
+    ready: VecDeque<Lane>,
+    storing: FuturesUnordered<LocalBoxFuture<'static, (u64, Lane)>>,
+}
+
+enum Barrier {
+    Done(Vec<i64>),
+    Flush(oneshot::Sender<()>),
+}
+
+impl Queue {
+    fn take(&mut self, work: Work) {
+        let number = self.next;
+        self.next += 1;
         match work {
-            Work::Held(Held { update_id, ack }) => held.entry(update_id).or_default().push(ack),
-            Work::Done(updates) => {
-                for id in updates {
-                    for ack in held.remove(&id).unwrap_or_default() {
-                        ack.done();
+            Work::Held(Held { update_id, ack }) => {
+                self.held.entry(update_id).or_default().push(ack)
+            }
+            Work::Done(updates) => self.barriers.push_back((number, Barrier::Done(updates))),
+            Work::Flush(tx) => self.barriers.push_back((number, Barrier::Flush(tx))),
+            Work::Call(call) if call.download => self.local.do_send(call),
+            Work::Call(call) => {
+                let lane = call.chat();
+                self.unstored.insert(number);
+                if self.busy.contains(&lane) || self.storing.len() >= STORING_AT_MOST {
+                    let queue = self.waiting.entry(lane.clone()).or_default();
+                    queue.push_back((number, call));
+                    if queue.len() == 1 && !self.busy.contains(&lane) {
+                        self.ready.push_back(lane);
                     }
+                } else {
+                    self.issue(number, lane, call);
                 }
             }
-            Work::Flush(tx) => {
-                let _ = tx.send(());
+        }
+    }
+
+    fn issue(&mut self, number: u64, lane: Lane, call: Call) {
+        let id = match call.cause {
+            Some(cause) => call_id(cause.update_id, cause.ordinal),
+            None => self.ids.next(),
+        };
+        self.busy.insert(lane.clone());
+        let stored = (self.store)(id, call);
+        self.storing.push(Box::pin(async move {
+            stored.await;
+            (number, lane)
+        }));
+    }
+
+    fn stored(&mut self, number: u64, lane: Lane) {
+        self.unstored.remove(&number);
+        self.busy.remove(&lane);
+        if self.waiting.get(&lane).is_some_and(|q| !q.is_empty()) {
+            self.ready.push_back(lane);
+        }
+    }
+
+    /// Issues what the cap allows, then lifts the barriers whose calls are
+    /// all stored.
+    fn settle(&mut self) {
+        while self.storing.len() < STORING_AT_MOST {
+            let Some(lane) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(queue) = self.waiting.get_mut(&lane) else {
+                continue;
+            };
+            let Some((number, call)) = queue.pop_front() else {
+                continue;
+            };
+            if queue.is_empty() {
+                self.waiting.remove(&lane);
             }
-            Work::Call(call) if call.download => local.do_send(call),
-            Work::Call(call) => {
-                let id = match call.cause {
-                    Some(cause) => call_id(cause.update_id, cause.ordinal),
-                    None => ids.next(),
-                };
-                store(&requester, id, call).await;
+            self.issue(number, lane, call);
+        }
+        let oldest = self.unstored.first().copied().unwrap_or(u64::MAX);
+        while self.barriers.front().is_some_and(|(n, _)| *n < oldest) {
+            let Some((_, barrier)) = self.barriers.pop_front() else {
+                break;
+            };
+            match barrier {
+                Barrier::Done(updates) => {
+                    for id in updates {
+                        for ack in self.held.remove(&id).unwrap_or_default() {
+                            ack.done();
+                        }
+                    }
+                }
+                Barrier::Flush(tx) => {
+                    let _ = tx.send(());
+                }
             }
         }
+    }
+}
+
+async fn relay(mut rx: mpsc::UnboundedReceiver<Work>, store: StoreFn, local: Recipient<Call>, ids: CallIds) {
+    let mut queue = Queue::new(store, local, ids);
+    loop {
+        tokio::select! {
+            work = rx.recv() => match work {
+                Some(work) => queue.take(work),
+                None => break,
+            },
+            Some((number, lane)) = queue.storing.next(), if !queue.storing.is_empty() => {
+                queue.stored(number, lane);
+            }
+        }
+        queue.settle();
+    }
+}
+
+impl Queue {
+    fn new(store: StoreFn, local: Recipient<Call>, ids: CallIds) -> Queue {
+    Queue {
+        store,
+        local,
+        ids,
+        held: HashMap::new(),
+        next: 0,
+        unstored: BTreeSet::new(),
+        barriers: VecDeque::new(),
+        waiting: HashMap::new(),
+        busy: HashSet::new(),
+        ready: VecDeque::new(),
+        storing: FuturesUnordered::new(),
+    }
     }
 }
 
@@ -260,6 +405,126 @@ fn answer(reply: ReplyTo, outcome: Outcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::actors::call::Cause;
+    use serde_json::Map;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// Takes downloads; the tests make none.
+    struct Nowhere;
+    impl Actor for Nowhere {
+        type Context = Context<Self>;
+    }
+    impl Handler<Call> for Nowhere {
+        type Result = ();
+        fn handle(&mut self, _: Call, _: &mut Context<Self>) {}
+    }
+
+    /// A store that finishes when the test says: the ids it was asked for,
+    /// in order, each with the sender that completes it.
+    type Started = Rc<RefCell<Vec<(String, Option<oneshot::Sender<()>>)>>>;
+
+    fn queue() -> (Queue, Started) {
+        let started: Started = Rc::default();
+        let log = started.clone();
+        let store: StoreFn = Box::new(move |id, _call| {
+            let (tx, rx) = oneshot::channel();
+            log.borrow_mut().push((id, Some(tx)));
+            Box::pin(async move {
+                let _ = rx.await;
+            })
+        });
+        (Queue::new(store, Nowhere.start().recipient(), CallIds::new("t")), started)
+    }
+
+    fn call(chat: i64, update_id: i64, ordinal: u32) -> Work {
+        let mut params = Map::new();
+        params.insert("chat_id".into(), chat.into());
+        Work::Call(
+            Call::new("sendMessage".into(), params, None).caused_by(Cause { update_id, ordinal }),
+        )
+    }
+
+    fn ids(started: &Started) -> Vec<String> {
+        started.borrow().iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    fn finish(started: &Started, id: &str) {
+        let mut started = started.borrow_mut();
+        let (_, tx) = started
+            .iter_mut()
+            .find(|(i, _)| i == id)
+            .expect("that call was started");
+        let _ = tx.take().expect("finished once").send(());
+    }
+
+    /// Runs the queue until the finished stores are taken in.
+    async fn run(queue: &mut Queue) {
+        while let Ok(Some((number, lane))) =
+            tokio::time::timeout(Duration::from_millis(50), queue.storing.next()).await
+        {
+            queue.stored(number, lane);
+            queue.settle();
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_chats_calls_are_stored_one_after_the_other_and_other_chats_meanwhile() {
+        let (mut q, started) = queue();
+        for work in [call(1, 10, 0), call(1, 10, 1), call(2, 11, 0), call(1, 12, 0)] {
+            q.take(work);
+            q.settle();
+        }
+        assert_eq!(ids(&started), ["u10.0", "u11.0"]);
+        finish(&started, "u11.0");
+        run(&mut q).await;
+        assert_eq!(ids(&started), ["u10.0", "u11.0"], "chat 1 waits for u10.0");
+        finish(&started, "u10.0");
+        run(&mut q).await;
+        assert_eq!(ids(&started), ["u10.0", "u11.0", "u10.1"]);
+        finish(&started, "u10.1");
+        run(&mut q).await;
+        assert_eq!(ids(&started), ["u10.0", "u11.0", "u10.1", "u12.0"]);
+    }
+
+    #[actix_rt::test]
+    async fn an_update_is_acknowledged_only_once_every_call_before_it_is_stored() {
+        let (mut q, started) = queue();
+        let (first, mut first_acked) = AckHandle::detached();
+        let (second, mut second_acked) = AckHandle::detached();
+        q.take(Work::Held(Held { update_id: 10, ack: first }));
+        q.take(Work::Held(Held { update_id: 11, ack: second }));
+        q.take(call(1, 10, 0));
+        q.take(call(2, 11, 0));
+        q.take(Work::Done(vec![11]));
+        q.take(Work::Done(vec![10]));
+        q.settle();
+        // u11.0 stored, but u10.0, which came before 11's Done, is not.
+        finish(&started, "u11.0");
+        run(&mut q).await;
+        assert!(!second_acked.acked() && !first_acked.acked());
+        finish(&started, "u10.0");
+        run(&mut q).await;
+        assert!(second_acked.acked() && first_acked.acked());
+    }
+
+    #[actix_rt::test]
+    async fn no_more_than_the_cap_is_stored_at_once_and_the_rest_follow_in_order() {
+        let (mut q, started) = queue();
+        let chats = STORING_AT_MOST as i64 + 5;
+        for chat in 0..chats {
+            q.take(call(chat, chat, 0));
+            q.settle();
+        }
+        assert_eq!(started.borrow().len(), STORING_AT_MOST);
+        finish(&started, "u0.0");
+        finish(&started, "u1.0");
+        run(&mut q).await;
+        let now = ids(&started);
+        assert_eq!(now.len(), STORING_AT_MOST + 2);
+        let n = STORING_AT_MOST;
+        assert_eq!(now[n..], [format!("u{n}.0"), format!("u{}.0", n + 1)]);
+    }
 
     #[test]
     fn ids_without_a_cause_are_valid_keys_and_never_repeat() {
