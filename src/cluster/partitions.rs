@@ -214,6 +214,53 @@ pub struct AckHandle {
     sequence: u64,
     tx: mpsc::UnboundedSender<Settled>,
     settled: bool,
+    fence: Fence,
+}
+
+/// Whether the partition an update came from is still this node's: until
+/// when its lease is surely valid, as of the last renewal; `None` once the
+/// partition's task ended (fenced, handed over, stopped).
+///
+/// What the node does for an update after that must not reach the engine:
+/// the next owner handles the update again, and two nodes storing calls for
+/// the same update race (the calls of one chat could be stored out of their
+/// order). So the Relay stores no call caused by an update whose fence is
+/// down.
+#[derive(Debug, Clone)]
+pub struct Fence(std::sync::Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl Fence {
+    fn new(valid_until: Instant) -> Fence {
+        Fence(std::sync::Arc::new(std::sync::Mutex::new(Some(
+            valid_until,
+        ))))
+    }
+
+    /// Since the partition is not this node's any more, nothing done for its
+    /// updates may be stored.
+    pub fn is_up(&self) -> bool {
+        self.valid_until()
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn valid_until(&self) -> Option<Instant> {
+        // A poisoned lock: a thread panicked while writing an Instant, which
+        // leaves a valid value.
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, until: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = until;
+    }
+}
+
+/// Takes the fence down when the partition's task ends, on any path.
+struct FenceGuard(Fence);
+
+impl Drop for FenceGuard {
+    fn drop(&mut self) {
+        self.0.set(None);
+    }
 }
 
 #[derive(Debug)]
@@ -223,6 +270,11 @@ enum Settled {
 }
 
 impl AckHandle {
+    /// The fence of the partition the update came from.
+    pub fn fence(&self) -> Fence {
+        self.fence.clone()
+    }
+
     /// The update was taken: its owner acknowledges it to the log. After
     /// the owner lost the partition (fenced) nothing is sent, and the next
     /// owner delivers the update again.
@@ -246,6 +298,11 @@ impl AckProbe {
 
 #[cfg(test)]
 impl AckHandle {
+    /// Takes the handle's fence down, as its partition's end would.
+    pub(crate) fn take_fence_down(&self) {
+        self.fence.set(None);
+    }
+
     /// A handle on no partition, and the probe that tells its fate.
     pub(crate) fn detached() -> (AckHandle, AckProbe) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -253,6 +310,7 @@ impl AckHandle {
             sequence: 0,
             tx,
             settled: false,
+            fence: Fence::new(Instant::now() + Duration::from_secs(3600)),
         };
         (handle, AckProbe(rx))
     }
@@ -800,6 +858,7 @@ async fn own_partition(
     }
 
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Settled>();
+    let fence = FenceGuard(Fence::new(lease.valid_until()));
     let mut in_hand: BTreeMap<u64, InHand> = BTreeMap::new();
     let mut batch: Option<pull::Batch> = None;
     let mut pending: Option<Delivery> = None;
@@ -944,7 +1003,12 @@ async fn own_partition(
                             sequence,
                             update,
                             redelivered: delivered > 1,
-                            ack: AckHandle { sequence, tx: settled_tx.clone(), settled: false },
+                            ack: AckHandle {
+                                sequence,
+                                tx: settled_tx.clone(),
+                                settled: false,
+                                fence: fence.0.clone(),
+                            },
                         });
                     }
                     Err(e) => ::log::warn!("node={node} partition={partition} a message without JetStream metadata skipped: {e}"),
@@ -957,10 +1021,13 @@ async fn own_partition(
         if Instant::now() >= next_renewal {
             next_renewal = Instant::now() + ctx.renew_every;
             match tokio::time::timeout(request_timeout, lease.renew()).await {
-                Ok(Ok(())) => state.send_modify(|s| {
-                    s.status.revision = lease.revision();
-                    s.lease_written = lease.written_at();
-                }),
+                Ok(Ok(())) => {
+                    fence.0.set(Some(lease.valid_until()));
+                    state.send_modify(|s| {
+                        s.status.revision = lease.revision();
+                        s.lease_written = lease.written_at();
+                    })
+                }
                 Ok(Err(ClusterError::Fenced { .. })) => return (partition, PartitionEnd::Fenced),
                 Ok(Err(e)) => {
                     ::log::warn!("node={node} partition={partition} renewal failed, retrying: {e}")

@@ -45,7 +45,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::outbox::{call_id, Requester};
-use super::partitions::AckHandle;
+use super::partitions::{AckHandle, Fence};
 use super::ClusterError;
 use crate::actors::call::{Call, CallDone, Outcome, ReplyTo};
 use crate::actors::outbox::{Done, Flush};
@@ -87,9 +87,9 @@ impl Relay {
     pub fn start(requester: Requester, local: Addr<Sender>, node_id: &str) -> Addr<Relay> {
         let (queue, rx) = mpsc::unbounded_channel();
         let ids = CallIds::new(node_id);
-        let store: StoreFn = Box::new(move |id, call| {
+        let store: StoreFn = Box::new(move |id, call, fences| {
             let requester = requester.clone();
-            Box::pin(async move { store(&requester, id, call).await })
+            Box::pin(async move { store(&requester, id, call, &fences).await })
         });
         actix::spawn(relay(rx, store, local.recipient(), ids));
         Relay { queue }.start()
@@ -177,7 +177,7 @@ impl CallIds {
 const STORING_AT_MOST: usize = 128;
 
 /// How the queue stores one call (the engine's outbox; a fake in tests).
-type StoreFn = Box<dyn Fn(String, Call) -> LocalBoxFuture<'static, ()>>;
+type StoreFn = Box<dyn Fn(String, Call, Vec<Fence>) -> LocalBoxFuture<'static, ()>>;
 
 /// The calls of one chat are stored one after the other; calls with no
 /// chat (setMyCommands, say) form one lane of their own.
@@ -243,8 +243,23 @@ impl Queue {
             Some(cause) => call_id(cause.update_id, cause.ordinal),
             None => self.ids.next(),
         };
+        // The fences of the partition the cause came from: none for a call
+        // with no update in hand.
+        let fences: Vec<Fence> = call
+            .cause
+            .and_then(|cause| self.held.get(&cause.update_id))
+            .map(|acks| acks.iter().map(AckHandle::fence).collect())
+            .unwrap_or_default();
+        if fenced(&fences) {
+            not_stored(&id, call);
+            self.unstored.remove(&number);
+            if self.waiting.get(&lane).is_some_and(|q| !q.is_empty()) {
+                self.ready.push_back(lane);
+            }
+            return;
+        }
         self.busy.insert(lane.clone());
-        let stored = (self.store)(id, call);
+        let stored = (self.store)(id, call, fences);
         self.storing.push(Box::pin(async move {
             stored.await;
             (number, lane)
@@ -298,7 +313,12 @@ impl Queue {
     }
 }
 
-async fn relay(mut rx: mpsc::UnboundedReceiver<Work>, store: StoreFn, local: Recipient<Call>, ids: CallIds) {
+async fn relay(
+    mut rx: mpsc::UnboundedReceiver<Work>,
+    store: StoreFn,
+    local: Recipient<Call>,
+    ids: CallIds,
+) {
     let mut queue = Queue::new(store, local, ids);
     loop {
         tokio::select! {
@@ -316,33 +336,42 @@ async fn relay(mut rx: mpsc::UnboundedReceiver<Work>, store: StoreFn, local: Rec
 
 impl Queue {
     fn new(store: StoreFn, local: Recipient<Call>, ids: CallIds) -> Queue {
-    Queue {
-        store,
-        local,
-        ids,
-        held: HashMap::new(),
-        next: 0,
-        unstored: BTreeSet::new(),
-        barriers: VecDeque::new(),
-        waiting: HashMap::new(),
-        busy: HashSet::new(),
-        ready: VecDeque::new(),
-        storing: FuturesUnordered::new(),
-    }
+        Queue {
+            store,
+            local,
+            ids,
+            held: HashMap::new(),
+            next: 0,
+            unstored: BTreeSet::new(),
+            barriers: VecDeque::new(),
+            waiting: HashMap::new(),
+            busy: HashSet::new(),
+            ready: VecDeque::new(),
+            storing: FuturesUnordered::new(),
+        }
     }
 }
 
 /// Stores one call, retrying what the engine failed; an app that awaits
 /// the outcome gets it from a task of its own, so the queue goes on.
-async fn store(requester: &Requester, id: String, call: Call) {
+async fn store(requester: &Requester, id: String, call: Call, fences: &[Fence]) {
     let Call {
         method,
         params,
         reply,
+        cause,
         ..
     } = call;
     let mut failures = 0u32;
     loop {
+        // Checked before every attempt: a store retried past the partition's
+        // end would race the next owner's handling of the same update.
+        if fenced(fences) {
+            let mut call = Call::new(method, params, reply);
+            call.cause = cause;
+            not_stored(&id, call);
+            return;
+        }
         let stored = match &reply {
             Some(_) => requester
                 .submit(&id, &method, params.clone())
@@ -394,6 +423,30 @@ async fn store(requester: &Requester, id: String, call: Call) {
     }
 }
 
+/// Whether the partition of the call's cause is no longer this node's (a
+/// call with no cause has no fences, and is never fenced).
+fn fenced(fences: &[Fence]) -> bool {
+    !fences.is_empty() && !fences.iter().any(Fence::is_up)
+}
+
+/// Drops a call whose update's partition moved: see [`Fence`].
+fn not_stored(id: &str, call: Call) {
+    log::info!(
+        "call {id} method={} not stored: its update's partition is no longer this node's, and \
+         its next owner handles the update again",
+        call.method
+    );
+    if let Some(reply) = call.reply {
+        answer(
+            reply,
+            Outcome::refused(
+                "not made here: the update's partition moved to another node, which handles the \
+                 update again",
+            ),
+        );
+    }
+}
+
 fn answer(reply: ReplyTo, outcome: Outcome) {
     reply.to.do_send(CallDone {
         request_id: reply.request_id,
@@ -427,14 +480,17 @@ mod tests {
     fn queue() -> (Queue, Started) {
         let started: Started = Rc::default();
         let log = started.clone();
-        let store: StoreFn = Box::new(move |id, _call| {
+        let store: StoreFn = Box::new(move |id, _call, _fences| {
             let (tx, rx) = oneshot::channel();
             log.borrow_mut().push((id, Some(tx)));
             Box::pin(async move {
                 let _ = rx.await;
             })
         });
-        (Queue::new(store, Nowhere.start().recipient(), CallIds::new("t")), started)
+        (
+            Queue::new(store, Nowhere.start().recipient(), CallIds::new("t")),
+            started,
+        )
     }
 
     fn call(chat: i64, update_id: i64, ordinal: u32) -> Work {
@@ -471,7 +527,12 @@ mod tests {
     #[actix_rt::test]
     async fn a_chats_calls_are_stored_one_after_the_other_and_other_chats_meanwhile() {
         let (mut q, started) = queue();
-        for work in [call(1, 10, 0), call(1, 10, 1), call(2, 11, 0), call(1, 12, 0)] {
+        for work in [
+            call(1, 10, 0),
+            call(1, 10, 1),
+            call(2, 11, 0),
+            call(1, 12, 0),
+        ] {
             q.take(work);
             q.settle();
         }
@@ -492,8 +553,14 @@ mod tests {
         let (mut q, started) = queue();
         let (first, mut first_acked) = AckHandle::detached();
         let (second, mut second_acked) = AckHandle::detached();
-        q.take(Work::Held(Held { update_id: 10, ack: first }));
-        q.take(Work::Held(Held { update_id: 11, ack: second }));
+        q.take(Work::Held(Held {
+            update_id: 10,
+            ack: first,
+        }));
+        q.take(Work::Held(Held {
+            update_id: 11,
+            ack: second,
+        }));
         q.take(call(1, 10, 0));
         q.take(call(2, 11, 0));
         q.take(Work::Done(vec![11]));
@@ -506,6 +573,27 @@ mod tests {
         finish(&started, "u10.0");
         run(&mut q).await;
         assert!(second_acked.acked() && first_acked.acked());
+    }
+
+    #[actix_rt::test]
+    async fn no_call_is_stored_for_an_update_whose_partition_was_lost() {
+        let (mut q, started) = queue();
+        let (kept, _) = AckHandle::detached();
+        let (lost, _) = AckHandle::detached();
+        lost.take_fence_down();
+        q.take(Work::Held(Held {
+            update_id: 10,
+            ack: kept,
+        }));
+        q.take(Work::Held(Held {
+            update_id: 11,
+            ack: lost,
+        }));
+        q.take(call(1, 10, 0));
+        q.take(call(2, 11, 0));
+        q.settle();
+        run(&mut q).await;
+        assert_eq!(ids(&started), ["u10.0"]);
     }
 
     #[actix_rt::test]
