@@ -771,3 +771,85 @@ async fn the_real_client_against_the_sandboxs_flood_limits_gets_no_429_with_call
     task.await.expect("the sender stops");
     drop(nats);
 }
+
+/// A graceful handover passes the pacer on: a chat that used its burst just
+/// before the stop is not given a new one by the next sender. A chat here
+/// may take 5 messages at once, then one every 4 s; the first sender makes
+/// the burst and stops at once; the next one, an empty pacer's burst
+/// later, must wait for the chat's budget all the same.
+#[actix_rt::test]
+async fn a_sender_handed_over_to_goes_on_with_the_previous_ones_pacing() {
+    let nats = cluster_or_skip!("a_sender_handed_over_to_goes_on_with_the_previous_ones_pacing");
+    let ttl = Duration::from_secs(20);
+    let a = node(&nats, "node-a", ttl).await;
+    let b = node(&nats, "node-b", ttl).await;
+    let c = node(&nats, "node-c", ttl).await;
+    const BURST: u32 = 5;
+    const EVERY: Duration = Duration::from_secs(4);
+    let limits = Limits {
+        chat_burst: BURST,
+        chat_per_second: 1.0 / EVERY.as_secs_f64(),
+        ..Limits::default()
+    };
+    let made = Rc::new(RefCell::new(Vec::new()));
+    let latency = Duration::from_millis(20);
+    let (first, mut first_status, first_stop) = contend(
+        &a,
+        "node-a",
+        &made,
+        latency,
+        sender_settings(limits.clone()),
+    );
+    wait_holding(&mut first_status, true, Duration::from_secs(20)).await;
+    let (second, mut second_status, second_stop) = contend(
+        &b,
+        "node-b",
+        &made,
+        latency,
+        sender_settings(limits.clone()),
+    );
+
+    const CHAT: i64 = 7;
+    const CALLS: u32 = BURST + 2;
+    let asking = ask(c.outbox.requester(), CHAT..CHAT + 1, CALLS);
+    let handover = async {
+        let end = Instant::now() + ANSWER_DEADLINE;
+        while made.borrow().len() < BURST as usize {
+            assert!(Instant::now() < end, "the first sender made too few calls");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = first_stop.send(());
+        first.await.expect("the first sender stops");
+        wait_holding(&mut second_status, true, ttl / 2).await;
+    };
+    let (answers, ()) = tokio::join!(asking, handover);
+    assert_eq!(answers.len(), CALLS as usize, "nothing lost");
+    let made = made.borrow().clone();
+    assert_eq!(
+        made_for(&made, CHAT),
+        expected(CHAT, CALLS),
+        "once each, in order"
+    );
+    let by_a = made.iter().filter(|m| m.node == "node-a").count();
+    assert_eq!(
+        by_a, BURST as usize,
+        "the first sender made the burst only: {made:?}"
+    );
+    // The chat's budget, as the first sender left it: the (BURST+1)-th
+    // message one interval after the first, the next another interval on.
+    // An empty pacer would have sent both at once on taking over.
+    let slack = Duration::from_millis(100);
+    for (k, m) in made[BURST as usize..].iter().enumerate() {
+        let after = m.at.duration_since(made[0].at);
+        let least = EVERY * (k as u32 + 1) - slack;
+        assert!(
+            after >= least,
+            "message {} went {after:?} after the first, before the chat's budget ({least:?})",
+            BURST as usize + k
+        );
+    }
+    assert_eq!(second_status.borrow().in_doubt, 0);
+    let _ = second_stop.send(());
+    second.await.expect("the second sender stops");
+    drop(nats);
+}

@@ -380,7 +380,15 @@ impl View {
                 .collect(),
             calls_pending: if sender.holding { sender.pending } else { 0 },
             calls_in_doubt: sender.in_doubt,
-            updates_stored: ingress.as_ref().map_or(0, |i| i.stored),
+            // In webhook mode every node stores what it is posted.
+            updates_stored: ingress.as_ref().map_or_else(
+                || {
+                    crate::ops::metrics::metrics()
+                        .webhook_requests
+                        .get(&["accepted"])
+                },
+                |i| i.stored,
+            ),
             updates_fetched_again: ingress.as_ref().map_or(0, |i| i.duplicates),
         }
     }

@@ -233,21 +233,30 @@ impl Outbox {
     /// make the call. `None` if the bucket has no entry for it; a removed
     /// mark reads as `None` too.
     pub(crate) async fn mark(&self, id: &str) -> Result<Option<(Mark, u64)>, ClusterError> {
+        let entry = self.latest(id, &format!("the answer of call {id}")).await?;
+        Ok(entry.and_then(|(payload, sequence)| Mark::decode(&payload).map(|m| (m, sequence))))
+    }
+
+    /// The newest value at `key` in the answers bucket and its revision,
+    /// read from the bucket's leader (not a replica that may lag). `what`
+    /// names it in an error.
+    pub(crate) async fn latest(
+        &self,
+        key: &str,
+        what: &str,
+    ) -> Result<Option<(Bytes, u64)>, ClusterError> {
         let stream = self
             .js
             .get_stream_no_info(format!("KV_{}", self.bucket))
             .await
             .map_err(|e| ClusterError::engine(format!("opening bucket {}", self.bucket), e))?;
         match stream
-            .get_last_raw_message_by_subject(&format!("$KV.{}.{id}", self.bucket))
+            .get_last_raw_message_by_subject(&format!("$KV.{}.{key}", self.bucket))
             .await
         {
-            Ok(message) => Ok(Mark::decode(&message.payload).map(|m| (m, message.sequence))),
+            Ok(message) => Ok(Some((message.payload, message.sequence))),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(ClusterError::engine(
-                format!("reading the answer of call {id}"),
-                e,
-            )),
+            Err(e) => Err(ClusterError::engine(format!("reading {what}"), e)),
         }
     }
 

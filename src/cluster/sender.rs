@@ -62,17 +62,23 @@
 //! limits, which was not made (for `sender.ambiguous = fail`, an error
 //! answer to a call that could have been made).
 //!
-//! A new holder's pacer starts empty: what the previous one sent in its last
-//! second (or, for groups, minute) is not known to it. After a death the
-//! lease TTL has passed by then; after a handover, a chat's first message
-//! may come sooner than its limit allows, once.
+//! 9. Pacing across tenures: the holder writes its pacer's snapshot
+//!    ([`PaceSnapshot`]: what it counted in the last second, and for
+//!    groups the last minute) to the answers bucket under [`PACE_KEY`]
+//!    after a renewal whenever it counted something since the last one, and
+//!    once more when it stops. A new holder restores it before its first
+//!    call, so a handover neither resets a chat's budget nor the bot's.
+//!    After a death, what the dead holder sent after its last snapshot (at
+//!    most one `lease_renew`'s worth) is not known; the per-second limits
+//!    have passed by the time the lease expires, the group's minute may
+//!    not have.
 
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, consumer, kv, AckKind};
 use foldhash::{HashMap, HashSet};
@@ -87,11 +93,16 @@ use super::ClusterError;
 use crate::actors::call::{chat_of, Outcome};
 use crate::backoff::Backoff;
 use crate::settings::{AmbiguousPolicy, SenderSettings};
-use crate::telegram::limits::{message_cost, Cost, Pacer, Pass, Ticket};
+use crate::telegram::limits::{message_cost, Cost, PaceSnapshot, Pacer, Pass, Ticket};
 use crate::telegram::{Bot, TelegramError};
 
 /// The lease's key in the lease bucket.
 pub const SENDER_LEASE: &str = "sender";
+
+/// Where the holder keeps its pacer's snapshot for the next one (step 9):
+/// in the answers bucket, under a key no call id can be (call ids have no
+/// `/`).
+pub const PACE_KEY: &str = "sender/pace";
 
 /// Calls in flight at once, as on a single node.
 const MAX_IN_FLIGHT: usize = 64;
@@ -364,6 +375,21 @@ impl<E: Executor + 'static> ElectedSender<E> {
         let mut renew_at = tokio::time::Instant::now() + renew_every;
         let mut renewal: Option<Renewal> = None;
         let mut lanes = Lanes::new(&self.settings);
+        if lanes.pacer.enabled() {
+            match load_pace(&self.outbox).await {
+                Ok(Some(snapshot)) => {
+                    lanes
+                        .pacer
+                        .restore(&snapshot, Instant::now(), SystemTime::now());
+                }
+                Ok(None) => {}
+                Err(e) => ::log::warn!(
+                    "sender: the previous holder's pacing is unknown ({e}); a chat's next message may come sooner than its limit allows, once"
+                ),
+            }
+        }
+        let mut saved_changes = lanes.pacer.changes();
+        let saving = Rc::new(Cell::new(false));
         let mut in_flight = FuturesUnordered::new();
         let mut stopping = false;
         let mut stream_pending = 0u64;
@@ -409,6 +435,12 @@ impl<E: Executor + 'static> ElectedSender<E> {
                         );
                     }
                 }
+                if lanes.pacer.enabled() {
+                    let snapshot = lanes.pacer.snapshot(Instant::now(), SystemTime::now());
+                    if let Err(e) = save_pace(self.outbox.answers(), &snapshot).await {
+                        ::log::warn!("sender: pacing not handed over ({e}); the next sender's first messages may come early");
+                    }
+                }
                 return match lease {
                     Some(lease) => Tenure::Stopped(lease),
                     // Renewing: wait for it below, then stop.
@@ -446,7 +478,23 @@ impl<E: Executor + 'static> ElectedSender<E> {
                     renewal = None;
                     renew_at = tokio::time::Instant::now() + renew_every;
                     match result {
-                        Ok(()) => fence.set(held.valid_until()),
+                        Ok(()) => {
+                            fence.set(held.valid_until());
+                            let changes = lanes.pacer.changes();
+                            if lanes.pacer.enabled() && changes != saved_changes && !saving.get() {
+                                saved_changes = changes;
+                                saving.set(true);
+                                let snapshot = lanes.pacer.snapshot(Instant::now(), SystemTime::now());
+                                let answers = self.outbox.answers().clone();
+                                let saving = saving.clone();
+                                tokio::task::spawn_local(async move {
+                                    if let Err(e) = save_pace(&answers, &snapshot).await {
+                                        ::log::debug!("sender: pacing snapshot not written: {e}");
+                                    }
+                                    saving.set(false);
+                                });
+                            }
+                        }
                         Err(ClusterError::Fenced { .. }) => return Tenure::Fenced,
                         Err(e) => ::log::warn!("sender lease renewal failed, retrying: {e}"),
                     }
@@ -1035,6 +1083,34 @@ async fn finish(
         answered_at,
         in_doubt,
         made,
+    }
+}
+
+/// Step 9: the pacer's snapshot for the next holder. Written once, not
+/// retried: a snapshot that did not make it is replaced by the next.
+async fn save_pace(answers: &kv::Store, snapshot: &PaceSnapshot) -> Result<(), ClusterError> {
+    let bytes = serde_json::to_vec(snapshot)
+        .map_err(|e| ClusterError::engine("encoding the pacing snapshot", e))?;
+    answers
+        .put(PACE_KEY, bytes.into())
+        .await
+        .map(|_| ())
+        .map_err(|e| ClusterError::engine("writing the pacing snapshot", e))
+}
+
+/// The last holder's snapshot, if it left one that this version can read.
+async fn load_pace(outbox: &Outbox) -> Result<Option<PaceSnapshot>, ClusterError> {
+    let Some((bytes, _)) = outbox.latest(PACE_KEY, "the pacing snapshot").await? else {
+        return Ok(None);
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(snapshot) => Ok(Some(snapshot)),
+        Err(e) => {
+            ::log::warn!(
+                "sender: the pacing snapshot is unreadable ({e}); starting with an empty pacer"
+            );
+            Ok(None)
+        }
     }
 }
 

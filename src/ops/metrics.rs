@@ -262,7 +262,8 @@ pub struct ClusterView {
     pub calls_pending: u64,
     /// Calls found in doubt by this node's sender since it started.
     pub calls_in_doubt: u64,
-    /// Updates the ingress stored since start, and those it fetched again.
+    /// Updates this node stored since start (as the poller, or in webhook
+    /// mode as posted to it), and those the poller fetched again.
     pub updates_stored: u64,
     pub updates_fetched_again: u64,
 }
@@ -842,7 +843,7 @@ fn render_cluster(out: &mut String, view: &ClusterView) {
         ),
         (
             "asgigram_cluster_updates_stored_total",
-            "Updates this node's ingress stored in the log.",
+            "Updates this node stored in the log (polled, or posted to its webhook).",
             "counter",
             view.updates_stored,
         ),

@@ -53,8 +53,9 @@
 //! longer than that to arrive.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Telegram's limits and how the pacer applies them.
@@ -241,6 +242,84 @@ pub struct Pass {
     paid_short: bool,
 }
 
+/// What a pacer has counted and that still constrains a send, so that
+/// another process can go on from it: the next elected sender of a cluster
+/// (`cluster::sender`), which would otherwise start with an empty pacer and
+/// let a chat's next message come sooner than its limit allows.
+///
+/// Instants do not cross processes, so every time is an offset in
+/// milliseconds from the moment the snapshot was taken (`taken_at_ms`, Unix
+/// time), rounded towards later; the restoring side places them by its own
+/// wall clock, which on nodes kept by NTP agrees within milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PaceSnapshot {
+    pub taken_at_ms: u64,
+    /// (anchor offset, messages) of the free overall window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    global: Vec<(i64, u32)>,
+    /// (anchor offset, messages) of the paid-broadcast window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    paid: Vec<(i64, u32)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    chats: Vec<ChatSnapshot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hold: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ChatSnapshot {
+    chat: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tat: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    group: Vec<(i64, u32)>,
+}
+
+fn unix_ms(wall: SystemTime) -> u64 {
+    wall.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `at - now` in whole milliseconds, rounded up.
+fn offset_ms(at: Instant, now: Instant) -> i64 {
+    let ceil = |d: Duration| i64::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i64::MAX);
+    match at.checked_duration_since(now) {
+        Some(ahead) => ceil(ahead),
+        // Rounded up means towards zero for a time in the past.
+        None => -(i64::try_from(now.duration_since(at).as_millis()).unwrap_or(i64::MAX)),
+    }
+}
+
+/// `base + offset`, or `None` where the monotonic clock cannot go that far
+/// back (then the entry predates anything that can still constrain).
+fn place(base: Instant, offset: i64) -> Option<Instant> {
+    let by = Duration::from_millis(offset.unsigned_abs());
+    if offset >= 0 {
+        base.checked_add(by)
+    } else {
+        base.checked_sub(by)
+    }
+}
+
+impl Window {
+    fn snapshot(&self, now: Instant) -> Vec<(i64, u32)> {
+        self.entries
+            .iter()
+            .filter(|&&(_, anchor, _)| anchor + self.window > now)
+            .map(|&(_, anchor, n)| (offset_ms(anchor, now), n))
+            .collect()
+    }
+
+    fn restore(&mut self, entries: &[(i64, u32)], base: Instant, now: Instant, ids: &mut u64) {
+        for &(offset, n) in entries {
+            if let Some(anchor) = place(base, offset).filter(|&a| a + self.window > now) {
+                *ids += 1;
+                self.record(*ids, anchor, n);
+            }
+        }
+    }
+}
+
 /// The pacing decisions, free of actors and of real time: every method takes
 /// `now`, so tests drive it with made-up instants.
 #[derive(Debug)]
@@ -252,6 +331,8 @@ pub struct Pacer {
     /// No message goes out before this (a 429 not tied to a chat).
     global_hold: Option<Instant>,
     next_id: u64,
+    /// Holds set, for [`Pacer::changes`].
+    holds: u64,
 }
 
 impl Pacer {
@@ -263,6 +344,7 @@ impl Pacer {
             chats: HashMap::new(),
             global_hold: None,
             next_id: 0,
+            holds: 0,
         }
     }
 
@@ -424,6 +506,7 @@ impl Pacer {
     /// A 429 that cannot be tied to a chat: no message goes out before
     /// `until`.
     pub fn hold_all(&mut self, until: Instant) {
+        self.holds += 1;
         self.global_hold = Some(self.global_hold.map_or(until, |h| h.max(until)));
     }
 
@@ -448,6 +531,82 @@ impl Pacer {
     /// Chats with state (for tests and diagnostics).
     pub fn tracked_chats(&self) -> usize {
         self.chats.len()
+    }
+
+    /// What still constrains a send at or after `now` (`wall` is the same
+    /// instant by the wall clock).
+    pub fn snapshot(&self, now: Instant, wall: SystemTime) -> PaceSnapshot {
+        let chats = self
+            .chats
+            .iter()
+            .filter_map(|(chat, pace)| {
+                let tat = pace.tat.filter(|&t| t > now).map(|t| offset_ms(t, now));
+                let group = pace
+                    .group
+                    .as_ref()
+                    .map(|g| g.snapshot(now))
+                    .unwrap_or_default();
+                (tat.is_some() || !group.is_empty()).then(|| ChatSnapshot {
+                    chat: chat.clone(),
+                    tat,
+                    group,
+                })
+            })
+            .collect();
+        PaceSnapshot {
+            taken_at_ms: unix_ms(wall),
+            global: self.global.snapshot(now),
+            paid: self.paid.snapshot(now),
+            chats,
+            hold: self
+                .global_hold
+                .filter(|&h| h > now)
+                .map(|h| offset_ms(h, now)),
+        }
+    }
+
+    /// Counts what `snapshot` counted, as if this pacer had made those
+    /// sends itself. Its age comes from the wall clock; a snapshot that
+    /// seems to come from the future (clocks apart) is taken as just made,
+    /// which errs towards waiting.
+    pub fn restore(&mut self, snapshot: &PaceSnapshot, now: Instant, wall: SystemTime) {
+        let age = Duration::from_millis(unix_ms(wall).saturating_sub(snapshot.taken_at_ms));
+        let Some(base) = now.checked_sub(age) else {
+            // Older than the monotonic clock: nothing in it still counts.
+            return;
+        };
+        let mut ids = self.next_id;
+        self.global.restore(&snapshot.global, base, now, &mut ids);
+        self.paid.restore(&snapshot.paid, base, now, &mut ids);
+        let group_limit = self.limits.group_per_minute;
+        for c in &snapshot.chats {
+            let pace = self
+                .chats
+                .entry(c.chat.clone())
+                .or_insert_with(|| ChatPace {
+                    tat: None,
+                    last: 0,
+                    group: is_group(&c.chat)
+                        .then(|| Window::new(group_limit, Duration::from_secs(60))),
+                });
+            if let Some(tat) = c.tat.and_then(|t| place(base, t)) {
+                pace.tat = Some(pace.tat.map_or(tat, |t| t.max(tat)));
+            }
+            if let Some(group) = &mut pace.group {
+                group.restore(&c.group, base, now, &mut ids);
+            }
+        }
+        if let Some(hold) = snapshot.hold.and_then(|h| place(base, h)) {
+            self.hold_all(hold);
+        }
+        self.next_id = ids;
+        self.prune(now);
+    }
+
+    /// Grows with every send counted and every hold: a snapshot taken at an
+    /// earlier value may be out of date.
+    pub fn changes(&self) -> u64 {
+        self.next_id + self.holds
     }
 }
 
@@ -642,6 +801,115 @@ mod tests {
         assert_eq!(p.tracked_chats(), 1, "the group's window still holds");
         p.prune(t0 + Duration::from_secs(61));
         assert_eq!(p.tracked_chats(), 0);
+    }
+
+    /// A pacer with a burst to a private chat, a group near its minute's
+    /// limit, the overall second full and a hold: what each allows next.
+    fn busy_pacer(t0: Instant) -> Pacer {
+        let mut p = Pacer::new(limits());
+        for _ in 0..3 {
+            p.record("1", ONE, t0);
+        }
+        for i in 0..20 {
+            p.record("-2", ONE, t0 - Duration::from_secs(40) + ms(i * 1100));
+        }
+        for i in 0..8 {
+            p.record(&format!("{}", 100 + i), ONE, t0 + ms(10));
+        }
+        p.hold_all(t0 + ms(700));
+        p
+    }
+
+    fn ready_of(p: &Pacer, now: Instant) -> Vec<Duration> {
+        ["1", "-2", "100", "fresh"]
+            .iter()
+            .map(|chat| p.ready_at(chat, ONE, now) - now)
+            .collect()
+    }
+
+    #[test]
+    fn a_restored_pacer_waits_as_long_as_the_one_it_came_from() {
+        let t0 = Instant::now() + Duration::from_secs(120);
+        let wall = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let p = busy_pacer(t0);
+        let snapshot = p.snapshot(t0 + ms(20), wall);
+        // Through the engine: JSON.
+        let snapshot: PaceSnapshot =
+            serde_json::from_slice(&serde_json::to_vec(&snapshot).expect("serialisable"))
+                .expect("round trip");
+        // Restored 150 ms later, by both clocks.
+        let later = t0 + ms(170);
+        let mut q = Pacer::new(limits());
+        q.restore(&snapshot, later, wall + ms(150));
+        let want = ready_of(&p, later);
+        let got = ready_of(&q, later);
+        assert!(
+            want.iter().all(|d| *d > Duration::ZERO),
+            "all held: {want:?}"
+        );
+        for (w, g) in want.iter().zip(&got) {
+            // Never sooner; later by the rounding to milliseconds at most.
+            assert!(g >= w && *g <= *w + ms(2), "{want:?} against {got:?}");
+        }
+        // The group's minute is the old one: a 21st message fits once the
+        // first leaves the window, 60 s after it was sent.
+        q.prune(t0 + ms(800));
+        assert_eq!(
+            q.ready_at("-2", ONE, t0 + ms(800)),
+            q.chat_ready_at("-2", ONE, t0 + ms(800))
+        );
+        let group_at = q.chat_ready_at("-2", ONE, t0 + Duration::from_secs(2));
+        assert!(
+            group_at >= t0 + Duration::from_secs(20) && group_at <= t0 + Duration::from_secs(21),
+            "the group's 21st message {:?} after t0",
+            group_at - t0
+        );
+    }
+
+    #[test]
+    fn an_old_snapshot_restores_nothing_and_one_from_the_future_counts_as_just_taken() {
+        let t0 = Instant::now() + Duration::from_secs(120);
+        let wall = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let snapshot = busy_pacer(t0).snapshot(t0, wall);
+        let mut old = Pacer::new(limits());
+        old.restore(&snapshot, t0, wall + Duration::from_secs(61));
+        assert_eq!(old.tracked_chats(), 0);
+        assert_eq!(ready_of(&old, t0), vec![Duration::ZERO; 4]);
+
+        // The restoring node's clock is 5 s behind the snapshot's.
+        let mut skewed = Pacer::new(limits());
+        skewed.restore(&snapshot, t0, wall - Duration::from_secs(5));
+        let mut exact = Pacer::new(limits());
+        exact.restore(&snapshot, t0, wall);
+        assert_eq!(ready_of(&skewed, t0), ready_of(&exact, t0));
+        assert!(ready_of(&exact, t0)[0] > Duration::ZERO);
+    }
+
+    #[test]
+    fn an_idle_pacer_snapshots_to_nothing_and_changes_count_sends_and_holds() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(limits());
+        let s = p.snapshot(t0, SystemTime::now());
+        assert_eq!(
+            s,
+            PaceSnapshot {
+                taken_at_ms: s.taken_at_ms,
+                ..PaceSnapshot::default()
+            }
+        );
+        let before = p.changes();
+        let t = p.record("1", ONE, t0);
+        p.settle(&t, t0);
+        assert!(p.changes() > before);
+        let before = p.changes();
+        p.hold_all(t0 + ms(10));
+        assert!(p.changes() > before);
+        // Two seconds later nothing constrains: the snapshot is empty.
+        let s = p.snapshot(t0 + Duration::from_secs(2), SystemTime::now());
+        assert!(
+            s.chats.is_empty() && s.global.is_empty() && s.hold.is_none(),
+            "{s:?}"
+        );
     }
 
     /// Replays the pacer's schedule against a copy of the sandbox's limiter
