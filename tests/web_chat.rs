@@ -14,7 +14,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,7 +23,7 @@ use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
-use common::{apps_dir, binary, DEADLINE};
+use common::{apps_dir, binary, free_port, DEADLINE};
 
 /// A program on PATH (or at one of the usual places).
 fn find_program(names: &[&str]) -> Option<PathBuf> {
@@ -37,13 +37,6 @@ fn find_program(names: &[&str]) -> Option<PathBuf> {
         }
     }
     None
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port on loopback")
 }
 
 /// A child process killed when dropped.

@@ -17,15 +17,6 @@ use common::*;
 const SECRET: &str = "test-secret_for-webhooks";
 const PATH: &str = "/tg/hook";
 
-/// A port free now, for a daemon's `webhook.listen` (the URL given to
-/// setWebhook must name it before the daemon starts).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 fn webhook_section(port: u16) -> String {
     format!(
         "[webhook]\nurl = \"http://127.0.0.1:{port}{PATH}\"\nlisten = \"127.0.0.1:{port}\"\nsecret_token = \"{SECRET}\"\n"

@@ -162,6 +162,15 @@ impl StateDir {
     }
 }
 
+/// A loopback port free now, for a listener whose address must be known
+/// before its process starts (a webhook URL given to setWebhook).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 pub fn wait_for(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
     loop {
