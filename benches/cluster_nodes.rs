@@ -15,9 +15,16 @@
 //!   injection to its reply (p50/p99). The single node without `[cluster]`
 //!   (SQLite journal, fsync on) is measured the same way first, so the
 //!   difference is what the cluster's path adds.
-//! - failover (3 nodes): the polling node is killed (`kill -9`) and one
-//!   update is injected at once; the time until its reply is the ingress's
-//!   failover, lease TTL included (`cluster.lease_ttl` = 4 s here).
+//! - settling: each count is measured once the partitions are all owned and
+//!   no node's roles or partitions changed for 3 s, so that the burst does
+//!   not run into the handovers of nodes started one after the other.
+//! - failover, each on a fresh cluster of 3 nodes: the polling node, the
+//!   sending node, or a node with neither role is killed (`kill -9`), and
+//!   one update to each of 100 chats is injected at once. The first reply
+//!   is the role's failover (for a node with no role, the chats of live
+//!   nodes' partitions, answered at once); the last is every partition's,
+//!   since the dead node owned some. Lease TTL included
+//!   (`cluster.lease_ttl` = 4 s, `lease_renew` 1 s here).
 
 #[allow(dead_code)]
 mod common;
@@ -55,7 +62,7 @@ impl Node {
         if let Some((urls, id)) = cluster {
             let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
             config.push_str(&format!(
-                "[cluster]\nnats_urls = [{}]\nnode_id = \"{id}\"\npartitions = 12\n\
+                "[cluster]\nnats_urls = [{}]\nnode_id = \"{id}\"\npartitions = {PARTITIONS}\n\
                  lease_ttl = 4.0\nlease_renew = 1.0\n",
                 urls.join(", ")
             ));
@@ -210,50 +217,129 @@ fn main() {
                 return;
             }
         }
-        // Until every node owns partitions: the assignment settles after
-        // three renewals.
-        for node in &nodes {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline
-                && !node
-                    .log()
-                    .lines()
-                    .any(|l| l.contains("roles:") && !l.ends_with("partitions: []"))
-            {
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        if !settle(&nodes) {
+            eprintln!("the partitions did not settle within 120 s");
         }
-        std::thread::sleep(Duration::from_secs(2));
         let rate = burst(&sandbox, updates, chats);
         let (p50, p99) = latency(&sandbox);
         println!(
             "{n} cluster node(s):    {rate:>7.0} replies/s  lone update p50 {p50:>6.1} ms p99 {p99:>6.1} ms"
         );
-        if n == 3 {
-            failover(&sandbox, nodes);
-        }
+    }
+    for role in [Role::Poller, Role::Sender, Role::AppsOnly] {
+        failover(role);
     }
 }
 
-fn failover(sandbox: &Sandbox, mut nodes: Vec<Node>) {
-    let Some(at) = nodes.iter().position(|n| {
-        let log = n.log();
-        log.rfind("lease=ingress taken")
-            .is_some_and(|i| !log[i..].contains("lease=ingress released"))
-    }) else {
-        eprintln!("no node says it polls");
+/// The partitions in the nodes' `[cluster]`.
+const PARTITIONS: usize = 12;
+
+/// The partitions `log`'s last "roles:" line lists, and that line.
+fn last_roles(log: &str) -> Option<(usize, String)> {
+    let line = log.lines().rev().find(|l| l.contains("roles:"))?;
+    let list = line.rsplit_once("partitions: [")?.1.trim_end_matches(']');
+    let held = list.split(',').filter(|p| !p.trim().is_empty()).count();
+    Some((held, line.to_string()))
+}
+
+/// Waits until every partition is owned and no node's roles line changed
+/// for 3 s (within 120 s).
+fn settle(nodes: &[Node]) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last: Vec<Option<(usize, String)>> = Vec::new();
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        let now: Vec<Option<(usize, String)>> =
+            nodes.iter().map(|n| last_roles(&n.log())).collect();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+        let held: usize = last.iter().flatten().map(|(h, _)| h).sum();
+        if held == PARTITIONS && since.elapsed() >= Duration::from_secs(3) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Role {
+    Poller,
+    Sender,
+    AppsOnly,
+}
+
+/// Whether `log` says the node holds the lease whose lines start `taken`.
+fn holds(log: &str, taken: &str, gone: &[&str]) -> bool {
+    log.rfind(taken)
+        .is_some_and(|i| !gone.iter().any(|g| log[i..].contains(g)))
+}
+
+fn failover(role: Role) {
+    let Some(nats) = nats::NatsCluster::start("cluster_nodes failover") else {
         return;
     };
-    let mut poller = nodes.remove(at);
-    let before = replies(sandbox);
-    let _ = poller.child.kill();
-    let killed = Instant::now();
-    sandbox.inject_text(2_000_000, "after the kill");
-    match wait_replies(sandbox, before + 1, Duration::from_secs(120)) {
-        Some(t) => println!(
-            "failover, kill -9 of the polling node: first reply after {:.2} s (lease_ttl 4 s, lease_renew 1 s)",
-            (t - killed).as_secs_f64()
-        ),
-        None => println!("failover: no reply within 120 s"),
+    actix_rt::System::new().block_on(nats.wait_ready());
+    let sandbox = sandbox();
+    let urls = nats.urls();
+    let mut nodes: Vec<Node> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|id| Node::start(&sandbox, Some((&urls, id))))
+        .collect();
+    if !nodes
+        .iter()
+        .all(|n| n.wait_log("Application startup complete.", Duration::from_secs(60)))
+        || !settle(&nodes)
+    {
+        eprintln!("failover {role:?}: the cluster did not settle");
+        return;
     }
+    let poller = |log: &str| {
+        holds(
+            log,
+            "lease=ingress taken",
+            &["lease=ingress lost", "lease=ingress released"],
+        )
+    };
+    let sender = |log: &str| {
+        holds(
+            log,
+            "sender lease taken",
+            &["sender lease lost", "sender lease released"],
+        )
+    };
+    let Some(at) = nodes.iter().position(|n| {
+        let log = n.log();
+        match role {
+            Role::Poller => poller(&log),
+            Role::Sender => sender(&log) && !poller(&log),
+            Role::AppsOnly => !poller(&log) && !sender(&log),
+        }
+    }) else {
+        println!("failover {role:?}: no node has that role alone in this run");
+        return;
+    };
+    let mut victim = nodes.remove(at);
+    let before = replies(&sandbox);
+    let _ = victim.child.kill();
+    let killed = Instant::now();
+    const CHATS: i64 = 100;
+    for chat in 0..CHATS {
+        sandbox.inject_text(2_000_000 + chat, "after the kill");
+    }
+    let first = wait_replies(&sandbox, before + 1, Duration::from_secs(120));
+    let all = wait_replies(&sandbox, before + CHATS as u64, Duration::from_secs(120));
+    let secs = |t: Option<Instant>| t.map_or(f64::NAN, |t| (t - killed).as_secs_f64());
+    let what = match role {
+        Role::Poller => "the polling node",
+        Role::Sender => "the sending node",
+        Role::AppsOnly => "a node with no role",
+    };
+    println!(
+        "failover, kill -9 of {what}: first reply after {:.2} s, all {CHATS} chats after {:.2} s (lease_ttl 4 s, lease_renew 1 s)",
+        secs(first),
+        secs(all)
+    );
 }

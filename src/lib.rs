@@ -416,13 +416,17 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
                 next_pushed,
             )
             .start();
-            ops::api::Api { token, ingress }
+            (ops::api::Api::new(token, &ingress), ingress)
         });
     let shutdown = ShutdownSignal::install(stop)?;
     // A second signal ends what follows wherever it is, startup included.
     let serve = async {
-        let _operations =
-            ops::http::start_operations(listener, &settings, &supervisor, ingress.clone())?;
+        let _operations = ops::http::start_operations(
+            listener,
+            &settings,
+            &supervisor,
+            ingress.as_ref().map(|(api, _)| api.clone()),
+        )?;
 
         let Some(name) = start_apps(&settings, &supervisor, &bot, &shutdown).await? else {
             return Ok(());
@@ -435,8 +439,8 @@ pub async fn run(settings: Settings, stop: Option<Arc<Notify>>) -> Result<(), Ru
             replay(&supervisor, replayed);
         }
         // Behind the leftovers, so that a new event comes after them.
-        if let Some(api) = &ingress {
-            api.ingress.do_send(Open);
+        if let Some((_, ingress)) = &ingress {
+            ingress.do_send(Open);
         }
         let fatal: Rc<RefCell<Option<TelegramError>>> = Rc::default();
         let fatal_notify = Rc::new(Notify::new());

@@ -162,11 +162,43 @@ impl PushedEvent {
             _ => Err("no event with this id".into()),
         }
     }
+
+    /// Its body in a cluster's update log, stored before it has an id (the
+    /// log's sequence gives it one: `cluster::log::pushed_id`).
+    pub fn encode_unnumbered(chat_id: i64, event: &Map<String, Value>) -> String {
+        json!({"chat_id": chat_id, "event": event}).to_string()
+    }
+
+    /// Back from [`PushedEvent::encode_unnumbered`], as event `id`.
+    pub fn decode_numbered(id: i64, body: &[u8]) -> Result<PushedEvent, String> {
+        let stored: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        let chat_id = stored
+            .get("chat_id")
+            .and_then(Value::as_i64)
+            .ok_or("no chat_id")?;
+        match stored.get("event") {
+            Some(Value::Object(event)) => Ok(PushedEvent::new(id, chat_id, event.clone())),
+            _ => Err("no event object".into()),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unnumbered_event_gets_its_id_when_read_back() {
+        let event = event(br#"{"type": "app.ping", "n": 1}"#).unwrap();
+        let body = PushedEvent::encode_unnumbered(-100, &event);
+        assert!(!body.contains("update_id"), "{body}");
+        let read = PushedEvent::decode_numbered(-42, body.as_bytes()).unwrap();
+        assert_eq!((read.id, read.chat_id), (-42, -100));
+        assert_eq!(read.event["update_id"], json!(-42));
+        assert_eq!(read.event["n"], json!(1));
+        assert!(PushedEvent::decode_numbered(-1, b"{\"chat_id\": 1}").is_err());
+        assert!(PushedEvent::decode_numbered(-1, b"not json").is_err());
+    }
 
     #[test]
     fn an_event_is_an_object_of_an_app_type_without_an_update_id() {

@@ -726,6 +726,102 @@ async fn losing_the_nats_majority_pauses_the_cluster_and_it_resumes_with_nothing
     );
 }
 
+/// The push API on a cluster: any node takes an event and stores it in the
+/// log, in its chat's partition, before it answers 202; the partition's
+/// owner, whichever node that is, delivers it in its place among the
+/// chat's updates. A call from another program is made by the one sender.
+#[actix_rt::test]
+async fn events_pushed_to_any_node_reach_their_chats_in_order_and_calls_are_made_once() {
+    const TOKEN: &str = "cluster-push-SECRET-7d2e";
+    const PUSH_CHATS: i64 = 20;
+    let nats = cluster_or_skip!("cluster_daemons_push");
+    let nodes = Nodes::start_with(
+        "pushed:app",
+        limited_sandbox(),
+        nats,
+        &["node-a", "node-b"],
+        &[("ASGIGRAM_HTTP__API_TOKEN", TOKEN)],
+    );
+    let addrs: Vec<String> = nodes.nodes.values().map(common::endpoint).collect();
+    for chat in 1..=PUSH_CHATS {
+        nodes.sandbox.inject_text(chat, "before");
+    }
+    let answered = |n: usize| {
+        common::wait_for(ANSWERED_WITHIN, || {
+            (1..=PUSH_CHATS).all(|c| nodes.sandbox.sent_texts(c).len() >= n)
+        })
+    };
+    assert!(answered(1), "not every chat answered:\n{}", nodes.logs());
+    // Each chat's event through one node or the other, alternately.
+    let mut ids = Vec::new();
+    for chat in 1..=PUSH_CHATS {
+        let addr = &addrs[chat as usize % addrs.len()];
+        let event = serde_json::json!({"type": "app.order_shipped", "order": chat});
+        let (status, body) = common::post(
+            addr,
+            &format!("/v1/chats/{chat}/events"),
+            Some(TOKEN),
+            event.to_string().as_bytes(),
+        );
+        assert_eq!(status, 202, "{body}\n{}", nodes.logs());
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        ids.push(answer["update_id"].as_i64().expect("an id"));
+    }
+    for chat in 1..=PUSH_CHATS {
+        nodes.sandbox.inject_text(chat, "after");
+    }
+    assert!(answered(3), "not every chat answered:\n{}", nodes.logs());
+    for chat in 1..=PUSH_CHATS {
+        assert_eq!(
+            nodes.sandbox.sent_texts(chat),
+            [
+                "before".to_string(),
+                format!("app.order_shipped order={chat} chat={chat}"),
+                "after".to_string()
+            ],
+            "chat {chat}"
+        );
+    }
+    let mut distinct = ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(
+        ids.iter().all(|id| *id < 0) && distinct.len() == ids.len(),
+        "pushed ids are negative and unique across nodes: {ids:?}"
+    );
+
+    let call = serde_json::json!({"method": "sendMessage", "params": {"chat_id": 1, "text": "from outside"}});
+    let (status, body) = common::post(
+        &addrs[1],
+        "/v1/calls",
+        Some(TOKEN),
+        call.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(answer["result"]["text"], "from outside", "{body}");
+    assert_eq!(
+        nodes
+            .sandbox
+            .sent_texts(1)
+            .iter()
+            .filter(|t| *t == "from outside")
+            .count(),
+        1
+    );
+    // Without the token: refused, nothing stored.
+    let (status, _) = common::post(
+        &addrs[0],
+        "/v1/chats/1/events",
+        None,
+        b"{\"type\": \"app.x\"}",
+    );
+    assert_eq!(status, 401);
+    for (name, d) in &nodes.nodes {
+        assert!(!d.log().contains(TOKEN), "{name} logged the API token");
+    }
+}
+
 /// `/readyz` and `/metrics` of every node name its roles and partitions, and
 /// exactly one node says it polls and one that it sends.
 fn check_operations(nodes: &Nodes) {

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -20,35 +18,6 @@ const API_TOKEN: &str = "push-SECRET-3f9c1a";
 /// The endpoint on an ephemeral port, opened with [`API_TOKEN`].
 fn http_with_token() -> String {
     format!("[http]\nbind = \"127.0.0.1:0\"\napi_token = \"{API_TOKEN}\"\n")
-}
-
-/// POST `body` to `path`, with `Authorization: Bearer <token>` when given:
-/// (status, body).
-fn post(addr: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("the endpoint accepts connections");
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .expect("set timeout");
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("request written");
-    // A body the endpoint refuses part way may not be read to its end.
-    let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let raw = String::from_utf8_lossy(&raw).to_string();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
 }
 
 fn json_of(body: &str) -> Value {

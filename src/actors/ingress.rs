@@ -60,6 +60,10 @@ pub enum IngressError {
     /// start.
     #[error("the daemon is stopping")]
     Stopping,
+    /// A cluster node's update log cannot store it now (no NATS majority,
+    /// say); nothing was stored.
+    #[error("the update log cannot store it now ({0}); try again shortly")]
+    NotStored(String),
 }
 
 /// An event for a chat's scope; answers with its id once it is stored.
@@ -102,8 +106,51 @@ pub struct Ingress {
     storing: bool,
     /// Stores that failed in a row.
     failures: u32,
-    next_call: u64,
-    calls: HashMap<u64, oneshot::Sender<Outcome>>,
+    calls: ApiCalls,
+}
+
+/// `/v1/calls` calls waiting for their outcome, told apart by the
+/// `request_id` of their [`ReplyTo`]. Shared by the single node's
+/// [`Ingress`] and a cluster node's (`cluster::api`).
+#[derive(Default)]
+pub struct ApiCalls {
+    next: u64,
+    waiting: HashMap<u64, oneshot::Sender<Outcome>>,
+}
+
+impl ApiCalls {
+    /// Sends `msg` to `outbox`, its outcome to come back to `reply_to` as a
+    /// [`CallDone`] for [`ApiCalls::answered`].
+    pub fn ask(
+        &mut self,
+        msg: ApiCall,
+        outbox: &Recipient<Call>,
+        reply_to: Recipient<CallDone>,
+    ) -> ResponseFuture<Result<Outcome, IngressError>> {
+        let n = self.next;
+        self.next += 1;
+        let (tx, rx) = oneshot::channel();
+        self.waiting.insert(n, tx);
+        let reply = ReplyTo {
+            to: reply_to,
+            request_id: json!(n),
+            // No instance asked: calls are told apart by `request_id` alone.
+            sid: 0,
+        };
+        outbox.do_send(Call::new(msg.method, msg.params, Some(reply)));
+        Box::pin(async move { rx.await.map_err(|_| IngressError::Stopping) })
+    }
+
+    pub fn answered(&mut self, msg: CallDone) {
+        let waiting = msg
+            .request_id
+            .as_u64()
+            .and_then(|n| self.waiting.remove(&n));
+        if let Some(tx) = waiting {
+            // The requester may have gone; the call was made all the same.
+            let _ = tx.send(msg.outcome);
+        }
+    }
 }
 
 impl Ingress {
@@ -123,8 +170,7 @@ impl Ingress {
             to_store: Vec::new(),
             storing: false,
             failures: 0,
-            next_call: 0,
-            calls: HashMap::new(),
+            calls: ApiCalls::default(),
         }
     }
 
@@ -237,30 +283,14 @@ impl Handler<PushEvent> for Ingress {
 impl Handler<ApiCall> for Ingress {
     type Result = ResponseFuture<Result<Outcome, IngressError>>;
     fn handle(&mut self, msg: ApiCall, ctx: &mut Context<Self>) -> Self::Result {
-        let n = self.next_call;
-        self.next_call += 1;
-        let (tx, rx) = oneshot::channel();
-        self.calls.insert(n, tx);
-        let reply = ReplyTo {
-            to: ctx.address().recipient(),
-            request_id: json!(n),
-            // No instance asked: the Ingress tells its calls apart by
-            // `request_id` alone.
-            sid: 0,
-        };
-        self.outbox
-            .do_send(Call::new(msg.method, msg.params, Some(reply)));
-        Box::pin(async move { rx.await.map_err(|_| IngressError::Stopping) })
+        let outbox = self.outbox.clone().recipient();
+        self.calls.ask(msg, &outbox, ctx.address().recipient())
     }
 }
 
 impl Handler<CallDone> for Ingress {
     type Result = ();
     fn handle(&mut self, msg: CallDone, _: &mut Context<Self>) {
-        let waiting = msg.request_id.as_u64().and_then(|n| self.calls.remove(&n));
-        if let Some(tx) = waiting {
-            // The requester may have gone; the call was made all the same.
-            let _ = tx.send(msg.outcome);
-        }
+        self.calls.answered(msg);
     }
 }

@@ -81,6 +81,48 @@ impl std::fmt::Debug for UpdateLog {
 /// No decision reads it.
 pub const LEASE_REVISION_HEADER: &str = "Asgigram-Lease-Revision";
 
+/// The header that marks a pushed event (`POST /v1/chats/{chat_id}/events`)
+/// among the updates. Its body is [`crate::push::PushedEvent::encode`]'s
+/// without an `update_id`: the event's id is the negative of its stream
+/// sequence ([`pushed_id`]), unique in the bot's log for good, and known
+/// only once stored.
+pub const PUSHED_HEADER: &str = "Asgigram-Pushed";
+
+/// The `update_id` of the pushed event at `sequence` in the log: negative,
+/// as on a single node, so that it never meets one of Telegram's.
+pub fn pushed_id(sequence: u64) -> i64 {
+    // A stream's sequences stay far below 2^63.
+    -i64::try_from(sequence).unwrap_or(i64::MAX)
+}
+
+/// What a message of the log is: its `Nats-Msg-Id`, and its name in errors.
+#[derive(Debug, Clone)]
+enum Stored {
+    /// A Telegram update, deduplicated by its update_id.
+    Update(i64),
+    /// A pushed event, deduplicated (a publish sent again) by the id its
+    /// node gave it.
+    Pushed(String),
+}
+
+impl Stored {
+    fn message_id(&self) -> String {
+        match self {
+            Stored::Update(id) => id.to_string(),
+            Stored::Pushed(id) => id.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stored::Update(id) => write!(f, "update {id}"),
+            Stored::Pushed(id) => write!(f, "pushed event {id}"),
+        }
+    }
+}
+
 /// One update to store, for [`UpdateLog::publish_all`].
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -180,7 +222,22 @@ impl UpdateLog {
         partition: u32,
         update: Bytes,
     ) -> Result<Published, ClusterError> {
-        self.publish_one(update_id, partition, update, None).await
+        self.publish_one(&Stored::Update(update_id), partition, update, None)
+            .await
+    }
+
+    /// Stores a pushed event for a chat in `partition` (its chat's), marked
+    /// with [`PUSHED_HEADER`]; `message_id` is unique to this event (a
+    /// publish sent again is stored once). Its id is then
+    /// [`pushed_id`]`(sequence)`.
+    pub async fn publish_pushed(
+        &self,
+        message_id: String,
+        partition: u32,
+        body: Bytes,
+    ) -> Result<Published, ClusterError> {
+        self.publish_one(&Stored::Pushed(message_id), partition, body, None)
+            .await
     }
 
     /// Stores a batch: sends every update first, then waits for all the
@@ -200,7 +257,7 @@ impl UpdateLog {
         for entry in batch {
             let ack = self
                 .send(
-                    entry.update_id,
+                    &Stored::Update(entry.update_id),
                     entry.partition,
                     entry.update.clone(),
                     lease_revision,
@@ -217,14 +274,14 @@ impl UpdateLog {
                 },
                 Err(e) if send_again(&e) => {
                     self.publish_one(
-                        entry.update_id,
+                        &Stored::Update(entry.update_id),
                         entry.partition,
                         entry.update,
                         lease_revision,
                     )
                     .await?
                 }
-                Err(e) => return Err(self.store_error(entry.update_id, e)),
+                Err(e) => return Err(self.store_error(&Stored::Update(entry.update_id), e)),
             });
         }
         Ok(published)
@@ -235,7 +292,7 @@ impl UpdateLog {
     /// answer to a copy sent again once another is stored is "duplicate".
     async fn publish_one(
         &self,
-        update_id: i64,
+        stored: &Stored,
         partition: u32,
         update: Bytes,
         lease_revision: Option<u64>,
@@ -243,7 +300,7 @@ impl UpdateLog {
         let mut attempts = 0;
         loop {
             let ack = self
-                .send(update_id, partition, update.clone(), lease_revision)
+                .send(stored, partition, update.clone(), lease_revision)
                 .await?;
             match ack.await {
                 Ok(ack) => {
@@ -256,40 +313,43 @@ impl UpdateLog {
                     attempts += 1;
                     tokio::time::sleep(AGAIN_WAIT).await;
                 }
-                Err(e) => return Err(self.store_error(update_id, e)),
+                Err(e) => return Err(self.store_error(stored, e)),
             }
         }
     }
 
-    fn store_error(&self, update_id: i64, e: impl std::fmt::Display) -> ClusterError {
-        ClusterError::engine(format!("storing update {update_id} in {}", self.stream), e)
+    fn store_error(&self, stored: &Stored, e: impl std::fmt::Display) -> ClusterError {
+        ClusterError::engine(format!("storing {stored} in {}", self.stream), e)
     }
 
     async fn send(
         &self,
-        update_id: i64,
+        stored: &Stored,
         partition: u32,
         update: Bytes,
         lease_revision: Option<u64>,
     ) -> Result<PublishAckFuture, ClusterError> {
         if partition >= self.partitions {
             return Err(ClusterError::engine(
-                format!("storing update {update_id}"),
+                format!("storing {stored}"),
                 format!("partition {partition} of {}", self.partitions),
             ));
         }
         let mut message = PublishMessage::build()
             .payload(update)
-            .message_id(update_id.to_string())
+            .message_id(stored.message_id())
             // A stream of another name on these subjects is a mistake to
             // report, not a place to store the update.
             .expected_stream(&self.stream);
         if let Some(revision) = lease_revision {
             message = message.header(LEASE_REVISION_HEADER, revision.to_string());
         }
+        if let Stored::Pushed(_) = stored {
+            message = message.header(PUSHED_HEADER, "1");
+        }
         self.js
             .send_publish(self.subject(partition), message)
             .await
-            .map_err(|e| ClusterError::engine(format!("storing update {update_id}"), e))
+            .map_err(|e| ClusterError::engine(format!("storing {stored}"), e))
     }
 }

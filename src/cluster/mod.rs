@@ -9,6 +9,7 @@
 //! name in the engine comes from the bot's numeric id, never from its token,
 //! so that `nats stream ls` and the servers' logs show nothing secret.
 
+pub mod api;
 pub mod ingress;
 pub mod lease;
 pub mod log;

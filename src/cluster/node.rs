@@ -23,6 +23,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::api::ClusterApi;
 use super::partitions::{Delivery, OwnerSettings};
 use super::relay::{Held, Relay};
 use super::{
@@ -30,8 +31,9 @@ use super::{
 };
 use crate::actors::outbox::{Flush, OutboxLink};
 use crate::actors::sender::Sender;
-use crate::actors::supervisor::{Dispatch, Supervisor};
+use crate::actors::supervisor::{Dispatch, Push, Supervisor};
 use crate::ops::metrics::{ClusterView, PartitionView};
+use crate::push::PushedEvent;
 use crate::settings::{ClusterSettings, Settings};
 use crate::telegram::{Bot, Update};
 use crate::{ops, RunError};
@@ -61,12 +63,6 @@ pub async fn run(
         settings.app.workers,
         settings.app.python
     );
-    if settings.http.api_token.is_some() {
-        log::warn!(
-            "http.api_token: the push API (/v1) is not available in cluster mode yet; \
-             it is not served"
-        );
-    }
     let listener = crate::ops::http::bind(&settings)?;
     let webhook_listener =
         match &settings.webhook {
@@ -160,7 +156,17 @@ async fn serve(
     let local = Sender::new(bot.clone(), settings.sender.clone()).start();
     let relay = Relay::start(outbox.requester(), local, &cluster.node_id);
     let supervisor = Supervisor::new(settings.clone(), OutboxLink::to(&relay)).start();
-    let _operations = ops::http::start_operations(listener, &settings, &supervisor, None)?;
+    // Only where a program can reach it: an endpoint, and a token to open it.
+    let api = settings
+        .http
+        .api_token
+        .clone()
+        .filter(|_| listener.is_some())
+        .map(|token| {
+            let api = ClusterApi::new(log.clone(), relay.clone().recipient(), &cluster.node_id);
+            ops::api::Api::new(token, &api.start())
+        });
+    let _operations = ops::http::start_operations(listener, &settings, &supervisor, api)?;
     // The sender contends before the apps start: a lifespan startup that
     // awaits a call (setMyCommands, say) on the cluster's first node must
     // find a sender.
@@ -310,6 +316,15 @@ async fn hand_to_scopes(
     while deliveries.recv_many(&mut batch, 256).await > 0 {
         let mut updates = Vec::with_capacity(batch.len());
         for delivery in batch.drain(..) {
+            if delivery.pushed {
+                // After the updates before it in the batch: a chat's
+                // events and updates reach its scope in the log's order.
+                if !updates.is_empty() {
+                    supervisor.do_send(Dispatch(std::mem::take(&mut updates)));
+                }
+                hand_pushed(delivery, &supervisor, &relay);
+                continue;
+            }
             let read = std::str::from_utf8(&delivery.update)
                 .map_err(|e| e.to_string())
                 .and_then(|text| Update::from_json(text).map_err(|s| s.error.to_string()));
@@ -342,6 +357,33 @@ async fn hand_to_scopes(
         }
         if !updates.is_empty() {
             supervisor.do_send(Dispatch(updates));
+        }
+    }
+}
+
+/// A pushed event from the log to its chat's scope, numbered by its place
+/// in the log.
+fn hand_pushed(delivery: Delivery, supervisor: &Addr<Supervisor>, relay: &Addr<Relay>) {
+    let id = super::log::pushed_id(delivery.sequence);
+    match PushedEvent::decode_numbered(id, &delivery.update) {
+        Ok(event) => {
+            relay.do_send(Held {
+                update_id: id,
+                ack: delivery.ack,
+            });
+            supervisor.do_send(Push {
+                event,
+                placed: None,
+            });
+        }
+        Err(e) => {
+            log::error!(
+                "partition {} sequence {}: the update log holds a pushed event that cannot \
+                 be read ({e}); acknowledged and skipped",
+                delivery.partition,
+                delivery.sequence
+            );
+            delivery.ack.done();
         }
     }
 }

@@ -197,8 +197,10 @@ pub struct Delivery {
     pub partition: u32,
     /// Its sequence in the update log.
     pub sequence: u64,
-    /// The update's JSON, as Telegram sent it.
+    /// The update's JSON, as Telegram sent it, or a pushed event's body.
     pub update: Bytes,
+    /// A pushed event ([`super::log::PUSHED_HEADER`]), not a Telegram update.
+    pub pushed: bool,
     /// Delivered before, by this node or by an owner that died or was
     /// fenced with it in hand.
     pub redelivered: bool,
@@ -992,6 +994,10 @@ async fn own_partition(
                 Some(Ok(message)) => match message.info().map(|i| (i.stream_sequence, i.delivered, i.pending)) {
                     Ok((sequence, delivered, lag)) => {
                         let update = message.payload.clone();
+                        let pushed = message
+                            .headers
+                            .as_ref()
+                            .is_some_and(|h| h.get(super::log::PUSHED_HEADER).is_some());
                         in_hand.insert(sequence, InHand { message, done: false });
                         let n = in_hand.len();
                         state.send_modify(|s| {
@@ -1002,6 +1008,7 @@ async fn own_partition(
                             partition,
                             sequence,
                             update,
+                            pushed,
                             redelivered: delivered > 1,
                             ack: AckHandle {
                                 sequence,

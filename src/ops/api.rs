@@ -9,9 +9,10 @@
 //! Bodies are read up to [`crate::push::MAX_BODY`]; what is larger, not
 //! JSON, or not what the route takes gets 400 with a message, before
 //! anything is stored. The handlers run on the endpoint's own thread and
-//! reach the daemon through the [`Ingress`] actor.
+//! reach the daemon through the [`crate::actors::ingress::Ingress`] actor (a cluster node's
+//! `cluster::api::ClusterApi`).
 
-use actix::Addr;
+use actix::{Actor, Addr, Handler, Recipient};
 use actix_web::http::header;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -19,18 +20,34 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::actors::call::Outcome;
-use crate::actors::ingress::{ApiCall, Ingress, IngressError, PushEvent};
+use crate::actors::ingress::{ApiCall, IngressError, PushEvent};
 use crate::push::{self, BadRequest, MAX_BODY};
 use crate::settings::ApiToken;
 
 /// The paths, for the log.
 pub const PATHS: &str = "/v1/chats/{chat_id}/events,/v1/calls";
 
-/// What the routes need; `None` when no token is configured.
+/// What the routes need; `None` when no token is configured. The events
+/// and calls go to the single node's [`crate::actors::ingress::Ingress`] or to a cluster node's
+/// `cluster::api::ClusterApi`.
 #[derive(Clone)]
 pub struct Api {
     pub token: ApiToken,
-    pub ingress: Addr<Ingress>,
+    pub events: Recipient<PushEvent>,
+    pub calls: Recipient<ApiCall>,
+}
+
+impl Api {
+    pub fn new<A>(token: ApiToken, to: &Addr<A>) -> Api
+    where
+        A: Actor<Context = actix::Context<A>> + Handler<PushEvent> + Handler<ApiCall>,
+    {
+        Api {
+            token,
+            events: to.clone().recipient(),
+            calls: to.clone().recipient(),
+        }
+    }
 }
 
 /// The routes' state in the endpoint's app.
@@ -140,7 +157,7 @@ async fn push_event(
         Ok(event) => event,
         Err(e) => return bad(e),
     };
-    match api.ingress.send(PushEvent { chat_id, event }).await {
+    match api.events.send(PushEvent { chat_id, event }).await {
         Ok(Ok(id)) => {
             log::debug!("http: event update={id} for chat={chat_id} stored");
             HttpResponse::Accepted().json(json!({"ok": true, "update_id": id}))
@@ -159,7 +176,7 @@ async fn api_call(req: HttpRequest, payload: web::Payload, api: ApiData) -> Http
         Ok(call) => call,
         Err(e) => return bad(e),
     };
-    match api.ingress.send(ApiCall { method, params }).await {
+    match api.calls.send(ApiCall { method, params }).await {
         Ok(Ok(outcome)) => answer_with(outcome),
         Ok(Err(e)) => unavailable(e),
         Err(_) => unavailable(IngressError::Stopping),
