@@ -15,9 +15,10 @@
 //!   injection to its reply (p50/p99). The single node without `[cluster]`
 //!   (SQLite journal, fsync on) is measured the same way first, so the
 //!   difference is what the cluster's path adds.
-//! - settling: each count is measured once the partitions are all owned and
-//!   no node's roles or partitions changed for 3 s, so that the burst does
-//!   not run into the handovers of nodes started one after the other.
+//! - settling: each count is measured once the partitions are all owned,
+//!   each node owns some, and no node's roles or partitions changed for
+//!   3 s, so that the burst does not run into the handovers of nodes
+//!   started one after the other.
 //! - failover, each on a fresh cluster of 3 nodes: the polling node, the
 //!   sending node, or a node with neither role is killed (`kill -9`), and
 //!   one update to each of 100 chats is injected at once. The first reply
@@ -178,6 +179,13 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
+    // `--failover ROLE` (Poller, Sender, AppsOnly): that failover only.
+    let raw: Vec<String> = std::env::args().collect();
+    let only = raw
+        .iter()
+        .position(|a| a == "--failover")
+        .and_then(|i| raw.get(i + 1))
+        .map(String::as_str);
     let updates = args.first().copied().unwrap_or(3000);
     let chats = args.get(1).copied().unwrap_or(300) as i64;
     println!(
@@ -185,6 +193,18 @@ fn main() {
         date(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    if only.is_none() {
+        throughput(updates, chats);
+    }
+    for role in [Role::Poller, Role::Sender, Role::AppsOnly]
+        .into_iter()
+        .filter(|r| only.is_none_or(|o| format!("{r:?}") == o))
+    {
+        failover(role);
+    }
+}
+
+fn throughput(updates: usize, chats: i64) {
     {
         let sandbox = sandbox();
         let node = Node::start(&sandbox, None);
@@ -226,9 +246,6 @@ fn main() {
             "{n} cluster node(s):    {rate:>7.0} replies/s  lone update p50 {p50:>6.1} ms p99 {p99:>6.1} ms"
         );
     }
-    for role in [Role::Poller, Role::Sender, Role::AppsOnly] {
-        failover(role);
-    }
 }
 
 /// The partitions in the nodes' `[cluster]`.
@@ -242,9 +259,22 @@ fn last_roles(log: &str) -> Option<(usize, String)> {
     Some((held, line.to_string()))
 }
 
-/// Waits until every partition is owned and no node's roles line changed
-/// for 3 s (within 120 s).
+/// Waits until every partition is owned, every node owns some, and no
+/// node's roles line changed for 3 s (within 120 s).
 fn settle(nodes: &[Node]) -> bool {
+    let settled = settles(nodes);
+    if !settled {
+        for node in nodes {
+            eprintln!(
+                "not settled: {}",
+                last_roles(&node.log()).map_or("no roles line".into(), |(_, l)| l)
+            );
+        }
+    }
+    settled
+}
+
+fn settles(nodes: &[Node]) -> bool {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last: Vec<Option<(usize, String)>> = Vec::new();
     let mut since = Instant::now();
@@ -256,7 +286,10 @@ fn settle(nodes: &[Node]) -> bool {
             since = Instant::now();
         }
         let held: usize = last.iter().flatten().map(|(h, _)| h).sum();
-        if held == PARTITIONS && since.elapsed() >= Duration::from_secs(3) {
+        // Every node with a share: a node that started late holds none
+        // while the others already hold them all.
+        let everyone = last.iter().all(|l| l.as_ref().is_some_and(|(h, _)| *h > 0));
+        if everyone && held == PARTITIONS && since.elapsed() >= Duration::from_secs(3) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -314,7 +347,7 @@ fn failover(role: Role) {
         let log = n.log();
         match role {
             Role::Poller => poller(&log),
-            Role::Sender => sender(&log) && !poller(&log),
+            Role::Sender => sender(&log),
             Role::AppsOnly => !poller(&log) && !sender(&log),
         }
     }) else {
@@ -332,14 +365,28 @@ fn failover(role: Role) {
     let first = wait_replies(&sandbox, before + 1, Duration::from_secs(120));
     let all = wait_replies(&sandbox, before + CHATS as u64, Duration::from_secs(120));
     let secs = |t: Option<Instant>| t.map_or(f64::NAN, |t| (t - killed).as_secs_f64());
+    let also = |other: &str| {
+        let log = victim.log();
+        let roles = last_roles(&log).map(|(_, line)| line).unwrap_or_default();
+        if roles.contains(other) {
+            format!(" (also the {other})")
+        } else {
+            String::new()
+        }
+    };
     let what = match role {
-        Role::Poller => "the polling node",
-        Role::Sender => "the sending node",
-        Role::AppsOnly => "a node with no role",
+        Role::Poller => format!("the polling node{}", also("sender")),
+        Role::Sender => format!("the sending node{}", also("poller")),
+        Role::AppsOnly => "a node with no role".to_string(),
     };
     println!(
         "failover, kill -9 of {what}: first reply after {:.2} s, all {CHATS} chats after {:.2} s (lease_ttl 4 s, lease_renew 1 s)",
         secs(first),
         secs(all)
     );
+    if std::env::var_os("CLUSTER_NODES_LOGS").is_some() {
+        for node in &nodes {
+            eprintln!("===== a live node\n{}", node.log());
+        }
+    }
 }
