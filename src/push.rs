@@ -139,6 +139,16 @@ impl PushedEvent {
         }
     }
 
+    /// A stored body, and the chat it names.
+    fn stored(body: &[u8]) -> Result<(i64, Value), String> {
+        let stored: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        let chat_id = stored
+            .get("chat_id")
+            .and_then(Value::as_i64)
+            .ok_or("no chat_id")?;
+        Ok((chat_id, stored))
+    }
+
     /// Its body in the journal.
     pub fn encode(&self) -> String {
         json!({"chat_id": self.chat_id, "event": self.event}).to_string()
@@ -146,11 +156,7 @@ impl PushedEvent {
 
     /// Back from [`PushedEvent::encode`], after a restart.
     pub fn decode(id: i64, body: &str) -> Result<PushedEvent, String> {
-        let stored: Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
-        let chat_id = stored
-            .get("chat_id")
-            .and_then(Value::as_i64)
-            .ok_or("no chat_id")?;
+        let (chat_id, stored) = PushedEvent::stored(body.as_bytes())?;
         match stored.get("event") {
             Some(event @ Value::Object(_)) if event.get("update_id") == Some(&json!(id)) => {
                 Ok(PushedEvent {
@@ -171,11 +177,7 @@ impl PushedEvent {
 
     /// Back from [`PushedEvent::encode_unnumbered`], as event `id`.
     pub fn decode_numbered(id: i64, body: &[u8]) -> Result<PushedEvent, String> {
-        let stored: Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-        let chat_id = stored
-            .get("chat_id")
-            .and_then(Value::as_i64)
-            .ok_or("no chat_id")?;
+        let (chat_id, stored) = PushedEvent::stored(body)?;
         match stored.get("event") {
             Some(Value::Object(event)) => Ok(PushedEvent::new(id, chat_id, event.clone())),
             _ => Err("no event object".into()),

@@ -306,6 +306,20 @@ pub fn endpoint(d: &Daemon) -> String {
     addr.expect("found above")
 }
 
+/// A whole HTTP/1.1 response's status code and body.
+fn status_and_body(raw: &str) -> (u16, String) {
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
 /// GET `path`: (status, body). A plain HTTP/1.1 request over a socket.
 pub fn get(addr: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("the endpoint accepts connections");
@@ -317,16 +331,7 @@ pub fn get(addr: &str, path: &str) -> (u16, String) {
     .expect("request written");
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("response read");
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
+    status_and_body(&raw)
 }
 
 /// POST `body` to `path`, with `Authorization: Bearer <token>` when given:
@@ -346,16 +351,7 @@ pub fn post(addr: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, S
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let raw = String::from_utf8_lossy(&raw).to_string();
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (status, body)
+    status_and_body(&raw)
 }
 
 /// The value of one sample line (`name{labels} value`) in a scrape.
