@@ -254,6 +254,27 @@ impl Fence {
     fn set(&self, until: Option<Instant>) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = until;
     }
+
+    /// Moves the fence on to `until` after a renewal, if it is still up.
+    /// A fence that went down stays down (`false`): the Relay may have
+    /// dropped a call by it meanwhile, so the partition's task must end
+    /// without acknowledging anything more, and the update comes again to
+    /// the next owner, in order. Raising it again would let that update be
+    /// acknowledged with its call never stored. Read and written under one
+    /// lock, so a call dropped by a down fence is never followed by a raise.
+    fn extend(&self, until: Instant) -> bool {
+        let mut fence = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match *fence {
+            Some(current) if Instant::now() < current => {
+                *fence = Some(until.max(current));
+                true
+            }
+            _ => {
+                *fence = None;
+                false
+            }
+        }
+    }
 }
 
 /// Takes the fence down when the partition's task ends, on any path.
@@ -935,6 +956,11 @@ async fn own_partition(
             }
             Some(settled) = settled_rx.recv() => match settled {
                 Settled::Done(sequence) => {
+                    // A fence that went down may have dropped this update's
+                    // calls: not acknowledged, it comes again to the next owner.
+                    if !fence.0.is_up() {
+                        return (partition, PartitionEnd::Fenced);
+                    }
                     if let Some(h) = in_hand.get_mut(&sequence) {
                         match tokio::time::timeout(request_timeout, h.message.double_ack()).await {
                             Ok(Ok(())) => {
@@ -1029,7 +1055,13 @@ async fn own_partition(
             next_renewal = Instant::now() + ctx.renew_every;
             match tokio::time::timeout(request_timeout, lease.renew()).await {
                 Ok(Ok(())) => {
-                    fence.0.set(Some(lease.valid_until()));
+                    if !fence.0.extend(lease.valid_until()) {
+                        ::log::warn!(
+                            "node={node} partition={partition} lease lapsed by this node's clock \
+                             before its renewal came back; giving the partition up"
+                        );
+                        return (partition, PartitionEnd::Fenced);
+                    }
                     state.send_modify(|s| {
                         s.status.revision = lease.revision();
                         s.lease_written = lease.written_at();
@@ -1072,6 +1104,30 @@ async fn own_partition(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fence that went down is never raised again by a late renewal:
+    /// a call dropped while it was down would otherwise have its update
+    /// acknowledged (the whole-cluster fault test lost three replies so).
+    #[test]
+    fn a_fence_that_went_down_stays_down() {
+        let up = Fence::new(Instant::now() + Duration::from_secs(60));
+        assert!(up.is_up());
+        assert!(up.extend(Instant::now() + Duration::from_secs(120)));
+        assert!(up.is_up());
+
+        let lapsed = Fence::new(Instant::now());
+        assert!(!lapsed.is_up(), "valid until a moment already past");
+        assert!(
+            !lapsed.extend(Instant::now() + Duration::from_secs(60)),
+            "a renewal that came back after the lapse does not raise it"
+        );
+        assert!(!lapsed.is_up());
+
+        let ended = Fence::new(Instant::now() + Duration::from_secs(60));
+        ended.set(None);
+        assert!(!ended.extend(Instant::now() + Duration::from_secs(60)));
+        assert!(!ended.is_up());
+    }
     use proptest::prelude::*;
 
     fn nodes(ids: &[(&'static str, u32)]) -> Vec<(String, u32)> {
