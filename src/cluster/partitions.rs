@@ -1104,6 +1104,7 @@ async fn own_partition(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// A fence that went down is never raised again by a late renewal:
     /// a call dropped while it was down would otherwise have its update
@@ -1128,7 +1129,6 @@ mod tests {
         assert!(!ended.extend(Instant::now() + Duration::from_secs(60)));
         assert!(!ended.is_up());
     }
-    use proptest::prelude::*;
 
     fn nodes(ids: &[(&'static str, u32)]) -> Vec<(String, u32)> {
         ids.iter().map(|&(id, w)| (id.to_string(), w)).collect()

@@ -234,6 +234,17 @@ struct ChatPace {
     group: Option<Window>,
 }
 
+impl ChatPace {
+    /// A chat not yet counted; a group gets its minute's window.
+    fn new(chat: &str, group_per_minute: u32) -> ChatPace {
+        ChatPace {
+            tat: None,
+            last: 0,
+            group: is_group(chat).then(|| Window::new(group_per_minute, Duration::from_secs(60))),
+        }
+    }
+}
+
 /// One pass of [`Pacer::admit`] over the waiting chats: whether the free
 /// and the paid overall budget were found short in it.
 #[derive(Debug, Default)]
@@ -454,11 +465,7 @@ impl Pacer {
         let pace = self
             .chats
             .entry(chat.to_string())
-            .or_insert_with(|| ChatPace {
-                tat: None,
-                last: 0,
-                group: is_group(chat).then(|| Window::new(group_limit, Duration::from_secs(60))),
-            });
+            .or_insert_with(|| ChatPace::new(chat, group_limit));
         let prior_tat = pace.tat;
         let n = cost.messages.clamp(1, self.limits.chat_burst.max(1));
         pace.tat = Some(prior_tat.map_or(anchor, |t| t.max(anchor)) + interval * n);
@@ -583,12 +590,7 @@ impl Pacer {
             let pace = self
                 .chats
                 .entry(c.chat.clone())
-                .or_insert_with(|| ChatPace {
-                    tat: None,
-                    last: 0,
-                    group: is_group(&c.chat)
-                        .then(|| Window::new(group_limit, Duration::from_secs(60))),
-                });
+                .or_insert_with(|| ChatPace::new(&c.chat, group_limit));
             if let Some(tat) = c.tat.and_then(|t| place(base, t)) {
                 pace.tat = Some(pace.tat.map_or(tat, |t| t.max(tat)));
             }
