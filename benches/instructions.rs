@@ -6,6 +6,7 @@
 //!     cargo bench --bench instructions                       # the release build beside this bench
 //!     cargo bench --bench instructions -- --binary PATH      # another build (a baseline; or ASGIGRAMD_BIN=PATH)
 //!     cargo bench --bench instructions -- [N1 N2 [CHATS]] [--top K]
+//!     cargo bench --bench instructions -- --rate 50 100 600  # one update at a time, at 50/s
 //!
 //! Runs the daemon binary under `valgrind --tool=callgrind
 //! --trace-children=no` (its Python worker runs natively, untraced) against
@@ -19,7 +20,14 @@
 //!
 //!     marginal instructions per update = (Ir(N2) - Ir(N1)) / (N2 - N1)
 //!
-//! and the same difference per function, exclusive (self) and inclusive,
+//! With `--rate R` the updates are not queued beforehand but injected one
+//! at a time, R per second, once the daemon polls: each then comes in a
+//! getUpdates answer of its own, with its own journal commit, as a bot
+//! with moderate traffic sees them. The difference then also holds what
+//! the daemon spends while idle for the longer run's extra time (timers,
+//! long polls), which such a bot pays too.
+//!
+//! The same difference per function, exclusive (self) and inclusive,
 //! is printed for the top K functions (default 25), from
 //! `callgrind_annotate`. The callgrind files are kept in a temporary
 //! directory whose path is printed, for `callgrind_annotate` by hand.
@@ -40,15 +48,20 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut binary: Option<PathBuf> = None;
     let mut top = 25;
+    let mut rate: Option<f64> = None;
     let mut numbers = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--binary" => binary = args.next().map(PathBuf::from),
             "--top" => top = args.next().and_then(|t| t.parse().ok()).unwrap_or(top),
+            "--rate" => {
+                rate = args.next().and_then(|r| r.parse().ok()).filter(|r: &f64| *r > 0.0);
+                assert!(rate.is_some(), "--rate takes updates per second, above 0");
+            }
             // cargo bench passes `--bench` to every bench binary.
             a if a.starts_with("--") => {}
             a => numbers.push(a.parse::<usize>().unwrap_or_else(|_| {
-                panic!("not a number: {a} (arguments: [--binary PATH] [N1 N2 [CHATS]] [--top K])")
+                panic!("not a number: {a} (arguments: [--binary PATH] [--rate R] [N1 N2 [CHATS]] [--top K])")
             })),
         }
     }
@@ -67,12 +80,16 @@ fn main() {
         .tempdir()
         .expect("a temporary directory");
     println!(
-        "# {}; binary {}; {chats} chats, N1 = {n1}, N2 = {n2}",
+        "# {}; binary {}; {chats} chats, N1 = {n1}, N2 = {n2}, {}",
         date(),
-        binary.display()
+        binary.display(),
+        match rate {
+            Some(r) => format!("injected at {r}/s"),
+            None => "queued before the start".to_string(),
+        }
     );
-    let small = run(&binary, dir.path(), n1, chats);
-    let large = run(&binary, dir.path(), n2, chats);
+    let small = run(&binary, dir.path(), n1, chats, rate);
+    let large = run(&binary, dir.path(), n2, chats, rate);
     let per = |a: u64, b: u64| (b as f64 - a as f64) / (n2 - n1) as f64;
     println!("Ir({n1}) = {}, Ir({n2}) = {}", small.total, large.total);
     println!(
@@ -114,17 +131,20 @@ struct Counted {
     file: PathBuf,
 }
 
-/// One run of the daemon under callgrind: `updates` queued over `chats`,
+/// One run of the daemon under callgrind: `updates` over `chats`, queued
+/// before it starts or injected at `rate` per second once it polls;
 /// stopped with SIGTERM once every reply arrived.
-fn run(binary: &Path, dir: &Path, updates: usize, chats: usize) -> Counted {
+fn run(binary: &Path, dir: &Path, updates: usize, chats: usize, rate: Option<f64>) -> Counted {
     let sandbox = Sandbox::start(SandboxOptions::default()).expect("sandbox starts");
     for chat in 0..chats {
         sandbox.register_chat(
             json!({"id": 10_000 + chat as i64, "type": "private", "first_name": "U"}),
         );
     }
-    for i in 0..updates {
-        sandbox.inject_text(10_000 + (i % chats) as i64, &format!("u{i}"));
+    if rate.is_none() {
+        for i in 0..updates {
+            sandbox.inject_text(10_000 + (i % chats) as i64, &format!("u{i}"));
+        }
     }
     let journal = dir.join(format!("journal-{updates}"));
     let config = config(&sandbox, "echo3:app", 1, &journal, "");
@@ -147,6 +167,21 @@ fn run(binary: &Path, dir: &Path, updates: usize, chats: usize) -> Counted {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("valgrind starts (is it installed?)");
+    if let Some(rate) = rate {
+        let polling = sandbox.wait_until(Duration::from_secs(300), |v| {
+            v.stats().calls_by_method.contains_key("getUpdates")
+        });
+        assert!(polling, "the daemon under valgrind never polled");
+        let every = Duration::from_secs_f64(1.0 / rate);
+        let start = Instant::now();
+        for i in 0..updates {
+            // On a schedule, not after a sleep each: a late wake-up does not
+            // push the rest back.
+            let due = start + every * i as u32;
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            sandbox.inject_text(10_000 + (i % chats) as i64, &format!("u{i}"));
+        }
+    }
     let replied = sandbox.wait_until(Duration::from_secs(900), |v| {
         v.stats()
             .calls_by_method

@@ -99,7 +99,10 @@
 //! survive the process being killed, and a power loss rolls back whole
 //! transactions, which can repeat a reply but never loses an update. The
 //! connection stays at `synchronous = NORMAL`, and appends (rules 1, 8, 11)
-//! switch it to `FULL` for their commit (`Journal::durably`).
+//! switch it to `FULL` for their commit (`Journal::durably`). (A second
+//! connection kept at `FULL` for appends would spare the two pragmas, but
+//! each connection's page cache is then dropped whenever the other commits,
+//! which cost more.)
 //!
 //! A journal that SQLite would open damaged, silently without what it held,
 //! is refused at start ([`JournalError::Damaged`], checks in `Files`);
@@ -227,25 +230,22 @@ impl Journal {
         // After the check, which leaves a damaged journal untouched; and
         // after opening, which may have created a -wal and -shm.
         files.make_private();
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             PRAGMA busy_timeout = 10000;
+             {SCHEMA}"
+        ))
+        .map_err(|e| sqlite_err(&path, e))?;
         // The first journal opened is the daemon's; tests may open more.
         let _ = metrics().journal_path.set(path.clone());
-        let journal = Journal {
+        Ok(Journal {
             conn,
             path,
             fsync: true,
             handled_early: HashSet::default(),
             pruned_at: 0,
-        };
-        journal
-            .conn
-            .execute_batch(&format!(
-                "PRAGMA journal_mode = WAL;
-                 PRAGMA synchronous = NORMAL;
-                 PRAGMA busy_timeout = 10000;
-                 {SCHEMA}"
-            ))
-            .map_err(|e| journal.err(e))?;
-        Ok(journal)
+        })
     }
 
     fn err(&self, e: rusqlite::Error) -> JournalError {
@@ -260,40 +260,36 @@ impl Journal {
         Ok(())
     }
 
-    /// Runs `f`, whose commits wait for the disk unless `journal.fsync =
-    /// false`. The connection is otherwise at `synchronous = NORMAL`, what
-    /// records need (see the module doc): the pragma is switched around the
-    /// appends, a few per second, rather than around every record.
+    /// Runs `f` in one transaction whose commit waits for the disk unless
+    /// `journal.fsync = false`. The connection is otherwise at `synchronous
+    /// = NORMAL`, what records need (see the module doc): the pragma is
+    /// switched around the appends rather than around every record.
     fn durably<T>(
-        &mut self,
-        f: impl FnOnce(&mut Journal) -> Result<T, JournalError>,
+        &self,
+        f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
         if !self.fsync {
-            return f(self);
+            return Tx::run(&self.conn, f).map_err(|e| self.err(e));
         }
-        // Cached: parsing the pragma for every write was a measurable part
-        // of the journal's CPU at low rates.
-        let sync = |j: &Journal, pragma: &str| {
-            j.conn
-                .prepare_cached(pragma)
-                .and_then(|mut pragma| pragma.execute([]))
-                .map_err(|e| j.err(e))
-        };
-        sync(self, "PRAGMA synchronous = FULL")?;
-        let result = f(self);
+        // SQLite prepares a pragma anew each time it runs (it applies it
+        // while preparing), so caching these saves nothing; they are still
+        // cheaper than a second connection (module doc).
+        let sync = |pragma: &str| self.conn.execute_batch(pragma).map_err(|e| self.err(e));
+        sync("PRAGMA synchronous = FULL")?;
+        let result = Tx::run(&self.conn, f).map_err(|e| self.err(e));
         // Even after a failed write: records must not wait for the disk.
-        sync(self, "PRAGMA synchronous = NORMAL")?;
+        sync("PRAGMA synchronous = NORMAL")?;
         result
+    }
+
+    /// A value `meta` keeps, if set.
+    fn meta(&self, key: &str) -> Result<Option<i64>, JournalError> {
+        meta(&self.conn, key).map_err(|e| self.err(e))
     }
 
     /// The highest update_id ever stored, if any.
     pub fn watermark(&self) -> Result<Option<i64>, JournalError> {
-        self.conn
-            .query_row("SELECT value FROM meta WHERE key = 'watermark'", [], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(|e| self.err(e))
+        self.meta("watermark")
     }
 
     /// Stores the updates not seen before, durably, and returns their ids;
@@ -303,71 +299,57 @@ impl Journal {
         batch: &[(i64, String)],
         fetched_with: Option<i64>,
     ) -> Result<Vec<i64>, JournalError> {
-        self.durably(|j| j.append_durably(batch, fetched_with))
-    }
-
-    fn append_durably(
-        &mut self,
-        batch: &[(i64, String)],
-        fetched_with: Option<i64>,
-    ) -> Result<Vec<i64>, JournalError> {
-        let mut watermark = self.watermark()?;
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(|e| sqlite_err(&self.path, e))?;
+        let handled_early = &self.handled_early;
         let mut fresh = Vec::with_capacity(batch.len());
         // Rule 12 counts every id polling admitted, one already handled
         // (and so not stored) included: Telegram may hold it still.
         let mut polled = None;
-        {
+        let mut early = Vec::new();
+        self.durably(|tx| {
+            let mut watermark = meta(tx, "watermark")?;
             let mut insert = tx
-                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")
-                .map_err(|e| sqlite_err(&self.path, e))?;
+                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")?;
             for (id, body) in batch {
                 if !admit(&mut watermark, *id, fetched_with) {
                     continue;
                 }
                 polled = polled.max(Some(*id));
-                if self.handled_early.remove(id) {
+                if handled_early.contains(id) {
+                    early.push(*id);
                     continue;
                 }
-                insert
-                    .execute(params![id, body])
-                    .map_err(|e| sqlite_err(&self.path, e))?;
+                insert.execute(params![id, body])?;
                 fresh.push(*id);
             }
+            if let Some(w) = watermark {
+                tx.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('watermark', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![w])?;
+            }
+            if let Some(highest) = polled {
+                // Rule 12: how far polling stored, apart from the webhook.
+                tx.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('polled', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+                )?
+                .execute(params![highest])?;
+            }
+            Ok(())
+        })?;
+        // Only once committed: a failed append is retried whole, and must
+        // still skip them.
+        for id in early {
+            self.handled_early.remove(&id);
         }
-        if let Some(w) = watermark {
-            tx.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES ('watermark', ?1)
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            )
-            .and_then(|mut upsert| upsert.execute(params![w]))
-            .map_err(|e| sqlite_err(&self.path, e))?;
-        }
-        if let Some(highest) = polled {
-            // Rule 12: how far polling stored, apart from the webhook.
-            tx.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES ('polled', ?1)
-                 ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
-            )
-            .and_then(|mut upsert| upsert.execute(params![highest]))
-            .map_err(|e| sqlite_err(&self.path, e))?;
-        }
-        tx.commit().map_err(|e| sqlite_err(&self.path, e))?;
         metrics().journal_entries.add(fresh.len() as i64);
         Ok(fresh)
     }
 
     /// The lowest pushed event id ever stored (rule 8), if any.
     pub fn pushed_through(&self) -> Result<Option<i64>, JournalError> {
-        self.conn
-            .query_row("SELECT value FROM meta WHERE key = 'pushed'", [], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(|e| self.err(e))
+        self.meta("pushed")
     }
 
     /// The id the next pushed event gets: below every id given before.
@@ -380,58 +362,44 @@ impl Journal {
     /// Stores pushed events durably, in one transaction (rules 8 to 10);
     /// one recorded handled before this store is not stored.
     pub fn store_pushed(&mut self, events: &[NewPushed]) -> Result<(), JournalError> {
-        self.durably(|j| j.store_pushed_durably(events))
-    }
-
-    fn store_pushed_durably(&mut self, events: &[NewPushed]) -> Result<(), JournalError> {
-        let mut lowest = self.pushed_through()?;
-        let tx = self
-            .conn
-            .transaction()
-            .map_err(|e| sqlite_err(&self.path, e))?;
+        let handled_early = &self.handled_early;
         let mut stored = 0;
-        {
+        let mut early = Vec::new();
+        self.durably(|tx| {
+            let mut lowest = meta(tx, "pushed")?;
             let mut insert = tx
-                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")
-                .map_err(|e| sqlite_err(&self.path, e))?;
-            let mut place = tx
-                .prepare_cached("INSERT OR REPLACE INTO pushed (id, after) VALUES (?1, ?2)")
-                .map_err(|e| sqlite_err(&self.path, e))?;
+                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")?;
+            let mut place =
+                tx.prepare_cached("INSERT OR REPLACE INTO pushed (id, after) VALUES (?1, ?2)")?;
             for event in events {
                 debug_assert!(event.id < 0, "pushed ids are negative (rule 8)");
                 lowest = Some(lowest.map_or(event.id, |l| l.min(event.id)));
-                if self.handled_early.remove(&event.id) {
+                if handled_early.contains(&event.id) {
+                    early.push(event.id);
                     continue;
                 }
-                stored += insert
-                    .execute(params![event.id, event.body])
-                    .map_err(|e| sqlite_err(&self.path, e))?;
-                place
-                    .execute(params![event.id, event.after])
-                    .map_err(|e| sqlite_err(&self.path, e))?;
+                stored += insert.execute(params![event.id, event.body])?;
+                place.execute(params![event.id, event.after])?;
             }
+            if let Some(lowest) = lowest {
+                tx.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('pushed', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![lowest])?;
+            }
+            Ok(())
+        })?;
+        for id in early {
+            self.handled_early.remove(&id);
         }
-        if let Some(lowest) = lowest {
-            tx.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES ('pushed', ?1)
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            )
-            .and_then(|mut upsert| upsert.execute(params![lowest]))
-            .map_err(|e| sqlite_err(&self.path, e))?;
-        }
-        tx.commit().map_err(|e| sqlite_err(&self.path, e))?;
         metrics().journal_entries.add(stored as i64);
         Ok(())
     }
 
     /// The highest update_id a polling append stored (rule 12).
     pub fn polled(&self) -> Result<Option<i64>, JournalError> {
-        self.conn
-            .query_row("SELECT value FROM meta WHERE key = 'polled'", [], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(|e| self.err(e))
+        self.meta("polled")
     }
 
     /// Whether a webhook delivered updates within [`SEEN_FOR`] (rule 11):
@@ -439,7 +407,8 @@ impl Journal {
     /// polling tells new from seen by the `seen` table until it is past them.
     pub fn webhook_seen(&self) -> Result<bool, JournalError> {
         self.conn
-            .query_row("SELECT EXISTS (SELECT 1 FROM seen)", [], |r| r.get(0))
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM seen)")
+            .and_then(|mut any| any.query_row([], |r| r.get(0)))
             .map_err(|e| self.err(e))
     }
 
@@ -449,7 +418,7 @@ impl Journal {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.durably(|j| j.append_webhook_at(batch, now))
+        self.append_webhook_at(batch, now)
     }
 
     fn append_webhook_at(
@@ -457,44 +426,35 @@ impl Journal {
         batch: &[(i64, String)],
         now: u64,
     ) -> Result<Vec<i64>, JournalError> {
-        let watermark = self.watermark()?;
         let prune = now.saturating_sub(self.pruned_at) >= PRUNE_EVERY.as_secs();
-        let path = self.path.clone();
-        let fail = |e| sqlite_err(&path, e);
-        let tx = self.conn.transaction().map_err(fail)?;
         let mut fresh = Vec::with_capacity(batch.len());
-        {
+        self.durably(|tx| {
+            let watermark = meta(tx, "watermark")?;
             if prune {
-                tx.prepare_cached("DELETE FROM seen WHERE at < ?1")
-                    .and_then(|mut delete| {
-                        delete.execute(params![now.saturating_sub(SEEN_FOR.as_secs())])
-                    })
-                    .map_err(fail)?;
+                tx.prepare_cached("DELETE FROM seen WHERE at < ?1")?
+                    .execute(params![now.saturating_sub(SEEN_FOR.as_secs())])?;
             }
-            let mut see = tx
-                .prepare_cached("INSERT OR IGNORE INTO seen (update_id, at) VALUES (?1, ?2)")
-                .map_err(fail)?;
+            let mut see =
+                tx.prepare_cached("INSERT OR IGNORE INTO seen (update_id, at) VALUES (?1, ?2)")?;
             let mut insert = tx
-                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")
-                .map_err(fail)?;
+                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")?;
             for (id, body) in batch {
-                if see.execute(params![id, now]).map_err(fail)? == 0 {
+                if see.execute(params![id, now])? == 0 {
                     continue;
                 }
-                insert.execute(params![id, body]).map_err(fail)?;
+                insert.execute(params![id, body])?;
                 fresh.push(*id);
             }
-        }
-        let highest = fresh.iter().copied().max();
-        if let Some(w) = highest.filter(|h| watermark.is_none_or(|w| *h > w)) {
-            tx.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES ('watermark', ?1)
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            )
-            .and_then(|mut upsert| upsert.execute(params![w]))
-            .map_err(fail)?;
-        }
-        tx.commit().map_err(fail)?;
+            let highest = fresh.iter().copied().max();
+            if let Some(w) = highest.filter(|h| watermark.is_none_or(|w| *h > w)) {
+                tx.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('watermark', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute(params![w])?;
+            }
+            Ok(())
+        })?;
         if prune {
             self.pruned_at = now;
         }
@@ -506,13 +466,9 @@ impl Journal {
     /// the module doc); appends do (`Journal::durably`).
     fn unsynced<T>(
         &mut self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+        f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
-        let result = self.conn.transaction().and_then(|tx| {
-            let value = f(&tx)?;
-            tx.commit().map(|()| value)
-        });
-        result.map_err(|e| self.err(e))
+        Tx::run(&self.conn, f).map_err(|e| self.err(e))
     }
 
     /// Stores `calls` in the outbox, marks `sent` calls (rule 6) and forgets
@@ -781,10 +737,62 @@ pub fn admit(watermark: &mut Option<i64>, id: i64, fetched_with: Option<i64>) ->
     true
 }
 
+/// A value `meta` keeps, if set. Cached, and read inside the transaction
+/// that goes on to write: at one update per commit, preparing it was a
+/// tenth of an append, and a read transaction of its own half as much again.
+fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row(params![key], |r| r.get(0))
+        .optional()
+}
+
+/// A transaction begun and committed by cached statements. rusqlite's own
+/// `Transaction` prepares "BEGIN" and "COMMIT" anew each time, about 2,000
+/// instructions apiece: at one update per commit, a tenth of what the
+/// journal spends on it.
+struct Tx<'c> {
+    conn: &'c Connection,
+    committed: bool,
+}
+
+impl Tx<'_> {
+    /// `f` within one transaction on `conn`, committed if it succeeds and
+    /// rolled back if it fails or panics.
+    fn run<T>(conn: &Connection, f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+        conn.prepare_cached("BEGIN")?.execute([])?;
+        let mut tx = Tx {
+            conn,
+            committed: false,
+        };
+        let value = f(&tx)?;
+        conn.prepare_cached("COMMIT")?.execute([])?;
+        tx.committed = true;
+        Ok(value)
+    }
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+impl Drop for Tx<'_> {
+    fn drop(&mut self) {
+        // A failed COMMIT (busy, disk full) leaves the transaction open too.
+        if !self.committed && !self.conn.is_autocommit() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                log::error!("journal: rolling back a failed transaction failed: {e}");
+            }
+        }
+    }
+}
+
 /// Rule 6: a sent call whose cause is handled (or that has none) is
 /// forgotten; otherwise it is kept, marked, to recognise a repeat.
 fn mark_sent<'a>(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     sent: impl Iterator<Item = &'a SentCall>,
 ) -> rusqlite::Result<()> {
     let mut forget = tx.prepare_cached(
@@ -1658,21 +1666,19 @@ mod tests {
     fn appends_wait_for_the_disk_and_records_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::open(dir.path(), "j").unwrap();
-        let level = |j: &Journal| -> i64 {
-            j.conn
-                .query_row("PRAGMA synchronous", [], |r| r.get(0))
-                .unwrap()
-        };
-        // SQLite's numbers: 1 NORMAL, 2 FULL.
-        assert_eq!(level(&j), 1, "between writes, as records need");
+        // The level as each write found it: appends insert into `updates`,
+        // records delete from it.
         j.conn
             .execute_batch(
                 "CREATE TEMP TABLE levels (level INTEGER);
-                 CREATE TEMP TRIGGER stored AFTER INSERT ON main.updates
+                 CREATE TEMP TRIGGER appended AFTER INSERT ON main.updates
+                 BEGIN INSERT INTO levels SELECT synchronous FROM pragma_synchronous; END;
+                 CREATE TEMP TRIGGER recorded AFTER DELETE ON main.updates
                  BEGIN INSERT INTO levels SELECT synchronous FROM pragma_synchronous; END;",
             )
             .unwrap();
         j.append(&batch(&[1]), None).unwrap();
+        j.record(&[], &[1], &[]).unwrap();
         j.set_fsync(false).unwrap();
         j.append(&batch(&[2]), None).unwrap();
         let levels: Vec<i64> = j
@@ -1683,8 +1689,41 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(levels, vec![2, 1], "FULL with fsync on, NORMAL with it off");
-        assert_eq!(level(&j), 1);
+        // SQLite's numbers: 1 NORMAL, 2 FULL.
+        assert_eq!(
+            levels,
+            vec![2, 1, 1],
+            "an append FULL, a record NORMAL, an append with fsync off NORMAL"
+        );
+    }
+
+    #[test]
+    fn a_failed_transaction_is_rolled_back_and_the_next_one_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        // The second insert fails (NOT NULL), after the first succeeded.
+        let failed = Tx::run(&j.conn, |tx| {
+            tx.execute("INSERT INTO updates (update_id, body) VALUES (7, 'x')", [])?;
+            tx.execute("INSERT INTO updates (update_id, body) VALUES (8, NULL)", [])
+        });
+        assert!(failed.is_err());
+        assert!(j.conn.is_autocommit(), "no transaction left open");
+        assert_eq!(j.len().unwrap(), 0, "the first insert went with the rest");
+        // A panic inside rolls back as well (the journal outlives a
+        // panicking handler: JournalActor).
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = Tx::run(&j.conn, |tx| {
+                tx.execute("INSERT INTO updates (update_id, body) VALUES (9, 'x')", [])?;
+                panic!("in the middle of a record");
+                #[allow(unreachable_code)]
+                Ok(())
+            });
+        }));
+        assert!(panicked.is_err());
+        assert!(j.conn.is_autocommit());
+        assert_eq!(j.len().unwrap(), 0);
+        assert_eq!(j.append(&batch(&[10]), None).unwrap(), vec![10]);
+        assert_eq!(j.len().unwrap(), 1);
     }
 
     #[test]
