@@ -307,8 +307,9 @@ impl Journal {
         let mut early = Vec::new();
         self.durably(|tx| {
             let mut watermark = meta(tx, "watermark")?;
-            let mut insert = tx
-                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)",
+            )?;
             for (id, body) in batch {
                 if !admit(&mut watermark, *id, fetched_with) {
                     continue;
@@ -367,8 +368,9 @@ impl Journal {
         let mut early = Vec::new();
         self.durably(|tx| {
             let mut lowest = meta(tx, "pushed")?;
-            let mut insert = tx
-                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)",
+            )?;
             let mut place =
                 tx.prepare_cached("INSERT OR REPLACE INTO pushed (id, after) VALUES (?1, ?2)")?;
             for event in events {
@@ -436,8 +438,9 @@ impl Journal {
             }
             let mut see =
                 tx.prepare_cached("INSERT OR IGNORE INTO seen (update_id, at) VALUES (?1, ?2)")?;
-            let mut insert = tx
-                .prepare_cached("INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)")?;
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)",
+            )?;
             for (id, body) in batch {
                 if see.execute(params![id, now])? == 0 {
                     continue;
@@ -758,7 +761,10 @@ struct Tx<'c> {
 impl Tx<'_> {
     /// `f` within one transaction on `conn`, committed if it succeeds and
     /// rolled back if it fails or panics.
-    fn run<T>(conn: &Connection, f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    fn run<T>(
+        conn: &Connection,
+        f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
         conn.prepare_cached("BEGIN")?.execute([])?;
         let mut tx = Tx {
             conn,
