@@ -23,6 +23,11 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+// Only its callgrind helper is used here.
+#[allow(dead_code)]
+mod common;
+use common::callgrind_total;
+
 const ANSWER: &str = r#"{"ok":true,"result":{"message_id":12345,"from":{"id":77,"is_bot":true,"first_name":"Bench","username":"bench_bot"},"chat":{"id":10001,"first_name":"U","type":"private"},"date":1764000000,"text":"u1"}}"#;
 
 fn main() {
@@ -85,15 +90,7 @@ fn drive(n1: usize, n2: usize) {
                 .status()
                 .expect("valgrind starts (is it installed?)");
             assert!(status.success(), "{client} under valgrind: {status}");
-            std::fs::read_to_string(&out)
-                .expect("callgrind wrote its file")
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("totals:")
-                        .or_else(|| l.strip_prefix("summary:"))
-                })
-                .and_then(|v| v.trim().parse().ok())
-                .expect("callgrind's file has its totals")
+            callgrind_total(&out)
         };
         let (small, large) = (count(n1), count(n2));
         let per = (large as f64 - small as f64) / (n2 - n1) as f64;

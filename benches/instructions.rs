@@ -42,7 +42,7 @@ use asgigramd::sandbox::{Sandbox, SandboxOptions};
 use serde_json::json;
 
 mod common;
-use common::{config, daemon_binary, date};
+use common::{callgrind_total, config, daemon_binary, date};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -202,15 +202,7 @@ fn run(binary: &Path, dir: &Path, updates: usize, chats: usize, rate: Option<f64
         "the daemon under valgrind exited with {status}"
     );
     sandbox.stop();
-    let total = fs::read_to_string(&out)
-        .expect("callgrind wrote its file")
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("totals:")
-                .or_else(|| l.strip_prefix("summary:"))
-        })
-        .and_then(|v| v.trim().parse().ok())
-        .expect("callgrind's file has its totals");
+    let total = callgrind_total(&out);
     println!(
         "{updates} updates: {total} instructions ({:.0} s under valgrind)",
         started.elapsed().as_secs_f64()

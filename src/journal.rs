@@ -323,11 +323,7 @@ impl Journal {
                 fresh.push(*id);
             }
             if let Some(w) = watermark {
-                tx.prepare_cached(
-                    "INSERT INTO meta (key, value) VALUES ('watermark', ?1)
-                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                )?
-                .execute(params![w])?;
+                set_meta(tx, "watermark", w)?;
             }
             if let Some(highest) = polled {
                 // Rule 12: how far polling stored, apart from the webhook.
@@ -384,11 +380,7 @@ impl Journal {
                 place.execute(params![event.id, event.after])?;
             }
             if let Some(lowest) = lowest {
-                tx.prepare_cached(
-                    "INSERT INTO meta (key, value) VALUES ('pushed', ?1)
-                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                )?
-                .execute(params![lowest])?;
+                set_meta(tx, "pushed", lowest)?;
             }
             Ok(())
         })?;
@@ -450,11 +442,7 @@ impl Journal {
             }
             let highest = fresh.iter().copied().max();
             if let Some(w) = highest.filter(|h| watermark.is_none_or(|w| *h > w)) {
-                tx.prepare_cached(
-                    "INSERT INTO meta (key, value) VALUES ('watermark', ?1)
-                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                )?
-                .execute(params![w])?;
+                set_meta(tx, "watermark", w)?;
             }
             Ok(())
         })?;
@@ -747,6 +735,15 @@ fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<i64>> {
     conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
         .query_row(params![key], |r| r.get(0))
         .optional()
+}
+
+fn set_meta(conn: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, value])
+    .map(drop)
 }
 
 /// A transaction begun and committed by cached statements. rusqlite's own

@@ -48,3 +48,18 @@ pub fn date() -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
 }
+
+/// The instruction count callgrind wrote to `file` (its `totals:` line).
+// Only the callgrind benches call it; the others share this module.
+#[allow(dead_code)]
+pub fn callgrind_total(file: &Path) -> u64 {
+    std::fs::read_to_string(file)
+        .expect("callgrind wrote its file")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .expect("callgrind's file has its totals")
+}
