@@ -329,16 +329,20 @@ where
 }
 
 /// Whether the nodes hold exactly the partitions the assignment over them
-/// gives each, every partition once.
+/// gives each, every partition once, and none is still being handed over.
 async fn holding_as_assigned(nodes: Vec<&TestNode>) -> bool {
     let ids: Vec<(String, u32)> = nodes.iter().map(|n| (n.id.clone(), 1)).collect();
     let expected = cluster::assign(PARTITIONS, &ids);
     let mut held: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for node in &nodes {
         for p in node.status().await.partitions {
-            if !p.handing_over {
-                held.entry(p.partition).or_default().push(node.id.clone());
+            // A handover is over once its node stops listing it: the lease
+            // is released first and the node's status follows a moment
+            // later, so until then both nodes list it (a CI run read that).
+            if p.handing_over {
+                return false;
             }
+            held.entry(p.partition).or_default().push(node.id.clone());
         }
     }
     (0..PARTITIONS).all(|p| {
