@@ -62,7 +62,7 @@ fn drive(n1: usize, n2: usize) {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let mut server = Server(
+    let server = Server(
         Command::new(&exe)
             .args(["--serve", &port.to_string()])
             .stdin(Stdio::null())
@@ -100,7 +100,7 @@ fn drive(n1: usize, n2: usize) {
         };
         println!("{name}: {per:.0} instructions per call");
     }
-    server.0.kill().ok();
+    drop(server);
 }
 
 /// The server child, killed however the bench ends.

@@ -141,10 +141,11 @@ fn run(binary: &Path, dir: &Path, updates: usize, chats: usize, rate: Option<f64
             json!({"id": 10_000 + chat as i64, "type": "private", "first_name": "U"}),
         );
     }
+    let inject = |i: usize| sandbox.inject_text(10_000 + (i % chats) as i64, &format!("u{i}"));
     if rate.is_none() {
-        for i in 0..updates {
-            sandbox.inject_text(10_000 + (i % chats) as i64, &format!("u{i}"));
-        }
+        (0..updates).for_each(|i| {
+            inject(i);
+        });
     }
     let journal = dir.join(format!("journal-{updates}"));
     let config = config(&sandbox, "echo3:app", 1, &journal, "");
@@ -179,7 +180,7 @@ fn run(binary: &Path, dir: &Path, updates: usize, chats: usize, rate: Option<f64
             // push the rest back.
             let due = start + every * i as u32;
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            sandbox.inject_text(10_000 + (i % chats) as i64, &format!("u{i}"));
+            inject(i);
         }
     }
     let replied = sandbox.wait_until(Duration::from_secs(900), |v| {
