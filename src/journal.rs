@@ -1761,7 +1761,10 @@ mod tests {
                     (&raw mut file).cast(),
                 );
                 assert_eq!(rc, ffi::SQLITE_OK);
-                assert!(!file.is_null() && !(*file).pMethods.is_null(), "the WAL is open");
+                assert!(
+                    !file.is_null() && !(*file).pMethods.is_null(),
+                    "the WAL is open"
+                );
                 let mut table = *(*file).pMethods;
                 let _ = ORIGINAL.set(table.xSync.expect("every VFS file syncs"));
                 table.xSync = Some(counted);
