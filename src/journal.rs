@@ -119,6 +119,7 @@
 //! waits for that thread; only the offset (rule 1) and a chat's next call
 //! (rule 5) do.
 
+use std::cell::Cell;
 use std::fs::{self, DirBuilder};
 use std::io::{ErrorKind, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -209,6 +210,13 @@ pub struct Journal {
     fsync: bool,
     /// In WAL mode, which `open` asks for; see `durably` for the other.
     wal: bool,
+    /// Set by `durably` when a commit held but the WAL's sync after it
+    /// failed, for the append to keep what it stored (`settle`).
+    sync_failed: Cell<bool>,
+    /// Ids appended new by a commit whose sync failed. Its retry finds them
+    /// stored and seen, so without these it would answer that they are not
+    /// new, and they would not be delivered until the next start.
+    unsynced_fresh: HashSet<i64>,
     /// Updates recorded handled before their append was written: only
     /// after a failed append, whose retry comes behind the records (rule 1).
     /// Their retried append must not store them again.
@@ -251,6 +259,8 @@ impl Journal {
             path,
             fsync: true,
             wal: mode.eq_ignore_ascii_case("wal"),
+            sync_failed: Cell::new(false),
+            unsynced_fresh: HashSet::default(),
             handled_early: HashSet::default(),
             pruned_at: 0,
         })
@@ -280,6 +290,7 @@ impl Journal {
         &self,
         f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
+        self.sync_failed.set(false);
         if !self.fsync {
             return Tx::run(&self.conn, f).map_err(|e| self.err(e));
         }
@@ -293,10 +304,40 @@ impl Journal {
             return result;
         }
         let result = Tx::run(&self.conn, f).map_err(|e| self.err(e))?;
-        // A failed sync fails the append, which is retried whole: the retry
-        // finds its updates stored and seen, and its own sync covers them.
-        self.sync_wal()?;
+        // A failed sync fails the append, which is retried whole: its own
+        // sync covers this commit too, and `settle` gives back what this one
+        // stored new.
+        if let Err(e) = self.sync_wal() {
+            self.sync_failed.set(true);
+            return Err(e);
+        }
         Ok(result)
+    }
+
+    /// After an append of `batch` that stored `fresh` as new: the ids of an
+    /// earlier append of them whose commit held but whose sync failed are
+    /// new too, now that this one synced; this one's are kept if its sync
+    /// failed.
+    fn settle(
+        &mut self,
+        written: Result<(), JournalError>,
+        batch: &[(i64, String)],
+        fresh: &mut Vec<i64>,
+    ) -> Result<(), JournalError> {
+        if let Err(e) = written {
+            if self.sync_failed.take() {
+                self.unsynced_fresh.extend(fresh.iter().copied());
+            }
+            return Err(e);
+        }
+        if !self.unsynced_fresh.is_empty() {
+            for (id, _) in batch {
+                if self.unsynced_fresh.remove(id) {
+                    fresh.push(*id);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Syncs the WAL file through SQLite's own handle on it (the VFS's
@@ -364,7 +405,7 @@ impl Journal {
         // (and so not stored) included: Telegram may hold it still.
         let mut polled = None;
         let mut early = Vec::new();
-        self.durably(|tx| {
+        let written = self.durably(|tx| {
             let mut watermark = meta(tx, "watermark")?;
             let mut insert = tx.prepare_cached(
                 "INSERT OR IGNORE INTO updates (update_id, body) VALUES (?1, ?2)",
@@ -393,7 +434,8 @@ impl Journal {
                 .execute(params![highest])?;
             }
             Ok(())
-        })?;
+        });
+        self.settle(written, batch, &mut fresh)?;
         // Only once committed: a failed append is retried whole, and must
         // still skip them.
         for id in early {
@@ -481,7 +523,7 @@ impl Journal {
     ) -> Result<Vec<i64>, JournalError> {
         let prune = now.saturating_sub(self.pruned_at) >= PRUNE_EVERY.as_secs();
         let mut fresh = Vec::with_capacity(batch.len());
-        self.durably(|tx| {
+        let written = self.durably(|tx| {
             let watermark = meta(tx, "watermark")?;
             if prune {
                 tx.prepare_cached("DELETE FROM seen WHERE at < ?1")?
@@ -504,7 +546,8 @@ impl Journal {
                 set_meta(tx, "watermark", w)?;
             }
             Ok(())
-        })?;
+        });
+        self.settle(written, batch, &mut fresh)?;
         if prune {
             self.pruned_at = now;
         }
@@ -1738,10 +1781,21 @@ mod tests {
         use std::sync::OnceLock;
 
         pub static SYNCS: AtomicUsize = AtomicUsize::new(0);
+        /// The counts are the whole process's: tests that read them take
+        /// turns.
+        pub static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        /// Syncs to fail (as a disk that reports an I/O error), before any
+        /// is counted.
+        pub static FAILING: AtomicUsize = AtomicUsize::new(0);
         type Sync = unsafe extern "C" fn(*mut ffi::sqlite3_file, c_int) -> c_int;
         static ORIGINAL: OnceLock<Sync> = OnceLock::new();
 
         unsafe extern "C" fn counted(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
+            let failing =
+                FAILING.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if failing.is_ok() {
+                return ffi::SQLITE_IOERR_FSYNC;
+            }
             SYNCS.fetch_add(1, Ordering::SeqCst);
             let original = ORIGINAL.get().expect("set before the table is swapped");
             // SAFETY: the call SQLite made, passed on unchanged.
@@ -1780,6 +1834,8 @@ mod tests {
         let mut j = Journal::open(dir.path(), "j").unwrap();
         assert!(j.wal, "a journal on a local disk is in WAL mode");
         j.append(&batch(&[1]), None).unwrap();
+        let _turn = sync_counter::TURN.lock().unwrap_or_else(|e| e.into_inner());
+        sync_counter::SYNCS.store(0, Ordering::SeqCst);
         sync_counter::count_wal_syncs(&j.conn);
         let syncs = || sync_counter::SYNCS.load(Ordering::SeqCst);
         j.record(&[], &[1], &[]).unwrap();
@@ -1792,6 +1848,40 @@ mod tests {
         j.append(&batch(&[4]), None).unwrap();
         assert_eq!(syncs(), 2, "journal.fsync = false: it does not wait");
         assert_eq!(j.len().unwrap(), 3);
+    }
+
+    #[test]
+    fn updates_whose_commit_held_but_not_its_sync_are_new_to_the_retry() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        j.append(&batch(&[1]), None).unwrap();
+        let _turn = sync_counter::TURN.lock().unwrap_or_else(|e| e.into_inner());
+        sync_counter::count_wal_syncs(&j.conn);
+        sync_counter::FAILING.store(1, Ordering::SeqCst);
+        let failed = j.append(&batch(&[2, 3]), None).unwrap_err();
+        assert!(failed.to_string().contains("syncing the WAL"), "{failed}");
+        // The Poller stores the same batch again before it confirms it; the
+        // commit held, so the journal has seen these ids, yet nobody has
+        // been given them.
+        assert_eq!(j.append(&batch(&[2, 3]), None).unwrap(), vec![2, 3]);
+        assert_eq!(j.append(&batch(&[2, 3]), None).unwrap(), Vec::<i64>::new());
+        // A webhook's failed request comes again, maybe after another one.
+        sync_counter::FAILING.store(1, Ordering::SeqCst);
+        assert!(j.append_webhook(&batch(&[10])).is_err());
+        assert_eq!(j.append_webhook(&batch(&[11])).unwrap(), vec![11]);
+        assert_eq!(j.append_webhook(&batch(&[10])).unwrap(), vec![10]);
+        // A write that rolled back is stored by its retry, once.
+        j.conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.updates
+                 WHEN NEW.update_id = 20 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        assert!(j.append(&batch(&[20]), None).is_err());
+        j.conn.execute_batch("DROP TRIGGER temp.refuse").unwrap();
+        assert_eq!(j.append(&batch(&[20]), None).unwrap(), vec![20]);
+        assert_eq!(j.len().unwrap(), 6);
     }
 
     #[test]
