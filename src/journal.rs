@@ -119,7 +119,6 @@
 //! waits for that thread; only the offset (rule 1) and a chat's next call
 //! (rule 5) do.
 
-use std::cell::Cell;
 use std::fs::{self, DirBuilder};
 use std::io::{ErrorKind, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -210,9 +209,6 @@ pub struct Journal {
     fsync: bool,
     /// In WAL mode, which `open` asks for; see `durably` for the other.
     wal: bool,
-    /// Set by `durably` when a commit held but the WAL's sync after it
-    /// failed, for the append to keep what it stored (`settle`).
-    sync_failed: Cell<bool>,
     /// Ids appended new by a commit whose sync failed. Its retry finds them
     /// stored and seen, so without these it would answer that they are not
     /// new, and they would not be delivered until the next start.
@@ -259,7 +255,6 @@ impl Journal {
             path,
             fsync: true,
             wal: mode.eq_ignore_ascii_case("wal"),
-            sync_failed: Cell::new(false),
             unsynced_fresh: HashSet::default(),
             handled_early: HashSet::default(),
             pruned_at: 0,
@@ -286,31 +281,25 @@ impl Journal {
     /// cost two statements SQLite prepares anew each time (it applies a
     /// pragma while preparing it), 11,600 instructions, a twentieth of all
     /// the daemon does for an update that comes alone.
-    fn durably<T>(
-        &self,
-        f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>,
-    ) -> Result<T, JournalError> {
-        self.sync_failed.set(false);
+    fn durably<T>(&self, f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>) -> Result<T, NotDurable> {
+        let rolled_back = |e| NotDurable::RolledBack(self.err(e));
         if !self.fsync {
-            return Tx::run(&self.conn, f).map_err(|e| self.err(e));
+            return Tx::run(&self.conn, f).map_err(rolled_back);
         }
         if !self.wal {
             // The rollback journal's commit syncs what `FULL` asks it to.
-            let sync = |pragma: &str| self.conn.execute_batch(pragma).map_err(|e| self.err(e));
+            let sync = |pragma: &str| self.conn.execute_batch(pragma).map_err(rolled_back);
             sync("PRAGMA synchronous = FULL")?;
-            let result = Tx::run(&self.conn, f).map_err(|e| self.err(e));
+            let result = Tx::run(&self.conn, f).map_err(rolled_back);
             // Even after a failed write: records must not wait for the disk.
             sync("PRAGMA synchronous = NORMAL")?;
             return result;
         }
-        let result = Tx::run(&self.conn, f).map_err(|e| self.err(e))?;
+        let result = Tx::run(&self.conn, f).map_err(rolled_back)?;
         // A failed sync fails the append, which is retried whole: its own
         // sync covers this commit too, and `settle` gives back what this one
         // stored new.
-        if let Err(e) = self.sync_wal() {
-            self.sync_failed.set(true);
-            return Err(e);
-        }
+        self.sync_wal().map_err(NotDurable::Unsynced)?;
         Ok(result)
     }
 
@@ -320,15 +309,17 @@ impl Journal {
     /// failed.
     fn settle(
         &mut self,
-        written: Result<(), JournalError>,
+        written: Result<(), NotDurable>,
         batch: &[(i64, String)],
         fresh: &mut Vec<i64>,
     ) -> Result<(), JournalError> {
-        if let Err(e) = written {
-            if self.sync_failed.take() {
+        match written {
+            Err(NotDurable::RolledBack(e)) => return Err(e),
+            Err(NotDurable::Unsynced(e)) => {
                 self.unsynced_fresh.extend(fresh.iter().copied());
+                return Err(e);
             }
-            return Err(e);
+            Ok(()) => {}
         }
         if !self.unsynced_fresh.is_empty() {
             for (id, _) in batch {
@@ -348,27 +339,13 @@ impl Journal {
             path: self.path.clone(),
             reason,
         };
-        let mut file: *mut rusqlite::ffi::sqlite3_file = std::ptr::null_mut();
-        // SAFETY: the handle is this connection's, used on this thread only
-        // (the Journal is not Sync); JOURNAL_POINTER writes one pointer to
-        // the `sqlite3_file` of the WAL, which the connection keeps open in
-        // WAL mode for as long as it is open.
-        let rc = unsafe {
-            rusqlite::ffi::sqlite3_file_control(
-                self.conn.handle(),
-                c"main".as_ptr(),
-                rusqlite::ffi::SQLITE_FCNTL_JOURNAL_POINTER,
-                (&raw mut file).cast(),
-            )
-        };
-        // SAFETY: a non-null pointer from SQLite is a live `sqlite3_file`,
-        // whose `pMethods` is null only when it is not open.
-        let methods = (rc == rusqlite::ffi::SQLITE_OK && !file.is_null())
-            .then(|| unsafe { (*file).pMethods })
-            .filter(|m| !m.is_null());
-        // SAFETY: an open file's method table outlives it.
-        let Some(sync) = methods.and_then(|m| unsafe { (*m).xSync }) else {
-            return Err(failed(format!("no WAL file to sync (SQLite code {rc})")));
+        let file = wal_file(&self.conn);
+        // SAFETY: `wal_file` gives a live, open `sqlite3_file`, whose method
+        // table outlives it.
+        let Some((file, sync)) =
+            file.and_then(|f| unsafe { (*(*f).pMethods).xSync }.map(|s| (f, s)))
+        else {
+            return Err(failed("no WAL file to sync".to_string()));
         };
         // SAFETY: `file` is open (above), and SQLite calls `xSync` on it the
         // same way, from the connection's thread.
@@ -846,6 +823,44 @@ fn set_meta(conn: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
     )?
     .execute(params![key, value])
     .map(drop)
+}
+
+/// The `sqlite3_file` SQLite has open for `conn`'s WAL (its documented
+/// `SQLITE_FCNTL_JOURNAL_POINTER`), if open: none outside WAL mode.
+fn wal_file(conn: &Connection) -> Option<*mut rusqlite::ffi::sqlite3_file> {
+    let mut file: *mut rusqlite::ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: the handle is this connection's, used by the thread that has
+    // the connection (a `Connection` is not `Sync`); JOURNAL_POINTER writes
+    // one pointer, to a file the connection keeps while it is open.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+            (&raw mut file).cast(),
+        )
+    };
+    // SAFETY: a non-null pointer from SQLite is a live `sqlite3_file`, whose
+    // `pMethods` is null only while it is not open.
+    (rc == rusqlite::ffi::SQLITE_OK && !file.is_null() && unsafe { !(*file).pMethods.is_null() })
+        .then_some(file)
+}
+
+/// How an append's transaction failed to be durable.
+enum NotDurable {
+    /// Rolled back: nothing of it was written.
+    RolledBack(JournalError),
+    /// Committed, but the WAL's sync after it failed: written, not known to
+    /// be on disk.
+    Unsynced(JournalError),
+}
+
+impl From<NotDurable> for JournalError {
+    fn from(e: NotDurable) -> JournalError {
+        match e {
+            NotDurable::RolledBack(e) | NotDurable::Unsynced(e) => e,
+        }
+    }
 }
 
 /// A write transaction begun and committed by cached statements. rusqlite's
@@ -1804,21 +1819,10 @@ mod tests {
 
         /// The WAL of `conn`'s main database, which must be open.
         pub fn count_wal_syncs(conn: &rusqlite::Connection) {
-            let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+            let file = super::super::wal_file(conn).expect("the WAL is open");
             // SAFETY: as in `Journal::sync_wal`; the test's one thread uses
             // the connection, and the leaked table outlives the file.
             unsafe {
-                let rc = ffi::sqlite3_file_control(
-                    conn.handle(),
-                    c"main".as_ptr(),
-                    ffi::SQLITE_FCNTL_JOURNAL_POINTER,
-                    (&raw mut file).cast(),
-                );
-                assert_eq!(rc, ffi::SQLITE_OK);
-                assert!(
-                    !file.is_null() && !(*file).pMethods.is_null(),
-                    "the WAL is open"
-                );
                 let mut table = *(*file).pMethods;
                 let _ = ORIGINAL.set(table.xSync.expect("every VFS file syncs"));
                 table.xSync = Some(counted);
