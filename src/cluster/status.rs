@@ -17,12 +17,17 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_nats::jetstream::{self, context::GetStreamErrorKind, kv, ErrorCode};
+use async_nats::jetstream::{
+    self, context::GetStreamErrorKind, stream::LastRawMessageErrorKind, ErrorCode,
+};
 use futures_util::StreamExt;
 use serde::Serialize;
 
 use super::{connect_client, lease, log, ClusterError};
 use crate::settings::ClusterSettings;
+
+/// The header in which a KV bucket's delete and purge markers say so.
+const KV_OPERATION: &str = "KV-Operation";
 
 /// How long the system account's meta-group request may wait: it answers at
 /// once or, from any other account, not at all.
@@ -257,19 +262,20 @@ fn meta_from_jsz(body: &serde_json::Value) -> Option<(Option<String>, Vec<Peer>)
     Some((leader, peers))
 }
 
-/// The stream's info, or `None` if JetStream says it does not exist.
+/// The stream and its info, or `None` if JetStream says it does not exist.
 async fn stream_info(
     js: &jetstream::Context,
     name: &str,
-) -> Result<Option<jetstream::stream::Info>, ClusterError> {
+) -> Result<Option<(jetstream::stream::Stream, jetstream::stream::Info)>, ClusterError> {
     match js.get_stream(name).await {
-        Ok(mut stream) => Ok(Some(
-            stream
+        Ok(mut stream) => {
+            let info = stream
                 .info()
                 .await
                 .map_err(|e| ClusterError::engine(format!("reading stream {name}"), e))?
-                .clone(),
-        )),
+                .clone();
+            Ok(Some((stream, info)))
+        }
         Err(e) => match e.kind() {
             GetStreamErrorKind::JetStream(js) if js.error_code() == ErrorCode::STREAM_NOT_FOUND => {
                 Ok(None)
@@ -329,7 +335,7 @@ fn merge_groups(groups: &[&[Peer]]) -> Vec<Peer> {
 
 async fn stream_status(js: &jetstream::Context, bot_id: u64) -> Result<StreamStatus, ClusterError> {
     let name = log::stream_name(bot_id);
-    let Some(info) = stream_info(js, &name).await? else {
+    let Some((_, info)) = stream_info(js, &name).await? else {
         return Ok(StreamStatus {
             name,
             exists: false,
@@ -378,43 +384,59 @@ async fn lease_bucket(
         replicas: None,
         leases: Vec::new(),
     };
-    let Some(info) = stream_info(js, &format!("KV_{name}")).await? else {
+    let Some((stream, info)) = stream_info(js, &format!("KV_{name}")).await? else {
         return Ok((bucket, Vec::new()));
     };
     bucket.exists = true;
     bucket.stored_ttl_ms = Some(info.config.max_age.as_millis() as u64);
     bucket.replicas = Some(info.config.num_replicas);
-    let store = js
-        .get_key_value(&name)
+    // Listed and read through the stream's leader (its info and its
+    // message get), not the bucket's direct get: that is served by the
+    // nearest replica, which can lag a lease taken a moment ago, and a
+    // status that shows a held lease as free sends an operator looking
+    // for a fault that is not there.
+    let prefix = format!("$KV.{name}.");
+    let what = || format!("listing bucket {name}");
+    let mut subjects = stream
+        .info_with_subjects(format!("{prefix}>"))
         .await
-        .map_err(|e| ClusterError::engine(format!("opening bucket {name}"), e))?;
-    let mut keys = store
-        .keys()
-        .await
-        .map_err(|e| ClusterError::engine(format!("listing bucket {name}"), e))?;
-    let mut names = Vec::new();
-    while let Some(key) = keys.next().await {
-        names.push(key.map_err(|e| ClusterError::engine(format!("listing bucket {name}"), e))?);
+        .map_err(|e| ClusterError::engine(what(), e))?;
+    let mut keys = Vec::new();
+    while let Some(subject) = subjects.next().await {
+        let (subject, _count) = subject.map_err(|e| ClusterError::engine(what(), e))?;
+        if let Some(key) = subject.strip_prefix(&prefix) {
+            keys.push(key.to_string());
+        }
     }
-    names.sort();
+    keys.sort();
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i128);
-    for key in names {
-        let entry = store
-            .entry(key.as_str())
+    for key in keys {
+        let last = match stream
+            .get_last_raw_message_by_subject(&format!("{prefix}{key}"))
             .await
-            .map_err(|e| ClusterError::engine(format!("reading lease {key}"), e))?;
-        // Released or expired between the listing and the read.
-        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-            continue;
+        {
+            Ok(message) => message,
+            // Expired between the listing and the read.
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
+            Err(e) => return Err(ClusterError::engine(format!("reading lease {key}"), e)),
         };
-        let created_ms = entry.created.unix_timestamp_nanos() / 1_000_000;
+        // A release writes a delete marker, which stays the key's last
+        // revision until the entry ages out.
+        if last
+            .headers
+            .get(KV_OPERATION)
+            .is_some_and(|op| op.as_str() != "PUT")
+        {
+            continue;
+        }
+        let created_ms = last.time.unix_timestamp_nanos() / 1_000_000;
         let age_ms = (now_ms - created_ms).max(0) as u64;
         bucket.leases.push(LeaseStatus {
-            holder: lease::holder_of(&entry.value),
+            holder: lease::holder_of(&last.payload),
             key,
-            revision: entry.revision,
+            revision: last.sequence,
             age_ms,
             expired: age_ms >= bucket.ttl_ms,
         });
