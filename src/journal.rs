@@ -117,19 +117,22 @@
 //! the actor thread sent them, which is what puts an update's append before
 //! every record about it (rule 1). Nothing on an update's way to its reply
 //! waits for that thread; only the offset (rule 1) and a chat's next call
-//! (rule 5) do.
+//! (rule 5) do. Checkpoints, which copy the WAL into the database and sync
+//! both, run on a second connection and thread of their own
+//! (`Checkpointer`), so that a commit seldom runs one.
 
+use std::cell::Cell;
 use std::fs::{self, DirBuilder};
 use std::io::{ErrorKind, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix::prelude::*;
 use foldhash::{HashMap, HashSet};
 use rusqlite::config::DbConfig;
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use serde_json::{Map, Value};
 
 use crate::ops::metrics::metrics;
@@ -203,6 +206,10 @@ pub const SEEN_FOR: Duration = Duration::from_secs(25 * 3600);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 pub struct Journal {
+    /// Checkpoints the WAL off this thread; `None` without WAL, or if its
+    /// connection could not open (SQLite's own checkpoints then go on).
+    /// First, so that it is dropped, and its connection closed, first.
+    checkpointer: Option<Checkpointer>,
     conn: Connection,
     path: PathBuf,
     /// Appends wait for the disk (`journal.fsync`, on by default).
@@ -250,11 +257,13 @@ impl Journal {
         .map_err(|e| sqlite_err(&path, e))?;
         // The first journal opened is the daemon's; tests may open more.
         let _ = metrics().journal_path.set(path.clone());
+        let wal = mode.eq_ignore_ascii_case("wal");
         Ok(Journal {
+            checkpointer: wal.then(|| Checkpointer::start(&path)).flatten(),
             conn,
             path,
             fsync: true,
-            wal: mode.eq_ignore_ascii_case("wal"),
+            wal,
             unsynced_fresh: HashSet::default(),
             handled_early: HashSet::default(),
             pruned_at: 0,
@@ -284,7 +293,9 @@ impl Journal {
     fn durably<T>(&self, f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>) -> Result<T, NotDurable> {
         let rolled_back = |e| NotDurable::RolledBack(self.err(e));
         if !self.fsync {
-            return Tx::run(&self.conn, f).map_err(rolled_back);
+            let result = Tx::run(&self.conn, f).map_err(rolled_back);
+            self.committed();
+            return result;
         }
         if !self.wal {
             // The rollback journal's commit syncs what `FULL` asks it to.
@@ -296,6 +307,7 @@ impl Journal {
             return result;
         }
         let result = Tx::run(&self.conn, f).map_err(rolled_back)?;
+        self.committed();
         // A failed sync fails the append, which is retried whole: its own
         // sync covers this commit too, and `settle` gives back what this one
         // stored new.
@@ -538,7 +550,17 @@ impl Journal {
         &mut self,
         f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
-        Tx::run(&self.conn, f).map_err(|e| self.err(e))
+        let result = Tx::run(&self.conn, f).map_err(|e| self.err(e));
+        self.committed();
+        result
+    }
+
+    /// After a write transaction, committed or not: wakes the checkpointer
+    /// every [`CHECKPOINT_EVERY`] of them.
+    fn committed(&self) {
+        if let Some(c) = &self.checkpointer {
+            c.committed();
+        }
     }
 
     /// Stores `calls` in the outbox, marks `sent` calls (rule 6) and forgets
@@ -823,6 +845,109 @@ fn set_meta(conn: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
     )?
     .execute(params![key, value])
     .map(drop)
+}
+
+/// Write transactions between two of the checkpointer's checkpoints: about
+/// 75 WAL frames, at the journal's one to two per transaction. A frame
+/// added to the WAL walks past the earlier frames of its page in the WAL
+/// index (`walIndexAppend`), and the journal writes its few pages again and
+/// again, so a WAL that starts over sooner is cheaper to append to; each
+/// checkpoint costs two syncs, on the checkpointer's thread.
+const CHECKPOINT_EVERY: u32 = 64;
+
+/// A second connection, on a thread of its own, that runs passive
+/// checkpoints, so that the journal's thread, which the next poll waits for
+/// (rule 1), seldom copies the WAL into the database and syncs both, as
+/// SQLite's automatic checkpoint does inside the commit that takes the WAL
+/// past 1,000 frames. That one stays on: a passive checkpoint never waits
+/// for the writer, and while appends come back to back (a burst) the WAL
+/// cannot start over behind them, so SQLite's own is what bounds it then.
+struct Checkpointer {
+    /// Dropped to end the thread.
+    wake: Option<mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    writes: Cell<u32>,
+}
+
+impl Checkpointer {
+    /// `None`, with one log line, if its connection or thread cannot start.
+    fn start(path: &Path) -> Option<Checkpointer> {
+        let started = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|conn| {
+            conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+            Ok(conn)
+        })
+        .map_err(|e| sqlite_err(path, e).to_string())
+        .and_then(|conn| {
+            let (wake, woken) = mpsc::sync_channel(1);
+            std::thread::Builder::new()
+                .name("journal-checkpoints".into())
+                .spawn(move || checkpoint_when_woken(&conn, &woken))
+                .map(|thread| (wake, thread))
+                .map_err(|e| format!("starting its thread: {e}"))
+        });
+        match started {
+            Ok((wake, thread)) => Some(Checkpointer {
+                wake: Some(wake),
+                thread: Some(thread),
+                writes: Cell::new(0),
+            }),
+            Err(e) => {
+                log::warn!(
+                    "journal: no checkpoint thread ({e}); SQLite checkpoints inside commits instead"
+                );
+                None
+            }
+        }
+    }
+
+    fn committed(&self) {
+        let writes = self.writes.get().wrapping_add(1);
+        self.writes.set(writes);
+        if writes % CHECKPOINT_EVERY == 0 {
+            if let Some(wake) = &self.wake {
+                // Full: a wake-up is pending already, which covers this one.
+                let _ = wake.try_send(());
+            }
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    /// Waits for the thread, so that its connection is closed before the
+    /// journal's: the last connection to close checkpoints the whole WAL
+    /// and removes it, which must be done by the time `Journal::open` may
+    /// look at the files again.
+    fn drop(&mut self) {
+        drop(self.wake.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn checkpoint_when_woken(conn: &Connection, woken: &mpsc::Receiver<()>) {
+    let mut failing = false;
+    while woken.recv().is_ok() {
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+            Ok(_) if failing => {
+                failing = false;
+                log::info!("journal: checkpoints on their own thread work again");
+            }
+            Ok(_) => {}
+            // Once until one works: it may fail at every wake-up.
+            Err(e) if !failing => {
+                failing = true;
+                log::warn!(
+                    "journal: a checkpoint on its own thread failed ({e}); SQLite's own, inside commits, go on"
+                );
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// The `sqlite3_file` SQLite has open for `conn`'s WAL (its documented
@@ -1852,6 +1977,36 @@ mod tests {
         j.append(&batch(&[4]), None).unwrap();
         assert_eq!(syncs(), 2, "journal.fsync = false: it does not wait");
         assert_eq!(j.len().unwrap(), 3);
+    }
+
+    /// One update at a time, as a bot that gets one per poll: the WAL starts
+    /// over behind the checkpointer's checkpoints, long before the 1,000
+    /// frames at which SQLite would checkpoint inside a commit, on the
+    /// journal's thread.
+    #[test]
+    fn the_wal_starts_over_by_checkpoints_off_the_journal_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), "j").unwrap();
+        j.set_fsync(false).unwrap();
+        let wal = dir.path().join("j.sqlite3-wal");
+        // Three frames each: past the 1,000 of SQLite's own checkpoint.
+        const UPDATES: i64 = 500;
+        for id in 1..=UPDATES {
+            j.append(&batch(&[id]), None).unwrap();
+            j.record(&[], &[id], &[]).unwrap();
+            // The pause between two polls, in which a checkpoint, which
+            // syncs the database, can end.
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        assert_eq!(j.len().unwrap(), 0);
+        // Its size is the most frames it ever held: it is written over
+        // from the start, not shortened, when it starts over.
+        let frames = fs::metadata(&wal).unwrap().len() / (4096 + 24);
+        eprintln!("WAL high-water: {frames} frames");
+        assert!(
+            frames < 1_000,
+            "{UPDATES} updates left a WAL of {frames} frames: it never started over before SQLite's own checkpoint"
+        );
     }
 
     #[test]
