@@ -292,26 +292,22 @@ impl Journal {
     /// the daemon does for an update that comes alone.
     fn durably<T>(&self, f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>) -> Result<T, NotDurable> {
         let rolled_back = |e| NotDurable::RolledBack(self.err(e));
-        if !self.fsync {
-            let result = Tx::run(&self.conn, f).map_err(rolled_back);
-            self.committed();
-            return result;
-        }
-        if !self.wal {
+        if self.fsync && !self.wal {
             // The rollback journal's commit syncs what `FULL` asks it to.
             let sync = |pragma: &str| self.conn.execute_batch(pragma).map_err(rolled_back);
             sync("PRAGMA synchronous = FULL")?;
-            let result = Tx::run(&self.conn, f).map_err(rolled_back);
+            let result = self.write(f).map_err(rolled_back);
             // Even after a failed write: records must not wait for the disk.
             sync("PRAGMA synchronous = NORMAL")?;
             return result;
         }
-        let result = Tx::run(&self.conn, f).map_err(rolled_back)?;
-        self.committed();
-        // A failed sync fails the append, which is retried whole: its own
-        // sync covers this commit too, and `settle` gives back what this one
-        // stored new.
-        self.sync_wal().map_err(NotDurable::Unsynced)?;
+        let result = self.write(f).map_err(rolled_back)?;
+        if self.fsync {
+            // A failed sync fails the append, which is retried whole: its
+            // own sync covers this commit too, and `settle` gives back what
+            // this one stored new.
+            self.sync_wal().map_err(NotDurable::Unsynced)?;
+        }
         Ok(result)
     }
 
@@ -550,17 +546,17 @@ impl Journal {
         &mut self,
         f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, JournalError> {
-        let result = Tx::run(&self.conn, f).map_err(|e| self.err(e));
-        self.committed();
-        result
+        self.write(f).map_err(|e| self.err(e))
     }
 
-    /// After a write transaction, committed or not: wakes the checkpointer
-    /// every [`CHECKPOINT_EVERY`] of them.
-    fn committed(&self) {
+    /// Every write transaction of the journal: runs `f` in one, and counts
+    /// it, committed or not, for the checkpointer.
+    fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+        let result = Tx::run(&self.conn, f);
         if let Some(c) = &self.checkpointer {
-            c.committed();
+            c.wrote();
         }
+        result
     }
 
     /// Stores `calls` in the outbox, marks `sent` calls (rule 6) and forgets
@@ -849,11 +845,11 @@ fn set_meta(conn: &Connection, key: &str, value: i64) -> rusqlite::Result<()> {
 
 /// Write transactions between two of the checkpointer's checkpoints: about
 /// 96 WAL frames, at the 1.5 per transaction the journal writes when each
-/// update comes alone. A frame
-/// added to the WAL walks past the earlier frames of its page in the WAL
-/// index (`walIndexAppend`), and the journal writes its few pages again and
-/// again, so a WAL that starts over sooner is cheaper to append to; each
-/// checkpoint costs two syncs, on the checkpointer's thread.
+/// update comes alone. A frame added to the WAL walks past the earlier
+/// frames of its page in the WAL index (`walIndexAppend`), and the journal
+/// writes its few pages again and again, so a WAL that starts over sooner
+/// is cheaper to append to; each checkpoint costs two syncs, on the
+/// checkpointer's thread.
 const CHECKPOINT_EVERY: u32 = 64;
 
 /// A second connection, on a thread of its own, that runs passive
@@ -905,7 +901,7 @@ impl Checkpointer {
         }
     }
 
-    fn committed(&self) {
+    fn wrote(&self) {
         let writes = self.writes.get().wrapping_add(1);
         self.writes.set(writes);
         if writes % CHECKPOINT_EVERY == 0 {

@@ -652,9 +652,10 @@ async fn cluster_status_shows_a_lease_taken_while_a_replica_lagged() {
     drop(leases(&nats, "node-a").await);
     const ROUNDS: usize = 12;
     const FILLER: usize = 2000;
+    let bucket_name = cluster::lease::bucket_name(BOT);
     let mut stale = Vec::new();
     for round in 0..ROUNDS {
-        let bucket = stream_info(&nats.url(0), "KV_asgigram_leases_4242").await;
+        let bucket = stream_info(&nats.url(0), &format!("KV_{bucket_name}")).await;
         let leader = bucket
             .cluster
             .and_then(|c| c.leader)
@@ -676,11 +677,11 @@ async fn cluster_status_shows_a_lease_taken_while_a_replica_lagged() {
                 .await
                 .expect("connects"),
         );
-        let acks = futures_util::future::join_all((0..FILLER).map(|i| {
-            let filler = filler.clone();
+        futures_util::future::join_all((0..FILLER).map(|i| {
+            let (filler, bucket_name) = (filler.clone(), &bucket_name);
             async move {
                 filler
-                    .publish(format!("$KV.asgigram_leases_4242.filler-{i}"), Bytes::new())
+                    .publish(format!("$KV.{bucket_name}.filler-{i}"), Bytes::new())
                     .await
                     .expect("published")
                     .await
@@ -688,7 +689,6 @@ async fn cluster_status_shows_a_lease_taken_while_a_replica_lagged() {
             }
         }))
         .await;
-        assert_eq!(acks.len(), FILLER);
         let key = format!("probe-{round}");
         let lease = holder
             .try_acquire(&key)
