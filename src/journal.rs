@@ -226,11 +226,11 @@ pub struct Journal {
     handled_early: HashSet<i64>,
     /// When `seen` was last pruned (rule 11), in seconds since the epoch.
     pruned_at: u64,
-    /// `meta`'s watermark as the last committed write left it. This
-    /// connection is the journal's one writer (the checkpointer only
-    /// copies pages), so reading it back inside every append, a statement
-    /// of its own, told nothing new: 4,400 instructions per update when
-    /// each comes alone.
+    /// `meta`'s watermark as the last committed write left it. Only this
+    /// connection writes it (the checkpointer copies pages; an operator's
+    /// sqlite3 or a backup only holds locks), so reading it back inside
+    /// every append, a statement of its own, told nothing new: 4,400
+    /// instructions per update when each comes alone.
     watermark: Option<i64>,
     /// Updates that may have rows in `outbox`: causes of rows written since
     /// `open`, and of those it found. A handled update outside it has
@@ -390,13 +390,13 @@ impl Journal {
     }
 
     /// The highest update_id ever stored, if any.
-    pub fn watermark(&self) -> Result<Option<i64>, JournalError> {
-        Ok(self.watermark)
+    pub fn watermark(&self) -> Option<i64> {
+        self.watermark
     }
 
     /// Keeps `watermark` as a write that may have moved it to `to` left
     /// it: moved if it committed, synced or not.
-    fn moved_watermark<T>(&mut self, written: &Result<T, NotDurable>, to: Option<i64>) {
+    fn moved_watermark(&mut self, written: &Result<(), NotDurable>, to: Option<i64>) {
         if !matches!(written, Err(NotDurable::RolledBack(_))) {
             self.watermark = to;
         }
@@ -691,7 +691,7 @@ impl Journal {
         if !missing.is_empty() {
             // Above the watermark (below the lowest pushed id, rule 10): its
             // store has not been written yet.
-            let watermark = self.watermark()?;
+            let watermark = self.watermark;
             let pushed = self.pushed_through()?;
             self.handled_early.extend(missing.into_iter().filter(|id| {
                 if *id < 0 {
@@ -1054,7 +1054,7 @@ impl Tx<'_> {
     ) -> rusqlite::Result<T> {
         // IMMEDIATE: the write lock is taken here, where SQLite waits for
         // another writer (busy_timeout). A deferred transaction that reads
-        // first (the watermark) and writes after gets SQLITE_BUSY at once
+        // first and writes after gets SQLITE_BUSY at once
         // when another connection holds the lock: SQLite never waits to
         // turn a read into a write.
         conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
@@ -1652,14 +1652,14 @@ mod tests {
                 vec![9, 7]
             );
             assert_eq!(j.append_webhook_at(&batch(&[8, 7]), day).unwrap(), vec![8]);
-            assert_eq!(j.watermark().unwrap(), Some(9));
+            assert_eq!(j.watermark(), Some(9));
             // Handled ones are still recognised when Telegram sends them again.
             j.record(&[], &[7, 8], &[]).unwrap();
             assert_eq!(
                 j.append_webhook_at(&batch(&[7, 8, 6]), day).unwrap(),
                 vec![6]
             );
-            assert_eq!(j.watermark().unwrap(), Some(9), "a lower id keeps the mark");
+            assert_eq!(j.watermark(), Some(9), "a lower id keeps the mark");
         }
         let mut j = Journal::open(dir.path(), "j").unwrap();
         let ids: Vec<i64> = j.pending().unwrap().iter().map(|(id, _)| *id).collect();
@@ -1688,7 +1688,7 @@ mod tests {
         let j = Journal::open(dir.path(), "j").unwrap();
         let pending: Vec<i64> = j.pending().unwrap().into_iter().map(|(i, _)| i).collect();
         assert_eq!(pending, vec![1, 3]);
-        assert_eq!(j.watermark().unwrap(), Some(3));
+        assert_eq!(j.watermark(), Some(3));
     }
 
     #[test]
@@ -1715,7 +1715,7 @@ mod tests {
         j.append(&batch(&[500, 501]), None).unwrap();
         // A week of silence later Telegram picks new, lower ids.
         assert_eq!(j.append(&batch(&[7, 8]), Some(502)).unwrap(), vec![7, 8]);
-        assert_eq!(j.watermark().unwrap(), Some(8));
+        assert_eq!(j.watermark(), Some(8));
         // And resends of those are recognised again.
         assert_eq!(j.append(&batch(&[8, 9]), Some(8)).unwrap(), vec![9]);
     }
@@ -2014,16 +2014,16 @@ mod tests {
         let on_disk = |j: &Journal| meta(&j.conn, "watermark").unwrap();
         {
             let mut j = Journal::open(dir.path(), "j").unwrap();
-            assert_eq!(j.watermark().unwrap(), None);
+            assert_eq!(j.watermark(), None);
             j.append(&batch(&[5, 7]), None).unwrap();
             j.append_webhook(&batch(&[9])).unwrap();
-            assert_eq!((j.watermark().unwrap(), on_disk(&j)), (Some(9), Some(9)));
+            assert_eq!((j.watermark(), on_disk(&j)), (Some(9), Some(9)));
             // Committed, not synced: moved all the same.
             let _turn = sync_counter::TURN.lock().unwrap_or_else(|e| e.into_inner());
             sync_counter::count_wal_syncs(&j.conn);
             sync_counter::FAILING.store(1, Ordering::SeqCst);
             assert!(j.append(&batch(&[11]), None).is_err());
-            assert_eq!((j.watermark().unwrap(), on_disk(&j)), (Some(11), Some(11)));
+            assert_eq!((j.watermark(), on_disk(&j)), (Some(11), Some(11)));
             // Rolled back: not moved.
             j.conn
                 .execute_batch(
@@ -2033,10 +2033,10 @@ mod tests {
                 .unwrap();
             assert!(j.append(&batch(&[12]), None).is_err());
             assert!(j.append_webhook(&batch(&[13])).is_err());
-            assert_eq!((j.watermark().unwrap(), on_disk(&j)), (Some(11), Some(11)));
+            assert_eq!((j.watermark(), on_disk(&j)), (Some(11), Some(11)));
         }
         let j = Journal::open(dir.path(), "j").unwrap();
-        assert_eq!(j.watermark().unwrap(), Some(11), "read back at open");
+        assert_eq!(j.watermark(), Some(11), "read back at open");
     }
 
     /// Counts the syncs of one SQLite file, by giving it a copy of its method
@@ -2214,8 +2214,8 @@ mod tests {
         let mut j = Journal::open(dir.path(), "j").unwrap();
         j.append(&batch(&[1]), None).unwrap();
         // Another connection (an operator's sqlite3, a backup) holds the
-        // write lock for a moment; the append reads the watermark before
-        // it writes, and must wait for the lock, not fail at once.
+        // write lock for a moment; the append must wait for the lock, not
+        // fail at once.
         let mut other = Connection::open(&j.path).unwrap();
         let (locked, release) = std::sync::mpsc::channel();
         let holder = std::thread::spawn(move || {
@@ -2285,7 +2285,7 @@ mod tests {
         // Update 2's append failed; it was handled meanwhile.
         j.record(&[], &[1, 2], &[]).unwrap();
         assert_eq!(j.append(&batch(&[2, 3]), Some(2)).unwrap(), vec![3]);
-        assert_eq!(j.watermark().unwrap(), Some(3));
+        assert_eq!(j.watermark(), Some(3));
         let pending: Vec<i64> = j.pending().unwrap().into_iter().map(|(i, _)| i).collect();
         assert_eq!(
             pending,
@@ -2321,7 +2321,7 @@ mod tests {
                 .unwrap();
             j.append(&batch(&[12]), Some(12)).unwrap();
             j.store_pushed(&[pushed(-4, Some(10))]).unwrap();
-            assert_eq!(j.watermark().unwrap(), Some(12), "rule 2 is Telegram's");
+            assert_eq!(j.watermark(), Some(12), "rule 2 is Telegram's");
             assert_eq!(j.next_pushed_id().unwrap(), -5);
         }
         let mut j = Journal::open(dir.path(), "j").unwrap();

@@ -241,7 +241,7 @@ fn start_journal(settings: &Settings) -> Result<(Addr<JournalActor>, Recovery), 
         journal.set_fsync(false).map_err(fail)?;
     }
     let outbox = journal.recover().map_err(fail)?;
-    let watermark = journal.watermark().map_err(fail)?;
+    let watermark = journal.watermark();
     let next_pushed = journal.next_pushed_id().map_err(fail)?;
     let webhook_seen = journal.webhook_seen().map_err(fail)?;
     let polled = journal.polled().map_err(fail)?;
