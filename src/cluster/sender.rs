@@ -114,6 +114,16 @@ const MAX_IN_HAND: i64 = 1024;
 /// calls at 30 a second is 35 s), so that within one holder's tenure
 /// nothing is delivered twice; a successor does not wait for it (step 2).
 const ACK_WAIT: Duration = Duration::from_secs(600);
+/// How long after a first pull that found no responders a new one is sent:
+/// a consumer just created is known to the meta group before the server
+/// this node is connected to routes its pull subject (seen once in CI, a few
+/// milliseconds after the takeover). The pull stream itself would not ask
+/// again until its request expires (30 s in async-nats 0.46), so the holder
+/// opens a new stream. Only while the stream has delivered nothing: a later
+/// pull's failure may leave messages of an earlier one on their way to its
+/// inbox, and dropping the stream would leave them unacknowledged until
+/// [`ACK_WAIT`].
+const REPULL_PAUSE: Duration = Duration::from_millis(100);
 /// Backoff of retried failures, as the single node's Sender's.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
 /// Writes to the answers bucket tried before the holder gives up its tenure
@@ -393,6 +403,8 @@ impl<E: Executor + 'static> ElectedSender<E> {
         let mut in_flight = FuturesUnordered::new();
         let mut stopping = false;
         let mut stream_pending = 0u64;
+        let mut repull_at: Option<tokio::time::Instant> = None;
+        let mut delivered = false;
         loop {
             let now = Instant::now();
             if now >= fence.get() {
@@ -464,6 +476,7 @@ impl<E: Executor + 'static> ElectedSender<E> {
                     stopping = true;
                     *stopped = true;
                     messages = None;
+                    repull_at = None;
                 }
                 () = tokio::time::sleep_until(fence_at) => return Tenure::Fenced,
                 () = tokio::time::sleep_until(renew_at), if renewal.is_none() => {
@@ -528,6 +541,7 @@ impl<E: Executor + 'static> ElectedSender<E> {
                             if let Ok(info) = message.info() {
                                 stream_pending = info.pending;
                             }
+                            delivered = true;
                             lanes.take(message, Instant::now());
                         }
                         // Deleted: a successor took over, so this lease
@@ -535,11 +549,26 @@ impl<E: Executor + 'static> ElectedSender<E> {
                         Some(Err(e)) if e.kind() == consumer::pull::MessagesErrorKind::ConsumerDeleted => {
                             return Tenure::Fenced;
                         }
+                        Some(Err(e)) if !delivered && e.kind() == consumer::pull::MessagesErrorKind::NoResponders => {
+                            ::log::warn!("calls stream: no responders; pulling again in {} ms", REPULL_PAUSE.as_millis());
+                            messages = None;
+                            repull_at = Some(tokio::time::Instant::now() + REPULL_PAUSE);
+                        }
                         // A missed heartbeat or a failed pull: the stream
                         // pulls again on its own.
                         Some(Err(e)) => ::log::warn!("calls stream: {e}; pulling again"),
                         None => {
                             return Tenure::Failed(lease, ClusterError::engine("pulling from the calls stream", "the consumer's stream ended (deleted by a successor?)"));
+                        }
+                    }
+                }
+                () = sleep_until_some(repull_at) => {
+                    repull_at = None;
+                    match consumer.messages().await {
+                        Ok(m) => messages = Some(m),
+                        Err(e) => {
+                            ::log::warn!("calls stream: {e}; pulling again in {} ms", REPULL_PAUSE.as_millis());
+                            repull_at = Some(tokio::time::Instant::now() + REPULL_PAUSE);
                         }
                     }
                 }
