@@ -133,9 +133,10 @@ use actix::prelude::*;
 use foldhash::{HashMap, HashSet};
 use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::ops::metrics::metrics;
+use crate::telegram::Params;
 
 /// Why the journal failed. Every variant is fatal to the operation; the
 /// daemon cannot promise delivery without its journal.
@@ -723,7 +724,7 @@ impl Journal {
                 while let Some(row) = rows.next()? {
                     let id: i64 = row.get(0)?;
                     let params: String = row.get(4)?;
-                    let Ok(params) = serde_json::from_str(&params) else {
+                    let Ok(params) = Params::from_json(&params) else {
                         log::error!("journal: outbox call {id} cannot be read back; skipped");
                         continue;
                     };
@@ -833,7 +834,7 @@ pub struct StoredCall {
     pub cause: Option<i64>,
     pub ordinal: u32,
     pub method: String,
-    pub params: Map<String, Value>,
+    pub params: Params,
 }
 
 /// A call of a not yet handled update that Telegram answered: delivering
@@ -1611,6 +1612,7 @@ impl Handler<StorePushed> for JournalActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Map;
 
     fn batch(ids: &[i64]) -> Vec<(i64, String)> {
         ids.iter()
@@ -1810,7 +1812,7 @@ mod tests {
             .map(|c| (c.id, c.cause, c.ordinal))
             .collect();
         assert_eq!(resend, vec![(2, Some(1), 1), (3, None, 0)]);
-        assert_eq!(r.resend[0].params, *params);
+        assert_eq!(r.resend[0].params, Params::from_map(params));
         assert!(r.answered.is_empty());
         // Once sent, calls with a handled cause (or none) leave at once.
         j.record(&[], &[], &[sent(2), sent(3)]).unwrap();

@@ -7,10 +7,11 @@
 //! it is the Sender's own business and does not travel with it.
 
 use actix::prelude::*;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::actors::worker::Worker;
 use crate::bridge::Sid;
+use crate::telegram::Params;
 
 /// Which update's handling made a call, and how many calls that handling
 /// had made before it: a repeat of the call after the update is delivered
@@ -35,7 +36,7 @@ pub struct ReplyTo {
 #[rtype(result = "()")]
 pub struct Call {
     pub method: String,
-    pub params: Map<String, Value>,
+    pub params: Params,
     pub reply: Option<ReplyTo>,
     /// `None` when the app had no update in hand (lifespan, a background
     /// task): nothing would bring the call back after a crash.
@@ -54,7 +55,7 @@ pub struct Call {
 }
 
 impl Call {
-    pub fn new(method: String, params: Map<String, Value>, reply: Option<ReplyTo>) -> Call {
+    pub fn new(method: String, params: Params, reply: Option<ReplyTo>) -> Call {
         Call {
             method,
             params,
@@ -91,7 +92,21 @@ impl Call {
     /// The chat this call goes to, as Telegram would see it: the Sender
     /// keeps one order per chat.
     pub fn chat(&self) -> Option<String> {
-        chat_of(self.params.get("chat_id")?)
+        chat_of_json(self.params.get("chat_id")?)
+    }
+}
+
+/// [`chat_of`] for a value's JSON text.
+pub fn chat_of_json(chat_id: &str) -> Option<String> {
+    if chat_id.starts_with('"') {
+        serde_json::from_str(chat_id).ok()
+    } else if is_plain_integer(chat_id) {
+        Some(chat_id.to_owned())
+    } else {
+        // As `Value::Number` writes it, which is how it was named before.
+        serde_json::from_str::<serde_json::Number>(chat_id)
+            .ok()
+            .map(|n| n.to_string())
     }
 }
 
@@ -103,6 +118,16 @@ pub fn chat_of(chat_id: &Value) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         _ => None,
     }
+}
+
+/// An integer as `Value::Number` writes one: no leading zeros, no `-0`, and
+/// short enough to be an `i64`.
+fn is_plain_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty()
+        && digits.len() <= 18
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (!digits.starts_with('0') || (digits == "0" && !text.starts_with('-')))
 }
 
 /// The final outcome of a call, after the retries the Sender makes on its
@@ -194,9 +219,9 @@ pub struct CallDone {
 mod tests {
     use super::*;
 
-    fn object(v: Value) -> Map<String, Value> {
+    fn object(v: Value) -> Params {
         match v {
-            Value::Object(m) => m,
+            Value::Object(m) => Params::from_map(&m),
             _ => unreachable!("tests pass JSON objects"),
         }
     }
@@ -289,6 +314,32 @@ mod tests {
             Some("@channel")
         );
         assert_eq!(call(json!({"chat_id": [1]})).chat(), None);
+        assert_eq!(call(json!({"chat_id": null})).chat(), None);
+        let written = |text: &str| {
+            let params = Params::from_json(text).expect("an object");
+            Call::new("sendMessage".into(), params, None).chat()
+        };
+        // Named as a JSON tree names it, however the app wrote the number.
+        assert_eq!(written(r#"{"chat_id": 1e2}"#).as_deref(), Some("100.0"));
+        for id in [
+            "0",
+            "-0",
+            "7",
+            "-1001234567890",
+            "12345678901234567890",
+            "-12.5",
+        ] {
+            let tree = serde_json::from_str::<Value>(id).expect("a JSON number");
+            assert_eq!(
+                written(&format!(r#"{{"chat_id": {id}}}"#)),
+                chat_of(&tree),
+                "{id}"
+            );
+        }
+        assert_eq!(
+            written(r#"{"chat_id": "\u0040ch"}"#).as_deref(),
+            Some("@ch")
+        );
         assert_eq!(call(json!({"callback_query_id": "x"})).chat(), None);
     }
 }

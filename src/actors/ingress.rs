@@ -42,6 +42,7 @@ use crate::actors::supervisor::{Full, Push, Supervisor};
 use crate::backoff::Backoff;
 use crate::journal::{JournalActor, NewPushed, NotStored, StorePushed};
 use crate::push::PushedEvent;
+use crate::telegram::Params;
 
 /// The wait before storing again after a failed store: as the Poller's.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
@@ -137,7 +138,11 @@ impl ApiCalls {
             // No instance asked: calls are told apart by `request_id` alone.
             sid: 0,
         };
-        outbox.do_send(Call::new(msg.method, msg.params, Some(reply)));
+        outbox.do_send(Call::new(
+            msg.method,
+            Params::from_map(&msg.params),
+            Some(reply),
+        ));
         Box::pin(async move { rx.await.map_err(|_| IngressError::Stopping) })
     }
 

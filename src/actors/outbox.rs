@@ -47,7 +47,6 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use foldhash::{HashMap, HashSet};
-use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use crate::actors::call::{Call, CallDone, Cause, Outcome, ReplyTo};
@@ -442,7 +441,7 @@ impl Outbox {
                 cause: call.cause.map(|c| c.update_id),
                 ordinal: call.cause.map_or(0, |c| c.ordinal),
                 method: call.method.clone(),
-                params: encode(&call.params),
+                params: call.params.json().to_owned(),
             });
             self.write_soon(ctx);
             if call.cause.is_none() || !self.held.is_empty() || !self.held_writing.is_empty() {
@@ -479,11 +478,6 @@ impl Outbox {
         }
         None
     }
-}
-
-fn encode(params: &Map<String, Value>) -> String {
-    // A map of `Value`s has string keys and finite numbers: it always encodes.
-    serde_json::to_string(params).unwrap_or_default()
 }
 
 /// Tells a repeat that wanted the outcome what the first call got.

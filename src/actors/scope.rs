@@ -42,15 +42,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
+use serde_json::json;
 use serde_json::value::RawValue;
-use serde_json::{json, Map, Value};
 
 use crate::actors::call::{Call, CallDone, Cause, ReplyTo};
 use crate::actors::outbox::OutboxLink;
 use crate::actors::worker::{Attach, Death, InstanceMsg, Worker, Write};
 use crate::bridge::{Event, Outgoing, OutgoingError, ScopeDict, Sid, ToWorker};
 use crate::routing::{Conversation, ScopeKey};
-use crate::telegram::methods;
+use crate::telegram::{methods, Params};
 
 /// Unique per process, so a frame for an ended instance never reaches its
 /// successor.
@@ -395,18 +395,16 @@ impl ScopeActor {
 
     /// `chat_id` (and a business conversation's `business_connection_id`) default to
     /// the scope's own, for methods that take them.
-    fn fill_defaults(&self, method: &str, params: &mut Map<String, Value>) {
+    fn fill_defaults(&self, method: &str, params: &mut Params) {
         let ScopeKey::Chat { id, conversation } = &self.key else {
             return;
         };
-        if !params.contains_key("chat_id") && takes(methods::CHAT_ID_METHODS, method) {
-            params.insert("chat_id".into(), json!(id));
+        if takes(methods::CHAT_ID_METHODS, method) {
+            params.insert_absent("chat_id", &json!(id));
         }
         if let Conversation::Business(conn) = conversation {
-            if !params.contains_key("business_connection_id")
-                && takes(methods::BUSINESS_METHODS, method)
-            {
-                params.insert("business_connection_id".into(), json!(conn));
+            if takes(methods::BUSINESS_METHODS, method) {
+                params.insert_absent("business_connection_id", &json!(conn));
             }
         }
     }

@@ -143,7 +143,7 @@ impl Queued {
 
     /// Sends the call to chat `to` instead (the chat migrated).
     fn readdress(&mut self, to: &Value) {
-        self.call.params.insert("chat_id".into(), to.clone());
+        self.call.params.set("chat_id", to);
     }
 
     fn chat_for_log(&self) -> String {
@@ -648,21 +648,16 @@ impl Sender {
         let timeout = self.settings.response_timeout;
         let me = ctx.address();
         actix::spawn(async move {
-            let call = &mut queued.call;
-            let params = Value::Object(std::mem::take(&mut call.params));
+            let call = &queued.call;
             // Nobody reads the result of a call whose app did not ask for
             // it (`finish` passes the outcome on only with a reply), and
             // decoding a whole Message per reply was a tenth of the daemon's
             // instructions per update.
             let result = if call.reply.is_some() {
-                bot.call(&call.method, &params, timeout).await
+                bot.call(&call.method, &call.params, timeout).await
             } else {
-                bot.call_unread(&call.method, &params, timeout).await
+                bot.call_unread(&call.method, &call.params, timeout).await
             };
-            let Value::Object(p) = params else {
-                unreachable!("constructed as an object just above")
-            };
-            call.params = p;
             me.do_send(Finished {
                 lane,
                 ticket,
@@ -839,6 +834,7 @@ impl Handler<Finished> for Sender {
 mod tests {
     use super::*;
     use crate::telegram::limits::Limits;
+    use crate::telegram::Params;
     use serde_json::json;
 
     fn settings() -> SenderSettings {
@@ -857,14 +853,15 @@ mod tests {
         let Value::Object(p) = json!({"chat_id": chat, "text": text}) else {
             unreachable!("a JSON object literal")
         };
-        Call::new("sendMessage".into(), p, None)
+        Call::new("sendMessage".into(), Params::from_map(&p), None)
     }
 
     fn text(q: &Queued) -> &str {
+        // The tests' texts are plain: their JSON is the text in quotes.
         q.call
             .params
             .get("text")
-            .and_then(Value::as_str)
+            .map(|t| t.trim_matches('"'))
             .unwrap_or_default()
     }
 
@@ -1017,11 +1014,17 @@ mod tests {
         let Value::Object(p) = json!({"chat_id": 1, "message_id": 1, "text": "edited"}) else {
             unreachable!("a JSON object literal")
         };
-        core.push(Call::new("editMessageText".into(), p, None), t0);
+        core.push(
+            Call::new("editMessageText".into(), Params::from_map(&p), None),
+            t0,
+        );
         let Value::Object(p) = json!({"callback_query_id": "x"}) else {
             unreachable!("a JSON object literal")
         };
-        core.push(Call::new("answerCallbackQuery".into(), p, None), t0);
+        core.push(
+            Call::new("answerCallbackQuery".into(), Params::from_map(&p), None),
+            t0,
+        );
         let log = simulate(&mut core, t0, Duration::from_millis(10));
         let order: Vec<_> = log.iter().map(|(t, _, x)| (x.as_str(), *t - t0)).collect();
         // The callback answer goes at once; the edit waits for "b" (order)
@@ -1145,7 +1148,10 @@ mod tests {
         let Value::Object(p) = json!({"callback_query_id": "x"}) else {
             unreachable!("a JSON object literal")
         };
-        core.push(Call::new("answerCallbackQuery".into(), p, None), t0);
+        core.push(
+            Call::new("answerCallbackQuery".into(), Params::from_map(&p), None),
+            t0,
+        );
         let (starts, _) = core.poll(t0);
         core.answered(None, t0);
         core.done_once_recorded(3, starts[0].lane.clone());
@@ -1166,7 +1172,7 @@ mod tests {
         assert_eq!(cost.map(|c| c.messages), Some(1), "a message");
         q.readdress(&json!(-1005));
         assert_eq!(q.lane().as_deref(), Some("-1005"));
-        assert_eq!(q.call.params["chat_id"], json!(-1005));
+        assert_eq!(q.call.params.value("chat_id"), Some(json!(-1005)));
         assert_eq!((q.seq, q.cost, q.attempts), (42, cost, 0));
     }
 
@@ -1175,12 +1181,18 @@ mod tests {
         let Value::Object(p) = json!({"chat_id": 1, "message_id": 1, "text": "e"}) else {
             unreachable!("a JSON object literal")
         };
-        let edit = Queued::new(Call::new("editMessageText".into(), p, None), 1);
+        let edit = Queued::new(
+            Call::new("editMessageText".into(), Params::from_map(&p), None),
+            1,
+        );
         assert_eq!(edit.cost, None);
         let Value::Object(p) = json!({"chat_id": 1, "media": [{}, {}, {}]}) else {
             unreachable!("a JSON object literal")
         };
-        let album = Queued::new(Call::new("sendMediaGroup".into(), p, None), 2);
+        let album = Queued::new(
+            Call::new("sendMediaGroup".into(), Params::from_map(&p), None),
+            2,
+        );
         assert_eq!(album.cost.map(|c| c.messages), Some(3));
     }
 }

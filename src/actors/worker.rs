@@ -273,7 +273,7 @@ impl Worker {
             FromWorker::Send {
                 sid: LIFESPAN_SID,
                 event,
-            } => self.lifespan_call(Outgoing::parse(event), ctx),
+            } => self.lifespan_call(Outgoing::parse(&event.0), ctx),
             FromWorker::Received { sid, seq } => {
                 self.route(sid, InstanceMsg::Received { sid, seq })
             }
@@ -282,7 +282,7 @@ impl Worker {
                 sid,
                 InstanceMsg::Send {
                     sid,
-                    event: Outgoing::parse(event),
+                    event: Outgoing::parse(&event.0),
                 },
             ),
             FromWorker::Ended {

@@ -22,7 +22,8 @@ use serde_json::{Map, Value};
 
 use crate::routing::{Conversation, ScopeKey};
 use crate::settings::{AppSettings, ENV_PREFIX};
-use crate::telegram::Update;
+use crate::telegram::params;
+use crate::telegram::{Params, Update};
 
 /// Source of the Python bridge, run in every worker process.
 pub const BRIDGE_SOURCE: &str = include_str!("asgigram_bridge.py");
@@ -244,7 +245,7 @@ pub enum FromWorker {
     },
     Send {
         sid: Sid,
-        event: Value,
+        event: AppEvent,
     },
     Ended {
         sid: Sid,
@@ -271,6 +272,9 @@ pub enum ChannelError {
 
 impl FromWorker {
     pub fn decode(frame: &[u8]) -> Result<FromWorker, ChannelError> {
+        if let Some(frame) = FromWorker::decode_template(frame) {
+            return Ok(frame);
+        }
         if let Some(frame) = FromWorker::decode_common(frame) {
             return Ok(frame);
         }
@@ -282,6 +286,20 @@ impl FromWorker {
 }
 
 impl FromWorker {
+    /// `received` and `idle`, two of the three frames that come with every
+    /// update, as the bridge writes them: from fixed templates
+    /// (`asgigram_bridge.py`), so read by the same templates. `None` for
+    /// anything else, which the JSON readers below then take.
+    fn decode_template(frame: &[u8]) -> Option<FromWorker> {
+        if let Some(rest) = frame.strip_prefix(br#"{"op":"received","sid":"#) {
+            let (sid, rest) = leading_integer(rest)?;
+            let (seq, rest) = leading_integer(rest.strip_prefix(br#","seq":"#)?)?;
+            return (rest == b"}").then_some(FromWorker::Received { sid, seq });
+        }
+        let (sid, rest) = leading_integer(frame.strip_prefix(br#"{"op":"idle","sid":"#)?)?;
+        (rest == b"}").then_some(FromWorker::Idle { sid })
+    }
+
     /// The frames that come with every update (`received`, `idle`, `send`),
     /// read field by field in place. The derived decoding of a tagged enum
     /// first copies the whole frame into a buffer of its own, strings and
@@ -308,11 +326,48 @@ impl FromWorker {
             ("idle", _, _) => Some(FromWorker::Idle { sid }),
             ("send", _, Some(event)) => Some(FromWorker::Send {
                 sid,
-                event: serde_json::from_str(event.get()).ok()?,
+                event: AppEvent(event.to_owned()),
             }),
             _ => None,
         }
     }
+}
+
+/// An event an app sent, as the JSON text it came in: [`Outgoing::parse`]
+/// reads the few fields it needs where they are.
+#[derive(Debug)]
+pub struct AppEvent(pub Box<RawValue>);
+
+impl PartialEq for AppEvent {
+    fn eq(&self, other: &AppEvent) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+/// Read as a tree and written back: the derived decoding of [`FromWorker`]
+/// (a frame [`FromWorker::decode_common`] did not take) hands its fields
+/// over from a buffer, which a `RawValue` cannot borrow from.
+impl<'de> Deserialize<'de> for AppEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<AppEvent, D::Error> {
+        let tree = Value::deserialize(d)?;
+        serde_json::value::to_raw_value(&tree)
+            .map(AppEvent)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A JSON integer at the start of `bytes` that fits a `u64`, and the rest.
+fn leading_integer(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    // JSON writes no leading zeros.
+    if digits == 0 || (digits > 1 && bytes[0] == b'0') {
+        return None;
+    }
+    let mut n = 0u64;
+    for &d in &bytes[..digits] {
+        n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+    }
+    Some((n, &bytes[digits..]))
 }
 
 /// What an application instance asked for with `send(event)`, parsed from the
@@ -321,13 +376,13 @@ impl FromWorker {
 pub enum Outgoing {
     /// `telegram.send_message`: the event's other keys are the parameters.
     SendMessage {
-        params: Map<String, Value>,
+        params: Params,
         request_id: Option<Value>,
     },
     /// `telegram.api`: any Bot API method.
     Api {
         method: String,
-        params: Map<String, Value>,
+        params: Params,
         request_id: Option<Value>,
     },
     /// `telegram.download`: getFile, then the file itself, fetched by the
@@ -359,7 +414,60 @@ pub enum OutgoingError {
 }
 
 impl Outgoing {
-    pub fn parse(event: Value) -> Result<Outgoing, OutgoingError> {
+    /// Reads the event's own keys in place; the parameters keep the app's
+    /// text.
+    pub fn parse(event: &RawValue) -> Result<Outgoing, OutgoingError> {
+        let Some(fields) = params::fields_of(event.get()) else {
+            // Keys with escapes or given twice, or not an object at all: as
+            // a JSON reader takes it.
+            return match serde_json::from_str::<Value>(event.get()) {
+                Ok(tree) => Outgoing::parse_tree(tree),
+                Err(_) => Err(OutgoingError::NotAnObject),
+            };
+        };
+        let get = |key: &str| fields.iter().find(|(k, _)| *k == key).map(|(_, v)| v.get());
+        let text = |key: &str| get(key).and_then(json_str);
+        // Taken whatever its value, as `parse_tree` does.
+        let request_id = get("request_id").and_then(|id| serde_json::from_str(id).ok());
+        match text("type").as_deref() {
+            Some("telegram.send_message") => Ok(Outgoing::SendMessage {
+                params: params::params_from(&fields, &["type", "request_id"]),
+                request_id,
+            }),
+            Some("telegram.api") => {
+                let method = match text("method") {
+                    Some(m) if !m.is_empty() => m.into_owned(),
+                    _ => return Err(OutgoingError::NoMethod),
+                };
+                let params = match get("params") {
+                    None | Some("null") => Params::new(),
+                    Some(p) => {
+                        Params::from_json(p).map_err(|_| OutgoingError::ParamsNotAnObject)?
+                    }
+                };
+                Ok(Outgoing::Api {
+                    method,
+                    params,
+                    request_id,
+                })
+            }
+            Some("telegram.download") => {
+                let file_id = match text("file_id") {
+                    Some(id) if !id.is_empty() => id.into_owned(),
+                    _ => return Err(OutgoingError::NoFileId),
+                };
+                let request_id = request_id.ok_or(OutgoingError::DownloadWithoutRequestId)?;
+                Ok(Outgoing::Download {
+                    file_id,
+                    request_id,
+                })
+            }
+            other => Err(OutgoingError::UnknownType(other.map(str::to_owned))),
+        }
+    }
+
+    /// [`Outgoing::parse`] for an event read as a tree.
+    fn parse_tree(event: Value) -> Result<Outgoing, OutgoingError> {
         let Value::Object(mut event) = event else {
             return Err(OutgoingError::NotAnObject);
         };
@@ -369,7 +477,7 @@ impl Outgoing {
         let request_id = event.remove("request_id");
         match kind.as_ref().and_then(Value::as_str) {
             Some("telegram.send_message") => Ok(Outgoing::SendMessage {
-                params: event,
+                params: Params::from_map(&event),
                 request_id,
             }),
             Some("telegram.api") => {
@@ -378,8 +486,8 @@ impl Outgoing {
                     _ => return Err(OutgoingError::NoMethod),
                 };
                 let params = match event.remove("params") {
-                    Some(Value::Object(p)) => p,
-                    None | Some(Value::Null) => Map::new(),
+                    Some(Value::Object(p)) => Params::from_map(&p),
+                    None | Some(Value::Null) => Params::new(),
                     Some(_) => return Err(OutgoingError::ParamsNotAnObject),
                 };
                 Ok(Outgoing::Api {
@@ -406,14 +514,14 @@ impl Outgoing {
     /// The Bot API method, its parameters, and the `request_id` the outcome
     /// goes back with when the app asked for it. A download's call is its
     /// getFile.
-    pub fn into_call(self) -> (String, Map<String, Value>, Option<Value>) {
+    pub fn into_call(self) -> (String, Params, Option<Value>) {
         match self {
             Outgoing::Download {
                 file_id,
                 request_id,
             } => {
-                let mut params = Map::new();
-                params.insert("file_id".into(), Value::String(file_id));
+                let mut params = Params::new();
+                params.insert_absent("file_id", &Value::String(file_id));
                 ("getFile".to_string(), params, Some(request_id))
             }
             Outgoing::SendMessage { params, request_id } => {
@@ -426,6 +534,18 @@ impl Outgoing {
             } => (method, params, request_id),
         }
     }
+}
+
+/// A JSON string's value, borrowed where it has no escapes; `None` for any
+/// other JSON value.
+fn json_str(text: &str) -> Option<std::borrow::Cow<'_, str>> {
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(std::borrow::Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(text)
+        .ok()
+        .map(std::borrow::Cow::Owned)
 }
 
 /// A freshly started worker process and the daemon's end of its channel.
@@ -637,16 +757,132 @@ mod tests {
         );
     }
 
-    fn obj(v: Value) -> Map<String, Value> {
+    fn obj(v: Value) -> Params {
         match v {
-            Value::Object(m) => m,
+            Value::Object(m) => Params::from_map(&m),
             other => panic!("test literal is not an object: {other}"),
         }
     }
 
+    fn parse(event: Value) -> Result<Outgoing, OutgoingError> {
+        let text = serde_json::value::to_raw_value(&event).expect("a JSON tree serializes");
+        Outgoing::parse(&text)
+    }
+
+    #[test]
+    fn the_templated_frames_read_as_the_json_reader_reads_them() {
+        let frames: &[&[u8]] = &[
+            br#"{"op":"received","sid":1,"seq":2}"#,
+            br#"{"op":"received","sid":0,"seq":18446744073709551615}"#,
+            br#"{"op":"idle","sid":42}"#,
+            // Near misses: the JSON reader decides, the template takes none.
+            br#"{"op":"received","sid":1,"seq":2} "#,
+            br#"{"op":"received","sid":01,"seq":2}"#,
+            br#"{"op":"received","sid":1,"seq":18446744073709551616}"#,
+            br#"{"op":"received","sid":1,"seq":-2}"#,
+            br#"{"op":"received","sid":1}"#,
+            br#"{"op":"idle","sid":4,"x":1}"#,
+            br#"{"op":"idle","sid":}"#,
+            br#"{"op":"idle","sid":7"#,
+            br#"{"op": "idle","sid":7}"#,
+        ];
+        for frame in frames {
+            let templated = FromWorker::decode_template(frame);
+            let read = FromWorker::decode_common(frame)
+                .ok_or(())
+                .or_else(|()| serde_json::from_slice::<FromWorker>(frame).map_err(|_| ()));
+            if let Some(templated) = templated {
+                assert_eq!(
+                    Ok(&templated),
+                    read.as_ref(),
+                    "{}",
+                    String::from_utf8_lossy(frame)
+                );
+            }
+            assert_eq!(
+                FromWorker::decode(frame).ok(),
+                read.ok(),
+                "{}",
+                String::from_utf8_lossy(frame)
+            );
+        }
+        assert!(FromWorker::decode_template(frames[0]).is_some());
+        assert!(FromWorker::decode_template(frames[2]).is_some());
+        assert!(frames[3..]
+            .iter()
+            .all(|f| FromWorker::decode_template(f).is_none()));
+    }
+
+    #[test]
+    fn an_events_text_is_read_as_a_json_reader_reads_it() {
+        let parse_text = |text: &str| {
+            let raw: Box<RawValue> = serde_json::from_str(text).expect("valid JSON");
+            Outgoing::parse(&raw)
+        };
+        // Spacing, escapes in values: the parameters keep the app's values.
+        let out = parse_text(r#" { "type" : "telegram.send_message" , "text" : "a\n\"b\"" } "#);
+        assert_eq!(
+            out,
+            Ok(Outgoing::SendMessage {
+                params: obj(json!({"text": "a\n\"b\""})),
+                request_id: None,
+            })
+        );
+        // A key given twice: its last value, the type's included.
+        let out = parse_text(
+            r#"{"type": "telegram.nope", "text": "a", "type": "telegram.send_message", "text": "b"}"#,
+        );
+        assert_eq!(
+            out,
+            Ok(Outgoing::SendMessage {
+                params: obj(json!({"text": "b"})),
+                request_id: None,
+            })
+        );
+        // A key written with escapes means the same key.
+        let out =
+            parse_text(r#"{"\u0074ype": "telegram.api", "method": "getMe", "request_id": 4}"#);
+        assert_eq!(
+            out,
+            Ok(Outgoing::Api {
+                method: "getMe".into(),
+                params: Params::new(),
+                request_id: Some(json!(4)),
+            })
+        );
+        let out = parse_text(r#"{"type": "telegram.send\u005fmessage", "text": "x"}"#);
+        assert!(matches!(out, Ok(Outgoing::SendMessage { .. })), "{out:?}");
+        assert_eq!(parse_text("[1, 2]"), Err(OutgoingError::NotAnObject));
+    }
+
+    #[test]
+    fn a_send_frames_event_comes_as_the_app_wrote_it() {
+        let frame =
+            br#"{"op":"send","sid":3,"event":{"type":"telegram.send_message","text":"hi"}}"#;
+        let Ok(FromWorker::Send { sid: 3, event }) = FromWorker::decode(frame) else {
+            panic!("a send frame");
+        };
+        assert_eq!(
+            event.0.get(),
+            r#"{"type":"telegram.send_message","text":"hi"}"#
+        );
+        // The derived decoding (an `op` that cannot be read in place) gives
+        // the same event.
+        let frame =
+            br#"{"event":{"type":"telegram.send_message","text":"hi"},"op":"s\u0065nd","sid":3}"#;
+        let Ok(FromWorker::Send {
+            sid: 3,
+            event: other,
+        }) = FromWorker::decode(frame)
+        else {
+            panic!("a send frame");
+        };
+        assert_eq!(Outgoing::parse(&other.0), Outgoing::parse(&event.0),);
+    }
+
     #[test]
     fn send_message_takes_the_other_keys_as_params() {
-        let out = Outgoing::parse(json!({
+        let out = parse(json!({
             "type": "telegram.send_message", "text": "hi", "chat_id": 7, "request_id": 3
         }))
         .unwrap();
@@ -665,7 +901,7 @@ mod tests {
                 Some(json!(3))
             )
         );
-        let out = Outgoing::parse(json!({"type": "telegram.send_message", "text": "x"})).unwrap();
+        let out = parse(json!({"type": "telegram.send_message", "text": "x"})).unwrap();
         assert_eq!(
             out,
             Outgoing::SendMessage {
@@ -677,7 +913,7 @@ mod tests {
 
     #[test]
     fn api_takes_method_and_params() {
-        let out = Outgoing::parse(json!({
+        let out = parse(json!({
             "type": "telegram.api", "method": "sendDice",
             "params": {"emoji": "🎲"}, "request_id": "r1", "ignored": true
         }))
@@ -704,10 +940,10 @@ mod tests {
             json!({"type": "telegram.api", "method": "getMe", "params": null}),
         ] {
             assert_eq!(
-                Outgoing::parse(event).unwrap(),
+                parse(event).unwrap(),
                 Outgoing::Api {
                     method: "getMe".into(),
-                    params: Map::new(),
+                    params: Params::new(),
                     request_id: None,
                 }
             );
@@ -716,7 +952,7 @@ mod tests {
 
     #[test]
     fn download_takes_file_id_and_request_id_and_calls_get_file() {
-        let out = Outgoing::parse(json!({
+        let out = parse(json!({
             "type": "telegram.download", "file_id": "AgAD", "request_id": 4, "extra": 1
         }))
         .unwrap();
@@ -742,10 +978,10 @@ mod tests {
             // The file_id is looked at before the request_id.
             json!({"type": "telegram.download"}),
         ] {
-            assert_eq!(Outgoing::parse(event), Err(OutgoingError::NoFileId));
+            assert_eq!(parse(event), Err(OutgoingError::NoFileId));
         }
         assert_eq!(
-            Outgoing::parse(json!({"type": "telegram.download", "file_id": "AgAD"})),
+            parse(json!({"type": "telegram.download", "file_id": "AgAD"})),
             Err(OutgoingError::DownloadWithoutRequestId)
         );
     }
@@ -753,7 +989,7 @@ mod tests {
     #[test]
     fn malformed_events_are_errors() {
         for event in [json!([1]), json!("telegram.api"), json!(null), json!(5)] {
-            assert_eq!(Outgoing::parse(event), Err(OutgoingError::NotAnObject));
+            assert_eq!(parse(event), Err(OutgoingError::NotAnObject));
         }
         for event in [
             json!({"type": "telegram.api"}),
@@ -763,17 +999,14 @@ mod tests {
             // The method is looked at before the params.
             json!({"type": "telegram.api", "params": []}),
         ] {
-            assert_eq!(Outgoing::parse(event), Err(OutgoingError::NoMethod));
+            assert_eq!(parse(event), Err(OutgoingError::NoMethod));
         }
         for params in [json!([]), json!("a=1"), json!(1), json!(false)] {
             let event = json!({"type": "telegram.api", "method": "getMe", "params": params});
-            assert_eq!(
-                Outgoing::parse(event),
-                Err(OutgoingError::ParamsNotAnObject)
-            );
+            assert_eq!(parse(event), Err(OutgoingError::ParamsNotAnObject));
         }
         assert_eq!(
-            Outgoing::parse(json!({"type": "telegram.nope"})),
+            parse(json!({"type": "telegram.nope"})),
             Err(OutgoingError::UnknownType(Some("telegram.nope".into())))
         );
         for event in [
@@ -781,10 +1014,7 @@ mod tests {
             json!({"type": 5}),
             json!({"type": null, "text": "x"}),
         ] {
-            assert_eq!(
-                Outgoing::parse(event),
-                Err(OutgoingError::UnknownType(None))
-            );
+            assert_eq!(parse(event), Err(OutgoingError::UnknownType(None)));
         }
     }
 

@@ -374,11 +374,11 @@ async fn store(requester: &Requester, id: String, call: Call, fences: &[Fence]) 
         }
         let stored = match &reply {
             Some(_) => requester
-                .submit(&id, &method, params.clone())
+                .submit(&id, &method, params.to_map())
                 .await
                 .map(Some),
             None => requester
-                .store(&id, &method, params.clone())
+                .store(&id, &method, params.to_map())
                 .await
                 .map(|()| None),
         };
@@ -459,7 +459,6 @@ fn answer(reply: ReplyTo, outcome: Outcome) {
 mod tests {
     use super::*;
     use crate::actors::call::Cause;
-    use serde_json::Map;
     use std::cell::RefCell;
     use std::rc::Rc;
 
@@ -494,8 +493,8 @@ mod tests {
     }
 
     fn call(chat: i64, update_id: i64, ordinal: u32) -> Work {
-        let mut params = Map::new();
-        params.insert("chat_id".into(), chat.into());
+        let mut params = crate::telegram::Params::new();
+        params.insert_absent("chat_id", &chat.into());
         Work::Call(
             Call::new("sendMessage".into(), params, None).caused_by(Cause { update_id, ordinal }),
         )

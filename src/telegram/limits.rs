@@ -123,13 +123,8 @@ const NOT_MESSAGES: &[&str] = &[
 
 /// The cost of a call, or `None` when it is not "sending a message" (see the
 /// table in the module documentation).
-pub fn message_cost(method: &str, params: &Map<String, Value>) -> Option<Cost> {
-    let items = |key: &str| {
-        params
-            .get(key)
-            .and_then(Value::as_array)
-            .map_or(1, |a| a.len().max(1) as u32)
-    };
+pub fn message_cost(method: &str, params: &impl CallFields) -> Option<Cost> {
+    let items = |key: &str| params.array_len(key).map_or(1, |n| n.max(1) as u32);
     let messages = match method {
         "sendMediaGroup" => items("media"),
         "forwardMessages" | "copyMessages" => items("message_ids"),
@@ -137,8 +132,35 @@ pub fn message_cost(method: &str, params: &Map<String, Value>) -> Option<Cost> {
         m if m.starts_with("send") && !NOT_MESSAGES.contains(&m) => 1,
         _ => return None,
     };
-    let paid = matches!(params.get("allow_paid_broadcast"), Some(Value::Bool(true)));
+    let paid = params.is_true("allow_paid_broadcast");
     Some(Cost { messages, paid })
+}
+
+/// The two readings of a call's parameters that [`message_cost`] makes, from
+/// either form a call's parameters take.
+pub trait CallFields {
+    /// The number of elements of `key`'s value when it is an array.
+    fn array_len(&self, key: &str) -> Option<usize>;
+    /// Whether `key`'s value is `true`.
+    fn is_true(&self, key: &str) -> bool;
+}
+
+impl CallFields for Map<String, Value> {
+    fn array_len(&self, key: &str) -> Option<usize> {
+        self.get(key).and_then(Value::as_array).map(Vec::len)
+    }
+    fn is_true(&self, key: &str) -> bool {
+        matches!(self.get(key), Some(Value::Bool(true)))
+    }
+}
+
+impl CallFields for super::Params {
+    fn array_len(&self, key: &str) -> Option<usize> {
+        super::Params::array_len(self, key)
+    }
+    fn is_true(&self, key: &str) -> bool {
+        super::Params::is_true(self, key)
+    }
 }
 
 /// Whether a chat id names a group, supergroup or channel.
@@ -663,6 +685,24 @@ mod tests {
         assert_eq!(message_cost("copyMessages", &ids).unwrap().messages, 2);
         let paid = params(json!({"allow_paid_broadcast": true}));
         assert!(message_cost("sendMessage", &paid).unwrap().paid);
+        // The same reading of parameters kept as the app's text.
+        for (method, p) in [
+            ("sendMediaGroup", album),
+            ("copyMessages", ids),
+            ("sendMessage", paid),
+            ("sendMediaGroup", params(json!({"media": []}))),
+            (
+                "sendMessage",
+                params(json!({"allow_paid_broadcast": "true"})),
+            ),
+        ] {
+            let text = crate::telegram::Params::from_map(&p);
+            assert_eq!(
+                message_cost(method, &text),
+                message_cost(method, &p),
+                "{p:?}"
+            );
+        }
     }
 
     #[test]

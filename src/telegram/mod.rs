@@ -6,6 +6,7 @@
 //! so an update kind newer than this code still flows through.
 //!
 //! - this file: [`Update`], the [`Bot`] client and its [`TelegramError`].
+//! - [`params`]: a call's parameters, kept as the JSON text they came in.
 //! - [`upload`]: calls that carry files, sent as multipart.
 //! - [`download`]: fetching a file getFile described, within the 20 MB limit.
 //! - [`methods`]: every Bot API method and which parameters route a call
@@ -15,6 +16,7 @@
 pub mod download;
 pub mod limits;
 pub mod methods;
+pub mod params;
 pub mod upload;
 
 use std::collections::BTreeMap;
@@ -23,10 +25,32 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use awc::http::header::{HeaderValue, CONTENT_TYPE};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::settings::BotToken;
+pub use params::Params;
+
+/// A call's body is written from a JSON tree (the daemon's own calls) or
+/// from an app's [`Params`] as they came.
+#[derive(Clone, Copy)]
+pub enum Payload<'a> {
+    Tree(&'a Value),
+    Params(&'a Params),
+}
+
+impl<'a> From<&'a Value> for Payload<'a> {
+    fn from(tree: &'a Value) -> Payload<'a> {
+        Payload::Tree(tree)
+    }
+}
+
+impl<'a> From<&'a Params> for Payload<'a> {
+    fn from(params: &'a Params) -> Payload<'a> {
+        Payload::Params(params)
+    }
+}
 
 /// Telegram's update identifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -627,14 +651,14 @@ impl Bot {
     }
 
     /// Calls `method` with JSON parameters; `timeout` bounds the whole call.
-    pub async fn call(
+    pub async fn call<'a>(
         &self,
         method: &str,
-        params: &Value,
+        params: impl Into<Payload<'a>>,
         timeout: Duration,
     ) -> Result<Value, TelegramError> {
         metered(method, async {
-            let (status, body) = self.exchange(method, params, timeout).await?;
+            let (status, body) = self.exchange(method, params.into(), timeout).await?;
             parse_envelope(status, &body)
         })
         .await
@@ -643,14 +667,14 @@ impl Bot {
     /// [`Bot::call`] for a caller that needs only to know whether the call
     /// succeeded: the envelope is checked, its `result` is not decoded, and
     /// `Value::Null` stands for it.
-    pub async fn call_unread(
+    pub async fn call_unread<'a>(
         &self,
         method: &str,
-        params: &Value,
+        params: impl Into<Payload<'a>>,
         timeout: Duration,
     ) -> Result<Value, TelegramError> {
         metered(method, async {
-            let (status, body) = self.exchange(method, params, timeout).await?;
+            let (status, body) = self.exchange(method, params.into(), timeout).await?;
             if says_ok(&body) {
                 return Ok(Value::Null);
             }
@@ -667,7 +691,7 @@ impl Bot {
         timeout: Duration,
     ) -> Result<Vec<Result<Update, Skipped>>, TelegramError> {
         metered("getUpdates", async {
-            let (status, body) = self.exchange("getUpdates", params, timeout).await?;
+            let (status, body) = self.exchange("getUpdates", params.into(), timeout).await?;
             parse_updates(status, &body)
         })
         .await
@@ -681,7 +705,7 @@ impl Bot {
     async fn exchange(
         &self,
         method: &str,
-        params: &Value,
+        params: Payload<'_>,
         timeout: Duration,
     ) -> Result<(u16, bytes::Bytes), TelegramError> {
         match tokio::time::timeout(timeout, self.exchange_unbounded(method, params)).await {
@@ -694,28 +718,42 @@ impl Bot {
     async fn exchange_unbounded(
         &self,
         method: &str,
-        params: &Value,
+        params: Payload<'_>,
     ) -> Result<(u16, bytes::Bytes), TelegramError> {
         let request = match self.url(method) {
             Some(url) => self.client.post(url),
             // Not a URL once the method is in it: awc says so, as before.
             None => self.client.post(format!("{}{}", self.base, method)),
         };
-        let response = match params.as_object().filter(|_| upload::has_files(params)) {
-            Some(map) => {
-                let (fields, files) = upload::split(map).map_err(|e| TelegramError::Api {
-                    code: 400,
-                    description: format!("Bad Request: {e}"),
-                    parameters: None,
-                })?;
-                let (content_type, body) = upload::encode(&fields, &files);
-                request
-                    .insert_header(("content-type", content_type))
-                    .send_body(body)
-                    .await
-            }
-            None => request.send_json(params).await,
+        let upload = |map: &Map<String, Value>| {
+            let (fields, files) = upload::split(map).map_err(|e| TelegramError::Api {
+                code: 400,
+                description: format!("Bad Request: {e}"),
+                parameters: None,
+            })?;
+            let (content_type, body) = upload::encode(&fields, &files);
+            // "multipart/form-data; boundary=" and a boundary of letters and
+            // hex digits: always a header value.
+            let content_type =
+                HeaderValue::try_from(content_type).expect("a multipart content type is ASCII");
+            Ok::<_, TelegramError>((content_type, body))
         };
+        let json = HeaderValue::from_static("application/json");
+        let (content_type, body) = match params {
+            Payload::Tree(tree) => match tree.as_object().filter(|_| upload::has_files(tree)) {
+                Some(map) => upload(map)?,
+                None => (json, bytes::Bytes::from(tree.to_string())),
+            },
+            Payload::Params(params) if params.has_files() => upload(&params.to_map())?,
+            Payload::Params(params) => (
+                json,
+                bytes::Bytes::copy_from_slice(params.json().as_bytes()),
+            ),
+        };
+        let response = request
+            .insert_header((CONTENT_TYPE, content_type))
+            .send_body(body)
+            .await;
         let mut response = response.map_err(classify_send_error)?;
         let status = response.status().as_u16();
         let body = response
