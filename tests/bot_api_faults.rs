@@ -19,7 +19,7 @@ use asgigramd::actors::sender::Sender;
 use asgigramd::sandbox::{Fault, FaultPlan, Sandbox};
 use asgigramd::settings::{AmbiguousPolicy, BotToken, SenderSettings};
 use asgigramd::telegram::limits::Limits;
-use asgigramd::telegram::Bot;
+use asgigramd::telegram::{Bot, Params};
 use common::*;
 use serde_json::{json, Value};
 
@@ -90,7 +90,7 @@ fn message(text: &str, to: &Recipient<CallDone>) -> Call {
     };
     Call::new(
         "sendMessage".into(),
-        params,
+        Params::from_map(&params),
         Some(ReplyTo {
             to: to.clone(),
             request_id: json!(1),

@@ -10,8 +10,8 @@ use asgigramd::actors::sender::{Drained, Sender};
 use asgigramd::sandbox::{Fault, FaultPlan, Sandbox, SandboxOptions};
 use asgigramd::settings::{AmbiguousPolicy, BotToken, SenderSettings};
 use asgigramd::telegram::limits::Limits;
-use asgigramd::telegram::Bot;
-use serde_json::{json, Map, Value};
+use asgigramd::telegram::{Bot, Params};
+use serde_json::{json, Value};
 
 mod common;
 use common::collector;
@@ -43,9 +43,9 @@ fn register(sb: &Sandbox, id: i64) {
     sb.register_chat(json!({"id": id, "type": kind, "title": "t", "first_name": "U"}));
 }
 
-fn params(v: Value) -> Map<String, Value> {
+fn params(v: Value) -> Params {
     match v {
-        Value::Object(m) => m,
+        Value::Object(m) => Params::from_map(&m),
         _ => unreachable!("tests pass JSON objects"),
     }
 }
