@@ -374,6 +374,22 @@ mod tests {
     }
 
     #[test]
+    fn keys_written_with_escapes_route_as_the_keys_they_mean() {
+        for text in [
+            r#"{"update_id":1,"message":{"\u0063hat":{"id":8}}}"#,
+            r#"{"update_id":1,"message":{"x\n":0,"chat":{"\u0069d":8}}}"#,
+            r#"{"update_id":1,"callback_query":{"message":{"ch\u0061t":{"id":8}},"from":{"id":9}}}"#,
+        ] {
+            let u = Update::from_json(text).unwrap();
+            assert_eq!(route(&u).map(|r| r.key), Ok(ScopeKey::chat(8)), "{text}");
+        }
+        // One given twice, once with escapes: the last counts, as in a map.
+        let text = r#"{"update_id":1,"message":{"chat":{"id":1},"\u0063hat":{"id":2}}}"#;
+        let u = Update::from_json(text).unwrap();
+        assert_eq!(route(&u).map(|r| r.key), Ok(ScopeKey::chat(2)));
+    }
+
+    #[test]
     fn objects_where_the_rules_want_them_and_nothing_else() {
         // An array is not read by position as if it were the object.
         assert_eq!(

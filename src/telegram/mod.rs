@@ -17,6 +17,7 @@ pub mod download;
 pub mod limits;
 pub mod methods;
 pub mod params;
+pub mod scan;
 pub mod upload;
 
 use std::collections::BTreeMap;
@@ -111,7 +112,44 @@ impl Update {
     /// that cannot be decoded spoils only itself, and its update_id is still
     /// read if it has one.
     pub fn from_raw(raw: &RawValue) -> Result<Update, Skipped> {
-        Update::from_json(raw.get())
+        match Update::from_checked(raw.get()) {
+            Some(update) => Ok(update),
+            None => Update::from_json(raw.get()),
+        }
+    }
+
+    /// [`Update::from_json`]'s reading of text serde_json has checked
+    /// already, by [`scan::fields`]; `None` where that reading could differ
+    /// (a key with escapes, nesting past the limit, no integer
+    /// `update_id`), and `from_json` then decides.
+    fn from_checked(text: &str) -> Option<Update> {
+        if !text.starts_with('{') || too_deep(text).is_some() {
+            return None;
+        }
+        let mut id = None;
+        let mut kind: Option<(&str, &str)> = None;
+        for (key, value) in scan::fields(text) {
+            if key.contains('\\') {
+                return None;
+            }
+            // As `TopLevel` chooses: the last update_id, and of the other
+            // keys the first in byte order (of one given twice, the last).
+            if key == "update_id" {
+                id = Some(value);
+            } else if kind.is_none_or(|(k, _)| key <= k) {
+                kind = Some((key, value));
+            }
+        }
+        let id = serde_json::from_str::<i64>(id?).ok()?;
+        let kind = kind.map(|(name, value)| {
+            let start = value.as_ptr() as usize - text.as_ptr() as usize;
+            (Box::from(name), start..start + value.len())
+        });
+        Some(Update {
+            id: UpdateId(id),
+            raw: text.into(),
+            kind,
+        })
     }
 
     /// [`Update::from_raw`] for a text that may not be JSON at all (the
