@@ -66,11 +66,12 @@ impl Params {
             .clone()
             .map(|(k, v)| k.len() + v.get().len() + 4)
             .sum::<usize>();
-        // Room for the defaults a scope adds (`chat_id`, ...), which would
-        // otherwise move the text at once.
+        // No room kept for the defaults a scope adds (`chat_id`, ...): 48
+        // spare bytes per call saved moving the text once, but cost 1.5 MB
+        // of the burst's peak RSS, where 20,000 calls wait at once.
         let mut params = Params {
-            text: String::with_capacity(size + 2 + 48),
-            fields: Vec::with_capacity(fields.clone().count() + 2),
+            text: String::with_capacity(size + 2),
+            fields: Vec::with_capacity(fields.clone().count()),
         };
         params.text.push('{');
         for (key, value) in fields {
