@@ -417,17 +417,25 @@ impl Outgoing {
     /// Reads the event's own keys in place; the parameters keep the app's
     /// text.
     pub fn parse(event: &RawValue) -> Result<Outgoing, OutgoingError> {
-        let Some(fields) = params::fields_of(event.get()) else {
-            // Keys with escapes or given twice, or not an object at all: as
-            // a JSON reader takes it.
-            return match serde_json::from_str::<Value>(event.get()) {
-                Ok(tree) => Outgoing::parse_tree(tree),
-                Err(_) => Err(OutgoingError::NotAnObject),
-            };
+        if let Some(fields) = params::fields_of(event.get()) {
+            return Outgoing::from_fields(&fields);
+        }
+        // Keys with escapes or given twice, or not an object at all: as a
+        // JSON reader takes it, the last value of a key winning.
+        let Ok(tree) = serde_json::from_str::<Map<String, Value>>(event.get()) else {
+            return Err(OutgoingError::NotAnObject);
         };
-        let get = |key: &str| fields.iter().find(|(k, _)| *k == key).map(|(_, v)| v.get());
+        let decoded = Params::from_map(&tree);
+        Outgoing::from_fields(&decoded.entries().collect::<Vec<_>>())
+    }
+
+    /// The rules on an event's fields (each key as written, without
+    /// repeats, and its value's text).
+    fn from_fields(fields: &[(&str, &str)]) -> Result<Outgoing, OutgoingError> {
+        let get = |key: &str| fields.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
         let text = |key: &str| get(key).and_then(json_str);
-        // Taken whatever its value, as `parse_tree` does.
+        // Taken whatever its value: it goes back verbatim, and the bridge
+        // only lets a str or an int through.
         let request_id = get("request_id").and_then(|id| serde_json::from_str(id).ok());
         match text("type").as_deref() {
             Some("telegram.send_message") => Ok(Outgoing::SendMessage {
@@ -454,51 +462,6 @@ impl Outgoing {
             Some("telegram.download") => {
                 let file_id = match text("file_id") {
                     Some(id) if !id.is_empty() => id.into_owned(),
-                    _ => return Err(OutgoingError::NoFileId),
-                };
-                let request_id = request_id.ok_or(OutgoingError::DownloadWithoutRequestId)?;
-                Ok(Outgoing::Download {
-                    file_id,
-                    request_id,
-                })
-            }
-            other => Err(OutgoingError::UnknownType(other.map(str::to_owned))),
-        }
-    }
-
-    /// [`Outgoing::parse`] for an event read as a tree.
-    fn parse_tree(event: Value) -> Result<Outgoing, OutgoingError> {
-        let Value::Object(mut event) = event else {
-            return Err(OutgoingError::NotAnObject);
-        };
-        let kind = event.remove("type");
-        // Taken whatever its value: it goes back verbatim, and the bridge
-        // only lets a str or an int through.
-        let request_id = event.remove("request_id");
-        match kind.as_ref().and_then(Value::as_str) {
-            Some("telegram.send_message") => Ok(Outgoing::SendMessage {
-                params: Params::from_map(&event),
-                request_id,
-            }),
-            Some("telegram.api") => {
-                let method = match event.remove("method") {
-                    Some(Value::String(m)) if !m.is_empty() => m,
-                    _ => return Err(OutgoingError::NoMethod),
-                };
-                let params = match event.remove("params") {
-                    Some(Value::Object(p)) => Params::from_map(&p),
-                    None | Some(Value::Null) => Params::new(),
-                    Some(_) => return Err(OutgoingError::ParamsNotAnObject),
-                };
-                Ok(Outgoing::Api {
-                    method,
-                    params,
-                    request_id,
-                })
-            }
-            Some("telegram.download") => {
-                let file_id = match event.remove("file_id") {
-                    Some(Value::String(id)) if !id.is_empty() => id,
                     _ => return Err(OutgoingError::NoFileId),
                 };
                 let request_id = request_id.ok_or(OutgoingError::DownloadWithoutRequestId)?;

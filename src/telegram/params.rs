@@ -61,10 +61,10 @@ impl Params {
 
     /// The fields of a scanned object, written anew without the spacing
     /// between them.
-    fn from_fields<'a>(fields: impl Iterator<Item = (&'a str, &'a RawValue)> + Clone) -> Params {
+    fn from_fields<'a>(fields: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> Params {
         let size = fields
             .clone()
-            .map(|(k, v)| k.len() + v.get().len() + 4)
+            .map(|(k, v)| k.len() + v.len() + 4)
             .sum::<usize>();
         // No room kept for the defaults a scope adds (`chat_id`, ...): 48
         // spare bytes per call saved moving the text once, but cost 1.5 MB
@@ -75,7 +75,7 @@ impl Params {
         };
         params.text.push('{');
         for (key, value) in fields {
-            params.append_raw(key, value.get());
+            params.append_raw(key, value);
         }
         params.text.push('}');
         params
@@ -142,6 +142,14 @@ impl Params {
 
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
+    }
+
+    /// Each field's key as written (without its quotes) and its value's
+    /// text, in order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.fields
+            .iter()
+            .map(|(k, v)| (&self.text[k.clone()], &self.text[v.clone()]))
     }
 
     /// The JSON text of `key`'s value. Keys are compared as written, which
@@ -235,7 +243,7 @@ fn needs_no_escapes(s: &str) -> bool {
 /// What [`scan`] found.
 enum Scanned<'a> {
     /// An object's fields, keys without escapes and none given twice.
-    Fields(Vec<(&'a str, &'a RawValue)>),
+    Fields(Vec<(&'a str, &'a str)>),
     /// An object whose keys need decoding (escapes) or repeat.
     Irregular,
     NotAnObject,
@@ -251,7 +259,7 @@ fn scan(text: &str) -> Scanned<'_> {
     };
     let Some(fields) = fields
         .into_iter()
-        .map(|(k, v)| Some((k?, v)))
+        .map(|(k, v)| Some((k?, v.get())))
         .collect::<Option<Vec<_>>>()
     else {
         return Scanned::Irregular;
@@ -263,7 +271,7 @@ fn scan(text: &str) -> Scanned<'_> {
 }
 
 /// Whether a key is given twice.
-fn repeats(fields: &[(&str, &RawValue)]) -> bool {
+fn repeats(fields: &[(&str, &str)]) -> bool {
     // Quadratic, but a call's parameters are few; a long list is checked
     // through a set.
     if fields.len() <= 16 {
@@ -325,7 +333,7 @@ impl<'de> Deserialize<'de> for Key<'de> {
 /// An app's event read as [`scan`] reads parameters: its fields in order,
 /// or `None` for anything [`scan`] would not take as regular (the caller
 /// then reads it as a tree).
-pub fn fields_of(text: &str) -> Option<Vec<(&str, &RawValue)>> {
+pub fn fields_of(text: &str) -> Option<Vec<(&str, &str)>> {
     match scan(text.trim()) {
         Scanned::Fields(fields) => Some(fields),
         Scanned::Irregular | Scanned::NotAnObject => None,
@@ -334,7 +342,7 @@ pub fn fields_of(text: &str) -> Option<Vec<(&str, &RawValue)>> {
 
 /// The parameters made of `fields` (see [`fields_of`]), those `skip` names
 /// left out.
-pub fn params_from(fields: &[(&str, &RawValue)], skip: &[&str]) -> Params {
+pub fn params_from(fields: &[(&str, &str)], skip: &[&str]) -> Params {
     Params::from_fields(fields.iter().filter(|(k, _)| !skip.contains(k)).copied())
 }
 
