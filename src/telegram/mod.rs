@@ -132,24 +132,28 @@ impl Update {
             if key.contains('\\') {
                 return None;
             }
-            // As `TopLevel` chooses: the last update_id, and of the other
-            // keys the first in byte order (of one given twice, the last).
             if key == "update_id" {
                 id = Some(value);
-            } else if kind.is_none_or(|(k, _)| key <= k) {
+            } else if is_kind(key, kind.map(|(k, _)| k)) {
                 kind = Some((key, value));
             }
         }
         let id = serde_json::from_str::<i64>(id?).ok()?;
+        Some(Update::in_text(text, id, kind))
+    }
+
+    /// The update `text` is, with `kind`'s name and value (a slice of
+    /// `text`).
+    fn in_text(text: &str, id: i64, kind: Option<(&str, &str)>) -> Update {
         let kind = kind.map(|(name, value)| {
             let start = value.as_ptr() as usize - text.as_ptr() as usize;
             (Box::from(name), start..start + value.len())
         });
-        Some(Update {
+        Update {
             id: UpdateId(id),
             raw: text.into(),
             kind,
-        })
+        }
     }
 
     /// [`Update::from_raw`] for a text that may not be JSON at all (the
@@ -185,15 +189,11 @@ impl Update {
             .id
             .and_then(|id| serde_json::from_str::<i64>(id.get()).ok())
             .ok_or(skipped(UpdateError::NoUpdateId))?;
-        let kind = top.kind.map(|(name, value)| {
-            let start = value.get().as_ptr() as usize - text.as_ptr() as usize;
-            (Box::from(name), start..start + value.get().len())
-        });
-        Ok(Update {
-            id: UpdateId(id),
-            raw: text.into(),
-            kind,
-        })
+        let kind = top
+            .kind
+            .as_ref()
+            .map(|(name, value)| (&**name, value.get()));
+        Ok(Update::in_text(text, id, kind))
     }
 
     /// The update's kind (`message`, `callback_query`, ...).
@@ -294,6 +294,13 @@ fn too_deep(text: &str) -> Option<usize> {
     None
 }
 
+/// Whether `key`, met after `chosen`, is the update's kind instead: of the
+/// keys besides `update_id` the first in byte order, and of one given twice
+/// the last.
+fn is_kind(key: &str, chosen: Option<&str>) -> bool {
+    chosen.is_none_or(|k| key <= k)
+}
+
 /// An update's top level: its `update_id` and its kind, each kept as it
 /// came.
 struct TopLevel<'a> {
@@ -321,7 +328,7 @@ impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
                     let value: &'de RawValue = map.next_value()?;
                     if key == "update_id" {
                         top.id = Some(value);
-                    } else if top.kind.as_ref().is_none_or(|(k, _)| key <= *k) {
+                    } else if is_kind(&key, top.kind.as_ref().map(|(k, _)| &**k)) {
                         top.kind = Some((key, value));
                     }
                 }
@@ -333,7 +340,7 @@ impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
 }
 
 /// An object key, borrowed unless it has escapes.
-struct Key<'a>(std::borrow::Cow<'a, str>);
+pub(crate) struct Key<'a>(pub(crate) std::borrow::Cow<'a, str>);
 
 impl<'de> serde::Deserialize<'de> for Key<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
